@@ -1,0 +1,151 @@
+"""A stack of same-shaped parameter blocks whose optimizer state is stored and updated together.
+
+Grouping blocks by (parameter group, block shape, factored dims, dtype, device) turns a Python loop
+over hundreds of parameters into one batched op per group: one ``bmm`` rotates every block, one
+``baddbmm`` updates every factor, one batched QR refreshes every stale basis. All per-block state
+lives in ``FactorGroup.tensors`` as stacks with the member index first; the optimizer's per-parameter
+``state`` holds views into them, so ``state_dict`` and checkpoints see ordinary tensors.
+
+Each factored dim ``i`` owns ``basis.i`` (Q, ``[N, d, d]``) and ``stats.i`` (``B = Q^T L Q``: the
+factor stored in its own eigenbasis, which makes the staleness criterion free), plus telemetry:
+``staleness.i``, ``refreshes.i``, ``failures.i``, ``last_refresh.i``, ``refresh_seconds.i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from lightning_kron.blocking import Block
+from lightning_kron.modes import rotate_in, rotate_out
+
+TELEMETRY_KEYS = ("staleness", "refreshes", "failures", "last_refresh", "refresh_seconds")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One block of one parameter inside a group."""
+
+    param: torch.Tensor
+    name: str
+    block_number: int
+    block: Block
+    view_shape: tuple[int, ...]
+
+    def param_block(self) -> torch.Tensor:
+        """The writable slice of the parameter that this block covers."""
+        return self.param.data.view(self.view_shape)[self.block.index]
+
+    def grad_block(self) -> torch.Tensor:
+        return self.param.grad.view(self.view_shape)[self.block.index]
+
+
+class FactorGroup:
+    """Stacked state of N blocks sharing one shape; see the module docstring."""
+
+    def __init__(self, members: list[Member], state_dtype: torch.dtype, param_group: int) -> None:
+        first = members[0]
+        self.members = members
+        self.param_group = param_group
+        self.shape = first.block.shape
+        self.factored = first.block.factored
+        self.state_dtype = state_dtype
+        self.device = first.param.device
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._allocate_factors()
+
+    # ----------------------------------------------------------------- construction
+    def _allocate_factors(self) -> None:
+        count = len(self.members)
+        self.add("step", torch.zeros(count, dtype=self.state_dtype, device=self.device))
+        for dim in self.factored_dims:
+            size = self.shape[dim]
+            eye = torch.eye(size, dtype=self.state_dtype, device=self.device)
+            self.add(f"basis.{dim}", eye.expand(count, size, size).clone())
+            self.add(f"stats.{dim}", torch.zeros(count, size, size, dtype=self.state_dtype, device=self.device))
+            self.add(f"staleness.{dim}", torch.zeros(count, dtype=self.state_dtype, device=self.device))
+            for key in ("refreshes", "failures", "last_refresh"):
+                self.add(f"{key}.{dim}", torch.zeros(count, dtype=torch.int64, device=self.device))
+            self.add(f"refresh_seconds.{dim}", torch.zeros(count, dtype=torch.float64, device=self.device))
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        """Register a stacked tensor (member index first) as part of this group's state."""
+        if tensor.shape[0] != len(self.members):
+            raise ValueError(f"{key}: leading dim {tensor.shape[0]} != {len(self.members)} members")
+        self.tensors[key] = tensor
+
+    def zeros_like_blocks(self) -> torch.Tensor:
+        """A zero stack shaped like the blocks, in the state dtype (moments, accumulators)."""
+        return torch.zeros(len(self.members), *self.shape, dtype=self.state_dtype, device=self.device)
+
+    # ----------------------------------------------------------------- accessors
+    @property
+    def factored_dims(self) -> list[int]:
+        return [dim for dim, factored in enumerate(self.factored) if factored]
+
+    @property
+    def order(self) -> int:
+        return len(self.shape)
+
+    def bases(self) -> list[Optional[torch.Tensor]]:
+        return [self.tensors.get(f"basis.{dim}") for dim in range(self.order)]
+
+    def basis(self, dim: int) -> torch.Tensor:
+        return self.tensors[f"basis.{dim}"]
+
+    def stats(self, dim: int) -> torch.Tensor:
+        return self.tensors[f"stats.{dim}"]
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    # ----------------------------------------------------------------- data movement
+    def gather_grads(self) -> torch.Tensor:
+        grads = torch.stack([member.grad_block() for member in self.members])
+        return grads.to(self.state_dtype)
+
+    def gather_params(self) -> torch.Tensor:
+        return torch.stack([member.param_block() for member in self.members]).to(self.state_dtype)
+
+    def rotate_in(self, x: torch.Tensor) -> torch.Tensor:
+        return rotate_in(x, self.bases())
+
+    def rotate_out(self, x: torch.Tensor) -> torch.Tensor:
+        return rotate_out(x, self.bases())
+
+    def apply_update(self, direction: torch.Tensor, lr: float, decoupled_decay: float) -> None:
+        """``W <- W * (1 - lr * wd) - lr * D`` on every member, as ``torch.optim.AdamW`` does."""
+        blocks = [member.param_block() for member in self.members]
+        if decoupled_decay:
+            torch._foreach_mul_(blocks, 1.0 - lr * decoupled_decay)
+        updates = list(direction.to(blocks[0].dtype).unbind(0))
+        torch._foreach_add_(blocks, updates, alpha=-lr)
+
+    # ----------------------------------------------------------------- subsets
+    def has_grads(self) -> list[bool]:
+        return [member.param.grad is not None for member in self.members]
+
+    def subset(self, rows: list[int]) -> "FactorGroup":
+        """A detached copy holding only ``rows``; write it back with :meth:`absorb`."""
+        index = torch.tensor(rows, device=self.device)
+        sub = object.__new__(FactorGroup)
+        sub.__dict__.update(self.__dict__)
+        sub.members = [self.members[row] for row in rows]
+        sub.tensors = {key: tensor.index_select(0, index) for key, tensor in self.tensors.items()}
+        return sub
+
+    def absorb(self, sub: "FactorGroup", rows: list[int]) -> None:
+        index = torch.tensor(rows, device=self.device)
+        for key, tensor in self.tensors.items():
+            tensor.index_copy_(0, index, sub.tensors[key])
+
+    def tensors_on_host(self, key: str) -> dict[int, list]:
+        """``{dim: per-member values}`` of a telemetry tensor, one device-to-host copy per dim."""
+        return {dim: self.tensors[f"{key}.{dim}"].tolist() for dim in self.factored_dims}
+
+    def member_views(self) -> Iterator[tuple[Member, dict[str, torch.Tensor]]]:
+        """Each member with views of its rows in every stacked tensor (for ``optimizer.state``)."""
+        for row, member in enumerate(self.members):
+            yield member, {key: tensor[row] for key, tensor in self.tensors.items()}

@@ -1,0 +1,437 @@
+"""``KronOptimizer``: the torch.optim front end shared by SOAP, EShampoo, Shampoo and KrADagrad.
+
+It owns what every Kronecker method has in common: named parameters and parameter groups, cutting
+parameters into blocks and stacking same-shaped blocks into :class:`FactorGroup`s, the NaN/Inf
+guard, the step skeleton, refresh scheduling (its own ``refresh=`` policy, or an external owner
+such as ``KronCallback``), factor telemetry, and checkpoints. Subclasses supply the math through
+four hooks: ``_init_state`` (extra buffers), ``_update_statistics``, ``_direction`` and the
+basis-change hooks ``permute_rows``/``rotate_rows``.
+
+A step runs in two phases so the refresh decision for *all* factors costs one host sync:
+1. for every group: gather gradients, rotate them into the current bases, update the factor
+   statistics and the (free) staleness criterion;
+2. the policy picks stale factors from one concatenated staleness tensor; they are refreshed;
+   groups whose basis changed rotate the gradient again; every group computes its direction and
+   updates its parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from lightning_kron.basis_refresh import SOLVERS, RefreshRequest, refresh_factor, take
+from lightning_kron.blocking import factor_label, plan_blocks
+from lightning_kron.factor_group import TELEMETRY_KEYS, FactorGroup, Member
+from lightning_kron.modes import unfold
+from lightning_kron.refresh import AdaptiveRefresh, FixedRefresh
+from lightning_kron.solvers import ORTHONORMALIZERS
+from lightning_kron.staleness import staleness
+from lightning_kron.telemetry import FactorInfo
+from lightning_kron.validation import (
+    check_betas,
+    check_choice,
+    check_nonnegative,
+    check_positive_int,
+    check_unit_interval,
+)
+
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class StepHyperparameters:
+    """The per-parameter-group numbers one step needs, read fresh each step (LR schedulers)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled: bool
+    shampoo_beta: float
+    extra: dict
+
+
+@dataclass
+class _PendingGroup:
+    group: FactorGroup
+    source: FactorGroup
+    rows: Optional[list[int]]
+    grad: torch.Tensor
+    rotated: torch.Tensor
+    hyper: StepHyperparameters
+    basis_changed: bool = False
+
+
+def _split_named(params: Any) -> tuple[list[dict], dict[int, str]]:
+    """Accept tensors, (name, tensor) pairs or group dicts; return plain groups and names by id."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, not a tensor")
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    names: dict[int, str] = {}
+    plain_groups = []
+    for group_index, group in enumerate(groups):
+        group = dict(group)
+        items = group["params"]
+        items = [items] if isinstance(items, torch.Tensor) else list(items)
+        kept = []
+        for position, item in enumerate(items):
+            name, param = item if isinstance(item, tuple) else (None, item)
+            if id(param) in names:  # tied weights: one Parameter, handled once
+                continue
+            names[id(param)] = name or f"group{group_index}.param{position}"
+            kept.append(param)
+        group["params"] = kept
+        group.pop("param_names", None)
+        plain_groups.append(group)
+    return plain_groups, names
+
+
+class KronOptimizer(torch.optim.Optimizer):
+    """Base class; see the module docstring. Not used directly: pick SOAP, EShampoo or Shampoo."""
+
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict,
+        *,
+        max_precond_dim: int = 4096,
+        merge_dims: bool = True,
+        split_large_dims: bool = False,
+        precondition_1d: bool = False,
+        start_preconditioning_step: int = 1,
+        refresh: FixedRefresh | AdaptiveRefresh | None = None,
+        solver: str = "qr",
+        orthonormalizer: str = "householder",
+        nonfinite: str = "skip",
+        statistics_dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        check_positive_int("max_precond_dim", max_precond_dim, minimum=0)
+        check_positive_int("start_preconditioning_step", start_preconditioning_step)
+        check_choice("solver", solver, SOLVERS)
+        check_choice("orthonormalizer", orthonormalizer, tuple(ORTHONORMALIZERS))
+        check_choice("nonfinite", nonfinite, ("skip", "raise"))
+        if refresh is not None and not isinstance(refresh, (FixedRefresh, AdaptiveRefresh)):
+            if not (hasattr(refresh, "checks_at") and hasattr(refresh, "select")):
+                raise ValueError(f"refresh must be FixedRefresh, AdaptiveRefresh or a policy object, got {refresh!r}")
+        if statistics_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"statistics_dtype must be None, torch.float32 or torch.float64, got {statistics_dtype!r}")
+        self.max_precond_dim = max_precond_dim
+        self.merge_dims = merge_dims
+        self.split_large_dims = split_large_dims
+        self.precondition_1d = precondition_1d
+        self.start_preconditioning_step = start_preconditioning_step
+        self.refresh = refresh if refresh is not None else FixedRefresh(every=10)
+        self.solver = solver
+        self.orthonormalizer = orthonormalizer
+        self.nonfinite = nonfinite
+        self.statistics_dtype = statistics_dtype
+        self.external_schedule = False
+        self.global_step = 0
+        self.skipped_steps = 0
+        groups, self._names = _split_named(params)
+        self._groups: Optional[list[FactorGroup]] = None
+        super().__init__(groups, defaults)
+
+    # ----------------------------------------------------------------- hyperparameters
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._validate_group(self.param_groups[-1])
+        self._groups = None
+
+    def _validate_group(self, group: dict) -> None:
+        check_nonnegative("lr", group["lr"])
+        check_betas(group["betas"])
+        check_nonnegative("eps", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_choice("weight_decay_mode", group["weight_decay_mode"], ("decoupled", "l2"))
+        if group["shampoo_beta"] is not None:
+            check_unit_interval("shampoo_beta", group["shampoo_beta"], closed_right=True)
+
+    def _hyperparameters(self, group: dict) -> StepHyperparameters:
+        beta1, beta2 = group["betas"]
+        shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
+        known = {"params", "lr", "betas", "eps", "weight_decay", "weight_decay_mode", "shampoo_beta"}
+        return StepHyperparameters(
+            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], decoupled=group["weight_decay_mode"] == "decoupled",
+            shampoo_beta=shampoo_beta, extra={k: v for k, v in group.items() if k not in known},
+        )
+
+    # ----------------------------------------------------------------- grouping
+    def _state_dtype(self, param: torch.Tensor) -> torch.dtype:
+        if self.statistics_dtype is not None:
+            return self.statistics_dtype
+        return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+    def factor_groups(self) -> list[FactorGroup]:
+        """The stacked groups, built on first use (after the model has reached its device)."""
+        if self._groups is None:
+            self._groups = self._build_groups()
+            self._expose_state_views()
+        return self._groups
+
+    def _build_groups(self) -> list[FactorGroup]:
+        buckets: dict[tuple, list[Member]] = {}
+        for group_index, group in enumerate(self.param_groups):
+            for param in group["params"]:
+                plan = plan_blocks(
+                    tuple(param.shape), max_precond_dim=self.max_precond_dim, merge_dims=self.merge_dims,
+                    split_large_dims=self.split_large_dims, precondition_1d=self.precondition_1d,
+                )
+                for number, block in enumerate(plan.blocks):
+                    key = (group_index, block.shape, block.factored, param.dtype, param.device)
+                    member = Member(param, self._names[id(param)], number, block, plan.view_shape)
+                    buckets.setdefault(key, []).append(member)
+        groups = []
+        for (group_index, *_), members in buckets.items():
+            group = FactorGroup(members, self._state_dtype(members[0].param), group_index)
+            self._init_state(group)
+            groups.append(group)
+        return groups
+
+    def _expose_state_views(self) -> None:
+        self.state.clear()
+        for group in self._groups:
+            for member, views in group.member_views():
+                entry = self.state[member.param]
+                entry.update({f"block{member.block_number}.{key}": view for key, view in views.items()})
+
+    # ----------------------------------------------------------------- hooks for subclasses
+    def _init_state(self, group: FactorGroup) -> None:
+        """Register method-specific stacked buffers with ``group.add``."""
+
+    def _update_statistics(self, group: FactorGroup, rotated: torch.Tensor, hyper: StepHyperparameters) -> None:
+        """Default: EMA of ``unfold_i(G') unfold_i(G')^T`` into each ``B_i = Q_i^T L_i Q_i``.
+
+        ``G'`` is the gradient in the current bases; because the other modes' bases are orthogonal,
+        that product equals ``Q_i^T (G_i G_i^T) Q_i``, so B stays the factor in its own eigenbasis.
+        ``shampoo_beta = 1`` makes it AdaGrad's running sum.
+        """
+        beta = hyper.shampoo_beta
+        for dim in group.factored_dims:
+            unfolded = unfold(rotated, dim)
+            keep, add = (1.0, 1.0) if beta == 1.0 else (beta, 1.0 - beta)
+            group.stats(dim).baddbmm_(unfolded, unfolded.mT, beta=keep, alpha=add)
+
+    def _direction(self, group: FactorGroup, grad: torch.Tensor, rotated: torch.Tensor, hyper: StepHyperparameters) -> torch.Tensor:
+        raise NotImplementedError
+
+    def permute_rows(self, group, rows, dim, order) -> None:
+        """A refresh reordered basis columns: permute rotated-space buffers the same way."""
+
+    def rotate_rows(self, group, rows, dim, rotation) -> None:
+        """A refresh rotated the basis by ``rotation = Q_old^T Q_new``: re-express rotated buffers."""
+
+    def after_refresh(self, group, rows, dim) -> None:
+        """A refresh finished (``stats.dim`` now holds the factor in its new basis)."""
+
+    # ----------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.factor_groups()
+        self.global_step += 1
+        pending = self._gather_and_update_statistics(groups)
+        self._refresh_due(pending)
+        for item in pending:
+            self._finish(item)
+        return loss
+
+    def _gather_and_update_statistics(self, groups: list[FactorGroup]) -> list[_PendingGroup]:
+        finite = {index: self._grads_finite(group) for index, group in enumerate(self.param_groups)}
+        pending = []
+        for source in groups:
+            if not finite[source.param_group]:
+                continue
+            present = source.has_grads()
+            if not any(present):
+                continue
+            rows = None if all(present) else [row for row, ok in enumerate(present) if ok]
+            group = source if rows is None else source.subset(rows)
+            hyper = self._hyperparameters(self.param_groups[source.param_group])
+            grad = group.gather_grads()
+            if hyper.weight_decay and not hyper.decoupled:
+                grad.add_(group.gather_params(), alpha=hyper.weight_decay)
+            group.tensors["step"].add_(1)
+            rotated = group.rotate_in(grad)
+            self._update_statistics(group, rotated, hyper)
+            self._update_staleness(group)
+            pending.append(_PendingGroup(group, source, rows, grad, rotated, hyper))
+        return pending
+
+    def _grads_finite(self, param_group: dict) -> bool:
+        grads = [p.grad for p in param_group["params"] if p.grad is not None]
+        if not grads:
+            return True
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if not finite:
+            if self.nonfinite == "raise":
+                raise FloatingPointError("non-finite gradient (NaN or Inf); the step was not applied")
+            self.skipped_steps += 1
+        return finite
+
+    def _update_staleness(self, group: FactorGroup) -> None:
+        for dim in group.factored_dims:
+            group.tensors[f"staleness.{dim}"].copy_(staleness(group.stats(dim)))
+
+    def _finish(self, item: _PendingGroup) -> None:
+        group = item.group
+        rotated = group.rotate_in(item.grad) if item.basis_changed else item.rotated
+        direction = self._direction(group, item.grad, rotated, item.hyper)
+        decay = item.hyper.weight_decay if item.hyper.decoupled else 0.0
+        group.apply_update(direction, item.hyper.lr, decay)
+        if item.rows is not None:
+            item.source.absorb(group, item.rows)
+
+    # ----------------------------------------------------------------- refresh scheduling
+    def _refresh_due(self, pending: list[_PendingGroup]) -> None:
+        relative = self.global_step - self.start_preconditioning_step
+        if relative < 0:
+            return
+        entries = [(item, dim) for item in pending for dim in item.group.factored_dims]
+        if not entries:
+            return
+        if relative == 0:  # the first preconditioned step: exact bases for every factor
+            request = RefreshRequest(solver="eigh")
+            for item, dim in entries:
+                self._refresh_rows(item, dim, None, request)
+            return
+        if self.external_schedule or not self.refresh.checks_at(relative):
+            return
+        values = torch.cat([item.group.tensors[f"staleness.{dim}"] for item, dim in entries])
+        chosen = self.refresh.select(values).cpu()  # the one host sync of this step
+        request = self._request(self.refresh.tolerance, self.refresh.max_iters)
+        offset = 0
+        for item, dim in entries:
+            mask = chosen[offset: offset + len(item.group)]
+            offset += len(item.group)
+            if bool(mask.any()):
+                rows = None if bool(mask.all()) else mask.nonzero().flatten().to(item.group.device)
+                self._refresh_rows(item, dim, rows, request)
+
+    def _request(self, tolerance: float, max_iters: int, solver: Optional[str] = None) -> RefreshRequest:
+        return RefreshRequest(solver=solver or self.solver, orthonormalizer=self.orthonormalizer,
+                              tolerance=tolerance, max_iters=max_iters)
+
+    def _refresh_rows(self, item: _PendingGroup, dim: int, rows, request: RefreshRequest) -> None:
+        refresh_factor(item.group, dim, rows, request, self, self.global_step)
+        item.basis_changed = True
+
+    # ----------------------------------------------------------------- the owner interface
+    def _factor_index(self) -> list[tuple[str, FactorGroup, int, int]]:
+        index = []
+        for group in self.factor_groups():
+            for row, member in enumerate(group.members):
+                for dim in group.factored_dims:
+                    single = sum(1 for m in group.members if m.param is member.param) == 1 and member.block_number == 0
+                    prefix = member.name if single and not self._is_split(member) else f"{member.name}.block{member.block_number}"
+                    index.append((f"{prefix}[{factor_label(dim, group.order)}]", group, row, dim))
+        return index
+
+    def _is_split(self, member: Member) -> bool:
+        return member.block.shape != member.view_shape
+
+    def factor_names(self) -> list[str]:
+        """Stable, readable names of every Kronecker factor, e.g. ``h.0.mlp.c_fc.weight[L]``."""
+        return [name for name, *_ in self._factor_index()]
+
+    def factors(self) -> list[FactorInfo]:
+        """Telemetry of every factor; one host transfer per telemetry tensor, none per factor."""
+        host = {id(group): {key: group.tensors_on_host(key) for key in TELEMETRY_KEYS} for group in self.factor_groups()}
+        infos = []
+        for name, group, row, dim in self._factor_index():
+            values = {key: host[id(group)][key][dim][row] for key in TELEMETRY_KEYS}
+            infos.append(FactorInfo(
+                name=name, parameter=group.members[row].name, dim=dim, size=group.shape[dim],
+                staleness=float(values["staleness"]),
+                steps_since_refresh=self.global_step - int(values["last_refresh"]),
+                refreshes=int(values["refreshes"]), failures=int(values["failures"]),
+                refresh_seconds=float(values["refresh_seconds"]),
+            ))
+        return infos
+
+    def stale_factors(self, tolerance: float) -> list[str]:
+        """Names of factors whose staleness after the last step exceeds ``tolerance``."""
+        return [info.name for info in self.factors() if info.staleness > tolerance]
+
+    def refresh_factors(self, names: Optional[Iterable[str]] = None, *, tolerance: float = 0.0,
+                        max_iters: int = 1, solver: Optional[str] = None) -> int:
+        """Refresh the named factors now (all when ``names`` is None); returns how many.
+
+        For an external owner (``KronCallback``) that sets ``external_schedule = True``: the
+        optimizer then never refreshes on its own after the first preconditioned step.
+        """
+        wanted = None if names is None else set(names)
+        index = self._factor_index()
+        if wanted is not None and (unknown := wanted - {name for name, *_ in index}):
+            raise KeyError(f"unknown factor names: {sorted(unknown)[:5]}")
+        request = self._request(tolerance, max_iters, solver)
+        selected: dict[tuple[int, int], list[int]] = {}
+        groups = {}
+        for name, group, row, dim in index:
+            if wanted is None or name in wanted:
+                selected.setdefault((id(group), dim), []).append(row)
+                groups[id(group)] = group
+        for (group_id, dim), rows in selected.items():
+            group = groups[group_id]
+            row_index = None if len(rows) == len(group) else torch.tensor(rows, device=group.device)
+            refresh_factor(group, dim, row_index, request, self, self.global_step)
+        return sum(len(rows) for rows in selected.values())
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        self.factor_groups()
+        state = super().state_dict()
+        state["lightning_kron"] = {
+            "format": STATE_FORMAT, "optimizer": type(self).__name__,
+            "global_step": self.global_step, "skipped_steps": self.skipped_steps,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load all or nothing: everything is checked before any tensor is written."""
+        meta = state_dict.get("lightning_kron")
+        mine = type(self).__name__
+        if meta is None:
+            raise ValueError(f"this state_dict was not saved by a lightning_kron optimizer; cannot load it into {mine}")
+        if meta["optimizer"] != mine:
+            raise ValueError(f"state_dict was saved by lightning_kron.{meta['optimizer']}, cannot load it into {mine}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
+        ):
+            raise ValueError("state_dict has a different number of parameter groups or parameters than this optimizer")
+        fresh = self._build_groups()
+        params = [p for group in self.param_groups for p in group["params"]]
+        plan = self._copy_plan(fresh, params, state_dict["state"])
+        for target, source in plan:
+            target.copy_(source)
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({key: value for key, value in saved.items() if key != "params"})
+        self._groups = fresh
+        self._expose_state_views()
+        self.global_step, self.skipped_steps = meta["global_step"], meta["skipped_steps"]
+
+    def _copy_plan(self, groups: list[FactorGroup], params: list, saved_state: dict) -> list:
+        position = {id(p): index for index, p in enumerate(params)}
+        plan = []
+        for group in groups:
+            for member, views in group.member_views():
+                saved = saved_state.get(position[id(member.param)], {})
+                for key, view in views.items():
+                    name = f"block{member.block_number}.{key}"
+                    value = saved.get(name)
+                    if value is None or tuple(value.shape) != tuple(view.shape):
+                        found = None if value is None else tuple(value.shape)
+                        raise ValueError(f"state_dict does not match parameter {member.name!r}: {name} "
+                                         f"expected shape {tuple(view.shape)}, found {found}")
+                    plan.append((view, value))
+        return plan

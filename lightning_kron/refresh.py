@@ -1,0 +1,92 @@
+"""Refresh policies: when is a Kronecker factor's eigenbasis recomputed.
+
+A policy sees, on the steps it checks, the staleness ``e(Q, L)`` of every factor (one tensor,
+still on the device) and answers with a boolean mask of the factors to refresh. Deciding on the
+whole tensor at once keeps the optimizer to a single host synchronisation per checked step
+instead of one ``.item()`` per factor.
+
+>>> import torch
+>>> policy = AdaptiveRefresh(tolerance=0.05)
+>>> policy.select(torch.tensor([0.01, 0.2, 0.07])).tolist()
+[False, True, True]
+>>> FixedRefresh(every=10).checks_at(20), FixedRefresh(every=10).checks_at(21)
+(True, False)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from lightning_kron.validation import check_positive_int, check_unit_interval
+
+
+@dataclass(frozen=True)
+class FixedRefresh:
+    """Refresh every factor every ``every`` steps (SOAP's and Shampoo's classic clock).
+
+    One warm-QR iteration per refresh, as in the SOAP paper; with ``solver="eigh"`` the refresh is
+    exact anyway.
+    """
+
+    every: int = 10
+
+    def __post_init__(self) -> None:
+        check_positive_int("every", self.every)
+
+    @property
+    def tolerance(self) -> float:
+        return 0.0
+
+    @property
+    def max_iters(self) -> int:
+        return 1
+
+    def checks_at(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def select(self, staleness: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(staleness, dtype=torch.bool)
+
+
+@dataclass(frozen=True)
+class AdaptiveRefresh:
+    """Refresh a factor only when its eigenbasis has gone stale (Purifying Shampoo, 2506.03595).
+
+    Every ``check_every`` steps each factor's relative off-diagonal mass
+    ``e = ||B - Diag(B)||_F / ||B||_F`` (``B = Q^T L Q``) is compared with ``tolerance``; factors
+    above it are refreshed, each independently. A warm-QR refresh repeats while ``e > tolerance``,
+    at most ``max_iters`` times. ``max_iters`` defaults to 1 because a factor still above tolerance
+    is simply picked again at the next check, which spreads the cost over steps.
+    ``max_per_step`` caps how many factors one step may refresh (most stale first) so no single
+    step stalls. ``tolerance=0`` with ``check_every=f`` reproduces ``FixedRefresh(every=f)``.
+    """
+
+    tolerance: float = 0.05
+    check_every: int = 1
+    max_iters: int = 1
+    max_per_step: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_unit_interval("tolerance", self.tolerance, closed_right=True)
+        check_positive_int("check_every", self.check_every)
+        check_positive_int("max_iters", self.max_iters)
+        if self.max_per_step is not None:
+            check_positive_int("max_per_step", self.max_per_step)
+
+    def checks_at(self, step: int) -> bool:
+        return step % self.check_every == 0
+
+    def select(self, staleness: torch.Tensor) -> torch.Tensor:
+        stale = staleness > self.tolerance
+        if self.max_per_step is None or staleness.numel() <= self.max_per_step:
+            return stale
+        ranked = torch.where(stale, staleness, torch.full_like(staleness, -1.0))
+        keep = torch.zeros_like(stale)
+        keep[ranked.topk(self.max_per_step).indices] = True
+        return stale & keep
+
+
+RefreshPolicy = FixedRefresh | AdaptiveRefresh

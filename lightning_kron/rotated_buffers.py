@@ -1,0 +1,30 @@
+"""Keeping buffers that live in the eigenbasis consistent when the basis changes.
+
+A buffer stored in rotated coordinates (SOAP's first moment ``M'`` and second moment ``V``) is
+only meaningful together with the basis it was accumulated in. When a refresh sorts the basis
+columns, the buffer's axis must be permuted identically; when it rotates the basis by
+``P = Q_old^T Q_new``, the first moment is re-expressed exactly (``M' <- M' x_i P^T``) and the
+second moment either kept as is (SOAP/EShampoo) or carried over approximately with the squared
+rotation (``V <- V x_i (P^T o P^T)``), which keeps it non-negative.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lightning_kron.basis_refresh import put, take
+from lightning_kron.factor_group import FactorGroup
+from lightning_kron.modes import permute_mode, rotate_mode
+
+
+def permute_buffer(group: FactorGroup, key: str, rows: Optional[torch.Tensor], dim: int, order: torch.Tensor) -> None:
+    buffer = group.tensors[key]
+    put(buffer, rows, permute_mode(take(buffer, rows), dim, order))
+
+
+def rotate_buffer(group: FactorGroup, key: str, rows: Optional[torch.Tensor], dim: int, matrix: torch.Tensor) -> None:
+    """``buffer x_dim matrix`` for the selected members."""
+    buffer = group.tensors[key]
+    put(buffer, rows, rotate_mode(take(buffer, rows), dim, matrix))

@@ -1,0 +1,115 @@
+"""SOAP and EShampoo: Adam run in the Kronecker eigenbasis (eigenvalue-corrected Shampoo).
+
+The gradient is rotated into the eigenbases of the Kronecker factors, ``G' = G x_i Q_i^T``; Adam's
+moments are kept there; the normalised step is rotated back. The second moment ``V`` is the
+diagonal of the full-matrix second moment in the Kronecker eigenbasis (the *corrected
+eigenvalues*), which is why no learning-rate grafting is needed and why AdamW's lr, betas and
+weight decay transfer (ALGORITHMS.md §2). With every basis the identity (before
+``start_preconditioning_step``, or for blocks with no factor) the update is exactly AdamW's.
+
+Design decision: both moments are kept in rotated coordinates (SOAP's choice) rather than keeping
+``M`` in parameter space (EShampoo's): equal in exact arithmetic, but it saves one full rotation
+per step; the price, re-expressing ``M'`` at a refresh, is paid only on the rare refresh steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from lightning_kron.factor_group import FactorGroup
+from lightning_kron.kron_optimizer import KronOptimizer, StepHyperparameters
+from lightning_kron.refresh import AdaptiveRefresh, FixedRefresh
+from lightning_kron.rotated_buffers import permute_buffer, rotate_buffer
+from lightning_kron.validation import check_choice
+
+SECOND_MOMENT_ON_REFRESH = ("keep", "rotate")
+
+
+def bias_correction(beta: float, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``1 - beta^t`` per member, shaped to broadcast over a ``[N, ...]`` stack."""
+    correction = 1.0 - torch.pow(beta, step)
+    return correction.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class EigenvalueCorrectedOptimizer(KronOptimizer):
+    """Shared implementation of :class:`SOAP` and :class:`EShampoo` (they differ in defaults)."""
+
+    def __init__(self, params: Any, lr: float, betas, eps: float, weight_decay: float, *,
+                 shampoo_beta: Optional[float] = None, weight_decay_mode: str = "decoupled",
+                 second_moment_on_refresh: str = "keep", **options: Any) -> None:
+        check_choice("second_moment_on_refresh", second_moment_on_refresh, SECOND_MOMENT_ON_REFRESH)
+        self.second_moment_on_refresh = second_moment_on_refresh
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        weight_decay_mode=weight_decay_mode, shampoo_beta=shampoo_beta)
+        super().__init__(params, defaults, **options)
+
+    def _init_state(self, group: FactorGroup) -> None:
+        group.add("exp_avg", group.zeros_like_blocks())
+        group.add("exp_avg_sq", group.zeros_like_blocks())
+
+    def _direction(self, group: FactorGroup, grad: torch.Tensor, rotated: torch.Tensor,
+                   hyper: StepHyperparameters) -> torch.Tensor:
+        exp_avg, exp_avg_sq = group.tensors["exp_avg"], group.tensors["exp_avg_sq"]
+        exp_avg.lerp_(rotated, 1.0 - hyper.beta1)
+        exp_avg_sq.mul_(hyper.beta2).addcmul_(rotated, rotated, value=1.0 - hyper.beta2)
+        step = group.tensors["step"]
+        denom = (exp_avg_sq / bias_correction(hyper.beta2, step, exp_avg_sq)).sqrt_().add_(hyper.eps)
+        normalized = exp_avg / bias_correction(hyper.beta1, step, exp_avg) / denom
+        return group.rotate_out(normalized)
+
+    def permute_rows(self, group, rows, dim, order) -> None:
+        for key in ("exp_avg", "exp_avg_sq"):
+            permute_buffer(group, key, rows, dim, order)
+
+    def rotate_rows(self, group, rows, dim, rotation) -> None:
+        rotate_buffer(group, "exp_avg", rows, dim, rotation.mT)
+        if self.second_moment_on_refresh == "rotate":
+            rotate_buffer(group, "exp_avg_sq", rows, dim, rotation.mT.square())
+
+
+class SOAP(EigenvalueCorrectedOptimizer):
+    """SOAP: Adam in the Kronecker eigenbasis, refreshed by a sorted warm-started QR step.
+
+    Args:
+        params: ``model.parameters()``, ``model.named_parameters()`` (names appear in telemetry)
+            or parameter-group dicts.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled decay by default;
+            ``weight_decay_mode="l2"`` adds ``wd * W`` to the gradient instead).
+        shampoo_beta: EMA rate of the Kronecker statistics; ``None`` uses ``betas[1]``, 1 sums.
+        refresh: ``FixedRefresh(every=10)`` (default, the SOAP paper) or ``AdaptiveRefresh``.
+        solver: "qr" (warm power step, default) or "eigh" (exact).
+        orthonormalizer: "householder" (default) or "cholesky_qr2" (faster on GPUs).
+        max_precond_dim: dims above this get no factor (or are split with ``split_large_dims``).
+        merge_dims, precondition_1d, start_preconditioning_step, statistics_dtype, nonfinite,
+        second_moment_on_refresh ("keep" or "rotate"): see the README.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(8, 4)
+    >>> opt = SOAP(model.named_parameters(), lr=3e-3)
+    >>> model(torch.randn(16, 8)).square().mean().backward(); opt.step()
+    >>> opt.factor_names()
+    ['weight[L]', 'weight[R]']
+    """
+
+    def __init__(self, params: Any, lr: float = 3e-3, betas=(0.95, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.01, *, refresh=None, solver: str = "qr", **options: Any) -> None:
+        refresh = refresh if refresh is not None else FixedRefresh(every=10)
+        super().__init__(params, lr, betas, eps, weight_decay, refresh=refresh, solver=solver, **options)
+
+
+class EShampoo(EigenvalueCorrectedOptimizer):
+    """Eigenvalue-corrected Shampoo: SOAP's update with exact ``eigh`` refreshes, decided per
+    factor by the staleness criterion (Purifying Shampoo) and AdamW's default hyperparameters.
+
+    >>> import torch
+    >>> opt = EShampoo(torch.nn.Linear(4, 4).parameters())
+    >>> opt.solver, opt.refresh.tolerance
+    ('eigh', 0.05)
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, *, refresh=None, solver: str = "eigh", **options: Any) -> None:
+        refresh = refresh if refresh is not None else AdaptiveRefresh(tolerance=0.05)
+        super().__init__(params, lr, betas, eps, weight_decay, refresh=refresh, solver=solver, **options)

@@ -1,0 +1,49 @@
+"""Argument checks shared by every optimizer and policy.
+
+Each check raises ``ValueError`` naming the argument, so a bad hyperparameter fails at
+construction with a message the user can act on instead of surfacing as NaNs later.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+
+def check_nonnegative(name: str, value: float) -> float:
+    """A finite number >= 0 (learning rates, eps, weight decay)."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_unit_interval(name: str, value: float, *, closed_right: bool = False) -> float:
+    """A decay rate in [0, 1) (or [0, 1] when ``closed_right``)."""
+    upper_ok = value <= 1 if closed_right else value < 1
+    if not isinstance(value, (int, float)) or not (0 <= value and upper_ok):
+        interval = "[0, 1]" if closed_right else "[0, 1)"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return float(value)
+
+
+def check_betas(betas: Iterable[float]) -> tuple[float, float]:
+    """Two decay rates, each in [0, 1)."""
+    betas = tuple(betas)
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    return (check_unit_interval("betas[0]", betas[0]), check_unit_interval("betas[1]", betas[1]))
+
+
+def check_positive_int(name: str, value: int, *, minimum: int = 1) -> int:
+    """An integer >= ``minimum`` (bools are refused: ``True`` is not a step count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
+    """One of a fixed set of strings."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
