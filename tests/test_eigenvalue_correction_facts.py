@@ -1,0 +1,128 @@
+"""ALGORITHMS.md facts for SOAP/EShampoo: AdamW limit, Kronecker covariance, U V^T, equivariance, scale."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import lightning_kron as lk
+from tests.conftest import set_grads
+
+
+def _orthogonal(size: int, generator: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def test_identity_bases_reproduce_adamw():
+    torch.manual_seed(3)
+    reference = nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3))
+    candidate = nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3))
+    candidate.load_state_dict(reference.state_dict())
+    adamw = torch.optim.AdamW(reference.parameters(), lr=3e-3, betas=(0.9, 0.98), eps=1e-7, weight_decay=0.1)
+    soap = lk.SOAP(candidate.parameters(), lr=3e-3, betas=(0.9, 0.98), eps=1e-7, weight_decay=0.1,
+                   start_preconditioning_step=10**9)
+    inputs, targets = torch.randn(32, 7), torch.randn(32, 3)
+    for _ in range(40):
+        for model, optimizer in ((reference, adamw), (candidate, soap)):
+            optimizer.zero_grad()
+            (model(inputs) - targets).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(reference.parameters(), candidate.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_kronecker_covariance_is_recovered():
+    """G = A^1/2 Z B^1/2: L -> tr(B) A, R -> tr(A) B, Q_L^T U_A a signed permutation, V -> lambda(A) mu(B)."""
+    generator = torch.Generator().manual_seed(0)
+    u_a, u_b = _orthogonal(4, generator), _orthogonal(3, generator)
+    lam, mu = torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=torch.float64), torch.tensor([3.0, 1.5, 0.5], dtype=torch.float64)
+    a_half, b_half = u_a @ torch.diag(lam.sqrt()) @ u_a.T, u_b @ torch.diag(mu.sqrt()) @ u_b.T
+    param = nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
+    optimizer = lk.SOAP([param], lr=0.0, betas=(0.9, 0.999), shampoo_beta=1.0, refresh=lk.FixedRefresh(every=5), solver="eigh")
+    steps = 4000
+    for _ in range(steps):
+        set_grads([param], [a_half @ torch.randn(4, 3, generator=generator, dtype=torch.float64) @ b_half])
+        optimizer.step()
+    state = optimizer.state[param]
+    left = state["block0.basis.0"] @ state["block0.stats.0"] @ state["block0.basis.0"].T / steps
+    right = state["block0.basis.1"] @ state["block0.stats.1"] @ state["block0.basis.1"].T / steps
+    a_matrix, b_matrix = u_a @ torch.diag(lam) @ u_a.T, u_b @ torch.diag(mu) @ u_b.T
+    torch.testing.assert_close(left, mu.sum() * a_matrix, rtol=0, atol=0.1 * float(mu.sum() * lam.max()))
+    torch.testing.assert_close(right, lam.sum() * b_matrix, rtol=0, atol=0.1 * float(lam.sum() * mu.max()))
+    overlap = (state["block0.basis.0"].T @ u_a).abs()
+    torch.testing.assert_close(overlap, torch.eye(4, dtype=torch.float64), rtol=0, atol=0.1)
+    corrected = state["block0.exp_avg_sq"] / (1 - 0.999 ** steps)
+    expected = torch.outer(lam, mu)
+    assert ((corrected - expected).abs() / expected).max() < 0.25
+
+
+def test_constant_gradient_direction_tends_to_polar_factor():
+    generator = torch.Generator().manual_seed(1)
+    u, _ = torch.linalg.qr(torch.randn(6, 4, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(5, 4, generator=generator))
+    gradient = (u @ torch.diag(torch.tensor([5.0, 2.0, 1.0, 0.3])) @ v.T).double()
+    param = nn.Parameter(torch.zeros(6, 5, dtype=torch.float64))  # fp32 round-off / eps ~ 1e-2 noise
+    optimizer = lk.EShampoo([param], lr=1.0, eps=1e-4, weight_decay=0.0)
+    for step in range(3):
+        before = param.detach().clone()
+        set_grads([param], [gradient])
+        optimizer.step()
+        direction = before - param.detach()
+        # N = s / (s + eps) per singular value: the gap to U V^T is about eps / s_min = 3.3e-4.
+        torch.testing.assert_close(direction, (u @ v.T).double(), rtol=0, atol=5e-4)
+
+
+def _quadratic(a, b, c):
+    return lambda w: 0.5 * (a @ w @ b - c).square().sum()
+
+
+def _trajectory(optimizer_factory, loss_fn, start, steps):
+    w = nn.Parameter(start.clone())
+    optimizer = optimizer_factory([w])
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn(w).backward()
+        optimizer.step()
+    return w.detach()
+
+
+def test_rotation_equivariance_unlike_adamw():
+    generator = torch.Generator().manual_seed(2)
+    m, n = 5, 4
+    a = torch.randn(m, m, generator=generator, dtype=torch.float64) + 2 * torch.eye(m, dtype=torch.float64)
+    b = torch.randn(n, n, generator=generator, dtype=torch.float64) + 2 * torch.eye(n, dtype=torch.float64)
+    c = torch.randn(m, n, generator=generator, dtype=torch.float64)
+    start = torch.randn(m, n, generator=generator, dtype=torch.float64)
+    u, v = _orthogonal(m, generator), _orthogonal(n, generator)
+    loss = _quadratic(a, b, c)
+    rotated_loss = lambda w: loss(u.T @ w @ v)  # noqa: E731  (coordinates w~ = U w V^T)
+
+    # A basis built from the first gradient makes the rotated gradient diagonal; its round-off-sized
+    # off-diagonal entries divided by (|.| + eps) are noise unless eps dwarfs them (here 1e-16 vs 1e-6).
+    def soap(params):
+        return lk.SOAP(params, lr=1e-2, eps=1e-6, weight_decay=0.0, solver="eigh", refresh=lk.FixedRefresh(every=1))
+
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+
+    for factory, equivariant in ((soap, True), (adamw, False)):
+        plain = _trajectory(factory, loss, start, 30)
+        rotated = _trajectory(factory, rotated_loss, u @ start @ v.T, 30)
+        gap = (u @ plain @ v.T - rotated).abs().max() / plain.abs().max()
+        assert (gap < 1e-7) if equivariant else (gap > 1e-3), (factory.__name__, float(gap))
+
+
+def test_loss_scale_invariance():
+    generator = torch.Generator().manual_seed(4)
+    a, b = torch.randn(4, 4, generator=generator, dtype=torch.float64), torch.randn(3, 3, generator=generator, dtype=torch.float64)
+    c = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    start = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    loss = _quadratic(a, b, c)
+
+    def factory(params):
+        return lk.SOAP(params, lr=1e-2, eps=1e-14, weight_decay=0.0, start_preconditioning_step=3)
+
+    plain = _trajectory(factory, loss, start, 25)
+    scaled = _trajectory(factory, lambda w: 1000.0 * loss(w), start, 25)
+    torch.testing.assert_close(plain, scaled, rtol=1e-7, atol=1e-9)

@@ -1,0 +1,181 @@
+"""The test matrix every optimizer passes (convergence, dtypes, state, checkpoints, names, bad input).
+
+To add an optimizer, add a factory to ``OPTIMIZER_FACTORIES`` in conftest.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_kron as lk
+
+
+def _regression(seed: int = 0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(128, 12, generator=generator, dtype=dtype)
+    target_weight = torch.randn(5, 12, generator=generator, dtype=dtype)
+    targets = inputs @ target_weight.T
+    return inputs, targets
+
+
+def _train(model, optimizer, inputs, targets, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = (model(inputs) - targets).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_converges_on_linear_regression(make_optimizer):
+    inputs, targets = _regression()
+    model = nn.Linear(12, 5)
+    # Kronecker methods take spectral steps (~sqrt(rank) in Frobenius norm, AdamW ~sqrt(numel)),
+    # so they want a larger lr than AdamW on this rank-5 gradient.
+    losses = _train(model, make_optimizer(model.named_parameters(), lr=0.05), inputs, targets, 150)
+    assert losses[-1] < 0.05 * losses[0]
+
+
+def test_converges_on_small_mlp(make_optimizer):
+    inputs, _ = _regression()
+    targets = torch.sin(inputs[:, :3]).sum(dim=1, keepdim=True)
+    model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 1))
+    losses = _train(model, make_optimizer(model.named_parameters(), lr=3e-3), inputs, targets, 200)
+    assert losses[-1] < 0.25 * losses[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_parameter_dtype_preserved_and_statistics_precise(make_optimizer, dtype):
+    inputs, targets = _regression(dtype=dtype)
+    model = nn.Sequential(nn.Linear(12, 5).to(dtype))
+    optimizer = make_optimizer(model.parameters())
+    _train(model, optimizer, inputs, targets, 3)
+    expected_state = torch.float64 if dtype == torch.float64 else torch.float32
+    for param in model.parameters():
+        assert param.dtype == dtype
+        assert torch.isfinite(param.float()).all()
+        for key, value in optimizer.state[param].items():
+            if value.is_floating_point() and ".refresh_seconds" not in key:
+                assert value.dtype == expected_state, key
+
+
+def test_state_shapes_are_stable(make_optimizer):
+    inputs, targets = _regression()
+    model = nn.Linear(12, 5)
+    optimizer = make_optimizer(model.parameters())
+    _train(model, optimizer, inputs, targets, 1)
+    first = {id(p): {k: tuple(v.shape) for k, v in optimizer.state[p].items()} for p in model.parameters()}
+    _train(model, optimizer, inputs, targets, 25)
+    later = {id(p): {k: tuple(v.shape) for k, v in optimizer.state[p].items()} for p in model.parameters()}
+    assert first == later and first
+
+
+def test_checkpoint_round_trip_is_bit_identical(make_optimizer):
+    inputs, targets = _regression()
+    torch.manual_seed(1)
+    reference = nn.Linear(12, 5)
+    resumed = copy.deepcopy(reference)
+    reference_opt = make_optimizer(reference.parameters())
+    _train(reference, reference_opt, inputs, targets, 13)
+    buffer = io.BytesIO()
+    torch.save({"model": reference.state_dict(), "optimizer": reference_opt.state_dict()}, buffer)
+    _train(reference, reference_opt, inputs, targets, 17)
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=False)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt = make_optimizer(resumed.parameters())
+    resumed_opt.load_state_dict(checkpoint["optimizer"])
+    _train(resumed, resumed_opt, inputs, targets, 17)
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_named_and_unnamed_parameters(make_optimizer):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    named = make_optimizer(model.named_parameters())
+    assert named.factor_names() == ["0.weight[L]", "0.weight[R]", "1.weight[L]", "1.weight[R]"]
+    unnamed = make_optimizer(model.parameters())
+    assert unnamed.factor_names() == ["group0.param0[L]", "group0.param0[R]", "group0.param2[L]", "group0.param2[R]"]
+    groups = make_optimizer([{"params": list(model[0].named_parameters()), "lr": 1e-3},
+                             {"params": list(model[1].parameters()), "weight_decay": 0.0}])
+    assert groups.param_groups[0]["lr"] == 1e-3 and groups.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_nonfinite_gradient_skips_the_step_and_keeps_state(make_optimizer):
+    inputs, targets = _regression()
+    model = nn.Linear(12, 5)
+    optimizer = make_optimizer(model.parameters())
+    _train(model, optimizer, inputs, targets, 4)
+    before_params = [p.detach().clone() for p in model.parameters()]
+    before_state = {k: v.clone() for p in model.parameters() for k, v in optimizer.state[p].items()}
+    for poison in (float("nan"), float("inf")):
+        model.weight.grad = torch.ones_like(model.weight)
+        model.weight.grad[0, 0] = poison
+        model.bias.grad = torch.ones_like(model.bias)
+        optimizer.step()
+    assert optimizer.skipped_steps == 2
+    for before, param in zip(before_params, model.parameters()):
+        assert torch.equal(before, param)
+    after_state = {k: v for p in model.parameters() for k, v in optimizer.state[p].items()}
+    for key, value in before_state.items():
+        assert torch.equal(value, after_state[key]), key
+
+
+def test_nonfinite_gradient_can_raise(make_optimizer):
+    model = nn.Linear(3, 2)
+    optimizer = make_optimizer(model.parameters(), nonfinite="raise")
+    model.weight.grad = torch.full_like(model.weight, float("nan"))
+    with pytest.raises(FloatingPointError):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"lr": -1.0}, "lr"),
+    ({"betas": (1.0, 0.9)}, r"betas\[0\]"),
+    ({"betas": (0.9, -0.1)}, r"betas\[1\]"),
+    ({"eps": -1e-8}, "eps"),
+    ({"weight_decay": float("nan")}, "weight_decay"),
+    ({"max_precond_dim": -1}, "max_precond_dim"),
+    ({"solver": "svd"}, "solver"),
+    ({"shampoo_beta": 1.5}, "shampoo_beta"),
+    ({"weight_decay_mode": "l1"}, "weight_decay_mode"),
+    ({"start_preconditioning_step": 0}, "start_preconditioning_step"),
+    ({"nonfinite": "ignore"}, "nonfinite"),
+])
+def test_invalid_hyperparameters_fail_at_construction(make_optimizer, bad, match):
+    with pytest.raises(ValueError, match=match):
+        make_optimizer(nn.Linear(3, 2).parameters(), **bad)
+
+
+def test_load_state_dict_from_another_model_or_optimizer_fails_cleanly(make_optimizer):
+    inputs, targets = _regression()
+    model = nn.Linear(12, 5)
+    optimizer = make_optimizer(model.parameters())
+    _train(model, optimizer, inputs, targets, 3)
+    snapshot = {k: v.clone() for p in model.parameters() for k, v in optimizer.state[p].items()}
+
+    other = nn.Linear(12, 6)
+    other_opt = make_optimizer(other.parameters())
+    _train(other, other_opt, inputs, torch.cat([targets, targets[:, :1]], 1), 1)
+    with pytest.raises(ValueError, match="does not match"):
+        optimizer.load_state_dict(other_opt.state_dict())
+    adamw = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="not saved by a lightning_kron optimizer"):
+        optimizer.load_state_dict(adamw.state_dict())
+    after = {k: v for p in model.parameters() for k, v in optimizer.state[p].items()}
+    assert all(torch.equal(snapshot[k], after[k]) for k in snapshot)
+
+
+def test_loading_another_kron_optimizer_type_is_refused():
+    model = nn.Linear(3, 2)
+    soap, shampoo = lk.SOAP(model.parameters()), lk.Shampoo(model.parameters())
+    with pytest.raises(ValueError, match="saved by lightning_kron.Shampoo"):
+        soap.load_state_dict(shampoo.state_dict())

@@ -1,0 +1,190 @@
+"""Refresh machinery: staleness criterion, sorted warm QR, orthonormality, tolerance semantics, fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_kron as lk
+from lightning_kron import solvers
+from lightning_kron.staleness import staleness
+from tests.conftest import set_grads
+
+
+def _random_spd(size: int, generator: torch.Generator, spread: float = 100.0) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
+    eigenvalues = torch.logspace(0, torch.log10(torch.tensor(spread)).item(), size, dtype=torch.float64)
+    return q @ torch.diag(eigenvalues) @ q.T
+
+
+def test_staleness_matches_definition_and_reconstruction_error():
+    generator = torch.Generator().manual_seed(0)
+    factor = _random_spd(6, generator)
+    basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
+    stats = basis.T @ factor @ basis
+    expected = torch.linalg.matrix_norm(factor - basis @ torch.diag(stats.diagonal()) @ basis.T) / torch.linalg.matrix_norm(factor)
+    torch.testing.assert_close(staleness(stats[None])[0], expected)
+    eigenvalues, vectors = torch.linalg.eigh(factor)
+    assert staleness((vectors.T @ factor @ vectors)[None])[0] < 1e-12
+
+
+@pytest.mark.parametrize("orthonormalizer", ["householder", "cholesky_qr2"])
+@pytest.mark.parametrize("seed", range(5))
+def test_sorted_warm_qr_step_never_increases_staleness_and_converges(seed, orthonormalizer):
+    generator = torch.Generator().manual_seed(seed)
+    factor = _random_spd(8, generator)
+    _, basis = torch.linalg.eigh(factor)
+    orth = solvers.ORTHONORMALIZERS[orthonormalizer]
+    for _ in range(10):  # the factor drifts; each refresh is one sorted power step
+        drift = torch.randn(8, 3, generator=generator, dtype=torch.float64)
+        factor = 0.9 * factor + drift @ drift.T
+        stats = basis.T @ factor @ basis
+        before = staleness(stats[None])[0]
+        sorted_basis, sorted_stats, _ = solvers.sort_by_estimated_eigenvalues(basis[None], stats[None])
+        basis, ok = solvers.warm_qr_basis(sorted_basis, sorted_stats, orth)
+        basis = basis[0]
+        after = staleness((basis.T @ factor @ basis)[None])[0]
+        assert ok.all() and after <= before + 1e-12
+    for _ in range(200):  # repeated steps on a fixed factor drive e below tau
+        stats = basis.T @ factor @ basis
+        sorted_basis, sorted_stats, _ = solvers.sort_by_estimated_eigenvalues(basis[None], stats[None])
+        basis = solvers.warm_qr_basis(sorted_basis, sorted_stats, orth)[0][0]
+    assert staleness((basis.T @ factor @ basis)[None])[0] <= 0.01
+
+
+@pytest.mark.parametrize("solver", ["qr", "eigh"])
+def test_bases_stay_orthonormal_after_many_refreshes(solver):
+    model = nn.Sequential(nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 8))
+    optimizer = lk.SOAP(model.parameters(), lr=1e-3, solver=solver, refresh=lk.FixedRefresh(every=1))
+    inputs, targets = torch.randn(64, 24), torch.randn(64, 8)
+    for _ in range(150):
+        optimizer.zero_grad()
+        (model(inputs) - targets).square().mean().backward()
+        optimizer.step()
+    for group in optimizer.factor_groups():
+        for dim in group.factored_dims:
+            basis = group.basis(dim)
+            assert basis.dtype == torch.float32
+            eye = torch.eye(basis.shape[-1]).expand_as(basis)
+            assert (basis.mT @ basis - eye).abs().max() <= 1e-5
+
+
+def _run(refresh, steps=30, solver="qr"):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4))
+    optimizer = lk.SOAP(model.named_parameters(), lr=1e-2, refresh=refresh, solver=solver)
+    inputs, targets = torch.randn(40, 10), torch.randn(40, 4)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (model(inputs) - targets).square().mean().backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def test_zero_tolerance_reproduces_fixed_frequency_exactly():
+    fixed_model, fixed = _run(lk.FixedRefresh(every=4))
+    adaptive_model, adaptive = _run(lk.AdaptiveRefresh(tolerance=0.0, check_every=4))
+    for a, b in zip(fixed_model.parameters(), adaptive_model.parameters()):
+        assert torch.equal(a, b)
+    assert [f.refreshes for f in fixed.factors()] == [f.refreshes for f in adaptive.factors()] == [8] * 4
+
+
+def test_huge_tolerance_refreshes_only_once():
+    _, optimizer = _run(lk.AdaptiveRefresh(tolerance=1.0))
+    assert [f.refreshes for f in optimizer.factors()] == [1] * 4
+
+
+def test_adaptive_refresh_decides_per_factor_and_saves_work():
+    _, every_step = _run(lk.FixedRefresh(every=1), steps=40)
+    _, adaptive = _run(lk.AdaptiveRefresh(tolerance=0.02), steps=40)
+    counts = [f.refreshes for f in adaptive.factors()]
+    assert sum(counts) < sum(f.refreshes for f in every_step.factors())
+    assert len(set(counts)) > 1, counts
+
+
+def test_refresh_budget_takes_the_most_stale_first():
+    policy = lk.AdaptiveRefresh(tolerance=0.1, max_per_step=2)
+    chosen = policy.select(torch.tensor([0.5, 0.05, 0.9, 0.2, 0.3]))
+    assert chosen.tolist() == [True, False, True, False, False]
+
+
+def test_external_owner_can_refresh_named_factors():
+    model, optimizer = _run(lk.FixedRefresh(every=1000), steps=5)
+    optimizer.external_schedule = True
+    before = {f.name: f.refreshes for f in optimizer.factors()}
+    assert optimizer.refresh_factors(["2.weight[L]"]) == 1
+    after = {f.name: f.refreshes for f in optimizer.factors()}
+    assert after["2.weight[L]"] == before["2.weight[L]"] + 1
+    assert all(after[name] == count for name, count in before.items() if name != "2.weight[L]")
+    with pytest.raises(KeyError, match="unknown factor"):
+        optimizer.refresh_factors(["nope[L]"])
+    stale = optimizer.stale_factors(0.0)
+    assert set(stale) <= set(optimizer.factor_names()) and stale
+
+
+def test_failed_eigendecomposition_keeps_old_basis_and_is_counted(monkeypatch):
+    param = nn.Parameter(torch.zeros(5, 4))
+    optimizer = lk.SOAP([param], lr=1e-3, solver="eigh", refresh=lk.FixedRefresh(every=1))
+    set_grads([param], [torch.randn(5, 4)])
+    optimizer.step()
+    basis_before = optimizer.state[param]["block0.basis.0"].clone()
+
+    def broken(*args, **kwargs):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    set_grads([param], [torch.randn(5, 4)])
+    optimizer.step()
+    infos = {f.name: f for f in optimizer.factors()}
+    assert infos["group0.param0[L]"].failures == 1 and infos["group0.param0[R]"].failures == 1
+    assert torch.isfinite(param).all()
+    # the basis is the old one, at most with columns re-sorted by the estimated eigenvalues
+    overlap = (optimizer.state[param]["block0.basis.0"].T @ basis_before).abs()
+    assert torch.allclose(overlap.sort(dim=1).values[:, -1], torch.ones(5), atol=1e-6)
+
+
+def test_eigh_falls_back_member_by_member(monkeypatch):
+    real_eigh = torch.linalg.eigh
+    calls = {"count": 0}
+
+    def flaky(matrix, *args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 1:
+            raise torch.linalg.LinAlgError("batched call failed")
+        return real_eigh(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    generator = torch.Generator().manual_seed(0)
+    factors = torch.stack([_random_spd(4, generator).float() for _ in range(3)])
+    bases, ok = solvers.eigh_basis(factors, torch.eye(4).expand(3, 4, 4))
+    assert ok.all() and calls["count"] == 4
+    for factor, basis in zip(factors, bases):
+        assert staleness((basis.T @ factor @ basis)[None])[0] < 1e-5
+
+
+def test_nonfinite_factor_keeps_previous_basis():
+    factors = torch.eye(3).repeat(2, 1, 1)
+    factors[1, 0, 0] = float("nan")
+    fallback = torch.eye(3).repeat(2, 1, 1) * 1.0
+    bases, ok = solvers.eigh_basis(factors, fallback)
+    assert ok.tolist() == [True, False] and torch.equal(bases[1], fallback[1])
+
+
+def test_cholesky_qr2_falls_back_to_householder_on_rank_deficiency():
+    y = torch.randn(2, 5, 5, dtype=torch.float64)
+    y[1, :, 0] = 0.0  # singular Gram matrix: Cholesky fails for member 1
+    q = solvers.cholesky_qr2_orth(y)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q[0].T @ q[0], torch.eye(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"tolerance": 1.5}, "tolerance"), ({"tolerance": -0.1}, "tolerance"),
+    ({"check_every": 0}, "check_every"), ({"max_iters": 0}, "max_iters"), ({"max_per_step": 0}, "max_per_step"),
+])
+def test_invalid_policy_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lk.AdaptiveRefresh(**kwargs)
+    with pytest.raises(ValueError, match="every"):
+        lk.FixedRefresh(every=0)

@@ -1,0 +1,77 @@
+"""Shampoo facts: diagonal factors give AdaGrad, grafting borrows the grafted method's step size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_kron as lk
+from lightning_kron.grafting import graft_norm
+from tests.conftest import set_grads
+
+
+def test_diagonal_factors_reduce_to_adagrad():
+    """Gradients that are always diagonal matrices: L^-1/4 G R^-1/4 = g / sqrt(sum g^2) on the diagonal."""
+    generator = torch.Generator().manual_seed(0)
+    param = nn.Parameter(torch.zeros(5, 5, dtype=torch.float64))
+    optimizer = lk.Shampoo([param], lr=1.0, betas=(0.0, 0.999), eps=1e-30, graft="none", shampoo_beta=1.0,
+                           refresh=lk.FixedRefresh(every=1), solver="eigh")
+    accumulated = torch.zeros(5, dtype=torch.float64)
+    for _ in range(6):
+        values = torch.rand(5, generator=generator, dtype=torch.float64) + 0.5
+        accumulated += values.square()
+        before = param.detach().clone()
+        set_grads([param], [torch.diag(values)])
+        optimizer.step()
+        torch.testing.assert_close(before - param.detach(), torch.diag(values / accumulated.sqrt()), rtol=1e-9, atol=1e-12)
+
+
+def test_adam_graft_takes_adams_step_norm_per_block():
+    generator = torch.Generator().manual_seed(1)
+    shampoo_param = nn.Parameter(torch.zeros(6, 4))
+    adam_param = nn.Parameter(torch.zeros(6, 4))
+    shampoo = lk.Shampoo([shampoo_param], lr=0.1, betas=(0.9, 0.99), graft="adam", weight_decay=0.0)
+    adam = torch.optim.Adam([adam_param], lr=0.1, betas=(0.9, 0.99), eps=1e-8)
+    for _ in range(8):
+        gradient = torch.randn(6, 4, generator=generator)
+        before_s, before_a = shampoo_param.detach().clone(), adam_param.detach().clone()
+        set_grads([shampoo_param], [gradient])
+        set_grads([adam_param], [gradient])
+        shampoo.step()
+        adam.step()
+        step_s, step_a = shampoo_param.detach() - before_s, adam_param.detach() - before_a
+        torch.testing.assert_close(step_s.norm(), step_a.norm(), rtol=1e-4, atol=0)
+        assert not torch.allclose(step_s, step_a, atol=1e-3)  # same size, different direction
+
+
+@pytest.mark.parametrize("graft", ["adam", "adagrad", "rmsprop", "sgd", "none"])
+def test_every_graft_trains(graft):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    lr = {"sgd": 0.05, "none": 0.01}.get(graft, 0.01)
+    optimizer = lk.Shampoo(model.parameters(), lr=lr, graft=graft)
+    inputs = torch.randn(64, 8)
+    targets = inputs[:, :1] * 2 - inputs[:, 1:2]
+    losses = []
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss = (model(inputs) - targets).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_graft_norm_handles_zero_direction():
+    direction = torch.zeros(2, 3, 3)
+    direction[0] = 1.0
+    reference = torch.full((2, 3, 3), 2.0)
+    scaled = graft_norm(direction, reference)
+    torch.testing.assert_close(scaled[0].norm(), reference[0].norm())
+    assert torch.equal(scaled[1], torch.zeros(3, 3))
+
+
+def test_unknown_graft_is_refused():
+    with pytest.raises(ValueError, match="graft"):
+        lk.Shampoo(nn.Linear(2, 2).parameters(), graft="lion")
