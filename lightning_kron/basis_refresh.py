@@ -18,9 +18,10 @@ import torch
 from lightning_kron.factor_group import FactorGroup
 from lightning_kron.solvers import (
     ORTHONORMALIZERS,
-    eigh_basis,
+    eigh_in_basis,
+    householder_qr,
+    qr_step_in_basis,
     sort_by_estimated_eigenvalues,
-    warm_qr_basis,
 )
 from lightning_kron.staleness import staleness
 
@@ -59,11 +60,13 @@ def put(tensor: torch.Tensor, rows: Optional[torch.Tensor], value: torch.Tensor)
         tensor.index_copy_(0, rows, value)
 
 
-def _solve(basis: torch.Tensor, stats: torch.Tensor, request: RefreshRequest):
+REORTHONORMALIZE_EVERY = 32  # refreshes; Q <- Q P accumulates ~eps of orthogonality loss per refresh
+
+
+def _solve(stats: torch.Tensor, request: RefreshRequest):
     if request.solver == "eigh":
-        factor = basis @ stats @ basis.mT
-        return eigh_basis(factor, basis)
-    return warm_qr_basis(basis, stats, ORTHONORMALIZERS[request.orthonormalizer])
+        return eigh_in_basis(stats)
+    return qr_step_in_basis(stats, ORTHONORMALIZERS[request.orthonormalizer])
 
 
 def refresh_factor(
@@ -81,17 +84,28 @@ def refresh_factor(
     failed = torch.zeros(basis.shape[0], dtype=torch.bool, device=basis.device)
     iterations = 1 if request.solver == "eigh" else request.max_iters
     for _ in range(iterations):
-        new_basis, ok = _solve(basis, stats, request)
-        eye = torch.eye(basis.shape[-1], dtype=basis.dtype, device=basis.device)
-        rotation = torch.where(ok[:, None, None], basis.mT @ new_basis, eye)
-        stats = rotation.mT @ stats @ rotation
-        stats = 0.5 * (stats + stats.mT)
+        rotation, stats, ok = _solve(stats, request)
         hooks.rotate_rows(group, rows, dim, rotation)
-        basis, failed = torch.where(ok[:, None, None], new_basis, basis), failed | ~ok
+        basis, failed = basis @ rotation, failed | ~ok
         if iterations == 1 or not bool((staleness(stats) > request.tolerance).any()):
             break
+    basis = _reorthonormalize_if_due(basis, take(group.tensors[f"refreshes.{dim}"], rows))
     _store(group, dim, rows, basis, stats, failed, step, time.perf_counter() - started)
     hooks.after_refresh(group, rows, dim)
+
+
+def _reorthonormalize_if_due(basis: torch.Tensor, refreshes: torch.Tensor) -> torch.Tensor:
+    """Every few refreshes of a factor, wash out the round-off that ``Q <- Q P`` accumulates.
+
+    The correction is of round-off size, so B and the rotated moments need no re-expression. Keyed
+    on the checkpointed refresh counter, so a resumed run re-orthonormalises at the same steps.
+    """
+    due = (refreshes + 1) % REORTHONORMALIZE_EVERY == 0
+    if not bool(due.any()):
+        return basis
+    basis = basis.clone()
+    basis[due] = householder_qr(basis[due])[0]
+    return basis
 
 
 def _store(group, dim, rows, basis, stats, failed, step, seconds) -> None:

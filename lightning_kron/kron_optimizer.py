@@ -10,9 +10,9 @@ basis-change hooks ``permute_rows``/``rotate_rows``.
 A step runs in two phases so the refresh decision for *all* factors costs one host sync:
 1. for every group: gather gradients, rotate them into the current bases, update the factor
    statistics and the (free) staleness criterion;
-2. the policy picks stale factors from one concatenated staleness tensor; they are refreshed;
-   groups whose basis changed rotate the gradient again; every group computes its direction and
-   updates its parameters.
+2. the policy picks stale factors from one concatenated staleness tensor; they are refreshed (the
+   rotated gradient in flight is carried into the new basis by the same rotation); every group
+   computes its direction and updates its parameters.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from lightning_kron.basis_refresh import SOLVERS, RefreshRequest, refresh_factor, take
 from lightning_kron.blocking import factor_label, plan_blocks
 from lightning_kron.factor_group import TELEMETRY_KEYS, FactorGroup, Member
-from lightning_kron.modes import unfold
+from lightning_kron.modes import permute_mode, rotate_mode, unfold
 from lightning_kron.refresh import AdaptiveRefresh, FixedRefresh
 from lightning_kron.solvers import ORTHONORMALIZERS
 from lightning_kron.staleness import staleness
@@ -63,7 +63,34 @@ class _PendingGroup:
     grad: torch.Tensor
     rotated: torch.Tensor
     hyper: StepHyperparameters
-    basis_changed: bool = False
+
+
+class _InFlightHooks:
+    """Basis-change hooks used inside a step: the optimizer's own hooks, and the rotated gradient of
+    the step in flight is re-expressed in the new basis too (one mode product instead of rotating
+    the whole gradient again)."""
+
+    def __init__(self, optimizer: "KronOptimizer", item: _PendingGroup) -> None:
+        self.optimizer, self.item = optimizer, item
+
+    def permute_rows(self, group, rows, dim, order) -> None:
+        self.item.rotated = _replace_rows(self.item.rotated, rows, lambda x: permute_mode(x, dim, order))
+        self.optimizer.permute_rows(group, rows, dim, order)
+
+    def rotate_rows(self, group, rows, dim, rotation) -> None:
+        self.item.rotated = _replace_rows(self.item.rotated, rows, lambda x: rotate_mode(x, dim, rotation.mT))
+        self.optimizer.rotate_rows(group, rows, dim, rotation)
+
+    def after_refresh(self, group, rows, dim) -> None:
+        self.optimizer.after_refresh(group, rows, dim)
+
+
+def _replace_rows(stack: torch.Tensor, rows, transform) -> torch.Tensor:
+    if rows is None:
+        return transform(stack)
+    stack = stack.clone()
+    stack[rows] = transform(stack[rows])
+    return stack
 
 
 def _split_named(params: Any) -> tuple[list[dict], dict[int, str]]:
@@ -284,8 +311,7 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _finish(self, item: _PendingGroup) -> None:
         group = item.group
-        rotated = group.rotate_in(item.grad) if item.basis_changed else item.rotated
-        direction = self._direction(group, item.grad, rotated, item.hyper)
+        direction = self._direction(group, item.grad, item.rotated, item.hyper)
         decay = item.hyper.weight_decay if item.hyper.decoupled else 0.0
         group.apply_update(direction, item.hyper.lr, decay)
         if item.rows is not None:
@@ -322,8 +348,7 @@ class KronOptimizer(torch.optim.Optimizer):
                               tolerance=tolerance, max_iters=max_iters)
 
     def _refresh_rows(self, item: _PendingGroup, dim: int, rows, request: RefreshRequest) -> None:
-        refresh_factor(item.group, dim, rows, request, self, self.global_step)
-        item.basis_changed = True
+        refresh_factor(item.group, dim, rows, request, _InFlightHooks(self, item), self.global_step)
 
     # ----------------------------------------------------------------- the owner interface
     def _factor_index(self) -> list[tuple[str, FactorGroup, int, int]]:

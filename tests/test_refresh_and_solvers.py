@@ -29,27 +29,39 @@ def test_staleness_matches_definition_and_reconstruction_error():
     assert staleness((vectors.T @ factor @ vectors)[None])[0] < 1e-12
 
 
+def _warm_qr_step(basis, factor, orthonormalizer):
+    stats = basis.T @ factor @ basis
+    sorted_basis, sorted_stats, _ = solvers.sort_by_estimated_eigenvalues(basis[None], stats[None])
+    rotation, new_stats, ok = solvers.qr_step_in_basis(sorted_stats, solvers.ORTHONORMALIZERS[orthonormalizer])
+    return (sorted_basis @ rotation)[0], new_stats[0], sorted_basis[0], bool(ok.all())
+
+
+@pytest.mark.parametrize("orthonormalizer", ["householder", "cholesky_qr2"])
+def test_qr_step_in_basis_equals_orthonormalizing_l_times_q(orthonormalizer):
+    generator = torch.Generator().manual_seed(7)
+    factor = _random_spd(6, generator)
+    basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
+    new_basis, new_stats, sorted_basis, ok = _warm_qr_step(basis, factor, orthonormalizer)
+    direct, _ = solvers.householder_qr((factor @ sorted_basis)[None])
+    assert ok
+    torch.testing.assert_close(new_basis, direct[0])
+    torch.testing.assert_close(new_stats, new_basis.T @ factor @ new_basis)
+
+
 @pytest.mark.parametrize("orthonormalizer", ["householder", "cholesky_qr2"])
 @pytest.mark.parametrize("seed", range(5))
 def test_sorted_warm_qr_step_never_increases_staleness_and_converges(seed, orthonormalizer):
     generator = torch.Generator().manual_seed(seed)
     factor = _random_spd(8, generator)
     _, basis = torch.linalg.eigh(factor)
-    orth = solvers.ORTHONORMALIZERS[orthonormalizer]
     for _ in range(10):  # the factor drifts; each refresh is one sorted power step
         drift = torch.randn(8, 3, generator=generator, dtype=torch.float64)
         factor = 0.9 * factor + drift @ drift.T
-        stats = basis.T @ factor @ basis
-        before = staleness(stats[None])[0]
-        sorted_basis, sorted_stats, _ = solvers.sort_by_estimated_eigenvalues(basis[None], stats[None])
-        basis, ok = solvers.warm_qr_basis(sorted_basis, sorted_stats, orth)
-        basis = basis[0]
-        after = staleness((basis.T @ factor @ basis)[None])[0]
-        assert ok.all() and after <= before + 1e-12
+        before = staleness((basis.T @ factor @ basis)[None])[0]
+        basis, new_stats, _, ok = _warm_qr_step(basis, factor, orthonormalizer)
+        assert ok and staleness(new_stats[None])[0] <= before + 1e-12
     for _ in range(200):  # repeated steps on a fixed factor drive e below tau
-        stats = basis.T @ factor @ basis
-        sorted_basis, sorted_stats, _ = solvers.sort_by_estimated_eigenvalues(basis[None], stats[None])
-        basis = solvers.warm_qr_basis(sorted_basis, sorted_stats, orth)[0][0]
+        basis = _warm_qr_step(basis, factor, orthonormalizer)[0]
     assert staleness((basis.T @ factor @ basis)[None])[0] <= 0.01
 
 
@@ -58,7 +70,7 @@ def test_bases_stay_orthonormal_after_many_refreshes(solver):
     model = nn.Sequential(nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 8))
     optimizer = lk.SOAP(model.parameters(), lr=1e-3, solver=solver, refresh=lk.FixedRefresh(every=1))
     inputs, targets = torch.randn(64, 24), torch.randn(64, 8)
-    for _ in range(150):
+    for _ in range(150):  # 150 refreshes: Q <- Q P accumulates round-off unless re-orthonormalised
         optimizer.zero_grad()
         (model(inputs) - targets).square().mean().backward()
         optimizer.step()
@@ -157,26 +169,30 @@ def test_eigh_falls_back_member_by_member(monkeypatch):
     monkeypatch.setattr(torch.linalg, "eigh", flaky)
     generator = torch.Generator().manual_seed(0)
     factors = torch.stack([_random_spd(4, generator).float() for _ in range(3)])
-    bases, ok = solvers.eigh_basis(factors, torch.eye(4).expand(3, 4, 4))
+    rotations, new_stats, ok = solvers.eigh_in_basis(factors)
     assert ok.all() and calls["count"] == 4
-    for factor, basis in zip(factors, bases):
-        assert staleness((basis.T @ factor @ basis)[None])[0] < 1e-5
+    for factor, rotation, stats in zip(factors, rotations, new_stats):
+        assert staleness((rotation.T @ factor @ rotation)[None])[0] < 1e-5
+        torch.testing.assert_close(stats, rotation.T @ factor @ rotation, rtol=1e-5, atol=1e-4)
 
 
-def test_nonfinite_factor_keeps_previous_basis():
-    factors = torch.eye(3).repeat(2, 1, 1)
+@pytest.mark.parametrize("solve", [solvers.eigh_in_basis,
+                                   lambda stats: solvers.qr_step_in_basis(stats, solvers.householder_qr)])
+def test_nonfinite_factor_gets_the_identity_rotation(solve):
+    factors = torch.diag(torch.tensor([3.0, 2.0, 1.0])).repeat(2, 1, 1)
     factors[1, 0, 0] = float("nan")
-    fallback = torch.eye(3).repeat(2, 1, 1) * 1.0
-    bases, ok = solvers.eigh_basis(factors, fallback)
-    assert ok.tolist() == [True, False] and torch.equal(bases[1], fallback[1])
+    rotations, new_stats, ok = solve(factors)
+    assert ok.tolist() == [True, False]
+    assert torch.equal(rotations[1], torch.eye(3)) and torch.isfinite(rotations[0]).all()
 
 
 def test_cholesky_qr2_falls_back_to_householder_on_rank_deficiency():
     y = torch.randn(2, 5, 5, dtype=torch.float64)
     y[1, :, 0] = 0.0  # singular Gram matrix: Cholesky fails for member 1
-    q = solvers.cholesky_qr2_orth(y)
+    q, r = solvers.cholesky_qr2(y)
     assert torch.isfinite(q).all()
     torch.testing.assert_close(q[0].T @ q[0], torch.eye(5, dtype=torch.float64))
+    torch.testing.assert_close(q @ r, y)
 
 
 @pytest.mark.parametrize("kwargs, match", [

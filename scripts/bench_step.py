@@ -1,0 +1,167 @@
+"""Per-step optimizer time and optimizer-state memory on GPT-style parameter shapes.
+
+Times only ``optimizer.step()`` (gradients are fixed random tensors, cycled), so the numbers are the
+optimizer's own cost: the median step (no refresh) and the amortized mean over ``--steps`` steps
+(refreshes included). The first step (exact eigendecomposition of every factor) is a one-time cost
+and is reported separately. Rivals (pytorch-optimizer's SOAP, a port of the reference code; and
+HeavyBall's SOAP) join the table when installed, with the same max_precond_dim and frequency.
+
+    python -m scripts.bench_step --models gpt-mini gpt2-small --steps 20
+    python -m scripts.bench_step --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+import lightning_kron as lk
+
+MODELS = {  # (layers, width, vocabulary, context): GPT-2 parameter layout, tied embeddings
+    "gpt-mini": (6, 256, 256, 256),
+    "gpt2-small": (12, 768, 50304, 1024),
+}
+
+
+def gpt_parameter_shapes(layers: int, width: int, vocab: int, context: int) -> list[tuple[str, tuple[int, ...]]]:
+    """GPT-2's parameters (transformers' Conv1D layout), the output head tied to the embedding."""
+    shapes = [("wte.weight", (vocab, width)), ("wpe.weight", (context, width))]
+    for layer in range(layers):
+        prefix = f"h.{layer}."
+        shapes += [
+            (prefix + "ln_1.weight", (width,)), (prefix + "ln_1.bias", (width,)),
+            (prefix + "attn.c_attn.weight", (width, 3 * width)), (prefix + "attn.c_attn.bias", (3 * width,)),
+            (prefix + "attn.c_proj.weight", (width, width)), (prefix + "attn.c_proj.bias", (width,)),
+            (prefix + "ln_2.weight", (width,)), (prefix + "ln_2.bias", (width,)),
+            (prefix + "mlp.c_fc.weight", (width, 4 * width)), (prefix + "mlp.c_fc.bias", (4 * width,)),
+            (prefix + "mlp.c_proj.weight", (4 * width, width)), (prefix + "mlp.c_proj.bias", (width,)),
+        ]
+    return shapes + [("ln_f.weight", (width,)), ("ln_f.bias", (width,))]
+
+
+def candidates(max_precond_dim: int, every: int) -> dict[str, Callable]:
+    """Optimizer factories by table row; rivals only when their package is importable."""
+    common = dict(max_precond_dim=max_precond_dim)
+    rows = {
+        "torch AdamW (foreach)": lambda p: torch.optim.AdamW([t for _, t in p], lr=1e-3, foreach=True),
+        f"SOAP fixed every={every}": lambda p: lk.SOAP(p, refresh=lk.FixedRefresh(every=every), **common),
+        "SOAP adaptive tol=0.05": lambda p: lk.SOAP(p, refresh=lk.AdaptiveRefresh(tolerance=0.05), **common),
+        "EShampoo (eigh, adaptive)": lambda p: lk.EShampoo(p, **common),
+        f"Shampoo+adam graft every={every}": lambda p: lk.Shampoo(p, refresh=lk.FixedRefresh(every=every), **common),
+    }
+    try:
+        import pytorch_optimizer
+
+        rows[f"pytorch-optimizer SOAP every={every}"] = lambda p: pytorch_optimizer.SOAP(
+            [t for _, t in p], precondition_frequency=every, max_precondition_dim=max_precond_dim)
+    except ImportError:
+        pass
+    try:
+        import heavyball
+
+        rows[f"HeavyBall SOAP every={every}"] = lambda p: heavyball.SOAP(
+            [t for _, t in p], precondition_frequency=every, max_precond_dim=max_precond_dim)
+    except ImportError:
+        pass
+    return rows
+
+
+def state_megabytes(optimizer: torch.optim.Optimizer) -> float:
+    """Bytes of distinct tensor storages reachable from ``optimizer.state`` (views counted once)."""
+    seen, total = set(), 0
+
+    def visit(value):
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(dict(optimizer.state))
+    return total / 2**20
+
+
+@dataclass
+class Timing:
+    first_step_s: float
+    median_ms: float
+    amortized_ms: float
+    state_mb: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_optimizer(factory: Callable, shapes, device: torch.device, steps: int, progress: tqdm) -> Timing:
+    generator = torch.Generator().manual_seed(0)
+    params = [(name, torch.nn.Parameter(torch.randn(shape, generator=generator).mul_(0.02).to(device))) for name, shape in shapes]
+    # Training gradients are correlated from step to step: a fixed component plus 30% noise. (I.i.d.
+    # gradients make every factor drift past any tolerance every step: the adaptive rows' worst case.)
+    base = [torch.randn(shape, generator=generator) for _, shape in shapes]
+    gradient_sets = [[(b + 0.3 * torch.randn(b.shape, generator=generator)).to(device) for b in base] for _ in range(3)]
+    optimizer = factory(params)
+
+    def one_step(index: int) -> float:
+        for (_, param), grad in zip(params, gradient_sets[index % len(gradient_sets)]):
+            param.grad = grad
+        _sync(device)
+        started = time.perf_counter()
+        optimizer.step()
+        _sync(device)
+        progress.update()
+        return time.perf_counter() - started
+
+    first = one_step(0)
+    durations = [one_step(index) for index in range(1, steps + 1)]
+    return Timing(first, 1e3 * statistics.median(durations), 1e3 * statistics.fmean(durations), state_megabytes(optimizer))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps after the first (default 20: two refreshes at every=10)")
+    parser.add_argument("--every", type=int, default=10, help="fixed refresh frequency")
+    parser.add_argument("--max-precond-dim", type=int, default=4096)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", nargs="*", help="substrings of row names to run")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda given but no CUDA device is available")
+    rows = candidates(args.max_precond_dim, args.every)
+    if args.only:
+        rows = {name: f for name, f in rows.items() if any(s.lower() in name.lower() for s in args.only)}
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"max_precond_dim={args.max_precond_dim} timed steps={args.steps}")
+    for model in args.models:
+        shapes = gpt_parameter_shapes(*MODELS[model])
+        numel = sum(torch.Size(s).numel() for _, s in shapes)
+        print(f"\n### {model}: {len(shapes)} tensors, {numel / 1e6:.1f}M parameters\n")
+        print("| optimizer | first step (s) | median step (ms) | amortized step (ms) | state (MB) |")
+        print("|---|---:|---:|---:|---:|")
+        with tqdm(total=len(rows) * (args.steps + 1), desc=model, file=sys.stderr) as progress:
+            for name, factory in rows.items():
+                t = time_optimizer(factory, shapes, device, args.steps, progress)
+                tqdm.write(f"| {name} | {t.first_step_s:.2f} | {t.median_ms:.1f} | {t.amortized_ms:.1f} | {t.state_mb:.1f} |", file=sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
