@@ -25,7 +25,7 @@ import torch
 from lightning_kron.basis_refresh import SOLVERS, RefreshRequest, refresh_factor, take
 from lightning_kron.blocking import factor_label, plan_blocks
 from lightning_kron.factor_group import TELEMETRY_KEYS, FactorGroup, Member
-from lightning_kron.modes import permute_mode, rotate_mode, unfold
+from lightning_kron.modes import rotate_mode, unfold
 from lightning_kron.refresh import AdaptiveRefresh, FixedRefresh
 from lightning_kron.solvers import ORTHONORMALIZERS
 from lightning_kron.staleness import staleness
@@ -74,7 +74,6 @@ class _InFlightHooks:
         self.optimizer, self.item = optimizer, item
 
     def permute_rows(self, group, rows, dim, order) -> None:
-        self.item.rotated = _replace_rows(self.item.rotated, rows, lambda x: permute_mode(x, dim, order))
         self.optimizer.permute_rows(group, rows, dim, order)
 
     def rotate_rows(self, group, rows, dim, rotation) -> None:
@@ -136,6 +135,7 @@ class KronOptimizer(torch.optim.Optimizer):
         orthonormalizer: str = "householder",
         nonfinite: str = "skip",
         statistics_dtype: Optional[torch.dtype] = None,
+        rotation_dtype: Optional[torch.dtype] = None,
     ) -> None:
         check_positive_int("max_precond_dim", max_precond_dim, minimum=0)
         check_positive_int("start_preconditioning_step", start_preconditioning_step)
@@ -147,6 +147,8 @@ class KronOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"refresh must be FixedRefresh, AdaptiveRefresh or a policy object, got {refresh!r}")
         if statistics_dtype not in (None, torch.float32, torch.float64):
             raise ValueError(f"statistics_dtype must be None, torch.float32 or torch.float64, got {statistics_dtype!r}")
+        if rotation_dtype not in (None, torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise ValueError(f"rotation_dtype must be None or a floating dtype, got {rotation_dtype!r}")
         self.max_precond_dim = max_precond_dim
         self.merge_dims = merge_dims
         self.split_large_dims = split_large_dims
@@ -157,6 +159,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self.orthonormalizer = orthonormalizer
         self.nonfinite = nonfinite
         self.statistics_dtype = statistics_dtype
+        self.rotation_dtype = rotation_dtype
         self.external_schedule = False
         self.global_step = 0
         self.skipped_steps = 0
@@ -216,7 +219,7 @@ class KronOptimizer(torch.optim.Optimizer):
                     buckets.setdefault(key, []).append(member)
         groups = []
         for (group_index, *_), members in buckets.items():
-            group = FactorGroup(members, self._state_dtype(members[0].param), group_index)
+            group = FactorGroup(members, self._state_dtype(members[0].param), group_index, self.rotation_dtype)
             self._init_state(group)
             groups.append(group)
         return groups
@@ -249,10 +252,11 @@ class KronOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def permute_rows(self, group, rows, dim, order) -> None:
-        """A refresh reordered basis columns: permute rotated-space buffers the same way."""
+        """A refresh ranked new column ``j`` after old column ``order[j]``: buffers carried over by
+        position (not rotated) follow this correspondence."""
 
     def rotate_rows(self, group, rows, dim, rotation) -> None:
-        """A refresh rotated the basis by ``rotation = Q_old^T Q_new``: re-express rotated buffers."""
+        """A refresh changed the basis by ``rotation = Q_old^T Q_new``: re-express rotated buffers."""
 
     def after_refresh(self, group, rows, dim) -> None:
         """A refresh finished (``stats.dim`` now holds the factor in its new basis)."""
@@ -298,7 +302,8 @@ class KronOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in param_group["params"] if p.grad is not None]
         if not grads:
             return True
-        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        # max |g| per gradient: NaN and Inf both propagate and, unlike a sum, nothing finite overflows
+        finite = bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
         if not finite:
             if self.nonfinite == "raise":
                 raise FloatingPointError("non-finite gradient (NaN or Inf); the step was not applied")
