@@ -17,7 +17,8 @@ A step runs in two phases so the refresh decision for *all* factors costs one ho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -39,6 +40,7 @@ from lightning_kron.validation import (
 )
 
 STATE_FORMAT = 1
+_GENERATED_NAME = re.compile(r"group\d+\.param\d+")  # what _split_named calls an unnamed parameter
 
 
 @dataclass(frozen=True)
@@ -360,14 +362,32 @@ class KronOptimizer(torch.optim.Optimizer):
         index = []
         for group in self.factor_groups():
             for row, member in enumerate(group.members):
+                prefix = self.block_name(member)
                 for dim in group.factored_dims:
-                    single = sum(1 for m in group.members if m.param is member.param) == 1 and member.block_number == 0
-                    prefix = member.name if single and not self._is_split(member) else f"{member.name}.block{member.block_number}"
                     index.append((f"{prefix}[{factor_label(dim, group.order)}]", group, row, dim))
         return index
 
-    def _is_split(self, member: Member) -> bool:
-        return member.block.shape != member.view_shape
+    @staticmethod
+    def block_name(member: Member) -> str:
+        """Readable name of one block: the parameter's name, plus ``.block{b}`` when it was split.
+
+        Factor names are this plus ``[L]``/``[R]``/``[i]``; per-block telemetry (the approximation
+        probe, eigenvalue mis-scaling) uses it alone.
+        """
+        split = member.block.shape != member.view_shape
+        return f"{member.name}.block{member.block_number}" if split else member.name
+
+    def adopt_names(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Name parameters that were passed without names (e.g. ``model.parameters()``).
+
+        Lets an owner that knows the module (``KronCallback``) make telemetry readable for an
+        optimizer the user built from bare tensors. Names given at construction are kept.
+        """
+        for name, param in named_parameters:
+            if _GENERATED_NAME.fullmatch(self._names.get(id(param), "")):
+                self._names[id(param)] = name
+        for group in self._groups or []:
+            group.members = [replace(member, name=self._names[id(member.param)]) for member in group.members]
 
     def factor_names(self) -> list[str]:
         """Stable, readable names of every Kronecker factor, e.g. ``h.0.mlp.c_fc.weight[L]``."""
@@ -403,7 +423,6 @@ class KronOptimizer(torch.optim.Optimizer):
         index = self._factor_index()
         if wanted is not None and (unknown := wanted - {name for name, *_ in index}):
             raise KeyError(f"unknown factor names: {sorted(unknown)[:5]}")
-        request = self._request(tolerance, max_iters, solver)
         selected: dict[tuple[int, int], list[int]] = {}
         groups = {}
         for name, group, row, dim in index:
@@ -411,10 +430,20 @@ class KronOptimizer(torch.optim.Optimizer):
                 selected.setdefault((id(group), dim), []).append(row)
                 groups[id(group)] = group
         for (group_id, dim), rows in selected.items():
-            group = groups[group_id]
-            row_index = None if len(rows) == len(group) else torch.tensor(rows, device=group.device)
-            refresh_factor(group, dim, row_index, request, self, self.global_step)
+            self.refresh_rows(groups[group_id], dim, rows, tolerance=tolerance, max_iters=max_iters, solver=solver)
         return sum(len(rows) for rows in selected.values())
+
+    def refresh_rows(self, group: FactorGroup, dim: int, rows: list[int], *, tolerance: float = 0.0,
+                     max_iters: int = 1, solver: Optional[str] = None) -> None:
+        """Refresh factor ``dim`` of the members ``rows`` of one of :meth:`factor_groups`.
+
+        The index-based form of :meth:`refresh_factors`, for owners that decide on the stacked
+        staleness tensors directly (no name lookup per step) and then move the refreshed rows
+        themselves (``lightning_kron.distributed``).
+        """
+        row_index = None if len(rows) == len(group) else torch.tensor(rows, device=group.device)
+        request = self._request(tolerance, max_iters, solver)
+        refresh_factor(group, dim, row_index, request, self, self.global_step)
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
