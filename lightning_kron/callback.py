@@ -101,11 +101,10 @@ class KronCallback(Callback):
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))} or None; got {method!r}")
         if refresh is not None and not (hasattr(refresh, "checks_at") and hasattr(refresh, "select")):
             raise ValueError(f"refresh must be AdaptiveRefresh, FixedRefresh or a policy object, got {refresh!r}")
-        if tolerance_schedule is not None:
-            if not callable(tolerance_schedule):
-                raise ValueError(f"tolerance_schedule must be callable (step, total_steps, tolerance), got {tolerance_schedule!r}")
-            if refresh is not None and not isinstance(refresh, AdaptiveRefresh):
-                raise ValueError("tolerance_schedule needs refresh=AdaptiveRefresh(...): a fixed frequency has no tolerance")
+        if tolerance_schedule is not None and not callable(tolerance_schedule):
+            raise ValueError(f"tolerance_schedule must be callable(step, total_steps, tolerance), got {tolerance_schedule!r}")
+        if tolerance_schedule is not None and refresh is not None and not isinstance(refresh, AdaptiveRefresh):
+            raise ValueError("tolerance_schedule needs refresh=AdaptiveRefresh(...): a fixed frequency has no tolerance")
         for name, value in (("max_refreshes_per_step", max_refreshes_per_step), ("log_every_n_steps", log_every_n_steps)):
             if value is not None:
                 check_positive_int(name, value)
@@ -169,7 +168,8 @@ class KronCallback(Callback):
                 f"KronCallback replaces torch.optim.Adam/AdamW, but configure_optimizers returned "
                 f"{type(current).__name__}. Return AdamW, or a lightning_kron optimizer (SOAP, EShampoo, Shampoo)."
             )
-        replacement = convert_adam(current, self.method or "soap", dict(pl_module.named_parameters()), **self.optimizer_options)
+        names = dict(pl_module.named_parameters())
+        replacement = convert_adam(current, self.method or "soap", names, **self.optimizer_options)
         trainer.strategy.optimizers = [replacement]
         repoint_schedulers([config.scheduler for config in trainer.lr_scheduler_configs], current, replacement)
         return replacement

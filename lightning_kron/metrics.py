@@ -92,9 +92,11 @@ def eigenvalue_misscaling(optimizer) -> dict[str, float]:
     for group in optimizer.factor_groups():
         if "exp_avg_sq" not in group.tensors or not all(group.factored):
             continue
-        shampoo = _normalised(_outer_product([group.stats(dim).diagonal(dim1=-2, dim2=-1) for dim in range(group.order)]))
+        eigenvalues = [group.stats(dim).diagonal(dim1=-2, dim2=-1) for dim in range(group.order)]
+        shampoo = _normalised(_outer_product(eigenvalues))
         corrected = _normalised(group.tensors["exp_avg_sq"].flatten(1))
-        error = torch.linalg.vector_norm(shampoo - corrected, dim=1) / torch.linalg.vector_norm(corrected, dim=1).clamp_min(1e-30)
+        difference = torch.linalg.vector_norm(shampoo - corrected, dim=1)
+        error = difference / torch.linalg.vector_norm(corrected, dim=1).clamp_min(1e-30)
         valid = corrected.sum(dim=1) > 0
         for member, value, ok in zip(group.members, error.tolist(), valid.tolist()):
             if ok:

@@ -36,6 +36,7 @@ METHODS = {
 }
 _OWN_EPS = ("shampoo", "kradagrad")  # methods whose eps is not Adam's eps
 GROUP_KEYS_FROM_ADAM = ("lr", "betas", "weight_decay")
+_ADAM_ONLY = ("params", "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 
 
 def optimizer_class(method: str) -> type:
@@ -85,14 +86,14 @@ def _convert_group(group: dict, optimizer: torch.optim.Adam, method: str, name_o
             raise ValueError(f"torch.optim.{type(optimizer).__name__}({flag}=True) has no lightning_kron "
                              f"equivalent; drop {flag} or build a lightning_kron optimizer yourself")
     decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
-    converted = {key: _as_float(group[key]) for key in ("lr", "weight_decay")}
+    # every other key travels: scheduler bookkeeping (initial_lr, OneCycleLR's max_lr/min_lr) and
+    # user keys such as a group "name"
+    converted = {key: _as_float(value) for key, value in group.items() if key not in _ADAM_ONLY}
     converted["betas"] = tuple(_as_float(beta) for beta in group["betas"])
     converted["weight_decay_mode"] = "decoupled" if decoupled else "l2"
     converted["params"] = [(name_of.get(id(param)), param) for param in group["params"]]
-    if method not in _OWN_EPS:
-        converted["eps"] = group["eps"]
-    if "initial_lr" in group:
-        converted["initial_lr"] = _as_float(group["initial_lr"])
+    if method in _OWN_EPS:
+        del converted["eps"]
     return converted
 
 

@@ -4,6 +4,7 @@ import importlib.util
 import types
 import warnings
 
+import lightning as L
 import pytest
 import torch
 from callback_helpers import TinyRegression, fit, loader, make_net, parameters_of
@@ -47,6 +48,26 @@ def test_adamw_is_replaced_and_the_lr_schedule_still_drives_it():
     assert not any("lr_scheduler" in str(w.message) or "optimizer.step()" in str(w.message) for w in caught)
     assert optimizer.factor_names()[:2] == ["net.0.weight[L]", "net.0.weight[R]"]
     assert all(not torch.equal(a, b) for a, b in zip(start, module.parameters()))
+
+
+def test_one_cycle_schedule_keeps_cycling_lr_and_betas_on_the_new_optimizer():
+    def one_cycle(module):
+        optimizer = torch.optim.AdamW([{"params": module.parameters(), "name": "all"}], lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=10)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            group = trainer.optimizers[0].param_groups[0]
+            seen.append((group["lr"], group["betas"][0]))
+
+    trainer = fit(TinyRegression(optimizer=one_cycle), [KronCallback(), Record()], max_steps=8)
+    assert type(trainer.optimizers[0]) is SOAP and trainer.optimizers[0].param_groups[0]["name"] == "all"
+    lrs, beta1s = zip(*seen)
+    assert max(lrs) == pytest.approx(1e-2, rel=0.05) and lrs[0] < 0.6e-2 and lrs[-1] < 0.3e-2  # warm up, anneal
+    assert min(beta1s) < 0.9 < max(beta1s) + 1e-9  # OneCycleLR cycles beta1 through the copied "betas"
 
 
 def test_lightning_run_equals_the_plain_loop_with_the_same_scheduler():

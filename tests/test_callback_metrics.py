@@ -81,3 +81,20 @@ def test_refresh_metrics_window_and_savings():
     assert metrics["kron/refresh/count"] == 4 and metrics["kron/refresh/fraction"] == pytest.approx(4 / 24)
     assert metrics["kron/refresh/seconds"] == pytest.approx(0.75)
     assert metrics["kron/refresh/saved_vs_fixed"] == 6 * 6 - 9 and metrics["kron/refresh/deferred"] == 1
+
+
+def test_probe_errors_vanish_for_sampled_gradients_with_kronecker_covariance():
+    # G = A^(1/2) Z B^(1/2): cov(vec G) = A kron B exactly, so only sampling noise remains
+    torch.manual_seed(0)
+    left, right = torch.randn(3, 3), torch.randn(4, 4)
+    left_root = torch.linalg.cholesky(left @ left.T + 0.1 * torch.eye(3))
+    right_root = torch.linalg.cholesky(right @ right.T + 0.1 * torch.eye(4))
+    weight = torch.nn.Parameter(torch.zeros(3, 4))
+    optimizer = SOAP([("w", weight)], lr=0.0, weight_decay=0.0, shampoo_beta=1.0, betas=(0.9, 0.999))
+    probe = ApproximationProbe(optimizer, max_numel=12)
+    for _ in range(400):
+        weight.grad = left_root @ torch.randn(3, 4) @ right_root.T
+        optimizer.step()
+        probe.update()
+    errors = probe.errors()
+    assert errors["kron/approx_error/shampoo/w"] < 0.06 and errors["kron/approx_error/corrected/w"] < 0.12
