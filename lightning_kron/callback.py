@@ -58,9 +58,10 @@ class KronCallback(Callback):
         log_every_n_steps: telemetry interval in optimizer steps; ``None`` uses the Trainer's.
         approximation_probe_max_numel: opt-in probe of the error to full-matrix Adam (ALGORITHMS.md
             §5) for blocks with at most this many entries (memory ``numel**2`` each); 0 turns it off.
-        \**optimizer_options: passed to the optimizer that replaces Adam (``max_precond_dim``,
-            ``solver``, ``shampoo_beta``, ``start_preconditioning_step``, ...). Its lr, betas,
-            weight decay and (for SOAP/EShampoo) eps come from the module's own optimizer.
+        optimizer_options, \**options: passed to the optimizer that replaces Adam
+            (``max_precond_dim``, ``solver``, ``shampoo_beta``, ``start_preconditioning_step``, ...);
+            the dict form is for LightningCLI/YAML configs, which cannot pass ``**options``. Its lr,
+            betas, weight decay and (for SOAP/EShampoo) eps come from the module's own optimizer.
 
     Raises:
         ValueError: for a bad argument, here; MisconfigurationException at ``setup``/``on_fit_start``
@@ -95,8 +96,10 @@ class KronCallback(Callback):
         max_refreshes_per_step: Optional[int] = None,
         log_every_n_steps: Optional[int] = None,
         approximation_probe_max_numel: int = 0,
-        **optimizer_options: Any,
+        optimizer_options: Optional[dict[str, Any]] = None,
+        **options: Any,
     ) -> None:
+        optimizer_options = {**(optimizer_options or {}), **options}
         if method is not None and method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))} or None; got {method!r}")
         if refresh is not None and not (hasattr(refresh, "checks_at") and hasattr(refresh, "select")):

@@ -168,3 +168,18 @@ def test_kradagrad_is_loaded_lazily_or_refused_clearly():
             KronCallback(method="kradagrad", max_precond_dim=8)
     else:
         assert KronCallback(method="kradagrad").method == "kradagrad"
+
+
+def test_a_yaml_config_can_set_every_argument_including_optimizer_options():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--callback", type=KronCallback)
+    config = parser.parse_object({"callback": {"class_path": "lightning_kron.KronCallback", "init_args": {
+        "method": "eshampoo", "max_refreshes_per_step": 4,
+        "refresh": {"class_path": "lightning_kron.AdaptiveRefresh", "init_args": {"tolerance": 0.02}},
+        "optimizer_options": {"max_precond_dim": 5}}}})
+    callback = parser.instantiate(config).callback
+    assert callback.refresh == AdaptiveRefresh(0.02) and callback.optimizer_options == {"max_precond_dim": 5}
+    trainer = fit(TinyRegression(), [callback], max_steps=2)
+    assert type(trainer.optimizers[0]) is EShampoo and trainer.optimizers[0].max_precond_dim == 5
