@@ -66,6 +66,8 @@ class ApproximationProbe:
             if member.param.grad is None:
                 continue
             vec = member.grad_block().reshape(-1).to(group.state_dtype)
+            if not bool(torch.isfinite(vec).all()):  # the optimizer skipped this step; so does C
+                continue
             beta = self._beta(group)
             moment = self.moments.get(name)
             if moment is None:

@@ -110,11 +110,17 @@ def refresh_factor(
     """Recompute ``basis.dim`` (and re-express ``stats.dim``) for ``rows`` of ``group``."""
     started = time.perf_counter()
     refreshes = take(group.tensors[f"refreshes.{dim}"], rows)
-    solve = _eigh if request.solver == "eigh" else lambda stats: _warm_qr(stats, request)
-    rotation, stats, ok, order = solve(take(group.stats(dim), rows))
+    never_refreshed = not bool(refreshes.any())  # every basis still the identity: start exactly
+    stats = take(group.stats(dim), rows)
+    if request.solver == "eigh" or never_refreshed:
+        rotation, stats, ok, order = _eigh(stats)
+    else:
+        rotation, new_stats, ok, order = _warm_qr(stats, request)
+        if not bool(ok.all()):  # QR failed somewhere: the eigh chain retries with damping and fp64
+            rotation, new_stats, ok, order = _eigh(stats)
+        stats = new_stats
     hooks.permute_rows(group, rows, dim, order)
     hooks.rotate_rows(group, rows, dim, rotation)
-    never_refreshed = not bool(refreshes.any())  # then every basis is still the identity
     basis = rotation if never_refreshed else take(group.basis(dim), rows) @ rotation
     basis = _reorthonormalize_if_due(basis, refreshes)
     _store(group, dim, rows, basis, stats, ~ok, step, time.perf_counter() - started)

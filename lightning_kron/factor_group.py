@@ -35,11 +35,18 @@ class Member:
     view_shape: tuple[int, ...]
 
     def param_block(self) -> torch.Tensor:
-        """The writable slice of the parameter that this block covers."""
-        return self.param.data.view(self.view_shape)[self.block.index]
+        """The slice of the parameter that this block covers: a writable view when the parameter
+        is contiguous, else a copy (channels-last convs) that :meth:`write_back` stores."""
+        return self.param.data.reshape(self.view_shape)[self.block.index]
+
+    def write_back(self, block: torch.Tensor) -> None:
+        """Store an updated copy from :meth:`param_block` (only needed for non-contiguous params)."""
+        whole = self.param.data.reshape(self.view_shape).clone()
+        whole[self.block.index] = block
+        self.param.data.copy_(whole.reshape(self.param.shape))
 
     def grad_block(self) -> torch.Tensor:
-        return self.param.grad.view(self.view_shape)[self.block.index]
+        return self.param.grad.reshape(self.view_shape)[self.block.index]
 
 
 class FactorGroup:
@@ -61,7 +68,7 @@ class FactorGroup:
     # ----------------------------------------------------------------- construction
     def _allocate_factors(self) -> None:
         count = len(self.members)
-        self.add("step", torch.zeros(count, dtype=self.state_dtype, device=self.device))
+        self.add("step", torch.zeros(count, dtype=torch.int64, device=self.device))  # exact past 2^24
         for dim in self.factored_dims:
             size = self.shape[dim]
             eye = torch.eye(size, dtype=self.state_dtype, device=self.device)
@@ -132,6 +139,9 @@ class FactorGroup:
             torch._foreach_mul_(blocks, 1.0 - lr * decoupled_decay)
         updates = list(direction.to(blocks[0].dtype).unbind(0))
         torch._foreach_add_(blocks, updates, alpha=-lr)
+        for member, block in zip(self.members, blocks):
+            if not member.param.is_contiguous():
+                member.write_back(block)
 
     # ----------------------------------------------------------------- subsets
     def has_grads(self) -> list[bool]:

@@ -94,7 +94,7 @@ def _replace_rows(stack: torch.Tensor, rows, transform) -> torch.Tensor:
     return stack
 
 
-def _split_named(params: Any) -> tuple[list[dict], dict[int, str]]:
+def _split_named(params: Any, first_group: int = 0) -> tuple[list[dict], dict[int, str]]:
     """Accept tensors, (name, tensor) pairs or group dicts; return plain groups and names by id."""
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, not a tensor")
@@ -102,7 +102,7 @@ def _split_named(params: Any) -> tuple[list[dict], dict[int, str]]:
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
     names: dict[int, str] = {}
     plain_groups = []
-    for group_index, group in enumerate(groups):
+    for group_index, group in enumerate(groups, start=first_group):
         group = dict(group)
         items = group["params"]
         items = [items] if isinstance(items, torch.Tensor) else list(items)
@@ -171,9 +171,17 @@ class KronOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- hyperparameters
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
+        """Add a group (also after construction, e.g. Lightning's ``BaseFinetuning`` unfreezing):
+        its parameters are named and stacked on their own; existing state is kept."""
+        plain, names = _split_named([param_group], first_group=len(self.param_groups))
+        for key, name in names.items():
+            self._names.setdefault(key, name)
+        super().add_param_group(plain[0])
         self._validate_group(self.param_groups[-1])
-        self._groups = None
+        if getattr(self, "_groups", None) is not None:
+            added = self._build_groups([len(self.param_groups) - 1])
+            self._groups.extend(added)
+            self._expose_state_views(added)
 
     def _validate_group(self, group: dict) -> None:
         check_nonnegative("lr", group["lr"])
@@ -204,19 +212,22 @@ class KronOptimizer(torch.optim.Optimizer):
         """The stacked groups, built on first use (after the model has reached its device)."""
         if self._groups is None:
             self._groups = self._build_groups()
-            self._expose_state_views()
+            self.state.clear()
+            self._expose_state_views(self._groups)
         return self._groups
 
-    def _build_groups(self) -> list[FactorGroup]:
+    def _build_groups(self, group_indices: Optional[list[int]] = None) -> list[FactorGroup]:
         buckets: dict[tuple, list[Member]] = {}
-        for group_index, group in enumerate(self.param_groups):
-            for param in group["params"]:
+        indices = range(len(self.param_groups)) if group_indices is None else group_indices
+        for group_index in indices:
+            for param in self.param_groups[group_index]["params"]:
                 plan = plan_blocks(
                     tuple(param.shape), max_precond_dim=self.max_precond_dim, merge_dims=self.merge_dims,
                     split_large_dims=self.split_large_dims, precondition_1d=self.precondition_1d,
                 )
                 for number, block in enumerate(plan.blocks):
-                    key = (group_index, block.shape, block.factored, param.dtype, param.device)
+                    # frozen parameters get stacks of their own, so they never force a gather/scatter
+                    key = (group_index, block.shape, block.factored, param.dtype, param.device, param.requires_grad)
                     member = Member(param, self._names[id(param)], number, block, plan.view_shape)
                     buckets.setdefault(key, []).append(member)
         groups = []
@@ -226,9 +237,8 @@ class KronOptimizer(torch.optim.Optimizer):
             groups.append(group)
         return groups
 
-    def _expose_state_views(self) -> None:
-        self.state.clear()
-        for group in self._groups:
+    def _expose_state_views(self, groups: list[FactorGroup]) -> None:
+        for group in groups:
             for member, views in group.member_views():
                 entry = self.state[member.param]
                 entry.update({f"block{member.block_number}.{key}": view for key, view in views.items()})
@@ -279,18 +289,20 @@ class KronOptimizer(torch.optim.Optimizer):
         return loss
 
     def _gather_and_update_statistics(self, groups: list[FactorGroup]) -> list[_PendingGroup]:
-        finite = {index: self._grads_finite(group) for index, group in enumerate(self.param_groups)}
-        pending = []
+        gathered = []
         for source in groups:
-            if not finite[source.param_group]:
-                continue
             present = source.has_grads()
             if not any(present):
                 continue
             rows = None if all(present) else [row for row, ok in enumerate(present) if ok]
             group = source if rows is None else source.subset(rows)
+            gathered.append((source, rows, group, group.gather_grads()))
+        finite = self._finite_param_groups(gathered)
+        pending = []
+        for source, rows, group, grad in gathered:
+            if not finite[source.param_group]:
+                continue
             hyper = self._hyperparameters(self.param_groups[source.param_group])
-            grad = group.gather_grads()
             if hyper.weight_decay and not hyper.decoupled:
                 grad.add_(group.gather_params(), alpha=hyper.weight_decay)
             group.tensors["step"].add_(1)
@@ -300,16 +312,22 @@ class KronOptimizer(torch.optim.Optimizer):
             pending.append(_PendingGroup(group, source, rows, grad, rotated, hyper))
         return pending
 
-    def _grads_finite(self, param_group: dict) -> bool:
-        grads = [p.grad for p in param_group["params"] if p.grad is not None]
-        if not grads:
-            return True
-        # max |g| per gradient: NaN and Inf both propagate and, unlike a sum, nothing finite overflows
-        finite = bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
-        if not finite:
-            if self.nonfinite == "raise":
-                raise FloatingPointError("non-finite gradient (NaN or Inf); the step was not applied")
-            self.skipped_steps += 1
+    def _finite_param_groups(self, gathered) -> dict[int, bool]:
+        """Which parameter groups have only finite gradients: one reduction per stack already
+        gathered and one host sync for the whole step. A group with a NaN/Inf is skipped whole."""
+        if not gathered:
+            return {}
+        # max |g|: NaN and Inf both propagate and, unlike a sum, nothing finite overflows
+        device = gathered[0][3].device
+        peaks = torch.stack([grad.abs().amax().float().to(device) for *_, grad in gathered])
+        flags = peaks.isfinite().tolist()
+        finite: dict[int, bool] = {}
+        for (source, *_), flag in zip(gathered, flags):
+            finite[source.param_group] = finite.get(source.param_group, True) and flag
+        bad = sum(1 for ok in finite.values() if not ok)
+        if bad and self.nonfinite == "raise":
+            raise FloatingPointError("non-finite gradient (NaN or Inf); the step was not applied")
+        self.skipped_steps += bad
         return finite
 
     def _update_staleness(self, group: FactorGroup) -> None:
@@ -476,7 +494,8 @@ class KronOptimizer(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({key: value for key, value in saved.items() if key != "params"})
         self._groups = fresh
-        self._expose_state_views()
+        self.state.clear()
+        self._expose_state_views(fresh)
         self.global_step, self.skipped_steps = meta["global_step"], meta["skipped_steps"]
 
     def _copy_plan(self, groups: list[FactorGroup], params: list, saved_state: dict) -> list:

@@ -80,6 +80,8 @@ class AdaptiveRefresh:
         return step % self.check_every == 0
 
     def select(self, staleness: torch.Tensor) -> torch.Tensor:
+        if self.tolerance == 0:  # the fixed frequency, also for a factor that is exactly diagonal
+            return torch.ones_like(staleness, dtype=torch.bool)
         stale = staleness > self.tolerance
         if self.max_per_step is None or staleness.numel() <= self.max_per_step:
             return stale

@@ -29,7 +29,7 @@ SECOND_MOMENT_ON_REFRESH = ("keep", "rotate")
 
 def bias_correction(beta: float, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``1 - beta^t`` per member, shaped to broadcast over a ``[N, ...]`` stack."""
-    correction = 1.0 - torch.pow(beta, step)
+    correction = (1.0 - torch.pow(beta, step.double())).to(like.dtype)
     return correction.reshape(-1, *([1] * (like.dim() - 1)))
 
 

@@ -110,12 +110,16 @@ def repoint_schedulers(schedulers, old: torch.optim.Optimizer, new: torch.optim.
     new optimizer too.
     """
     moved = 0
-    for scheduler in schedulers:
+    pending = list(schedulers)
+    while pending:  # SequentialLR / ChainedScheduler hold child schedulers that drive ``old`` too
+        scheduler = pending.pop()
+        pending.extend(getattr(scheduler, "_schedulers", []))
         if getattr(scheduler, "optimizer", None) is old:
             scheduler.optimizer = new
             moved += 1
     if moved:
         _track_step_calls(new)
+    old.param_groups = new.param_groups  # any reference we could not see now writes into the new groups
     return moved
 
 

@@ -183,3 +183,24 @@ def test_a_yaml_config_can_set_every_argument_including_optimizer_options():
     assert callback.refresh == AdaptiveRefresh(0.02) and callback.optimizer_options == {"max_precond_dim": 5}
     trainer = fit(TinyRegression(), [callback], max_steps=2)
     assert type(trainer.optimizers[0]) is EShampoo and trainer.optimizers[0].max_precond_dim == 5
+
+
+def test_nested_schedulers_are_repointed_to_the_new_optimizer():
+    from lightning_kron.torch_conversion import repoint_schedulers
+
+    model = torch.nn.Linear(4, 3)
+    old = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    warmup = torch.optim.lr_scheduler.LinearLR(old, start_factor=0.1, total_iters=3)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(old, T_max=10)
+    schedule = torch.optim.lr_scheduler.SequentialLR(old, [warmup, cosine], milestones=[3])
+    new = SOAP(model.parameters(), lr=old.param_groups[0]["lr"])
+    for key in ("initial_lr",):
+        new.param_groups[0][key] = old.param_groups[0][key]
+    assert repoint_schedulers([schedule], old, new) == 3
+    rates = []
+    for _ in range(5):
+        model(torch.randn(2, 4)).sum().backward()
+        new.step()
+        schedule.step()
+        rates.append(new.param_groups[0]["lr"])
+    assert len(set(rates)) == 5 and rates[0] < rates[2]

@@ -98,3 +98,19 @@ def test_probe_errors_vanish_for_sampled_gradients_with_kronecker_covariance():
         probe.update()
     errors = probe.errors()
     assert errors["kron/approx_error/shampoo/w"] < 0.06 and errors["kron/approx_error/corrected/w"] < 0.12
+
+
+def test_probe_ignores_a_skipped_nonfinite_step():
+    weight = torch.nn.Parameter(torch.zeros(3, 2))
+    optimizer = SOAP([("w", weight)], lr=1e-2)
+    probe = ApproximationProbe(optimizer, max_numel=64)
+    for _ in range(3):
+        weight.grad = torch.randn(3, 2)
+        optimizer.step()
+        probe.update()
+    before = probe.errors()
+    weight.grad = torch.full((3, 2), float("nan"))
+    optimizer.step()
+    probe.update()
+    assert optimizer.skipped_steps == 1
+    assert probe.errors() == before and before

@@ -179,3 +179,34 @@ def test_loading_another_kron_optimizer_type_is_refused():
     soap, shampoo = lk.SOAP(model.parameters()), lk.Shampoo(model.parameters())
     with pytest.raises(ValueError, match="saved by lightning_kron.Shampoo"):
         soap.load_state_dict(shampoo.state_dict())
+
+
+def test_param_group_added_after_steps_keeps_existing_state(make_optimizer):
+    inputs, targets = _regression()
+    body, head = nn.Linear(12, 8), nn.Linear(8, 5)
+    model = nn.Sequential(body, head)
+    head.requires_grad_(False)
+    optimizer = make_optimizer(body.named_parameters())
+    _train(model, optimizer, inputs, targets, 3)
+    kept = {k: v.clone() for k, v in optimizer.state[body.weight].items()}
+    head.requires_grad_(True)
+    optimizer.add_param_group({"params": list(head.named_parameters()), "lr": 1e-3})
+    assert torch.equal(optimizer.state[body.weight]["block0.step"], kept["block0.step"])
+    assert all(torch.equal(kept[k], v) for k, v in optimizer.state[body.weight].items())
+    assert "weight[L]" in optimizer.factor_names()  # the new group's own names
+    frozen_head = head.weight.detach().clone()
+    _train(model, optimizer, inputs, targets, 2)
+    assert not torch.equal(frozen_head, head.weight)
+    assert optimizer.state[head.weight]["block0.step"] == 2
+
+
+def test_nonfinite_gradient_in_one_group_leaves_the_other_stepping(make_optimizer):
+    first, second = nn.Linear(4, 3), nn.Linear(4, 3)
+    optimizer = make_optimizer([{"params": first.parameters()}, {"params": second.parameters()}])
+    for param in list(first.parameters()) + list(second.parameters()):
+        param.grad = torch.ones_like(param)
+    first.weight.grad[0, 0] = float("nan")
+    before_first, before_second = first.weight.detach().clone(), second.weight.detach().clone()
+    optimizer.step()
+    assert optimizer.skipped_steps == 1
+    assert torch.equal(before_first, first.weight) and not torch.equal(before_second, second.weight)

@@ -207,3 +207,50 @@ def test_invalid_policy_arguments(kwargs, match):
         lk.AdaptiveRefresh(**kwargs)
     with pytest.raises(ValueError, match="every"):
         lk.FixedRefresh(every=0)
+
+
+@pytest.mark.parametrize("solver", ["qr", "eigh"])
+def test_refreshes_keep_factors_and_moments_consistent_with_parameter_space(solver):
+    """Through many in-step refreshes (sorts, QR steps, rotations), Q B Q^T stays the parameter-space
+    factor and the rotated first moment rotated back stays the parameter-space momentum."""
+    generator = torch.Generator().manual_seed(11)
+    param = nn.Parameter(torch.zeros(5, 4, dtype=torch.float64))
+    beta1, beta_s = 0.8, 0.9
+    optimizer = lk.SOAP([param], lr=0.0, betas=(beta1, 0.95), shampoo_beta=beta_s, solver=solver,
+                        refresh=lk.FixedRefresh(every=2), weight_decay=0.0)
+    left, right = torch.zeros(5, 5, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64)
+    momentum = torch.zeros(5, 4, dtype=torch.float64)
+    for step in range(40):
+        drift = torch.randn(5, 5, generator=generator, dtype=torch.float64) * (1 + step / 10)
+        grad = drift @ torch.randn(5, 4, generator=generator, dtype=torch.float64)  # changing covariance
+        left = beta_s * left + (1 - beta_s) * grad @ grad.T
+        right = beta_s * right + (1 - beta_s) * grad.T @ grad
+        momentum = beta1 * momentum + (1 - beta1) * grad
+        set_grads([param], [grad])
+        optimizer.step()
+        state = optimizer.state[param]
+        q_left, q_right = state["block0.basis.0"], state["block0.basis.1"]
+        torch.testing.assert_close(q_left @ state["block0.stats.0"] @ q_left.T, left, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(q_right @ state["block0.stats.1"] @ q_right.T, right, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(q_left @ state["block0.exp_avg"] @ q_right.T, momentum, rtol=1e-9, atol=1e-9)
+    assert {f.refreshes for f in optimizer.factors()} == {20}
+
+
+def test_second_moment_follows_the_eigenvalue_ranking_and_first_moment_the_rotation():
+    param = nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
+    optimizer = lk.SOAP([param], lr=0.0, solver="eigh", refresh=lk.FixedRefresh(every=1000))
+    set_grads([param], [torch.randn(3, 2, dtype=torch.float64)])
+    optimizer.step()
+    state = optimizer.state[param]
+    state["block0.stats.0"].copy_(torch.diag(torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64)))
+    second = torch.arange(6, dtype=torch.float64).reshape(3, 2) + 1
+    first = -torch.arange(6, dtype=torch.float64).reshape(3, 2)
+    state["block0.exp_avg_sq"].copy_(second)
+    state["block0.exp_avg"].copy_(first)
+    basis_before = state["block0.basis.0"].clone()
+    optimizer.refresh_factors(["group0.param0[L]"], solver="eigh")
+    order = [1, 2, 0]  # eigenvalues 3, 2, 1
+    torch.testing.assert_close(state["block0.exp_avg_sq"], second[order])
+    torch.testing.assert_close(state["block0.exp_avg"].abs(), first[order].abs())
+    torch.testing.assert_close(state["block0.basis.0"].abs(), basis_before[:, order].abs())
+    torch.testing.assert_close(state["block0.stats.0"], torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)))

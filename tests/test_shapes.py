@@ -102,3 +102,20 @@ def test_higher_order_tensor_without_merging():
         optimizer.step()
     assert [f.size for f in optimizer.factors()] == [3, 4, 5]
     assert optimizer.factor_names() == ["group0.param0[0]", "group0.param0[1]", "group0.param0[2]"]
+
+
+def test_channels_last_convolution_matches_contiguous():
+    torch.manual_seed(3)
+    contiguous = nn.Conv2d(3, 6, 3)
+    channels_last = nn.Conv2d(3, 6, 3)
+    channels_last.load_state_dict(contiguous.state_dict())
+    channels_last = channels_last.to(memory_format=torch.channels_last)
+    assert not channels_last.weight.is_contiguous()
+    inputs = torch.randn(2, 3, 8, 8)
+    runs = []
+    for model in (contiguous, channels_last):
+        optimizer = lk.SOAP(model.parameters(), lr=1e-2)
+        _step(model, optimizer, inputs, steps=4)
+        runs.append(model.weight.detach().contiguous())
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(runs[0], contiguous.weight.detach() * 0)
