@@ -23,7 +23,6 @@ from lightning_kron.solvers import (
     qr_step_in_basis,
     sort_by_estimated_eigenvalues,
 )
-from lightning_kron.staleness import staleness
 
 SOLVERS = ("qr", "eigh")
 
@@ -34,6 +33,8 @@ class BasisChangeHooks(Protocol):
     def rotate_rows(self, group: FactorGroup, rows: Optional[torch.Tensor], dim: int, rotation: torch.Tensor) -> None: ...
 
     def after_refresh(self, group: FactorGroup, rows: Optional[torch.Tensor], dim: int) -> None: ...
+
+    def factor_staleness(self, stats: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,10 @@ def refresh_factor(
         rotation, stats, ok = _solve(stats, request)
         hooks.rotate_rows(group, rows, dim, rotation)
         basis, failed = basis @ rotation, failed | ~ok
-        if iterations == 1 or not bool((staleness(stats) > request.tolerance).any()):
+        if iterations == 1 or not bool((hooks.factor_staleness(stats) > request.tolerance).any()):
             break
     basis = _reorthonormalize_if_due(basis, take(group.tensors[f"refreshes.{dim}"], rows))
-    _store(group, dim, rows, basis, stats, failed, step, time.perf_counter() - started)
+    _store(group, dim, rows, basis, stats, failed, step, time.perf_counter() - started, hooks.factor_staleness(stats))
     hooks.after_refresh(group, rows, dim)
 
 
@@ -108,10 +109,10 @@ def _reorthonormalize_if_due(basis: torch.Tensor, refreshes: torch.Tensor) -> to
     return basis
 
 
-def _store(group, dim, rows, basis, stats, failed, step, seconds) -> None:
+def _store(group, dim, rows, basis, stats, failed, step, seconds, stale) -> None:
     put(group.basis(dim), rows, basis)
     put(group.stats(dim), rows, stats)
-    put(group.tensors[f"staleness.{dim}"], rows, staleness(stats))
+    put(group.tensors[f"staleness.{dim}"], rows, stale)
     count = basis.shape[0]
     put(group.tensors[f"refreshes.{dim}"], rows, take(group.tensors[f"refreshes.{dim}"], rows) + 1)
     put(group.tensors[f"failures.{dim}"], rows, take(group.tensors[f"failures.{dim}"], rows) + failed.long())
