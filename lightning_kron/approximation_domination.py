@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_kron.solvers import eigh_basis
+from lightning_kron.solvers import eigh_in_basis
 
 DOMINATION_SCALES = ("trace", "frobenius", "schatten", "damped")
 
@@ -109,11 +109,10 @@ def exact_from_isotropic(a: torch.Tensor, eps: float, weight: float):
     >>> [round(value, 12) for value in x[0].tolist()]  # 1/(1+1), 1/(1+3): X's largest first
     [0.5, 0.25]
     """
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
-    vectors, ok = eigh_basis(a, eye)
-    vectors = vectors.flip(-1)  # eigh_basis sorts A descending; X = (eps + a)^-1 descending needs A ascending
-    values = (vectors.mT @ a @ vectors).diagonal(dim1=-2, dim2=-1).clamp_min(0)
-    return vectors, 1.0 / (eps + weight * values), ok
+    vectors, diagonal, ok = eigh_in_basis(a)  # A's eigenpairs, descending; failed members: identity
+    values = diagonal.diagonal(dim1=-2, dim2=-1).clamp_min(0)
+    # X = (eps + weight a)^-1 is descending when A is ascending
+    return vectors.flip(-1), 1.0 / (eps + weight * values.flip(-1)), ok
 
 
 def positive_definite(x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,11 @@ OPTIMIZER_FACTORIES = {
     "soap_adaptive": lambda params, **kw: lk.SOAP(params, **{"lr": 1e-2, "refresh": lk.AdaptiveRefresh(tolerance=0.05), **kw}),
     "eshampoo": lambda params, **kw: lk.EShampoo(params, **{"lr": 1e-2, **kw}),
     "shampoo_adam_graft": lambda params, **kw: lk.Shampoo(params, **{"lr": 1e-2, "graft": "adam", **kw}),
+    # KrADagrad grafted onto Adam so the matrix's AdamW-scale learning rates transfer; the ungrafted
+    # (paper) form is run through the same checks with its own rates in tests/test_kradagrad.py.
+    "kradagrad_star_adam_graft": lambda params, **kw: lk.KrADagrad(params, **{"lr": 1e-2, "graft": "adam", **kw}),
+    "kradagrad_alternating_adam_graft": lambda params, **kw: lk.KrADagrad(
+        params, **{"lr": 1e-2, "graft": "adam", "variant": "alternating", **kw}),
 }
 
 
