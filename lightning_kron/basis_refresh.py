@@ -1,10 +1,17 @@
 """Refreshing the eigenbasis of one factor dim for some members of a group.
 
-This is where a basis changes, so it is also where everything expressed in the old basis is told:
-the caller passes ``on_basis_change`` hooks, and the optimizer moves its rotated-space moments
-(``exp_avg``, ``exp_avg_sq``) along. A refresh always starts by sorting the basis by the estimated
-eigenvalues ``diag(B)``; the permutation is reported first (moments must be permuted with the
-columns) and then each rotation ``P = Q_old^T Q_new``.
+This is where a basis changes, so it is also where everything expressed in the old basis is told,
+through the hooks the caller passes:
+
+* ``permute_rows(order)``: the positional correspondence. New column ``j`` takes over from old
+  column ``order[j]`` (both ranked by eigenvalue estimate). Buffers that are carried over by
+  position rather than rotated (SOAP's second moment ``V`` under ``"keep"``) follow it.
+* ``rotate_rows(rotation)``: the exact change of basis, ``rotation = Q_old^T Q_new`` from the old
+  (unsorted) basis, permutation included. Buffers kept in rotated coordinates (SOAP's first moment,
+  the gradient of the step in flight) are re-expressed with it.
+
+A warm QR refresh works on B sorted by its diagonal (the sort makes the power step monotone); the
+permutation is folded into the rotation, so Q itself is never gathered.
 """
 
 from __future__ import annotations
@@ -18,13 +25,17 @@ import torch
 from lightning_kron.factor_group import FactorGroup
 from lightning_kron.solvers import (
     ORTHONORMALIZERS,
+    descending_diagonal_order,
     eigh_in_basis,
     householder_qr,
+    permute_symmetric,
     qr_step_in_basis,
-    sort_by_estimated_eigenvalues,
+    unsort_rows,
 )
+from lightning_kron.staleness import staleness
 
 SOLVERS = ("qr", "eigh")
+REORTHONORMALIZE_EVERY = 32  # refreshes; Q <- Q P accumulates ~eps of orthogonality loss per refresh
 
 
 class BasisChangeHooks(Protocol):
@@ -61,13 +72,33 @@ def put(tensor: torch.Tensor, rows: Optional[torch.Tensor], value: torch.Tensor)
         tensor.index_copy_(0, rows, value)
 
 
-REORTHONORMALIZE_EVERY = 32  # refreshes; Q <- Q P accumulates ~eps of orthogonality loss per refresh
+def _identity_order(order: torch.Tensor) -> torch.Tensor:
+    return torch.arange(order.shape[-1], device=order.device).expand_as(order)
 
 
-def _solve(stats: torch.Tensor, request: RefreshRequest):
-    if request.solver == "eigh":
-        return eigh_in_basis(stats)
-    return qr_step_in_basis(stats, ORTHONORMALIZERS[request.orthonormalizer])
+def _eigh(stats: torch.Tensor):
+    """Exact: new column j is the j-th largest eigenvector; failed members keep their basis."""
+    order = descending_diagonal_order(stats)
+    rotation, stats, ok = eigh_in_basis(stats)
+    return rotation, stats, ok, torch.where(ok[:, None], order, _identity_order(order))
+
+
+def _warm_qr(stats: torch.Tensor, request: RefreshRequest, criterion=staleness):
+    """Sorted power steps, repeated while any member is above tolerance (up to ``max_iters``)."""
+    orth = ORTHONORMALIZERS[request.orthonormalizer]
+    rotation = order = None
+    failed = torch.zeros(stats.shape[0], dtype=torch.bool, device=stats.device)
+    for iteration in range(request.max_iters):
+        step_order = descending_diagonal_order(stats)
+        step_rotation, stats, ok = qr_step_in_basis(permute_symmetric(stats, step_order), orth)
+        step_rotation = unsort_rows(step_rotation, step_order)
+        rotation = step_rotation if rotation is None else rotation @ step_rotation
+        order = step_order if order is None else torch.gather(order, -1, step_order)
+        failed |= ~ok
+        last = iteration + 1 == request.max_iters
+        if last or not bool((criterion(stats) > request.tolerance).any()):
+            break
+    return rotation, stats, ~failed, order
 
 
 def refresh_factor(
@@ -80,18 +111,15 @@ def refresh_factor(
 ) -> None:
     """Recompute ``basis.dim`` (and re-express ``stats.dim``) for ``rows`` of ``group``."""
     started = time.perf_counter()
-    basis, stats, order = sort_by_estimated_eigenvalues(take(group.basis(dim), rows), take(group.stats(dim), rows))
+    refreshes = take(group.tensors[f"refreshes.{dim}"], rows)
+    solve = _eigh if request.solver == "eigh" else lambda stats: _warm_qr(stats, request, hooks.factor_staleness)
+    rotation, stats, ok, order = solve(take(group.stats(dim), rows))
     hooks.permute_rows(group, rows, dim, order)
-    failed = torch.zeros(basis.shape[0], dtype=torch.bool, device=basis.device)
-    iterations = 1 if request.solver == "eigh" else request.max_iters
-    for _ in range(iterations):
-        rotation, stats, ok = _solve(stats, request)
-        hooks.rotate_rows(group, rows, dim, rotation)
-        basis, failed = basis @ rotation, failed | ~ok
-        if iterations == 1 or not bool((hooks.factor_staleness(stats) > request.tolerance).any()):
-            break
-    basis = _reorthonormalize_if_due(basis, take(group.tensors[f"refreshes.{dim}"], rows))
-    _store(group, dim, rows, basis, stats, failed, step, time.perf_counter() - started, hooks.factor_staleness(stats))
+    hooks.rotate_rows(group, rows, dim, rotation)
+    never_refreshed = not bool(refreshes.any())  # then every basis is still the identity
+    basis = rotation if never_refreshed else take(group.basis(dim), rows) @ rotation
+    basis = _reorthonormalize_if_due(basis, refreshes)
+    _store(group, dim, rows, basis, stats, ~ok, step, time.perf_counter() - started, hooks.factor_staleness(stats))
     hooks.after_refresh(group, rows, dim)
 
 

@@ -45,8 +45,10 @@ class Member:
 class FactorGroup:
     """Stacked state of N blocks sharing one shape; see the module docstring."""
 
-    def __init__(self, members: list[Member], state_dtype: torch.dtype, param_group: int) -> None:
+    def __init__(self, members: list[Member], state_dtype: torch.dtype, param_group: int,
+                 rotation_dtype: torch.dtype | None = None) -> None:
         first = members[0]
+        self.rotation_dtype = rotation_dtype if rotation_dtype not in (None, state_dtype) else None
         self.members = members
         self.param_group = param_group
         self.shape = first.block.shape
@@ -110,10 +112,18 @@ class FactorGroup:
         return torch.stack([member.param_block() for member in self.members]).to(self.state_dtype)
 
     def rotate_in(self, x: torch.Tensor) -> torch.Tensor:
-        return rotate_in(x, self.bases())
+        return self._rotate(rotate_in, x)
 
     def rotate_out(self, x: torch.Tensor) -> torch.Tensor:
-        return rotate_out(x, self.bases())
+        return self._rotate(rotate_out, x)
+
+    def _rotate(self, rotation, x: torch.Tensor) -> torch.Tensor:
+        """Rotate in the state dtype, or with ``rotation_dtype`` matmuls (bf16 is ~2x faster on CPUs
+        with AVX512-BF16 and GPUs) and the result back in the state dtype."""
+        if self.rotation_dtype is None:
+            return rotation(x, self.bases())
+        bases = [None if basis is None else basis.to(self.rotation_dtype) for basis in self.bases()]
+        return rotation(x.to(self.rotation_dtype), bases).to(self.state_dtype)
 
     def apply_update(self, direction: torch.Tensor, lr: float, decoupled_decay: float) -> None:
         """``W <- W * (1 - lr * wd) - lr * D`` on every member, as ``torch.optim.AdamW`` does."""

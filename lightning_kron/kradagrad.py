@@ -193,7 +193,10 @@ class KrADagrad(RootPreconditionedOptimizer):
         """``X_1`` exactly, stored diagonal in its own eigenbasis; see :func:`exact_from_isotropic`.
 
         ``X_0`` is isotropic, so moving the basis costs nothing: the frozen root scale is uniform
-        and KrADagrad keeps no other buffer in rotated coordinates. If preconditioning has already
+        and KrADagrad keeps no other buffer in rotated coordinates. It is a refresh in all but name
+        (a decomposition that sets the basis), and telemetry counts it as one; the engine also relies
+        on the count (a factor never refreshed is assumed to still have the identity basis).
+        If preconditioning has already
         started (the alternating variant reaches dim ``j`` only at step ``j + 1``, after the first
         refresh), the root scale is set from the exact ``X_1`` too: frozen at ``(I / eps)^p`` until
         the next refresh it would overshoot by orders of magnitude (measured: divergence on the
@@ -204,6 +207,9 @@ class KrADagrad(RootPreconditionedOptimizer):
         keep = ok[:, None, None]
         basis = group.basis(dim)
         basis.copy_(torch.where(keep, basis @ vectors, basis))
+        group.tensors[f"refreshes.{dim}"].add_(ok.long())
+        last = group.tensors[f"last_refresh.{dim}"]
+        last.copy_(torch.where(ok, self.global_step, last))
         if self.global_step >= self.start_preconditioning_step:
             scale = group.tensors[f"root_scale.{dim}"]
             scale.copy_(torch.where(ok[:, None], self._scale_from(values, group.tensors["step"], group, hyper), scale))

@@ -17,7 +17,8 @@ A step runs in two phases so the refresh decision for *all* factors costs one ho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -25,7 +26,7 @@ import torch
 from lightning_kron.basis_refresh import SOLVERS, RefreshRequest, refresh_factor, take
 from lightning_kron.blocking import factor_label, plan_blocks
 from lightning_kron.factor_group import TELEMETRY_KEYS, FactorGroup, Member
-from lightning_kron.modes import permute_mode, rotate_mode, unfold
+from lightning_kron.modes import rotate_mode, unfold
 from lightning_kron.refresh import AdaptiveRefresh, FixedRefresh
 from lightning_kron.solvers import ORTHONORMALIZERS
 from lightning_kron.staleness import staleness
@@ -39,6 +40,7 @@ from lightning_kron.validation import (
 )
 
 STATE_FORMAT = 1
+_GENERATED_NAME = re.compile(r"group\d+\.param\d+")  # what _split_named calls an unnamed parameter
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,6 @@ class _InFlightHooks:
         self.optimizer, self.item = optimizer, item
 
     def permute_rows(self, group, rows, dim, order) -> None:
-        self.item.rotated = _replace_rows(self.item.rotated, rows, lambda x: permute_mode(x, dim, order))
         self.optimizer.permute_rows(group, rows, dim, order)
 
     def rotate_rows(self, group, rows, dim, rotation) -> None:
@@ -143,6 +144,7 @@ class KronOptimizer(torch.optim.Optimizer):
         orthonormalizer: str = "householder",
         nonfinite: str = "skip",
         statistics_dtype: Optional[torch.dtype] = None,
+        rotation_dtype: Optional[torch.dtype] = None,
     ) -> None:
         check_positive_int("max_precond_dim", max_precond_dim, minimum=0)
         check_positive_int("start_preconditioning_step", start_preconditioning_step)
@@ -154,6 +156,8 @@ class KronOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"refresh must be FixedRefresh, AdaptiveRefresh or a policy object, got {refresh!r}")
         if statistics_dtype not in (None, torch.float32, torch.float64):
             raise ValueError(f"statistics_dtype must be None, torch.float32 or torch.float64, got {statistics_dtype!r}")
+        if rotation_dtype not in (None, torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise ValueError(f"rotation_dtype must be None or a floating dtype, got {rotation_dtype!r}")
         self.max_precond_dim = max_precond_dim
         self.merge_dims = merge_dims
         self.split_large_dims = split_large_dims
@@ -164,6 +168,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self.orthonormalizer = orthonormalizer
         self.nonfinite = nonfinite
         self.statistics_dtype = statistics_dtype
+        self.rotation_dtype = rotation_dtype
         self.external_schedule = False
         self.global_step = 0
         self.skipped_steps = 0
@@ -223,7 +228,7 @@ class KronOptimizer(torch.optim.Optimizer):
                     buckets.setdefault(key, []).append(member)
         groups = []
         for (group_index, *_), members in buckets.items():
-            group = FactorGroup(members, self._state_dtype(members[0].param), group_index)
+            group = FactorGroup(members, self._state_dtype(members[0].param), group_index, self.rotation_dtype)
             self._init_state(group)
             groups.append(group)
         return groups
@@ -256,10 +261,11 @@ class KronOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def permute_rows(self, group, rows, dim, order) -> None:
-        """A refresh reordered basis columns: permute rotated-space buffers the same way."""
+        """A refresh ranked new column ``j`` after old column ``order[j]``: buffers carried over by
+        position (not rotated) follow this correspondence."""
 
     def rotate_rows(self, group, rows, dim, rotation) -> None:
-        """A refresh rotated the basis by ``rotation = Q_old^T Q_new``: re-express rotated buffers."""
+        """A refresh changed the basis by ``rotation = Q_old^T Q_new``: re-express rotated buffers."""
 
     def after_refresh(self, group, rows, dim) -> None:
         """A refresh finished (``stats.dim`` now holds the factor in its new basis)."""
@@ -309,7 +315,8 @@ class KronOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in param_group["params"] if p.grad is not None]
         if not grads:
             return True
-        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        # max |g| per gradient: NaN and Inf both propagate and, unlike a sum, nothing finite overflows
+        finite = bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
         if not finite:
             if self.nonfinite == "raise":
                 raise FloatingPointError("non-finite gradient (NaN or Inf); the step was not applied")
@@ -366,14 +373,32 @@ class KronOptimizer(torch.optim.Optimizer):
         index = []
         for group in self.factor_groups():
             for row, member in enumerate(group.members):
+                prefix = self.block_name(member)
                 for dim in group.factored_dims:
-                    single = sum(1 for m in group.members if m.param is member.param) == 1 and member.block_number == 0
-                    prefix = member.name if single and not self._is_split(member) else f"{member.name}.block{member.block_number}"
                     index.append((f"{prefix}[{factor_label(dim, group.order)}]", group, row, dim))
         return index
 
-    def _is_split(self, member: Member) -> bool:
-        return member.block.shape != member.view_shape
+    @staticmethod
+    def block_name(member: Member) -> str:
+        """Readable name of one block: the parameter's name, plus ``.block{b}`` when it was split.
+
+        Factor names are this plus ``[L]``/``[R]``/``[i]``; per-block telemetry (the approximation
+        probe, eigenvalue mis-scaling) uses it alone.
+        """
+        split = member.block.shape != member.view_shape
+        return f"{member.name}.block{member.block_number}" if split else member.name
+
+    def adopt_names(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Name parameters that were passed without names (e.g. ``model.parameters()``).
+
+        Lets an owner that knows the module (``KronCallback``) make telemetry readable for an
+        optimizer the user built from bare tensors. Names given at construction are kept.
+        """
+        for name, param in named_parameters:
+            if _GENERATED_NAME.fullmatch(self._names.get(id(param), "")):
+                self._names[id(param)] = name
+        for group in self._groups or []:
+            group.members = [replace(member, name=self._names[id(member.param)]) for member in group.members]
 
     def factor_names(self) -> list[str]:
         """Stable, readable names of every Kronecker factor, e.g. ``h.0.mlp.c_fc.weight[L]``."""
@@ -409,7 +434,6 @@ class KronOptimizer(torch.optim.Optimizer):
         index = self._factor_index()
         if wanted is not None and (unknown := wanted - {name for name, *_ in index}):
             raise KeyError(f"unknown factor names: {sorted(unknown)[:5]}")
-        request = self._request(tolerance, max_iters, solver)
         selected: dict[tuple[int, int], list[int]] = {}
         groups = {}
         for name, group, row, dim in index:
@@ -417,10 +441,20 @@ class KronOptimizer(torch.optim.Optimizer):
                 selected.setdefault((id(group), dim), []).append(row)
                 groups[id(group)] = group
         for (group_id, dim), rows in selected.items():
-            group = groups[group_id]
-            row_index = None if len(rows) == len(group) else torch.tensor(rows, device=group.device)
-            refresh_factor(group, dim, row_index, request, self, self.global_step)
+            self.refresh_rows(groups[group_id], dim, rows, tolerance=tolerance, max_iters=max_iters, solver=solver)
         return sum(len(rows) for rows in selected.values())
+
+    def refresh_rows(self, group: FactorGroup, dim: int, rows: list[int], *, tolerance: float = 0.0,
+                     max_iters: int = 1, solver: Optional[str] = None) -> None:
+        """Refresh factor ``dim`` of the members ``rows`` of one of :meth:`factor_groups`.
+
+        The index-based form of :meth:`refresh_factors`, for owners that decide on the stacked
+        staleness tensors directly (no name lookup per step) and then move the refreshed rows
+        themselves (``lightning_kron.distributed``).
+        """
+        row_index = None if len(rows) == len(group) else torch.tensor(rows, device=group.device)
+        request = self._request(tolerance, max_iters, solver)
+        refresh_factor(group, dim, row_index, request, self, self.global_step)
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

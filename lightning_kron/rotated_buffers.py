@@ -1,11 +1,11 @@
 """Keeping buffers that live in the eigenbasis consistent when the basis changes.
 
 A buffer stored in rotated coordinates (SOAP's first moment ``M'`` and second moment ``V``) is
-only meaningful together with the basis it was accumulated in. When a refresh sorts the basis
-columns, the buffer's axis must be permuted identically; when it rotates the basis by
-``P = Q_old^T Q_new``, the first moment is re-expressed exactly (``M' <- M' x_i P^T``) and the
-second moment either kept as is (SOAP/EShampoo) or carried over approximately with the squared
-rotation (``V <- V x_i (P^T o P^T)``), which keeps it non-negative.
+only meaningful together with the basis it was accumulated in. When a refresh changes the basis by
+``P = Q_old^T Q_new``, the first moment is re-expressed exactly (``M' <- M' x_i P^T``); the second
+moment is either carried over by position, following the eigenvalue ranking of old and new columns
+(``"keep"``, SOAP's choice), or approximately with the squared rotation (``"rotate"``,
+``V <- V x_i (P^T o P^T)``), which keeps it non-negative.
 """
 
 from __future__ import annotations

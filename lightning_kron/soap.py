@@ -60,8 +60,8 @@ class EigenvalueCorrectedOptimizer(KronOptimizer):
         return group.rotate_out(normalized)
 
     def permute_rows(self, group, rows, dim, order) -> None:
-        for key in ("exp_avg", "exp_avg_sq"):
-            permute_buffer(group, key, rows, dim, order)
+        if self.second_moment_on_refresh == "keep":
+            permute_buffer(group, "exp_avg_sq", rows, dim, order)
 
     def rotate_rows(self, group, rows, dim, rotation) -> None:
         rotate_buffer(group, "exp_avg", rows, dim, rotation.mT)
@@ -82,6 +82,8 @@ class SOAP(EigenvalueCorrectedOptimizer):
         solver: "qr" (warm power step, default) or "eigh" (exact).
         orthonormalizer: "householder" (default) or "cholesky_qr2" (faster on GPUs).
         max_precond_dim: dims above this get no factor (or are split with ``split_large_dims``).
+        rotation_dtype: e.g. ``torch.bfloat16`` to run the two per-step rotations (gradient in,
+            direction out) in bf16 matmuls; statistics, bases and refreshes stay in fp32.
         merge_dims, precondition_1d, start_preconditioning_step, statistics_dtype, nonfinite,
         second_moment_on_refresh ("keep" or "rotate"): see the README.
 

@@ -28,7 +28,9 @@ Orthonormalizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _finite_per_member(x: torch.Tensor) -> torch.Tensor:
-    return torch.isfinite(x).flatten(1).all(dim=1)
+    """One reduction instead of an elementwise isfinite pass: a NaN or Inf anywhere makes the sum
+    non-finite (a finite overflow would be flagged too, which only means a harmless fallback)."""
+    return torch.isfinite(x.sum(dim=tuple(range(1, x.dim()))))
 
 
 def _eye_like(stack: torch.Tensor) -> torch.Tensor:
@@ -61,8 +63,11 @@ def _eigh_one(matrix: torch.Tensor) -> torch.Tensor | None:
 
 
 def eigh_in_basis(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact refresh of a ``[N, d, d]`` stack: returns ``(rotation, new_stats, ok)``."""
-    symmetric = 0.5 * (stats + stats.mT)
+    """Exact refresh of a ``[N, d, d]`` stack: returns ``(rotation, new_stats, ok)``.
+
+    ``eigh`` reads only the lower triangle, so round-off asymmetry of B needs no symmetrising pass.
+    """
+    symmetric = stats
     try:
         eigenvalues, vectors = _sorted_eigh(symmetric)
         ok = _finite_per_member(vectors) & _finite_per_member(eigenvalues)
@@ -80,8 +85,7 @@ def _eigh_member_by_member(symmetric: torch.Tensor):
         ok.append(vectors is not None)
         rotations.append(torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device) if vectors is None else vectors)
     rotation = torch.stack(rotations)
-    new_stats = rotation.mT @ symmetric @ rotation
-    return rotation, 0.5 * (new_stats + new_stats.mT), torch.tensor(ok, device=symmetric.device)
+    return rotation, rotation.mT @ symmetric @ rotation, torch.tensor(ok, device=symmetric.device)
 
 
 def householder_qr(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +119,7 @@ def qr_step_in_basis(stats: torch.Tensor, orth: Orthonormalizer) -> tuple[torch.
     """One warm power step on a *sorted* ``[N, d, d]`` stack: returns ``(rotation, new_stats, ok)``."""
     try:
         rotation, upper = orth(stats)
-        new_stats = upper @ rotation
-        new_stats = 0.5 * (new_stats + new_stats.mT)
+        new_stats = upper @ rotation  # = P^T B P, symmetric up to round-off
         ok = _finite_per_member(rotation) & _finite_per_member(new_stats)
     except RuntimeError:
         rotation, new_stats = _eye_like(stats), stats
@@ -127,13 +130,19 @@ def qr_step_in_basis(stats: torch.Tensor, orth: Orthonormalizer) -> tuple[torch.
     return rotation, new_stats, ok
 
 
-def sort_by_estimated_eigenvalues(basis: torch.Tensor, stats: torch.Tensor):
-    """Order basis columns by ``diag(B)`` descending; returns ``(basis, stats, order)``.
+def descending_diagonal_order(stats: torch.Tensor) -> torch.Tensor:
+    """Positions of ``diag(B)`` from largest to smallest estimated eigenvalue, ``[N, d]``."""
+    return stats.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True)
 
-    Without the sort a power step can *increase* the staleness (columns chase the wrong eigenvalues).
-    """
-    order = stats.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True)
-    basis = torch.gather(basis, -1, order.unsqueeze(-2).expand_as(basis))
+
+def permute_symmetric(stats: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``B[order][:, order]`` per member: the factor expressed in the column-sorted basis."""
     rows = torch.gather(stats, -2, order.unsqueeze(-1).expand_as(stats))
-    stats = torch.gather(rows, -1, order.unsqueeze(-2).expand_as(stats))
-    return basis, stats, order
+    return torch.gather(rows, -1, order.unsqueeze(-2).expand_as(stats))
+
+
+def unsort_rows(rotation: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``Perm @ P`` for the permutation that sorted the basis (``Q_sorted = Q Perm``): the rotation
+    from the *unsorted* basis is P with its rows put back in the old column order."""
+    inverse = order.argsort(dim=-1)
+    return torch.gather(rotation, -2, inverse.unsqueeze(-1).expand_as(rotation))

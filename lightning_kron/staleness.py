@@ -13,14 +13,16 @@ import torch
 def staleness(stats: torch.Tensor) -> torch.Tensor:
     """Relative off-diagonal Frobenius mass of each ``[d, d]`` matrix in a ``[N, d, d]`` stack.
 
-    The off-diagonal part is formed explicitly rather than as ``||B||^2 - ||diag B||^2``: the
-    subtraction cancels catastrophically in fp32 exactly when the basis is fresh (e ~ 1e-3), which
-    is the regime a tolerance of 0.01 has to resolve.
+    Computed as ``sqrt(||B||^2 - ||diag B||^2) / ||B||`` from two reductions (no d x d temporary:
+    this runs every step). The subtraction is done in fp64 on the reduced norms, so in fp32 the
+    result is accurate to about ``1e-7 / e`` absolute: 1e-5 at e = 0.01, ample for tolerances of
+    0.005 and up.
     """
-    diagonal = torch.diag_embed(stats.diagonal(dim1=-2, dim2=-1))
-    off_diagonal = torch.linalg.matrix_norm(stats - diagonal)
-    total = torch.linalg.matrix_norm(stats)
-    return torch.where(total > 0, off_diagonal / total.clamp_min(torch.finfo(stats.dtype).tiny), 0.0)
+    total = torch.linalg.matrix_norm(stats).double()
+    diagonal = torch.linalg.vector_norm(stats.diagonal(dim1=-2, dim2=-1), dim=-1).double()
+    off_diagonal = (total.square() - diagonal.square()).clamp_min(0).sqrt()
+    ratio = torch.where(total > 0, off_diagonal / total.clamp_min(1e-300), 0.0)
+    return ratio.to(stats.dtype)
 
 
 def inverse_factor_staleness(stats: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,8 @@ def candidates(max_precond_dim: int, every: int) -> dict[str, Callable]:
     rows = {
         "torch AdamW (foreach)": lambda p: torch.optim.AdamW([t for _, t in p], lr=1e-3, foreach=True),
         f"SOAP fixed every={every}": lambda p: lk.SOAP(p, refresh=lk.FixedRefresh(every=every), **common),
+        f"SOAP fixed every={every}, bf16 rotations": lambda p: lk.SOAP(
+            p, refresh=lk.FixedRefresh(every=every), rotation_dtype=torch.bfloat16, **common),
         "SOAP adaptive tol=0.05": lambda p: lk.SOAP(p, refresh=lk.AdaptiveRefresh(tolerance=0.05), **common),
         "EShampoo (eigh, adaptive)": lambda p: lk.EShampoo(p, **common),
         f"Shampoo+adam graft every={every}": lambda p: lk.Shampoo(p, refresh=lk.FixedRefresh(every=every), **common),
@@ -103,6 +105,18 @@ class Timing:
     state_mb: float
 
 
+def _power_law(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """A random matrix whose k-th singular value is 1/k (a vector stays Gaussian)."""
+    if len(shape) < 2:
+        return torch.randn(shape, generator=generator)
+    rows, cols = shape
+    rank = min(rows, cols)
+    left, _ = torch.linalg.qr(torch.randn(rows, rank, generator=generator))
+    right, _ = torch.linalg.qr(torch.randn(cols, rank, generator=generator))
+    values = 1.0 / torch.arange(1, rank + 1, dtype=torch.float32)
+    return (left * values) @ right.T * (rows * cols) ** 0.5 / values.norm()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -111,9 +125,10 @@ def _sync(device: torch.device) -> None:
 def time_optimizer(factory: Callable, shapes, device: torch.device, steps: int, progress: tqdm) -> Timing:
     generator = torch.Generator().manual_seed(0)
     params = [(name, torch.nn.Parameter(torch.randn(shape, generator=generator).mul_(0.02).to(device))) for name, shape in shapes]
-    # Training gradients are correlated from step to step: a fixed component plus 30% noise. (I.i.d.
-    # gradients make every factor drift past any tolerance every step: the adaptive rows' worst case.)
-    base = [torch.randn(shape, generator=generator) for _, shape in shapes]
+    # Training gradients are correlated from step to step and their spectra are heavy-tailed: a fixed
+    # component with power-law singular values plus 30% noise. (I.i.d. Gaussian gradients make every
+    # factor drift past any tolerance every step: the adaptive rows' worst case.)
+    base = [_power_law(shape, generator) for _, shape in shapes]
     gradient_sets = [[(b + 0.3 * torch.randn(b.shape, generator=generator)).to(device) for b in base] for _ in range(3)]
     optimizer = factory(params)
 

@@ -30,10 +30,13 @@ def test_staleness_matches_definition_and_reconstruction_error():
 
 
 def _warm_qr_step(basis, factor, orthonormalizer):
-    stats = basis.T @ factor @ basis
-    sorted_basis, sorted_stats, _ = solvers.sort_by_estimated_eigenvalues(basis[None], stats[None])
-    rotation, new_stats, ok = solvers.qr_step_in_basis(sorted_stats, solvers.ORTHONORMALIZERS[orthonormalizer])
-    return (sorted_basis @ rotation)[0], new_stats[0], sorted_basis[0], bool(ok.all())
+    """The refresh path: sort B, QR-algorithm step on it, fold the permutation into the rotation."""
+    stats = (basis.T @ factor @ basis)[None]
+    order = solvers.descending_diagonal_order(stats)
+    rotation, new_stats, ok = solvers.qr_step_in_basis(solvers.permute_symmetric(stats, order),
+                                                       solvers.ORTHONORMALIZERS[orthonormalizer])
+    rotation = solvers.unsort_rows(rotation, order)
+    return basis @ rotation[0], new_stats[0], basis[:, order[0]], bool(ok.all())
 
 
 @pytest.mark.parametrize("orthonormalizer", ["householder", "cholesky_qr2"])

@@ -1,0 +1,109 @@
+"""Refresh ownership under ``torch.distributed``: who computes which refresh, and sharing the result.
+
+Data-parallel ranks hold identical optimizer state (their gradients are all-reduced), so every rank
+could compute every refresh; that only multiplies the most expensive part of the step by the world
+size. Instead each refreshed *block* gets one owner rank: the owner recomputes all of that block's
+chosen factors and then broadcasts the block's rows of every stacked tensor of its group (basis,
+stats, moments, root scales, telemetry), so every rank ends bit-identical to the owner.
+
+Ownership is per block, not per factor: refreshing the left factor of a block rotates the same
+moment tensors as refreshing its right factor, so two owners for one block would overwrite each
+other's rotations.
+
+Everything here is a no-op in a single process, so the same code path runs with and without DDP.
+
+>>> assign_owners([8, 1, 1, 1, 8], world_size=2)
+[0, 0, 1, 0, 1]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
+    """Owner rank of each job: largest first, each to the least-loaded rank (ties: lowest rank).
+
+    Deterministic, so every rank computes the same assignment from the same decisions without any
+    communication.
+    """
+    loads = [0.0] * world_size
+    owners = [0] * len(costs)
+    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owners[job] = rank
+        loads[rank] += costs[job]
+    return owners
+
+
+def broadcast_from_first(tensor: torch.Tensor) -> torch.Tensor:
+    """Make every rank hold rank 0's ``tensor`` (in place); identical decisions everywhere."""
+    if rank_and_world()[1] > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def gather_from_all(values: Sequence[float]) -> list[list[float]]:
+    """Every rank's ``values``, indexed by rank (a collective: call it on all ranks)."""
+    _, world = rank_and_world()
+    local = torch.tensor(list(values), dtype=torch.float64)
+    if world == 1:
+        return [local.tolist()]
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else local.device
+    local = local.to(backend_device)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    return [item.tolist() for item in gathered]
+
+
+@dataclass(frozen=True)
+class OwnedRows:
+    """Rows ``rows`` of every stacked tensor in ``tensors`` are authoritative on rank ``owner``."""
+
+    tensors: dict[str, torch.Tensor]
+    rows: torch.Tensor
+    owner: int
+
+
+def share_rows(pieces: Sequence[OwnedRows]) -> None:
+    """Broadcast each piece's rows from its owner to every other rank, one collective per
+    (owner, dtype, device) with all rows packed into one flat buffer."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return
+    for owner in sorted({piece.owner for piece in pieces}):
+        buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for piece in (p for p in pieces if p.owner == owner):
+            rows = piece.rows
+            for key in sorted(piece.tensors):
+                tensor = piece.tensors[key]
+                buckets.setdefault((tensor.dtype, tensor.device), []).append((tensor, rows.to(tensor.device)))
+        for items in buckets.values():
+            _broadcast_bucket(items, owner, rank)
+
+
+def _broadcast_bucket(items: list[tuple[torch.Tensor, torch.Tensor]], owner: int, rank: int) -> None:
+    if rank == owner:
+        flat = torch.cat([tensor.index_select(0, rows).reshape(-1) for tensor, rows in items])
+    else:
+        total = sum(rows.numel() * tensor[0].numel() for tensor, rows in items)
+        flat = torch.empty(total, dtype=items[0][0].dtype, device=items[0][0].device)
+    dist.broadcast(flat, src=owner)
+    if rank == owner:
+        return
+    offset = 0
+    for tensor, rows in items:
+        size = rows.numel() * tensor[0].numel()
+        tensor.index_copy_(0, rows, flat[offset: offset + size].view(rows.numel(), *tensor.shape[1:]))
+        offset += size

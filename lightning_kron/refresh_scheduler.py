@@ -1,0 +1,260 @@
+"""``RefreshScheduler``: decides, factor by factor, when each eigenbasis is recomputed, and does it.
+
+This is the refresh decision that ``KronCallback`` owns (DESIGN.md), kept free of Lightning so a plain
+PyTorch loop can use it too. It attaches to a :class:`~lightning_kron.KronOptimizer`: it sets
+``optimizer.external_schedule`` (the optimizer then only does its one forced exact refresh at
+``start_preconditioning_step``) and registers a step post-hook, so it runs after every optimizer
+step that really happened. A step that AMP's GradScaler skips never calls ``optimizer.step``, so it
+neither touches the statistics nor triggers a refresh.
+
+Why after the step rather than inside it: the statistics and the staleness then include this
+step's gradient, every factor group is consistent (no partially-gradded subset in flight), and a
+refreshed basis is used from the next step on. Decisions per step:
+
+1. on the policy's check steps, a factor is *due* when its staleness ``e(Q, L)`` exceeds the
+   tolerance (``tolerance_schedule`` may make it tighter early); ``FixedRefresh`` makes all due;
+2. factors deferred by the budget at earlier steps stay due until refreshed;
+3. at most ``max_per_step`` due factors are refreshed, most stale first; the rest are deferred.
+
+The whole decision is taken on device on one concatenated staleness tensor and moved to the host
+once per checked step. Under ``torch.distributed`` rank 0's decision is broadcast (identical
+decisions everywhere), each refreshed block gets one owner rank, and the owners broadcast the
+refreshed rows (``lightning_kron.distributed``): the ranks stay bit-identical while each computes
+only its share.
+
+>>> import torch
+>>> from lightning_kron import SOAP, AdaptiveRefresh
+>>> model = torch.nn.Linear(6, 4)
+>>> optimizer = SOAP(model.named_parameters(), lr=1e-2)
+>>> scheduler = RefreshScheduler(optimizer, AdaptiveRefresh(tolerance=0.01))
+>>> for _ in range(5):
+...     model(torch.randn(8, 6)).square().mean().backward(); optimizer.step(); optimizer.zero_grad()
+>>> scheduler.counters.checks, optimizer.external_schedule
+(4, True)
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from lightning_kron.distributed import OwnedRows, assign_owners, broadcast_from_first, rank_and_world, share_rows
+from lightning_kron.factor_group import FactorGroup
+from lightning_kron.refresh import AdaptiveRefresh, FixedRefresh
+from lightning_kron.validation import check_positive_int
+
+ToleranceSchedule = Callable[[int, Optional[float], float], float]
+STATE_FORMAT = 1
+_DEFERRED, _CHOSEN = 1, 2
+
+
+@dataclass
+class RefreshCounters:
+    """Cumulative counts since the scheduler started (``refreshes``/``checks`` survive a resume;
+    the ``*_here`` figures are this process's own work and restart with it)."""
+
+    checks: int = 0
+    refreshes: int = 0
+    seconds: float = 0.0
+    computed_here: int = 0
+    seconds_here: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One ``(group, dim)`` stack of factors and where it sits in the flat factor order."""
+
+    group_index: int
+    dim: int
+    start: int
+    count: int
+
+
+class RefreshScheduler:
+    """Per-factor refresh scheduling for one optimizer; see the module docstring.
+
+    Args:
+        optimizer: a ``KronOptimizer`` (SOAP, EShampoo, Shampoo, KrADagrad).
+        policy: ``AdaptiveRefresh`` / ``FixedRefresh`` / a policy object; ``None`` uses the
+            optimizer's own ``refresh`` policy.
+        tolerance_schedule: ``schedule(step, total_steps, tolerance) -> tolerance`` (e.g.
+            :class:`~lightning_kron.tolerance_schedule.TighterEarly`); needs an AdaptiveRefresh.
+        max_per_step: refresh budget per optimizer step over all ranks (most stale first);
+            ``None`` uses the policy's ``max_per_step``, if any.
+        total_steps: planned number of optimizer steps, for fraction-based schedules.
+    """
+
+    def __init__(self, optimizer, policy=None, *, tolerance_schedule: Optional[ToleranceSchedule] = None,
+                 max_per_step: Optional[int] = None, total_steps: Optional[float] = None) -> None:
+        self.optimizer = optimizer
+        self.policy = policy if policy is not None else optimizer.refresh
+        if tolerance_schedule is not None and not isinstance(self.policy, AdaptiveRefresh):
+            raise ValueError(f"tolerance_schedule needs an AdaptiveRefresh policy, got {self.policy!r}")
+        if max_per_step is not None:
+            check_positive_int("max_per_step", max_per_step)
+        self.tolerance_schedule = tolerance_schedule
+        self.max_per_step = max_per_step if max_per_step is not None else getattr(self.policy, "max_per_step", None)
+        self.total_steps = total_steps
+        self.counters = RefreshCounters()
+        self._deferred: Optional[torch.Tensor] = None  # host bool mask over the flat factor order
+        self._saved_deferred: Optional[tuple[int, list[int]]] = None
+        self._layout_for: Optional[list[FactorGroup]] = None
+        self._slots: list[_Slot] = []
+        optimizer.external_schedule = True
+        self._handle = optimizer.register_step_post_hook(lambda *_: self.after_step())
+
+    def detach(self) -> None:
+        """Give the schedule back to the optimizer's own policy."""
+        self._handle.remove()
+        self.optimizer.external_schedule = False
+
+    # ----------------------------------------------------------------- what is due
+    @property
+    def factor_count(self) -> int:
+        return sum(slot.count for slot in self._layout())
+
+    @property
+    def deferred_count(self) -> int:
+        return 0 if self._deferred is None else int(self._deferred.sum())
+
+    def tolerance_at(self, step: int) -> float:
+        """The tolerance in force at ``step`` (counted from the first preconditioned step)."""
+        tolerance = getattr(self.policy, "tolerance", 0.0)
+        if self.tolerance_schedule is None:
+            return tolerance
+        return float(self.tolerance_schedule(step, self.total_steps, tolerance))
+
+    def _layout(self) -> list[_Slot]:
+        """Flat factor order: for each group, for each factored dim, its rows. Rebuilt only when
+        the optimizer rebuilt its groups (``load_state_dict``)."""
+        groups = self.optimizer.factor_groups()
+        if groups is not self._layout_for:
+            self._slots, start = [], 0
+            for group_index, group in enumerate(groups):
+                for dim in group.factored_dims:
+                    self._slots.append(_Slot(group_index, dim, start, len(group)))
+                    start += len(group)
+            self._layout_for = groups
+            self._restore_deferred(start)
+        return self._slots
+
+    def _staleness(self, slots: list[_Slot]) -> torch.Tensor:
+        groups = self.optimizer.factor_groups()
+        parts = [groups[s.group_index].tensors[f"staleness.{s.dim}"].float() for s in slots]
+        return torch.cat(parts)
+
+    def _due(self, staleness: torch.Tensor, step: int) -> torch.Tensor:
+        if isinstance(self.policy, FixedRefresh):
+            return torch.ones_like(staleness, dtype=torch.bool)
+        if isinstance(self.policy, AdaptiveRefresh):
+            return staleness > self.tolerance_at(step)
+        return self.policy.select(staleness).to(torch.bool)
+
+    def _within_budget(self, due: torch.Tensor, staleness: torch.Tensor) -> torch.Tensor:
+        if self.max_per_step is None:
+            return due
+        score = torch.where(due, staleness, torch.full_like(staleness, -1.0))
+        order = torch.sort(score, descending=True, stable=True).indices[: self.max_per_step]
+        chosen = torch.zeros_like(due)
+        chosen[order] = True
+        return chosen & due
+
+    # ----------------------------------------------------------------- the step hook
+    def after_step(self) -> None:
+        """Decide and run this step's refreshes (called by the optimizer's step post-hook)."""
+        step = self.optimizer.global_step - self.optimizer.start_preconditioning_step
+        if step <= 0:  # before preconditioning, or the step whose exact refresh the optimizer did itself
+            return
+        checking = self.policy.checks_at(step)
+        slots = self._layout()
+        if not slots or (not checking and not self.deferred_count):
+            return
+        started = time.perf_counter()
+        staleness = self._staleness(slots)
+        due = self._due(staleness, step) if checking else torch.zeros_like(staleness, dtype=torch.bool)
+        if self._deferred is not None:
+            due |= self._deferred.to(due.device)
+        decision = due.to(torch.uint8) + self._within_budget(due, staleness).to(torch.uint8)
+        decision = broadcast_from_first(decision).cpu()  # the one host sync of a checked step
+        self._deferred = decision == _DEFERRED
+        chosen = (decision == _CHOSEN).nonzero().flatten().tolist()
+        self.counters.checks += int(checking)
+        self._refresh(chosen, slots, self.tolerance_at(step), started)
+
+    def _refresh(self, chosen: list[int], slots: list[_Slot], tolerance: float, started: float) -> None:
+        if not chosen:
+            return
+        blocks = self._chosen_blocks(chosen, slots)
+        rank, world = rank_and_world()
+        groups = self.optimizer.factor_groups()
+        costs = [sum(groups[g].shape[dim] ** 3 for dim in dims) for (g, _), dims in blocks.items()]
+        owners = dict(zip(blocks, assign_owners(costs, world)))
+        mine = [(block, dims) for block, dims in blocks.items() if owners[block] == rank]
+        self._refresh_blocks(mine, groups, tolerance)
+        share_rows(self._pieces(owners, groups))
+        elapsed = time.perf_counter() - started
+        self.counters.refreshes += len(chosen)
+        self.counters.computed_here += sum(len(dims) for _, dims in mine)
+        self.counters.seconds += elapsed
+        self.counters.seconds_here += elapsed
+
+    @staticmethod
+    def _chosen_blocks(chosen: list[int], slots: list[_Slot]) -> dict[tuple[int, int], list[int]]:
+        """``{(group_index, row): [dims]}`` for the chosen flat factor indices."""
+        starts = [slot.start for slot in slots]
+        blocks: dict[tuple[int, int], list[int]] = {}
+        for index in chosen:  # ascending, so each block's dims come out in ascending order
+            slot = slots[bisect.bisect_right(starts, index) - 1]
+            blocks.setdefault((slot.group_index, index - slot.start), []).append(slot.dim)
+        return dict(sorted(blocks.items()))
+
+    def _refresh_blocks(self, mine, groups: list[FactorGroup], tolerance: float) -> None:
+        by_stack: dict[tuple[int, int], list[int]] = {}
+        for (group_index, row), dims in mine:
+            for dim in dims:
+                by_stack.setdefault((group_index, dim), []).append(row)
+        for (group_index, dim), rows in sorted(by_stack.items()):
+            self.optimizer.refresh_rows(groups[group_index], dim, rows, tolerance=tolerance,
+                                        max_iters=getattr(self.policy, "max_iters", 1))
+
+    @staticmethod
+    def _pieces(owners: dict[tuple[int, int], int], groups: list[FactorGroup]) -> list[OwnedRows]:
+        rows: dict[tuple[int, int], list[int]] = {}
+        for (group_index, row), owner in owners.items():
+            rows.setdefault((group_index, owner), []).append(row)
+        return [OwnedRows(groups[g].tensors, torch.tensor(r, device=groups[g].device), owner)
+                for (g, owner), r in sorted(rows.items())]
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Small: the deferred factors (needed for a bit-identical resume) and the counters."""
+        deferred = None
+        if self._deferred is not None:
+            deferred = [len(self._deferred), self._deferred.nonzero().flatten().tolist()]
+        elif self._saved_deferred is not None:
+            deferred = list(self._saved_deferred)
+        counters = {"checks": self.counters.checks, "refreshes": self.counters.refreshes, "seconds": self.counters.seconds}
+        return {"format": STATE_FORMAT, "deferred": deferred, "counters": counters}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"unknown RefreshScheduler state format {state.get('format')!r}")
+        self.counters = RefreshCounters(**{**asdict(RefreshCounters()), **state["counters"]})
+        self._saved_deferred = None if state["deferred"] is None else tuple(state["deferred"])
+        self._deferred = None
+        self._layout_for = None  # apply the deferred mask against the (possibly new) layout
+
+    def _restore_deferred(self, factor_count: int) -> None:
+        if self._saved_deferred is None:
+            self._deferred = None if self._deferred is None or len(self._deferred) != factor_count else self._deferred
+            return
+        saved_count, indices = self._saved_deferred
+        if saved_count != factor_count:
+            raise ValueError(f"RefreshScheduler state is for {saved_count} factors, this optimizer has {factor_count}")
+        self._deferred = torch.zeros(factor_count, dtype=torch.bool)
+        self._deferred[indices] = True
+        self._saved_deferred = None

@@ -1,0 +1,132 @@
+"""Turning a ``torch.optim.Adam``/``AdamW`` into a lightning_kron optimizer, schedulers included.
+
+This is the "drop-in" of ``KronCallback``, kept free of Lightning. The new optimizer gets the same
+parameter groups with the same lr, betas, eps and weight decay (AdamW's decay stays decoupled,
+Adam's stays L2), parameter names for readable telemetry, and ``initial_lr`` so LR schedulers keep
+their base rates; the schedulers are then re-pointed at it.
+
+How the Adam hyperparameters map (why): SOAP and EShampoo run Adam in the eigenbasis, so every
+number means what it meant for AdamW. Shampoo's ``eps`` is a damping of the factor eigenvalues
+with a different scale, so AdamW's ``eps`` becomes the Adam graft's ``graft_eps`` and the damping
+keeps Shampoo's default (or ``optimizer_options["eps"]``). KrADagrad's ``eps`` sets its initial
+inverse, so it keeps its own default as well.
+
+>>> import torch
+>>> model = torch.nn.Linear(4, 2)
+>>> adamw = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.99), weight_decay=0.1)
+>>> soap = convert_adam(adamw, "soap", dict(model.named_parameters()))
+>>> type(soap).__name__, soap.param_groups[0]["lr"], soap.param_groups[0]["weight_decay_mode"]
+('SOAP', 0.002, 'decoupled')
+>>> soap.factor_names()
+['weight[L]', 'weight[R]']
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+import torch
+
+METHODS = {
+    "soap": ("lightning_kron.soap", "SOAP"),
+    "eshampoo": ("lightning_kron.soap", "EShampoo"),
+    "shampoo": ("lightning_kron.shampoo", "Shampoo"),
+    "kradagrad": ("lightning_kron.kradagrad", "KrADagrad"),
+}
+_OWN_EPS = ("shampoo", "kradagrad")  # methods whose eps is not Adam's eps
+GROUP_KEYS_FROM_ADAM = ("lr", "betas", "weight_decay")
+_ADAM_ONLY = ("params", "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+
+
+def optimizer_class(method: str) -> type:
+    """The optimizer class of ``method``; a clear ValueError when it is unknown or not installed."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+    module, name = METHODS[method]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        available = ", ".join(repr(m) for m in METHODS if m != method)
+        raise ValueError(f"method={method!r} needs {module}.{name}, which this installation does not have "
+                         f"({error}); use one of {available}") from error
+
+
+def check_options(method: str, options: Mapping[str, Any]) -> None:
+    """Refuse options the converted optimizer takes from the Adam it replaces, and options the
+    optimizer class does not accept (by building it once on a dummy parameter)."""
+    taken = set(GROUP_KEYS_FROM_ADAM) | ({"params"} if method in _OWN_EPS else {"params", "eps"})
+    if clashes := sorted(taken & set(options)):
+        raise ValueError(f"optimizer_options {clashes} come from the module's own Adam/AdamW (configure_optimizers); "
+                         "set them there")
+    try:
+        optimizer_class(method)([torch.nn.Parameter(torch.zeros(2, 2))], **options)
+    except TypeError as error:
+        raise ValueError(f"optimizer_options not accepted by method={method!r}: {error}") from error
+
+
+def convert_adam(optimizer: torch.optim.Adam, method: str, names: Mapping[str, torch.Tensor],
+                 **options: Any) -> torch.optim.Optimizer:
+    """A ``method`` optimizer over ``optimizer``'s parameter groups (see the module docstring).
+
+    ``names`` maps parameter names to parameters (``dict(module.named_parameters())``).
+    """
+    if not isinstance(optimizer, torch.optim.Adam):
+        raise TypeError(f"expected torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
+    name_of = {id(param): name for name, param in names.items()}
+    groups = [_convert_group(group, optimizer, method, name_of) for group in optimizer.param_groups]
+    if method == "shampoo":
+        options = {"graft_eps": optimizer.param_groups[0]["eps"], **options}
+    return optimizer_class(method)(groups, **options)
+
+
+def _convert_group(group: dict, optimizer: torch.optim.Adam, method: str, name_of: Mapping[int, str]) -> dict:
+    for flag in ("amsgrad", "maximize"):
+        if group.get(flag):
+            raise ValueError(f"torch.optim.{type(optimizer).__name__}({flag}=True) has no lightning_kron "
+                             f"equivalent; drop {flag} or build a lightning_kron optimizer yourself")
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
+    # every other key travels: scheduler bookkeeping (initial_lr, OneCycleLR's max_lr/min_lr) and
+    # user keys such as a group "name"
+    converted = {key: _as_float(value) for key, value in group.items() if key not in _ADAM_ONLY}
+    converted["betas"] = tuple(_as_float(beta) for beta in group["betas"])
+    converted["weight_decay_mode"] = "decoupled" if decoupled else "l2"
+    converted["params"] = [(name_of.get(id(param)), param) for param in group["params"]]
+    if method in _OWN_EPS:
+        del converted["eps"]
+    return converted
+
+
+def _as_float(value):
+    return float(value) if isinstance(value, torch.Tensor) else value
+
+
+def repoint_schedulers(schedulers, old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> int:
+    """Make every scheduler that drives ``old`` drive ``new``; returns how many were moved.
+
+    A scheduler reads and writes ``optimizer.param_groups[i]["lr"]`` each step, and the groups
+    correspond one to one, so moving the reference is enough. The step wrapper torch's LRScheduler
+    installs (to warn when ``scheduler.step()`` runs before ``optimizer.step()``) is installed on the
+    new optimizer too.
+    """
+    moved = 0
+    for scheduler in schedulers:
+        if getattr(scheduler, "optimizer", None) is old:
+            scheduler.optimizer = new
+            moved += 1
+    if moved:
+        _track_step_calls(new)
+    return moved
+
+
+def _track_step_calls(optimizer: torch.optim.Optimizer) -> None:
+    step = optimizer.step
+    if hasattr(step, "_wrapped_by_lr_sched"):
+        return
+
+    def tracked_step(*args, **kwargs):
+        optimizer._opt_called = True
+        return step(*args, **kwargs)
+
+    tracked_step._wrapped_by_lr_sched = True
+    optimizer.step = tracked_step

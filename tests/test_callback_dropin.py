@@ -1,0 +1,185 @@
+"""KronCallback as a drop-in: AdamW in, SOAP/EShampoo/Shampoo out, schedulers still driving the lr."""
+
+import importlib.util
+import types
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from callback_helpers import TinyRegression, fit, loader, make_net, parameters_of
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_kron import SOAP, AdaptiveRefresh, EShampoo, FixedRefresh, KronCallback, Shampoo
+from lightning_kron.refresh_scheduler import RefreshScheduler
+
+
+def plain_loop(policy, steps: int, clip: float | None = None) -> list[torch.Tensor]:
+    """The same training as ``TinyRegression`` + KronCallback, written as a plain PyTorch loop."""
+    net = make_net()
+    named = [(f"net.{name}", param) for name, param in net.named_parameters()]
+    optimizer = SOAP(named, lr=1e-2, betas=(0.9, 0.95), eps=1e-7, weight_decay=0.01)
+    RefreshScheduler(optimizer, policy)
+    batches = iter(loader())
+    for _ in range(steps):
+        inputs, targets = next(batches)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(net(inputs), targets).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        optimizer.step()
+    return [p.detach() for p in net.parameters()]
+
+
+def test_adamw_is_replaced_and_the_lr_schedule_still_drives_it():
+    module = TinyRegression(step_lr=2)
+    start = parameters_of(module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(module, [KronCallback(method="soap", refresh=AdaptiveRefresh(0.05))], max_steps=7)
+    optimizer = trainer.optimizers[0]
+    assert type(optimizer) is SOAP
+    assert optimizer.global_step == 7
+    group = optimizer.param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"], group["weight_decay_mode"]) == ((0.9, 0.95), 1e-7, 0.01, "decoupled")
+    assert group["lr"] == pytest.approx(1e-2 * 0.5 ** 3)  # StepLR(step_size=2) after 7 steps, on the new optimizer
+    assert trainer.lr_scheduler_configs[0].scheduler.optimizer is optimizer
+    assert not any("lr_scheduler" in str(w.message) or "optimizer.step()" in str(w.message) for w in caught)
+    assert optimizer.factor_names()[:2] == ["net.0.weight[L]", "net.0.weight[R]"]
+    assert all(not torch.equal(a, b) for a, b in zip(start, module.parameters()))
+
+
+def test_one_cycle_schedule_keeps_cycling_lr_and_betas_on_the_new_optimizer():
+    def one_cycle(module):
+        optimizer = torch.optim.AdamW([{"params": module.parameters(), "name": "all"}], lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=10)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            group = trainer.optimizers[0].param_groups[0]
+            seen.append((group["lr"], group["betas"][0]))
+
+    trainer = fit(TinyRegression(optimizer=one_cycle), [KronCallback(), Record()], max_steps=8)
+    assert type(trainer.optimizers[0]) is SOAP and trainer.optimizers[0].param_groups[0]["name"] == "all"
+    lrs, beta1s = zip(*seen)
+    assert max(lrs) == pytest.approx(1e-2, rel=0.05) and lrs[0] < 0.6e-2 and lrs[-1] < 0.3e-2  # warm up, anneal
+    assert min(beta1s) < 0.9 < max(beta1s) + 1e-9  # OneCycleLR cycles beta1 through the copied "betas"
+
+
+def test_lightning_run_equals_the_plain_loop_with_the_same_scheduler():
+    policy = AdaptiveRefresh(tolerance=0.02, max_per_step=2)
+    module = TinyRegression()
+    fit(module, [KronCallback(refresh=policy)], max_steps=6)
+    for ours, reference in zip(module.parameters(), plain_loop(policy, 6)):
+        assert torch.equal(ours, reference)
+
+
+def test_gradient_clipping_is_seen_by_the_preconditioner():
+    policy = FixedRefresh(every=2)
+    module = TinyRegression()
+    fit(module, [KronCallback(refresh=policy)], max_steps=6, gradient_clip_val=0.05)
+    clipped, unclipped = plain_loop(policy, 6, clip=0.05), plain_loop(policy, 6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(module.parameters(), clipped))
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(module.parameters(), unclipped))
+
+
+@pytest.mark.parametrize("method, kind", [("eshampoo", EShampoo), ("shampoo", Shampoo)])
+def test_other_methods_and_adam_l2_decay(method, kind):
+    trainer = fit(TinyRegression(optimizer="adam"), [KronCallback(method=method, max_precond_dim=64)], max_steps=3)
+    optimizer = trainer.optimizers[0]
+    assert type(optimizer) is kind and optimizer.max_precond_dim == 64
+    assert optimizer.param_groups[0]["weight_decay_mode"] == "l2"  # torch Adam's decay is L2, not decoupled
+    if method == "shampoo":  # AdamW's eps is the graft's eps; Shampoo's own damping keeps its default
+        assert optimizer.graft_eps == 1e-7 and optimizer.param_groups[0]["eps"] == 1e-12
+
+
+def test_a_lightning_kron_optimizer_is_taken_over_and_named():
+    module = TinyRegression(optimizer=lambda m: SOAP(m.parameters(), lr=1e-2))
+    callback = KronCallback(refresh=AdaptiveRefresh(0.0))
+    trainer = fit(module, [callback], max_steps=4)
+    optimizer = trainer.optimizers[0]
+    assert callback.optimizer is optimizer and optimizer.external_schedule is False  # handed back at teardown
+    assert "net.2.weight[R]" in optimizer.factor_names()
+    assert callback.scheduler.counters.refreshes == 3 * len(optimizer.factor_names())  # tolerance 0: all, steps 2..4
+
+
+def test_manual_optimization_is_supported():
+    class Manual(TinyRegression):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(super().training_step(batch, batch_idx))
+            optimizer.step()
+
+    callback = KronCallback(refresh=FixedRefresh(every=1))
+    trainer = fit(Manual(), [callback], max_steps=3)
+    assert type(trainer.optimizers[0]) is SOAP and trainer.optimizers[0].global_step == 3
+    assert callback.scheduler.counters.refreshes == 2 * 6
+
+
+@pytest.mark.parametrize("kind, message", [("two", "exactly one optimizer"), ("sgd", "replaces torch.optim.Adam/AdamW")])
+def test_unsupported_optimizers_are_refused_at_fit_start(kind, message):
+    with pytest.raises(MisconfigurationException, match=message):
+        fit(TinyRegression(optimizer=kind), [KronCallback()], max_steps=1)
+
+
+def test_take_over_refuses_a_different_method_and_unused_options():
+    module = TinyRegression(optimizer=lambda m: SOAP(m.parameters()))
+    with pytest.raises(MisconfigurationException, match="method='shampoo'"):
+        fit(module, [KronCallback(method="shampoo")], max_steps=1)
+    with pytest.raises(MisconfigurationException, match="max_precond_dim"):
+        fit(module, [KronCallback(max_precond_dim=8)], max_steps=1)
+
+
+@pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy])
+def test_sharded_strategies_are_refused_at_setup(strategy):
+    trainer = types.SimpleNamespace(strategy=object.__new__(strategy))
+    with pytest.raises(MisconfigurationException, match="strategy='ddp'"):
+        KronCallback().setup(trainer, None, "fit")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(method="adam"), "method must be one of"),
+    (dict(refresh=10), "refresh must be"),
+    (dict(refresh=FixedRefresh(5), tolerance_schedule=lambda *a: 0.1), "needs refresh=AdaptiveRefresh"),
+    (dict(max_refreshes_per_step=0), "max_refreshes_per_step"),
+    (dict(log_every_n_steps=-1), "log_every_n_steps"),
+    (dict(approximation_probe_max_numel=-5), "approximation_probe_max_numel"),
+    (dict(lr=0.1), "come from the module's own Adam"),
+    (dict(bogus_option=1), "not accepted by method='soap'"),
+    (dict(max_precond_dim=-1), "max_precond_dim"),
+])
+def test_bad_arguments_fail_at_construction(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        KronCallback(**arguments)
+
+
+def test_kradagrad_is_loaded_lazily_or_refused_clearly():
+    if importlib.util.find_spec("lightning_kron.kradagrad") is None:
+        with pytest.raises(ValueError, match="needs lightning_kron.kradagrad.KrADagrad.*'soap'"):
+            KronCallback(method="kradagrad", max_precond_dim=8)
+    else:
+        assert KronCallback(method="kradagrad").method == "kradagrad"
+
+
+def test_a_yaml_config_can_set_every_argument_including_optimizer_options():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--callback", type=KronCallback)
+    config = parser.parse_object({"callback": {"class_path": "lightning_kron.KronCallback", "init_args": {
+        "method": "eshampoo", "max_refreshes_per_step": 4,
+        "refresh": {"class_path": "lightning_kron.AdaptiveRefresh", "init_args": {"tolerance": 0.02}},
+        "optimizer_options": {"max_precond_dim": 5}}}})
+    callback = parser.instantiate(config).callback
+    assert callback.refresh == AdaptiveRefresh(0.02) and callback.optimizer_options == {"max_precond_dim": 5}
+    trainer = fit(TinyRegression(), [callback], max_steps=2)
+    assert type(trainer.optimizers[0]) is EShampoo and trainer.optimizers[0].max_precond_dim == 5

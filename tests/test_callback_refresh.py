@@ -1,0 +1,85 @@
+"""The refresh schedule KronCallback owns: adaptive per factor, budgeted, tolerance schedule."""
+
+import lightning as L
+import torch
+from callback_helpers import TinyRegression, fit, loader, make_net
+
+from lightning_kron import SOAP, AdaptiveRefresh, FixedRefresh, KronCallback
+from lightning_kron.refresh_scheduler import RefreshScheduler
+from lightning_kron.tolerance_schedule import TighterEarly
+
+
+def run(policy, steps: int = 12, **scheduler_options):
+    """A plain loop with a RefreshScheduler; returns (net, optimizer, scheduler, per-step records)."""
+    net = make_net()
+    optimizer = SOAP([(f"net.{n}", p) for n, p in net.named_parameters()], lr=1e-2)
+    records = []
+    # registered before the scheduler's hook, so it sees the staleness the decision is made on
+    optimizer.register_step_post_hook(lambda *_: records.append({i.name: i.staleness for i in optimizer.factors()}))
+    scheduler = RefreshScheduler(optimizer, policy, **scheduler_options)
+    batches = [batch for _ in range(2) for batch in loader()]
+    for step in range(steps):
+        inputs, targets = batches[step]
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(net(inputs), targets).backward()
+        optimizer.step()
+        records[-1]["refreshed"] = {i.name for i in optimizer.factors() if i.steps_since_refresh == 0}
+    return net, optimizer, scheduler, records
+
+
+def test_adaptive_refreshes_fewer_factors_than_every_step_and_each_at_its_own_rate():
+    fixed, adaptive = KronCallback(refresh=FixedRefresh(every=1)), KronCallback(refresh=AdaptiveRefresh(tolerance=0.03))
+    fit(TinyRegression(), [fixed], max_epochs=2)
+    fit(TinyRegression(), [adaptive], max_epochs=2)
+    assert fixed.scheduler.counters.refreshes == 15 * 6  # steps 2..16, all 6 factors
+    assert 0 < adaptive.scheduler.counters.refreshes < 0.8 * fixed.scheduler.counters.refreshes
+    counts = [info.refreshes for info in adaptive.optimizer.factors()]
+    assert len(set(counts)) > 1, counts  # factors drift at different rates and are refreshed independently
+
+
+def test_budget_refreshes_the_most_stale_first_and_defers_the_rest():
+    _, optimizer, scheduler, records = run(FixedRefresh(every=4), max_per_step=2)
+    names = optimizer.factor_names()
+    for step, record in enumerate(records, start=1):
+        relative = step - 1  # step 1: the optimizer's own exact refresh of every factor
+        expected = 6 if relative == 0 else 2 if relative % 4 in (0, 1, 2) and relative > 2 else 0
+        assert len(record["refreshed"]) == expected, (step, record["refreshed"])
+        if relative > 0 and relative % 4 == 0:  # the check step: the two stalest of all six
+            ranked = sorted(names, key=lambda name: -record[name])
+            assert record["refreshed"] == set(ranked[:2])
+    assert scheduler.deferred_count == 0 and scheduler.counters.refreshes == 2 * 6
+
+
+def test_tolerance_zero_is_exactly_the_fixed_frequency():
+    net_adaptive, *_ = run(AdaptiveRefresh(tolerance=0.0, check_every=3))
+    net_fixed, *_ = run(FixedRefresh(every=3))
+    for a, b in zip(net_adaptive.parameters(), net_fixed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_huge_tolerance_never_refreshes_after_the_first_exact_basis():
+    _, optimizer, scheduler, _ = run(AdaptiveRefresh(tolerance=1.0))
+    assert scheduler.counters.refreshes == 0 and scheduler.counters.checks == 11
+    assert {info.refreshes for info in optimizer.factors()} == {1}
+
+
+def test_tighter_tolerance_early_refreshes_more_early_only():
+    base = AdaptiveRefresh(tolerance=0.05)
+    _, _, plain, plain_records = run(base)
+    _, _, tight, tight_records = run(base, tolerance_schedule=TighterEarly(early_tolerance=0.0, early_steps=5))
+    early = lambda records: sum(len(r["refreshed"]) for r in records[1:5])  # relative steps 1..4
+    assert early(tight_records) == 4 * 6 > early(plain_records)
+    assert tight.tolerance_at(4) == 0.0 and tight.tolerance_at(5) == 0.05 == plain.tolerance_at(4)
+
+
+def test_callback_resolves_a_fractional_schedule_from_the_trainer():
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.append(callback.scheduler.tolerance_at(trainer.global_step - 1))
+
+    callback = KronCallback(refresh=AdaptiveRefresh(0.05), tolerance_schedule=TighterEarly(0.01, early_fraction=0.25))
+    fit(TinyRegression(), [callback, Spy()], max_steps=8)
+    assert callback.scheduler.total_steps == 8
+    assert seen == [0.01, 0.01, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05]
