@@ -73,7 +73,7 @@ def kronecker_methods(eps: float) -> list[Method]:
 
 
 def baseline_methods() -> list[Method]:
-    adam_grid = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
+    adam_grid = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
     return [
         Method("SOAP fp32", lambda p, lr: lk.SOAP(p, lr=lr, weight_decay=0.0), adam_grid),
         Method("AdamW fp32", lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0), adam_grid),
