@@ -45,6 +45,8 @@ class BasisChangeHooks(Protocol):
 
     def after_refresh(self, group: FactorGroup, rows: Optional[torch.Tensor], dim: int) -> None: ...
 
+    def factor_staleness(self, stats: torch.Tensor) -> torch.Tensor: ...
+
 
 @dataclass(frozen=True)
 class RefreshRequest:
@@ -81,7 +83,7 @@ def _eigh(stats: torch.Tensor):
     return rotation, stats, ok, torch.where(ok[:, None], order, _identity_order(order))
 
 
-def _warm_qr(stats: torch.Tensor, request: RefreshRequest):
+def _warm_qr(stats: torch.Tensor, request: RefreshRequest, criterion=staleness):
     """Sorted power steps, repeated while any member is above tolerance (up to ``max_iters``)."""
     orth = ORTHONORMALIZERS[request.orthonormalizer]
     rotation = order = None
@@ -94,7 +96,7 @@ def _warm_qr(stats: torch.Tensor, request: RefreshRequest):
         order = step_order if order is None else torch.gather(order, -1, step_order)
         failed |= ~ok
         last = iteration + 1 == request.max_iters
-        if last or not bool((staleness(stats) > request.tolerance).any()):
+        if last or not bool((criterion(stats) > request.tolerance).any()):
             break
     return rotation, stats, ~failed, order
 
@@ -115,7 +117,7 @@ def refresh_factor(
     if request.solver == "eigh" or never_refreshed:
         rotation, stats, ok, order = _eigh(stats)
     else:
-        rotation, new_stats, ok, order = _warm_qr(stats, request)
+        rotation, new_stats, ok, order = _warm_qr(stats, request, hooks.factor_staleness)
         if not bool(ok.all()):  # QR failed somewhere: the eigh chain retries with damping and fp64
             rotation, new_stats, ok, order = _eigh(stats)
         stats = new_stats
@@ -123,7 +125,7 @@ def refresh_factor(
     hooks.rotate_rows(group, rows, dim, rotation)
     basis = rotation if never_refreshed else take(group.basis(dim), rows) @ rotation
     basis = _reorthonormalize_if_due(basis, refreshes)
-    _store(group, dim, rows, basis, stats, ~ok, step, time.perf_counter() - started)
+    _store(group, dim, rows, basis, stats, ~ok, step, time.perf_counter() - started, hooks.factor_staleness(stats))
     hooks.after_refresh(group, rows, dim)
 
 
@@ -141,10 +143,10 @@ def _reorthonormalize_if_due(basis: torch.Tensor, refreshes: torch.Tensor) -> to
     return basis
 
 
-def _store(group, dim, rows, basis, stats, failed, step, seconds) -> None:
+def _store(group, dim, rows, basis, stats, failed, step, seconds, stale) -> None:
     put(group.basis(dim), rows, basis)
     put(group.stats(dim), rows, stats)
-    put(group.tensors[f"staleness.{dim}"], rows, staleness(stats))
+    put(group.tensors[f"staleness.{dim}"], rows, stale)
     count = basis.shape[0]
     put(group.tensors[f"refreshes.{dim}"], rows, take(group.tensors[f"refreshes.{dim}"], rows) + 1)
     put(group.tensors[f"failures.{dim}"], rows, take(group.tensors[f"failures.{dim}"], rows) + failed.long())

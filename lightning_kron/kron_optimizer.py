@@ -85,6 +85,9 @@ class _InFlightHooks:
     def after_refresh(self, group, rows, dim) -> None:
         self.optimizer.after_refresh(group, rows, dim)
 
+    def factor_staleness(self, stats: torch.Tensor) -> torch.Tensor:
+        return self.optimizer.factor_staleness(stats)
+
 
 def _replace_rows(stack: torch.Tensor, rows, transform) -> torch.Tensor:
     if rows is None:
@@ -121,6 +124,10 @@ def _split_named(params: Any, first_group: int = 0) -> tuple[list[dict], dict[in
 
 class KronOptimizer(torch.optim.Optimizer):
     """Base class; see the module docstring. Not used directly: pick SOAP, EShampoo or Shampoo."""
+
+    #: Solver of the forced refresh at ``start_preconditioning_step``. "eigh" finds the bases from
+    #: scratch; a subclass whose statistics update already produces exact eigenbases may use "qr".
+    initial_refresh_solver = "eigh"
 
     def __init__(
         self,
@@ -273,6 +280,10 @@ class KronOptimizer(torch.optim.Optimizer):
     def after_refresh(self, group, rows, dim) -> None:
         """A refresh finished (``stats.dim`` now holds the factor in its new basis)."""
 
+    def factor_staleness(self, stats: torch.Tensor) -> torch.Tensor:
+        """``e(Q, L)`` of each member from its stored ``stats`` (overridden for inverse factors)."""
+        return staleness(stats)
+
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -332,7 +343,7 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _update_staleness(self, group: FactorGroup) -> None:
         for dim in group.factored_dims:
-            group.tensors[f"staleness.{dim}"].copy_(staleness(group.stats(dim)))
+            group.tensors[f"staleness.{dim}"].copy_(self.factor_staleness(group.stats(dim)))
 
     def _finish(self, item: _PendingGroup) -> None:
         group = item.group
@@ -351,7 +362,7 @@ class KronOptimizer(torch.optim.Optimizer):
         if not entries:
             return
         if relative == 0:  # the first preconditioned step: exact bases for every factor
-            request = RefreshRequest(solver="eigh")
+            request = RefreshRequest(solver=self.initial_refresh_solver, orthonormalizer=self.orthonormalizer)
             for item, dim in entries:
                 self._refresh_rows(item, dim, None, request)
             return

@@ -18,15 +18,13 @@ from typing import Any, Optional
 
 import torch
 
-from lightning_kron.basis_refresh import put, take
+from lightning_kron.basis_refresh import take
 from lightning_kron.factor_group import FactorGroup
-from lightning_kron.grafting import GRAFTS, graft_direction, graft_norm
-from lightning_kron.kron_optimizer import KronOptimizer, StepHyperparameters
-from lightning_kron.soap import bias_correction
-from lightning_kron.validation import check_choice, check_nonnegative
+from lightning_kron.kron_optimizer import StepHyperparameters
+from lightning_kron.root_preconditioner import RootPreconditionedOptimizer
 
 
-class Shampoo(KronOptimizer):
+class Shampoo(RootPreconditionedOptimizer):
     """Root-inverse Shampoo with per-block grafting (adam | adagrad | rmsprop | sgd | none).
 
     Args:
@@ -44,46 +42,15 @@ class Shampoo(KronOptimizer):
                  weight_decay: float = 0.0, *, graft: str = "adam", graft_eps: float = 1e-8,
                  shampoo_beta: Optional[float] = None, weight_decay_mode: str = "decoupled",
                  solver: str = "eigh", **options: Any) -> None:
-        self.graft = check_choice("graft", graft, GRAFTS)
-        self.graft_eps = check_nonnegative("graft_eps", graft_eps)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         weight_decay_mode=weight_decay_mode, shampoo_beta=shampoo_beta)
-        super().__init__(params, defaults, solver=solver, **options)
+        super().__init__(params, defaults, graft=graft, graft_eps=graft_eps, solver=solver, **options)
 
-    def _init_state(self, group: FactorGroup) -> None:
-        group.add("exp_avg", group.zeros_like_blocks())
-        if self.graft in ("adam", "adagrad", "rmsprop"):
-            group.add("graft_sq", group.zeros_like_blocks())
-        for dim in group.factored_dims:
-            group.add(f"root_scale.{dim}", torch.ones(len(group), group.shape[dim],
-                                                       dtype=group.state_dtype, device=group.device))
-
-    def after_refresh(self, group: FactorGroup, rows, dim: int) -> None:
-        hyper = self._hyperparameters(self.param_groups[group.param_group])
+    def _root_scale(self, group: FactorGroup, rows, dim: int, hyper: StepHyperparameters) -> torch.Tensor:
+        """``(lambda_hat + eps)^(-1/(2k))`` from the bias-corrected factor eigenvalues ``diag(B)``."""
         step = take(group.tensors["step"], rows)
         eigenvalues = take(group.stats(dim), rows).diagonal(dim1=-2, dim2=-1).clamp_min(0)
         if hyper.shampoo_beta < 1:
             eigenvalues = eigenvalues / (1.0 - torch.pow(hyper.shampoo_beta, step))[:, None]
         exponent = -1.0 / (2 * len(group.factored_dims))
-        put(group.tensors[f"root_scale.{dim}"], rows, (eigenvalues + hyper.eps).pow(exponent))
-
-    def _preconditioned(self, group: FactorGroup, momentum: torch.Tensor) -> torch.Tensor:
-        rotated = group.rotate_in(momentum)
-        for dim in group.factored_dims:
-            shape = [len(group)] + [1] * group.order
-            shape[dim + 1] = group.shape[dim]
-            rotated = rotated * group.tensors[f"root_scale.{dim}"].reshape(shape)
-        return group.rotate_out(rotated)
-
-    def _direction(self, group: FactorGroup, grad: torch.Tensor, rotated: torch.Tensor,
-                   hyper: StepHyperparameters) -> torch.Tensor:
-        exp_avg = group.tensors["exp_avg"]
-        exp_avg.lerp_(grad, 1.0 - hyper.beta1)
-        step = group.tensors["step"]
-        momentum = exp_avg / bias_correction(hyper.beta1, step, exp_avg)
-        direction = self._preconditioned(group, momentum)
-        if self.graft == "none":
-            return direction
-        reference = graft_direction(self.graft, momentum, grad, group.tensors.get("graft_sq"), hyper.beta2,
-                                    self.graft_eps, bias_correction(hyper.beta2, step, exp_avg))
-        return graft_norm(direction, reference)
+        return (eigenvalues + hyper.eps).pow(exponent)

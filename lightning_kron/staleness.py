@@ -23,3 +23,27 @@ def staleness(stats: torch.Tensor) -> torch.Tensor:
     off_diagonal = (total.square() - diagonal.square()).clamp_min(0).sqrt()
     ratio = torch.where(total > 0, off_diagonal / total.clamp_min(1e-300), 0.0)
     return ratio.to(stats.dtype)
+
+
+def inverse_factor_staleness(stats: torch.Tensor) -> torch.Tensor:
+    """``e(Q, L)`` estimated from ``B = Q^T X Q`` with ``X ~ L^-1`` (KrADagrad's inverse factors).
+
+    ``staleness(B)`` of an inverse factor would be dominated by X's largest eigenvalues, which are
+    L's *smallest*: the damped, near-empty directions the preconditioner cares least about. To first
+    order in the off-diagonal part ``O`` of ``B = D + O``, ``B^-1 = D^-1 - D^-1 O D^-1``, so the
+    staleness of ``L`` in the same basis is computed from ``O_ij / (d_i d_j)`` and ``1 / d_i``
+    elementwise, with no inverse: a tolerance then means the same for KrADagrad as for Shampoo/SOAP.
+    The first-order estimate is exact in the limit that matters (a fresh basis, e -> 0).
+
+    >>> import torch
+    >>> L = torch.tensor([[[4.0, 0.1], [0.1, 1.0]]], dtype=torch.float64)
+    >>> exact, estimate = staleness(L), inverse_factor_staleness(torch.linalg.inv(L))
+    >>> bool(abs(exact - estimate) < 1e-3 * exact)
+    True
+    """
+    diagonal = stats.diagonal(dim1=-2, dim2=-1)
+    reciprocal = 1.0 / diagonal.clamp_min(torch.finfo(stats.dtype).tiny)
+    off_diagonal = (stats - torch.diag_embed(diagonal)) * reciprocal[..., :, None] * reciprocal[..., None, :]
+    off = torch.linalg.matrix_norm(off_diagonal)
+    total = torch.sqrt(off.square() + reciprocal.square().sum(-1))
+    return torch.where(total > 0, off / total.clamp_min(torch.finfo(stats.dtype).tiny), 0.0)

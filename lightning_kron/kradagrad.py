@@ -1,0 +1,248 @@
+"""KrADagrad and KrADagrad*: Kronecker preconditioning with no matrix inverse (Mei et al., UAI 2023).
+
+Shampoo keeps ``L_i = sum A_i`` and needs ``(eps I + L_i)^(-1/(2k))``, an inverse root of a matrix
+whose condition number grows without bound. KrADagrad keeps ``X_i ~ (eps I + L_i)^-1`` itself,
+starting from ``I / eps`` and updated with the approximation-domination downdate
+``X <- X - X A X / s`` (:mod:`lightning_kron.approximation_domination`): matmuls only, and ``X`` is a
+positive matrix bounded by ``I / eps``, so only a *positive* root of it is ever taken.
+
+Two variants (ALGORITHMS.md §4):
+
+* ``variant="star"`` (KrADagrad*): every factor is downdated every step with its own statistic
+  ``A_i = unfold_i(G) unfold_i(G)^T``; direction ``G x_1 X_1^(1/(2k)) ... x_k X_k^(1/(2k))``.
+* ``variant="alternating"`` (KrADagrad): one factor per step, cycling through the dims, with the
+  statistic taken from the gradient preconditioned in the other modes,
+  ``A_i = unfold_i(G x_{j!=i} X_j^(1/2)) unfold_i(...)^T / prod_{j!=i} d_j`` (for a matrix
+  ``G X_R G^T / d_R``), and ``X_i^(1/2)`` in every mode of the direction. For Kronecker gradient
+  covariance ``C = C_1 x ... x C_k`` the fixed point is ``X_1 x ... x X_k = (t C)^-1``: full-matrix
+  AdaGrad's ``(t C)^(-1/2)`` step (Shampoo and KrADagrad* reach ``C^(-1/(2k))``).
+  Design decision, measured: ALGORITHMS.md writes ``G X_R^(1/2) G^T``; with it the fixed point
+  scales as ``|G|^(-1/3)``, so the step depends on the loss scale. The full ``X_j``, split
+  symmetrically (PSD by construction) and normalised, is scale invariant (tests/test_kradagrad.py)
+  and did better on a 20-32-5 MLP toy: best final loss 0.16 vs 0.24 (0.55 vs 1.2 with the loss
+  scaled by 100).
+  The other modes' ``X_j`` enter through the current ``diag(stats.j)`` (``X_j`` in its basis).
+  Its damping acts as ``eps^2`` on the Kronecker product (both roots are square roots), so the
+  alternating variant wants a larger ``eps`` than KrADagrad* (roughly its square root).
+
+How it sits on the shared engine: each ``X_i`` is stored in its own eigenbasis like every factor
+(``stats.i = Q_i^T X_i Q_i``), so the statistic in that basis comes from the rotated gradient the
+engine already computed, and the downdate, its scale ``s`` and the positive-definiteness check are
+basis invariant. Kept nearly diagonal, ``B`` holds each eigenvalue of ``X`` to fp32's *relative*
+precision however ill-conditioned ``X`` is; that, not the downdate alone, is what lets fp32 work.
+The root ``X_i^p`` is ``Q_i diag(x)^p Q_i^T`` with per-dim scales frozen at each refresh, exactly
+as Shampoo's inverse roots (:mod:`lightning_kron.root_preconditioner`).
+
+Design decisions (checked in tests/test_kradagrad.py and scripts/illconditioned.py):
+
+* The first update of each factor, from ``X_0 = I / eps``, is exact, from an SVD of the unfolded
+  gradient (:func:`~lightning_kron.approximation_domination.exact_from_isotropic`), and sets the
+  factor's eigenbasis. A dominated downdate from ``I / eps`` barely shrinks ``X`` (by ~1/rank(A) per
+  step) so the first hundreds of steps were ~``eps^-1/2`` too long (the MLP toy blew up); an eigh of
+  ``G G^T`` instead of the SVD of ``G`` squares the condition number and cost fp32 KrADagrad* a
+  factor ~1e5 in final loss at eps=1e-12 on the ill-conditioned problem (now equal to fp64).
+* Refresh: the eigenbasis of ``X`` is that of ``L``, and a sorted warm QR step contracts the angle
+  between eigenvectors ``i, j`` by the ratio of their eigenvalues, the same number for ``X`` and
+  ``X^-1``; so the machinery carries over (it sorts by ``diag(X)`` descending, L's *smallest* first,
+  which is harmless: only pairwise ratios matter). The default solver is "qr": a QR step of ``B``
+  keeps every eigenvalue of a graded ``B`` to relative precision in fp32, while an eigh of ``B``
+  loses those below ~1e-7 of the largest (X's small ones, the gradient-heavy directions of ``L``).
+* Staleness: ``e(Q, X)`` is dominated by X's largest eigenvalues, the damped, near-empty directions
+  of ``L``. The optimizer reports ``e(Q, L)`` estimated to first order from ``stats`` (no inverse,
+  :func:`~lightning_kron.staleness.inverse_factor_staleness`), so a tolerance means the same as for
+  SOAP and Shampoo and the Lightning callback can own the schedule unchanged.
+* Non-finite or non-positive-definite ``X`` after an update: detected for all members at once by a
+  batched ``cholesky_ex`` (no host sync); those members keep their previous ``X`` and
+  ``failures.i`` (factor telemetry, shared with failed refreshes) counts it. Non-finite gradients
+  are refused by the engine before any statistic changes.
+* EMA (``shampoo_beta < 1``) keeps the damping at ``eps``
+  (:func:`~lightning_kron.approximation_domination.krad_update`) and bias-corrects the root with
+  ``(1 - beta^t) X``; the default is the paper's AdaGrad sum, ``shampoo_beta = 1``.
+* Blocks with no factored dim (biases, norms by default) get the diagonal form of the same method,
+  ``m / sqrt(eps + v)``, ``v`` the sum (or EMA) of squared gradients: diagonal KrAD is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from lightning_kron.approximation_domination import (
+    DOMINATION_SCALES,
+    exact_from_isotropic,
+    krad_update,
+    positive_definite,
+)
+from lightning_kron.basis_refresh import take
+from lightning_kron.factor_group import FactorGroup
+from lightning_kron.kron_optimizer import StepHyperparameters
+from lightning_kron.modes import unfold
+from lightning_kron.refresh import FixedRefresh
+from lightning_kron.root_preconditioner import RootPreconditionedOptimizer, scale_modes
+from lightning_kron.soap import bias_correction
+from lightning_kron.staleness import inverse_factor_staleness
+from lightning_kron.validation import check_choice
+
+VARIANTS = ("star", "alternating")
+
+
+class KrADagrad(RootPreconditionedOptimizer):
+    """KrADagrad (``variant="alternating"``) and KrADagrad* (``variant="star"``, default).
+
+    Args:
+        params: ``model.parameters()``, ``model.named_parameters()`` or parameter-group dicts.
+        lr: learning rate. The direction is normalised like AdaGrad's, so AdaGrad-sized rates work.
+        betas: ``(beta1, beta2)``: momentum of the gradient, and the grafted method's beta2 (also
+            the statistics' EMA rate when ``shampoo_beta=None``).
+        eps: damping: ``X`` starts at ``I / eps`` and approximates ``(eps I + L)^-1``. Must be > 0.
+        weight_decay: decoupled (AdamW-style) by default; ``weight_decay_mode="l2"`` adds it to G.
+        variant: "star" (KrADagrad*: every factor, every step) or "alternating" (KrADagrad).
+        graft: ``None`` (no grafting) or "adam" | "adagrad" | "rmsprop" | "sgd": borrow that
+            method's per-block step size; ``graft_eps`` is its epsilon.
+        shampoo_beta: 1 (default) sums the statistics as AdaGrad; < 1 is an EMA; ``None`` uses beta2.
+        domination_scale: the downdate's ``s``: "trace" (``1 + tr(XA)``, default), "frobenius",
+            "schatten" (tighter) or "damped" (looser); see :mod:`lightning_kron.approximation_domination`.
+        refresh, solver, max_precond_dim, ...: as :class:`lightning_kron.SOAP` (default: sorted
+            warm-QR refresh every 10 steps).
+
+    >>> import torch
+    >>> model = torch.nn.Linear(8, 4)
+    >>> opt = KrADagrad(model.named_parameters(), lr=0.1)
+    >>> model(torch.randn(16, 8)).square().mean().backward(); opt.step()
+    >>> opt.factor_names()
+    ['weight[L]', 'weight[R]']
+    >>> x = opt.state[model.weight]["block0.stats.0"]  # X_L in its eigenbasis: positive, <= 1/eps
+    >>> bool(torch.linalg.eigvalsh(x).min() > 0), bool(torch.linalg.eigvalsh(x).max() <= 1 / 0.1)
+    (True, True)
+    """
+
+    initial_refresh_solver = "qr"  # the first update already stores every X in its exact eigenbasis
+
+    def __init__(self, params: Any, lr: float = 0.1, betas=(0.9, 0.999), eps: float = 0.1,
+                 weight_decay: float = 0.0, *, variant: str = "star", graft: Optional[str] = None,
+                 graft_eps: float = 1e-8, shampoo_beta: Optional[float] = 1.0, domination_scale: str = "trace",
+                 weight_decay_mode: str = "decoupled", refresh=None, solver: str = "qr", **options: Any) -> None:
+        self.variant = check_choice("variant", variant, VARIANTS)
+        self.domination_scale = check_choice("domination_scale", domination_scale, DOMINATION_SCALES)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        weight_decay_mode=weight_decay_mode, shampoo_beta=shampoo_beta)
+        refresh = refresh if refresh is not None else FixedRefresh(every=10)
+        super().__init__(params, defaults, graft="none" if graft is None else graft, graft_eps=graft_eps,
+                         refresh=refresh, solver=solver, **options)
+
+    def _validate_group(self, group: dict) -> None:
+        super()._validate_group(group)
+        if not group["eps"] > 0:
+            raise ValueError(f"eps must be > 0 for KrADagrad (X starts at I / eps), got {group['eps']!r}")
+
+    # ----------------------------------------------------------------- state
+    def _init_state(self, group: FactorGroup) -> None:
+        super()._init_state(group)
+        eps = self.param_groups[group.param_group]["eps"]
+        for dim in group.factored_dims:
+            size = group.shape[dim]
+            eye = torch.eye(size, dtype=group.state_dtype, device=group.device) / eps
+            group.stats(dim).copy_(eye.expand(len(group), size, size))
+        if not group.factored_dims:
+            group.add("diagonal_sq", group.zeros_like_blocks())
+
+    def factor_staleness(self, stats: torch.Tensor) -> torch.Tensor:
+        return inverse_factor_staleness(stats)
+
+    # ----------------------------------------------------------------- statistics
+    def _dims_this_step(self, group: FactorGroup) -> list[int]:
+        dims = group.factored_dims
+        if self.variant == "star" or not dims:
+            return dims
+        return [dims[(self.global_step - 1) % len(dims)]]
+
+    def _statistic_factor(self, group: FactorGroup, rotated: torch.Tensor, dim: int) -> torch.Tensor:
+        """``F`` with ``A_dim = F F^T`` in the eigenbasis of ``X_dim`` (see the module docstring)."""
+        if self.variant == "star":
+            return unfold(rotated, dim)
+        others = [j for j in group.factored_dims if j != dim]
+        halves = {j: group.stats(j).diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt() for j in others}
+        normaliser = math.sqrt(math.prod(group.shape[j] for j in others))
+        return unfold(scale_modes(rotated, halves), dim) / normaliser
+
+    def _update_statistics(self, group: FactorGroup, rotated: torch.Tensor, hyper: StepHyperparameters) -> None:
+        if not group.factored_dims:
+            self._accumulate_diagonal(group, rotated, hyper.shampoo_beta)
+        for dim in self._dims_this_step(group):
+            factor = self._statistic_factor(group, rotated, dim)
+            old = group.stats(dim)
+            new = krad_update(old, factor @ factor.mT, hyper.shampoo_beta, hyper.eps, self.domination_scale)
+            if self._first_update(group, dim):
+                new = self._exact_first_update(group, dim, factor, hyper, fallback=new)
+            ok = positive_definite(new)
+            old.copy_(torch.where(ok[:, None, None], new, old))
+            group.tensors[f"failures.{dim}"].add_((~ok).long())
+
+    def _first_update(self, group: FactorGroup, dim: int) -> bool:
+        """Is this the step that first downdates ``dim`` from ``X_0 = I / eps``? (host-side, no sync)
+
+        Star updates every dim at step 1; alternating updates dim number ``j`` first at step ``j+1``.
+        A factor whose first step was skipped (non-finite gradient) starts with dominated downdates.
+        """
+        return self.global_step <= (len(group.factored_dims) if self.variant == "alternating" else 1)
+
+    def _exact_first_update(self, group: FactorGroup, dim: int, factor: torch.Tensor,
+                            hyper: StepHyperparameters, fallback: torch.Tensor) -> torch.Tensor:
+        """``X_1`` exactly, stored diagonal in its own eigenbasis; see :func:`exact_from_isotropic`.
+
+        ``X_0`` is isotropic, so moving the basis costs nothing: the frozen root scale is uniform
+        and KrADagrad keeps no other buffer in rotated coordinates. It is a refresh in all but name
+        (a decomposition that sets the basis), and telemetry counts it as one; the engine also relies
+        on the count (a factor never refreshed is assumed to still have the identity basis).
+        If preconditioning has already
+        started (the alternating variant reaches dim ``j`` only at step ``j + 1``, after the first
+        refresh), the root scale is set from the exact ``X_1`` too: frozen at ``(I / eps)^p`` until
+        the next refresh it would overshoot by orders of magnitude (measured: divergence on the
+        ill-conditioned quadratic of tests/test_kradagrad.py).
+        """
+        weight = 1.0 if hyper.shampoo_beta == 1.0 else 1.0 - hyper.shampoo_beta
+        vectors, values, ok = exact_from_isotropic(factor, hyper.eps, weight)
+        keep = ok[:, None, None]
+        basis = group.basis(dim)
+        basis.copy_(torch.where(keep, basis @ vectors, basis))
+        group.tensors[f"refreshes.{dim}"].add_(ok.long())
+        last = group.tensors[f"last_refresh.{dim}"]
+        last.copy_(torch.where(ok, self.global_step, last))
+        if self.global_step >= self.start_preconditioning_step:
+            scale = group.tensors[f"root_scale.{dim}"]
+            scale.copy_(torch.where(ok[:, None], self._scale_from(values, group.tensors["step"], group, hyper), scale))
+        return torch.where(keep, torch.diag_embed(values), fallback)
+
+    @staticmethod
+    def _accumulate_diagonal(group: FactorGroup, grad: torch.Tensor, beta: float) -> None:
+        squares = group.tensors["diagonal_sq"]
+        if beta == 1.0:
+            squares.addcmul_(grad, grad)
+        else:
+            squares.mul_(beta).addcmul_(grad, grad, value=1.0 - beta)
+
+    # ----------------------------------------------------------------- direction
+    def _exponent(self, group: FactorGroup) -> float:
+        return 0.5 if self.variant == "alternating" else 1.0 / (2 * len(group.factored_dims))
+
+    def _root_scale(self, group: FactorGroup, rows, dim: int, hyper: StepHyperparameters) -> torch.Tensor:
+        eigenvalues = take(group.stats(dim), rows).diagonal(dim1=-2, dim2=-1)
+        return self._scale_from(eigenvalues, take(group.tensors["step"], rows), group, hyper)
+
+    def _scale_from(self, eigenvalues: torch.Tensor, step: torch.Tensor, group: FactorGroup,
+                    hyper: StepHyperparameters) -> torch.Tensor:
+        """``(c x)^p`` from X's eigenvalue estimates ``x``; ``c = 1 - beta^t`` undoes the EMA's bias."""
+        eigenvalues = eigenvalues.clamp_min(torch.finfo(eigenvalues.dtype).tiny)
+        if hyper.shampoo_beta < 1:
+            eigenvalues = eigenvalues * (1.0 - torch.pow(hyper.shampoo_beta, step))[:, None]
+        return eigenvalues.pow(self._exponent(group))
+
+    def _preconditioned(self, group: FactorGroup, momentum: torch.Tensor, hyper: StepHyperparameters) -> torch.Tensor:
+        if group.factored_dims:
+            return super()._preconditioned(group, momentum, hyper)
+        squares = group.tensors["diagonal_sq"]
+        if hyper.shampoo_beta < 1:
+            squares = squares / bias_correction(hyper.shampoo_beta, group.tensors["step"], squares)
+        return momentum * (squares + hyper.eps).rsqrt()
