@@ -21,7 +21,9 @@ import torch
 from lightning_kron.basis_refresh import take
 from lightning_kron.factor_group import FactorGroup
 from lightning_kron.kron_optimizer import StepHyperparameters
+from lightning_kron.grafting import graft_direction
 from lightning_kron.root_preconditioner import RootPreconditionedOptimizer
+from lightning_kron.soap import bias_correction
 
 
 class Shampoo(RootPreconditionedOptimizer):
@@ -45,6 +47,24 @@ class Shampoo(RootPreconditionedOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         weight_decay_mode=weight_decay_mode, shampoo_beta=shampoo_beta)
         super().__init__(params, defaults, graft=graft, graft_eps=graft_eps, solver=solver, **options)
+
+    def _init_state(self, group: FactorGroup) -> None:
+        super()._init_state(group)
+        if not group.factored_dims:
+            group.add("diagonal_sq", group.zeros_like_blocks())
+
+    def _direction(self, group: FactorGroup, grad: torch.Tensor, rotated: torch.Tensor,
+                   hyper: StepHyperparameters) -> torch.Tensor:
+        """Blocks without a factor (biases, norm gains, 0-D/1-D tensors) take AdamW's diagonal step
+        (ALGORITHMS.md "Notation"), not the identity preconditioner rescaled by the graft."""
+        if group.factored_dims:
+            return super()._direction(group, grad, rotated, hyper)
+        exp_avg = group.tensors["exp_avg"]
+        exp_avg.lerp_(grad, 1.0 - hyper.beta1)
+        step = group.tensors["step"]
+        momentum = exp_avg / bias_correction(hyper.beta1, step, exp_avg)
+        return graft_direction("adam", momentum, grad, group.tensors["diagonal_sq"], hyper.beta2,
+                               self.graft_eps, bias_correction(hyper.beta2, step, exp_avg))
 
     def _root_scale(self, group: FactorGroup, rows, dim: int, hyper: StepHyperparameters) -> torch.Tensor:
         """``(lambda_hat + eps)^(-1/(2k))`` from the bias-corrected factor eigenvalues ``diag(B)``."""

@@ -9,7 +9,8 @@ How the Adam hyperparameters map (why): SOAP and EShampoo run Adam in the eigenb
 number means what it meant for AdamW. Shampoo's ``eps`` is a damping of the factor eigenvalues
 with a different scale, so AdamW's ``eps`` becomes the Adam graft's ``graft_eps`` and the damping
 keeps Shampoo's default (or ``optimizer_options["eps"]``). KrADagrad's ``eps`` sets its initial
-inverse, so it keeps its own default as well.
+inverse, so it keeps its own default as well; ungrafted, KrADagrad takes AdaGrad-scale steps, so it
+is given ``graft="adam"`` (unless ``optimizer_options`` says otherwise) and AdamW's lr carries over.
 
 >>> import torch
 >>> model = torch.nn.Linear(4, 2)
@@ -77,6 +78,8 @@ def convert_adam(optimizer: torch.optim.Adam, method: str, names: Mapping[str, t
     groups = [_convert_group(group, optimizer, method, name_of) for group in optimizer.param_groups]
     if method == "shampoo":
         options = {"graft_eps": optimizer.param_groups[0]["eps"], **options}
+    if method == "kradagrad":  # ungrafted steps are AdaGrad-scale: borrow Adam's so AdamW's lr transfers
+        options = {"graft": "adam", "graft_eps": optimizer.param_groups[0]["eps"], **options}
     return optimizer_class(method)(groups, **options)
 
 

@@ -97,6 +97,19 @@ def test_other_methods_and_adam_l2_decay(method, kind):
         assert optimizer.graft_eps == 1e-7 and optimizer.param_groups[0]["eps"] == 1e-12
 
 
+def test_kradagrad_drop_in_grafts_adam_and_trains():
+    from lightning_kron.kradagrad import KrADagrad
+
+    module = TinyRegression(optimizer="adamw", lr=1e-2)
+    before = parameters_of(module)
+    trainer = fit(module, [KronCallback(method="kradagrad")], max_steps=6)
+    optimizer = trainer.optimizers[0]
+    assert type(optimizer) is KrADagrad and optimizer.graft == "adam" and optimizer.graft_eps == 1e-7
+    assert optimizer.factor_names() and all(f.refreshes >= 1 for f in optimizer.factors())
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
 def test_a_lightning_kron_optimizer_is_taken_over_and_named():
     module = TinyRegression(optimizer=lambda m: SOAP(m.parameters(), lr=1e-2))
     callback = KronCallback(refresh=AdaptiveRefresh(0.0))

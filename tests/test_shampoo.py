@@ -75,3 +75,18 @@ def test_graft_norm_handles_zero_direction():
 def test_unknown_graft_is_refused():
     with pytest.raises(ValueError, match="graft"):
         lk.Shampoo(nn.Linear(2, 2).parameters(), graft="lion")
+
+
+@pytest.mark.parametrize("graft", ["adam", "sgd", "none"])
+def test_vectors_take_adamw_steps_whatever_the_graft(graft):
+    shampoo_bias = nn.Parameter(torch.zeros(4))
+    adam_bias = nn.Parameter(torch.zeros(4))
+    shampoo = lk.Shampoo([shampoo_bias], lr=0.1, betas=(0.9, 0.99), graft=graft, graft_eps=1e-8)
+    adam = torch.optim.Adam([adam_bias], lr=0.1, betas=(0.9, 0.99), eps=1e-8)
+    for _ in range(3):
+        gradient = torch.tensor([100.0, 1.0, 0.01, 0.001])
+        set_grads([shampoo_bias], [gradient])
+        set_grads([adam_bias], [gradient])
+        shampoo.step()
+        adam.step()
+    torch.testing.assert_close(shampoo_bias, adam_bias)
