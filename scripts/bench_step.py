@@ -2,7 +2,8 @@
 
 Times only ``optimizer.step()`` (gradients are fixed random tensors, cycled), so the numbers are the
 optimizer's own cost: the median step (no refresh) and the amortized mean over ``--steps`` steps
-(refreshes included). The first step (exact eigendecomposition of every factor) is a one-time cost
+(refreshes included). The candidates take their steps in turn (round robin), so a change of load on
+the machine affects every row alike and the ratios in one table are comparable. The first step (exact eigendecomposition of every factor) is a one-time cost
 and is reported separately. Rivals (pytorch-optimizer's SOAP, a port of the reference code; and
 HeavyBall's SOAP) join the table when installed, with the same max_precond_dim and frequency.
 
@@ -122,29 +123,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_optimizer(factory: Callable, shapes, device: torch.device, steps: int, progress: tqdm) -> Timing:
+def gradient_sets(shapes, device: torch.device, count: int = 3) -> list[list[torch.Tensor]]:
+    """Fixed gradients, shared by every candidate (no optimizer here writes into ``.grad``)."""
     generator = torch.Generator().manual_seed(0)
-    params = [(name, torch.nn.Parameter(torch.randn(shape, generator=generator).mul_(0.02).to(device))) for name, shape in shapes]
     # Training gradients are correlated from step to step and their spectra are heavy-tailed: a fixed
     # component with power-law singular values plus 30% noise. (I.i.d. Gaussian gradients make every
     # factor drift past any tolerance every step: the adaptive rows' worst case.)
     base = [_power_law(shape, generator) for _, shape in shapes]
-    gradient_sets = [[(b + 0.3 * torch.randn(b.shape, generator=generator)).to(device) for b in base] for _ in range(3)]
-    optimizer = factory(params)
+    return [[(b + 0.3 * torch.randn(b.shape, generator=generator)).to(device) for b in base] for _ in range(count)]
 
-    def one_step(index: int) -> float:
-        for (_, param), grad in zip(params, gradient_sets[index % len(gradient_sets)]):
+
+class Candidate:
+    """One optimizer over its own copy of the parameters, timed one step at a time."""
+
+    def __init__(self, factory: Callable, shapes, device: torch.device) -> None:
+        generator = torch.Generator().manual_seed(1)
+        self.params = [(name, torch.nn.Parameter(torch.randn(shape, generator=generator).mul_(0.02).to(device)))
+                       for name, shape in shapes]
+        self.optimizer = factory(self.params)
+        self.device = device
+        self.durations: list[float] = []
+
+    def step(self, gradients: list[torch.Tensor]) -> None:
+        for (_, param), grad in zip(self.params, gradients):
             param.grad = grad
-        _sync(device)
+        _sync(self.device)
         started = time.perf_counter()
-        optimizer.step()
-        _sync(device)
-        progress.update()
-        return time.perf_counter() - started
+        self.optimizer.step()
+        _sync(self.device)
+        self.durations.append(time.perf_counter() - started)
 
-    first = one_step(0)
-    durations = [one_step(index) for index in range(1, steps + 1)]
-    return Timing(first, 1e3 * statistics.median(durations), 1e3 * statistics.fmean(durations), state_megabytes(optimizer))
+    def timing(self) -> Timing:
+        first, rest = self.durations[0], self.durations[1:]
+        return Timing(first, 1e3 * statistics.median(rest), 1e3 * statistics.fmean(rest), state_megabytes(self.optimizer))
+
+
+def time_round_robin(rows: dict[str, Callable], shapes, device: torch.device, steps: int) -> dict[str, Timing]:
+    """All candidates take their steps in turn, so a load change on the machine hits every row alike."""
+    grads = gradient_sets(shapes, device)
+    candidates = {name: Candidate(factory, shapes, device) for name, factory in rows.items()}
+    with tqdm(total=len(candidates) * (steps + 1), desc="optimizer steps", file=sys.stderr) as progress:
+        for index in range(steps + 1):
+            for candidate in candidates.values():
+                candidate.step(grads[index % len(grads)])
+                progress.update()
+    return {name: candidate.timing() for name, candidate in candidates.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,12 +193,13 @@ def main(argv: list[str] | None = None) -> None:
         shapes = gpt_parameter_shapes(*MODELS[model])
         numel = sum(torch.Size(s).numel() for _, s in shapes)
         print(f"\n### {model}: {len(shapes)} tensors, {numel / 1e6:.1f}M parameters\n")
-        print("| optimizer | first step (s) | median step (ms) | amortized step (ms) | state (MB) |")
-        print("|---|---:|---:|---:|---:|")
-        with tqdm(total=len(rows) * (args.steps + 1), desc=model, file=sys.stderr) as progress:
-            for name, factory in rows.items():
-                t = time_optimizer(factory, shapes, device, args.steps, progress)
-                tqdm.write(f"| {name} | {t.first_step_s:.2f} | {t.median_ms:.1f} | {t.amortized_ms:.1f} | {t.state_mb:.1f} |", file=sys.stdout)
+        timings = time_round_robin(rows, shapes, device, args.steps)
+        reference = next((t for name, t in timings.items() if name.startswith("pytorch-optimizer")), None)
+        print("| optimizer | first step (s) | median step (ms) | amortized step (ms) | vs pytorch-optimizer SOAP | state (MB) |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, t in timings.items():
+            ratio = f"{t.amortized_ms / reference.amortized_ms:.2f}x" if reference else "-"
+            print(f"| {name} | {t.first_step_s:.2f} | {t.median_ms:.1f} | {t.amortized_ms:.1f} | {ratio} | {t.state_mb:.1f} |")
 
 
 if __name__ == "__main__":
