@@ -62,6 +62,13 @@ class AdaptiveRefresh:
     is simply picked again at the next check, which spreads the cost over steps.
     ``max_per_step`` caps how many factors one step may refresh (most stale first) so no single
     step stalls. ``tolerance=0`` with ``check_every=f`` reproduces ``FixedRefresh(every=f)``.
+
+    Choosing the tolerance: one EMA step moves a factor's staleness by about
+    ``(1 - shampoo_beta)`` times the off-diagonal share of the new gradient's outer product, so
+    with noisy gradients a tolerance at or below ``1 - shampoo_beta`` (0.05 for SOAP's 0.95)
+    refreshes nearly every step; a tolerance a few times larger is what saves refreshes (measured
+    in ``scripts/bench_step.py``, where correlated gradients with a heavy-tailed spectrum drift
+    slowly and i.i.d. noise drifts at that rate every step).
     """
 
     tolerance: float = 0.05
