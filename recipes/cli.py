@@ -40,7 +40,14 @@ def wandb_configured() -> bool:
         return False
 
 
-def wandb_logger(existing: Any):
+def _logger_list(configured: Any) -> list:
+    """The YAML's ``trainer.logger`` (one logger, a list, or a bool/None for Lightning's default) as a list."""
+    if isinstance(configured, list):
+        return configured
+    return [] if configured is None or isinstance(configured, bool) else [configured]
+
+
+def wandb_logger(existing: list):
     """A ``WandbLogger`` named and placed like the first of ``existing`` loggers."""
     try:
         from lightning.pytorch.loggers import WandbLogger
@@ -81,8 +88,7 @@ class RecipeCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         if self._subcommand_config().get("wandb"):
-            configured = self._get(self.config_init, "trainer", default={}).get("logger")
-            existing = configured if isinstance(configured, list) else [configured] if configured not in (None, True, False) else []
+            existing = _logger_list(self._get(self.config_init, "trainer", default={}).get("logger"))
             kwargs["logger"] = [*existing, wandb_logger(existing)]
         return super().instantiate_trainer(**kwargs)
 

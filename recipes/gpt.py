@@ -47,6 +47,7 @@ SIZES: dict[str, TransformerShape] = {
     "124m": TransformerShape(layers=12, width=768, heads=12),  # GPT-2 small's shape
 }
 FAMILIES: tuple[str, ...] = Family.__args__
+MODEL_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
 
 def _round_up(value: float, multiple: int) -> int:
@@ -76,14 +77,10 @@ def transformer_config(family: str, size: str, context_length: int, dropout: flo
 
 def build_network(family: str, size: str, context_length: int, dropout: float = 0.0) -> torch.nn.Module:
     """A randomly initialised causal LM (``GPT2LMHeadModel`` or ``LlamaForCausalLM``)."""
+    import transformers
+
     config = transformer_config(family, size, context_length, dropout)
-    if family == "gpt2":
-        from transformers import GPT2LMHeadModel
-
-        return GPT2LMHeadModel(config)
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM(config)
+    return getattr(transformers, MODEL_CLASSES[family])(config)
 
 
 class CausalLM(RecipeModule):

@@ -29,6 +29,7 @@ from recipes.recipe_module import RecipeModule
 Family = Literal["vit", "resnet"]
 Size = Literal["tiny", "small"]
 FAMILIES: tuple[str, ...] = Family.__args__
+MODEL_CLASSES = {"vit": "ViTForImageClassification", "resnet": "ResNetForImageClassification"}
 
 VIT_SIZES = {  # hidden width, layers, heads, MLP width, patch side
     "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, patch_size=4),
@@ -65,14 +66,10 @@ def vision_config(family: str, size: str, num_classes: int, channels: int, image
 
 def build_classifier(family: str, size: str, num_classes: int, channels: int, image_size: int) -> torch.nn.Module:
     """A randomly initialised ``ViTForImageClassification`` or ``ResNetForImageClassification``."""
+    import transformers
+
     config = vision_config(family, size, num_classes, channels, image_size)
-    if family == "vit":
-        from transformers import ViTForImageClassification
-
-        return ViTForImageClassification(config)
-    from transformers import ResNetForImageClassification
-
-    return ResNetForImageClassification(config)
+    return getattr(transformers, MODEL_CLASSES[family])(config)
 
 
 class ImageClassifier(RecipeModule):

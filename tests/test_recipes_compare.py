@@ -19,7 +19,8 @@ def test_compare_runs_end_to_end_and_writes_table_and_plots(tmp_path, capsys):
                            "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
                            "--no-progress"])
     assert status == 0
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
     expected = ["AdamW", "SOAP (every 10)", "SOAP (adaptive)", "Shampoo + Adam graft"]
     expected += ["KrADagrad"] if kradagrad_available() else []
     assert [row["optimizer"] for row in rows] == expected
