@@ -1,0 +1,1 @@
+"""Benchmarks and comparisons built on the recipes (``python -m scripts.compare`` / ``kron-compare``)."""

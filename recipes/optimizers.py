@@ -1,0 +1,193 @@
+"""Optimizer selection by name, shared by every recipe and by ``scripts/compare.py``.
+
+One place builds the optimizer so that a comparison differs in nothing but the optimizer: the same
+weight-decay groups (AdamW practice: no decay on biases, norm scales and embeddings unless asked),
+the same warm-up + cosine schedule, and ``(name, parameter)`` pairs in every group so the Kronecker
+optimizers report readable factor names such as ``transformer.h.0.mlp.c_fc.weight[L]``.
+
+>>> import torch
+>>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+>>> optimizer = build_optimizer(OptimizerConfig(name="soap"), model)
+>>> type(optimizer).__name__, optimizer.param_groups[0]["lr"], optimizer.factor_names()
+('SOAP', 0.003, ['1.weight[L]', '1.weight[R]', '0.weight[L]', '0.weight[R]'])
+>>> [group["weight_decay"] for group in optimizer.param_groups]
+[0.1, 0.0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import torch
+
+from recipes.schedule import warmup_cosine
+
+OptimizerName = Literal["adamw", "soap", "soap_adaptive", "eshampoo", "shampoo", "kradagrad"]
+OPTIMIZER_NAMES: tuple[str, ...] = OptimizerName.__args__
+
+# Defaults when the config leaves lr/betas unset: AdamW's usual LM settings, the SOAP paper's
+# (lr 3e-3, betas (0.95, 0.95)) for SOAP, the library's own defaults for the rest.
+DEFAULT_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
+    "adamw": {"lr": 1e-3, "betas": (0.9, 0.95)},
+    "soap": {"lr": 3e-3, "betas": (0.95, 0.95)},
+    "soap_adaptive": {"lr": 3e-3, "betas": (0.95, 0.95)},
+    "eshampoo": {"lr": 1e-3, "betas": (0.9, 0.999)},
+    "shampoo": {"lr": 1e-3, "betas": (0.9, 0.999)},
+    "kradagrad": {"lr": 1e-3, "betas": None},
+}
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """What to optimize with; validated on construction so a typo fails before training starts.
+
+    Args:
+        name: one of ``adamw``, ``soap`` (refresh every ``refresh_every`` steps), ``soap_adaptive``
+            (refresh a factor when its staleness exceeds ``tolerance``), ``eshampoo``, ``shampoo``
+            (Adam-grafted root-inverse Shampoo) or ``kradagrad``.
+        lr, betas: ``None`` takes the per-optimizer default in ``DEFAULT_HYPERPARAMETERS``.
+        weight_decay: decoupled (AdamW-style) decay of weight matrices.
+        decay_embeddings, decay_norms_and_biases: also decay those (off by default).
+        warmup_steps, min_lr_ratio: the warm-up + cosine schedule (see :mod:`recipes.schedule`).
+        refresh_every: eigenbasis refresh period of ``soap`` and ``shampoo``.
+        tolerance: staleness threshold of ``soap_adaptive`` and ``eshampoo``.
+        check_every: how often (steps) those two compare staleness with ``tolerance``.
+        max_refreshes_per_step: cap on factors refreshed in one step (adaptive policies only).
+        options: any further keyword arguments of the optimizer class (e.g. ``max_precond_dim``).
+    """
+
+    name: OptimizerName = "adamw"
+    lr: Optional[float] = None
+    betas: Optional[tuple[float, float]] = None
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    decay_norms_and_biases: bool = False
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    refresh_every: int = 10
+    tolerance: float = 0.05
+    check_every: int = 1
+    max_refreshes_per_step: Optional[int] = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZER_NAMES:
+            raise ValueError(f"unknown optimizer name {self.name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"optimizer lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.refresh_every < 1 or self.check_every < 1:
+            raise ValueError("optimizer weight_decay and warmup_steps must be >= 0, refresh_every and check_every >= 1")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optimizer min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_HYPERPARAMETERS[self.name]["lr"]
+
+    @property
+    def resolved_betas(self) -> Optional[tuple[float, float]]:
+        return tuple(self.betas) if self.betas is not None else DEFAULT_HYPERPARAMETERS[self.name]["betas"]
+
+    def replace(self, **changes: Any) -> "OptimizerConfig":
+        """A copy with some fields changed (used by ``scripts/compare.py`` to swap optimizers)."""
+        return dataclasses.replace(self, **changes)
+
+
+def as_optimizer_config(value: Union[OptimizerConfig, dict, None]) -> OptimizerConfig:
+    """Accept the dataclass, ``None`` (AdamW defaults) or the plain dict a checkpoint stores."""
+    if value is None:
+        return OptimizerConfig()
+    if isinstance(value, dict):
+        return OptimizerConfig(**value)
+    return value
+
+
+def _is_embedding_owner(module: torch.nn.Module) -> bool:
+    """``nn.Embedding`` and transformers' ``*Embeddings`` blocks (ViT's position table, CLS token)."""
+    return type(module).__name__.endswith(("Embedding", "Embeddings"))
+
+
+def weight_decay_groups(model: torch.nn.Module, config: OptimizerConfig) -> list[dict]:
+    """Two parameter groups of ``(name, parameter)`` pairs: decayed and not decayed.
+
+    Biases and norm scales (every tensor with fewer than 2 dims) and embedding tables are not
+    decayed by default: shrinking them towards zero regularises nothing useful and hurts the
+    language model. Tied weights appear once, under their first name.
+    """
+    owners: dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), module)
+    decayed, kept = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_embedding = _is_embedding_owner(owners[id(param)])
+        exempt = (param.dim() < 2 and not config.decay_norms_and_biases) or (is_embedding and not config.decay_embeddings)
+        (kept if exempt else decayed).append((name, param))
+    groups = [{"params": decayed, "weight_decay": config.weight_decay}, {"params": kept, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def _torch_takes_parameter_names() -> bool:
+    """torch >= 2.6 accepts ``(name, tensor)`` pairs in its own optimizers and keeps the names."""
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 6)
+
+
+def _kradagrad_class():
+    try:
+        from lightning_kron import KrADagrad
+    except (ImportError, AttributeError) as error:
+        raise ValueError("optimizer 'kradagrad' is not available in this lightning_kron build "
+                         f"({type(error).__name__}: {error})") from error
+    return KrADagrad
+
+
+def kradagrad_available() -> bool:
+    """Whether ``lightning_kron.KrADagrad`` can be imported (it ships separately from the core)."""
+    try:
+        _kradagrad_class()
+    except ValueError:
+        return False
+    return True
+
+
+def _construct(config: OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    import lightning_kron as kron
+
+    lr, betas, options = config.resolved_lr, config.resolved_betas, config.options
+    adaptive = kron.AdaptiveRefresh(tolerance=config.tolerance, check_every=config.check_every,
+                                    max_per_step=config.max_refreshes_per_step)
+    fixed = kron.FixedRefresh(every=config.refresh_every)
+    if config.name == "adamw":
+        if not _torch_takes_parameter_names():
+            groups = [{**group, "params": [param for _, param in group["params"]]} for group in groups]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=config.eps, **options)
+    if config.name in ("soap", "soap_adaptive"):
+        refresh = fixed if config.name == "soap" else adaptive
+        return kron.SOAP(groups, lr=lr, betas=betas, eps=config.eps, refresh=refresh, **options)
+    if config.name == "eshampoo":
+        return kron.EShampoo(groups, lr=lr, betas=betas, eps=config.eps, refresh=adaptive, **options)
+    if config.name == "shampoo":  # Shampoo's own eps damps the factor eigenvalues; ours is the graft's
+        return kron.Shampoo(groups, lr=lr, betas=betas, graft="adam", graft_eps=config.eps, refresh=fixed, **options)
+    return _kradagrad_class()(groups, lr=lr, **options)
+
+
+def build_optimizer(config: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer ``config.name`` over ``model``'s weight-decay groups; bad options -> ValueError."""
+    groups = weight_decay_groups(model, config)
+    try:
+        return _construct(config, groups)
+    except TypeError as error:  # an option the optimizer class does not take
+        raise ValueError(f"optimizer {config.name!r} rejected its options {config.options}: {error}") from error
+
+
+def configure_optimization(config: OptimizerConfig, model: torch.nn.Module, total_steps: float) -> dict:
+    """What ``LightningModule.configure_optimizers`` returns: the optimizer and its per-step schedule."""
+    optimizer = build_optimizer(config, model)
+    scheduler = warmup_cosine(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

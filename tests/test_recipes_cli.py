@@ -1,0 +1,133 @@
+"""The recipe CLIs: every shipped config parses, bad input is one line, Ctrl-C leaves a resumable run."""
+
+import json
+import signal
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from recipes import gpt, vision
+from recipes.cli import run_cli, wandb_configured
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
+TEXT_FOLDER = str(Path(json.__file__).parent)
+GPT_TINY = str(next(path for path in CONFIGS if path.name == "gpt_tiny.yaml"))
+
+
+def recipe_main(config: Path):
+    return vision.main if config.name.startswith("vision") else gpt.main
+
+
+def small_gpt_args(tmp_path: Path, steps: int, *extra: str) -> list[str]:
+    return ["fit", "--config", GPT_TINY, "--data.source", TEXT_FOLDER, "--data.context_length", "16",
+            "--data.batch_size", "4", "--data.cache_dir", str(tmp_path / "cache"), "--trainer.max_steps", str(steps),
+            "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path), *extra]
+
+
+def test_shipped_configs_cover_both_recipes_and_sizes():
+    names = {path.stem for path in CONFIGS}
+    assert {"gpt_tiny", "gpt_small", "gpt2_124m", "llama_tiny", "vision_vit_tiny", "vision_resnet_tiny"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.stem)
+def test_every_shipped_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        recipe_main(config)(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "optimizer:" in printed and "logger:" in printed and "save_on_exception: true" in printed
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data.source", "/no/such/corpus"], "data path '/no/such/corpus' does not exist"),
+    (["--model.family", "bert"], 'model.family'),
+    (["--model.size", "huge"], 'model.size'),
+    (["--model.optimizer.name", "sgd"], "model.optimizer.name"),
+    (["--model.optimizer.lr", "-1"], "optimizer lr must be positive"),
+    (["--model.colour", "red"], "--model.colour"),
+])
+def test_bad_input_is_one_error_line_before_training(extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpt.main(["fit", "--config", GPT_TINY, *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert [line.startswith("error:") for line in err.splitlines()].count(True) == 1
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_key_in_a_yaml_file_is_refused(tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text(Path(GPT_TINY).read_text().replace("  size: tiny", "  size: tiny\n  sise: small"))
+    with pytest.raises(SystemExit) as exit_info:
+        gpt.main(["fit", "--config", str(config)])
+    assert exit_info.value.code == 2 and "sise" in capsys.readouterr().err
+
+
+def test_empty_image_folder_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    config = next(path for path in CONFIGS if path.name == "vision_vit_tiny.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        vision.main(["fit", "--config", str(config), "--data.source", str(tmp_path / "images")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: data folder")
+
+
+class InterruptAtStep(L.Callback):
+    """Raises KeyboardInterrupt after the given optimizer step, as Ctrl-C would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def run_gpt_cli(args: list[str], **kwargs):
+    """``kron-gpt`` in-process, returning the CLI object (``gpt.main`` returns nothing, as a console script must)."""
+    from recipes.gpt import CausalLM
+    from recipes.text_data import TextDataModule
+
+    return run_cli(CausalLM, TextDataModule, links=[("data.context_length", "model.context_length")], args=args, **kwargs)
+
+
+def test_ctrl_c_leaves_a_checkpoint_that_resumes(tmp_path):
+    args = small_gpt_args(tmp_path, 6, "--model.optimizer.name", "soap")
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            run_gpt_cli(args, trainer_defaults={"callbacks": [InterruptAtStep(4)]})
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after a KeyboardInterrupt
+    last = tmp_path / "gpt_tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 4
+    assert saved["optimizer_states"][0]["lightning_kron"]["global_step"] == 4
+    cli = run_gpt_cli(args + ["--ckpt_path", str(last)])
+    assert cli.trainer.global_step == 6
+    assert cli.trainer.optimizers[0].global_step == 6  # the SOAP state continued, not restarted
+
+
+def test_wandb_flag_adds_an_offline_wandb_logger(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = small_gpt_args(tmp_path, 1, "--wandb")[1:]  # no subcommand: build everything, run nothing
+    cli = run_gpt_cli(args, run=False)
+    kinds = [type(logger).__name__ for logger in cli.trainer.loggers]
+    assert kinds == ["CSVLogger", "WandbLogger"]
+    assert cli.trainer.loggers[1]._offline
+
+
+def test_wandb_is_online_only_when_configured(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert not wandb_configured()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_configured()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert not wandb_configured()

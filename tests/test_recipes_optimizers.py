@@ -1,0 +1,93 @@
+"""Optimizer selection by name, weight-decay groups and the schedule (recipes/optimizers.py, schedule.py)."""
+
+import doctest
+import importlib
+import sys
+
+import pytest
+import torch
+
+import lightning_kron
+from recipes.gpt import build_network
+from recipes.optimizers import OPTIMIZER_NAMES, OptimizerConfig, build_optimizer, configure_optimization, weight_decay_groups
+from recipes.schedule import warmup_cosine_factor
+
+
+@pytest.mark.parametrize("module", ["recipes.optimizers", "recipes.schedule", "recipes.splits", "recipes.errors",
+                                    "recipes.gpt", "recipes.vision"])
+def test_docstring_examples_run(module):
+    """pytest's --doctest-modules skips recipes/ (see pyproject), so the examples are run here."""
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_weight_decay_skips_biases_norms_and_embeddings_of_a_gpt():
+    network = build_network("gpt2", "tiny", context_length=16)
+    decayed, kept = weight_decay_groups(network, OptimizerConfig(weight_decay=0.1))
+    decayed_names = {name for name, _ in decayed["params"]}
+    kept_names = {name for name, _ in kept["params"]}
+    assert (decayed["weight_decay"], kept["weight_decay"]) == (0.1, 0.0)
+    assert "transformer.h.0.mlp.c_fc.weight" in decayed_names
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+            "transformer.h.0.mlp.c_fc.bias"} <= kept_names
+    assert "lm_head.weight" not in decayed_names | kept_names  # tied to wte: listed once
+    assert len(decayed_names | kept_names) == len(list(network.parameters()))
+
+
+def test_decay_flags_move_embeddings_and_norms_into_the_decayed_group():
+    network = build_network("llama", "tiny", context_length=16)
+    config = OptimizerConfig(decay_embeddings=True, decay_norms_and_biases=True)
+    groups = weight_decay_groups(network, config)
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize("name, expected", [("adamw", "AdamW"), ("soap", "SOAP"), ("soap_adaptive", "SOAP"),
+                                            ("eshampoo", "EShampoo"), ("shampoo", "Shampoo")])
+def test_each_name_builds_its_optimizer_with_readable_factor_names(name, expected):
+    network = build_network("gpt2", "tiny", context_length=16)
+    optimizer = build_optimizer(OptimizerConfig(name=name), network)
+    assert type(optimizer).__name__ == expected
+    if name != "adamw":
+        assert "transformer.h.1.attn.c_attn.weight[L]" in optimizer.factor_names()
+    if name == "soap_adaptive":
+        assert isinstance(optimizer.refresh, lightning_kron.AdaptiveRefresh) and optimizer.refresh.tolerance == 0.05
+    if name == "shampoo":
+        assert optimizer.graft == "adam"
+
+
+def test_refresh_options_reach_the_policy():
+    network = torch.nn.Linear(4, 4)
+    fixed = build_optimizer(OptimizerConfig(name="soap", refresh_every=7), network)
+    adaptive = build_optimizer(OptimizerConfig(name="soap_adaptive", tolerance=0.2, check_every=5, max_refreshes_per_step=3), network)
+    assert fixed.refresh == lightning_kron.FixedRefresh(every=7)
+    assert adaptive.refresh == lightning_kron.AdaptiveRefresh(tolerance=0.2, check_every=5, max_per_step=3)
+
+
+def test_bad_names_and_options_fail_at_construction():
+    with pytest.raises(ValueError, match="unknown optimizer name 'lion'"):
+        OptimizerConfig(name="lion")
+    with pytest.raises(ValueError, match="lr must be positive"):
+        OptimizerConfig(lr=0.0)
+    with pytest.raises(ValueError, match="rejected its options.*colour"):
+        build_optimizer(OptimizerConfig(name="soap", options={"colour": "red"}), torch.nn.Linear(2, 2))
+
+
+def test_missing_kradagrad_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lightning_kron.kradagrad", None)  # as if the module were not shipped
+    with pytest.raises(ValueError, match="'kradagrad' is not available"):
+        build_optimizer(OptimizerConfig(name="kradagrad"), torch.nn.Linear(2, 2))
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    factor = warmup_cosine_factor(warmup_steps=4, total_steps=20, min_lr_ratio=0.1)
+    values = [factor(step) for step in range(21)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(values[4:], values[5:])) and values[20] == pytest.approx(0.1)
+    assert warmup_cosine_factor(2, float("inf"), 0.1)(1000) == 1.0
+
+
+def test_configured_scheduler_steps_every_optimizer_step():
+    plan = configure_optimization(OptimizerConfig(name="soap", lr=1e-2, warmup_steps=2), torch.nn.Linear(3, 3), 10)
+    assert plan["lr_scheduler"]["interval"] == "step"
+    assert plan["optimizer"].param_groups[0]["lr"] == pytest.approx(5e-3)  # first warm-up step: half the rate
+    assert set(OPTIMIZER_NAMES) == {"adamw", "soap", "soap_adaptive", "eshampoo", "shampoo", "kradagrad"}
