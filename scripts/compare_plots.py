@@ -51,7 +51,7 @@ def _refreshes_per_step(records: list[RunRecord], path: Path) -> None:
 
 def _staleness_heatmap(records: list[RunRecord], path: Path) -> None:
     kron = [record for record in records if record.staleness]
-    figure, axes = plt.subplots(1, max(1, len(kron)), figsize=(4.5 * max(1, len(kron)), 5), squeeze=False,
+    figure, axes = plt.subplots(1, max(1, len(kron)), figsize=(3.6 * max(1, len(kron)), 5), squeeze=False,
                                 layout="constrained")
     top = max((max(map(max, record.staleness)) for record in kron), default=1.0) or 1.0
     image = None
