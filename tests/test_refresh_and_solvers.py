@@ -236,9 +236,12 @@ def test_refreshes_keep_factors_and_moments_consistent_with_parameter_space(solv
     assert {f.refreshes for f in optimizer.factors()} == {20}
 
 
-def test_second_moment_follows_the_eigenvalue_ranking_and_first_moment_the_rotation():
+@pytest.mark.parametrize("second_moment", ["keep", "rotate"])
+def test_second_moment_follows_the_eigenvalue_ranking_and_first_moment_the_rotation(second_moment):
+    """A refresh that only reorders the basis: both second-moment rules reduce to the permutation."""
     param = nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
-    optimizer = lk.SOAP([param], lr=0.0, solver="eigh", refresh=lk.FixedRefresh(every=1000))
+    optimizer = lk.SOAP([param], lr=0.0, solver="eigh", refresh=lk.FixedRefresh(every=1000),
+                        second_moment_on_refresh=second_moment)
     set_grads([param], [torch.randn(3, 2, dtype=torch.float64)])
     optimizer.step()
     state = optimizer.state[param]
@@ -254,3 +257,15 @@ def test_second_moment_follows_the_eigenvalue_ranking_and_first_moment_the_rotat
     torch.testing.assert_close(state["block0.exp_avg"].abs(), first[order].abs())
     torch.testing.assert_close(state["block0.basis.0"].abs(), basis_before[:, order].abs())
     torch.testing.assert_close(state["block0.stats.0"], torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)))
+
+
+def test_rotated_second_moment_uses_the_squared_rotation():
+    param = nn.Parameter(torch.zeros(2, 1, dtype=torch.float64))
+    optimizer = lk.SOAP([param], lr=0.0, solver="eigh", refresh=lk.FixedRefresh(every=1000), precondition_1d=True)
+    set_grads([param], [torch.tensor([[1.0], [0.0]], dtype=torch.float64)])
+    optimizer.step()
+    state = optimizer.state[param]
+    state["block0.stats.0"].copy_(torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64))  # eigvecs at 45 deg
+    state["block0.exp_avg_sq"].copy_(torch.tensor([4.0, 0.0], dtype=torch.float64))
+    optimizer.refresh_factors(solver="eigh")
+    torch.testing.assert_close(state["block0.exp_avg_sq"], torch.tensor([2.0, 2.0], dtype=torch.float64))
