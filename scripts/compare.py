@@ -45,14 +45,18 @@ class Contender:
     optimizer: OptimizerConfig
 
 
-# Learning rates tuned for the default GPT recipe with short sweeps (see the README's results).
+# Tuned on the default GPT recipe with 300-step runs (README: "How the defaults were chosen"):
+# AdamW's best lr of {1.5, 2, 2.5, 3, 6}e-3; one lr for the three Kronecker methods (SOAP improved up
+# to the largest tried, 2e-2, by under 2% beyond 1e-2; 1e-2 keeps a margin from instability).
 SHARED = dict(weight_decay=0.1, warmup_steps=30, min_lr_ratio=0.1)
+KRON_LR = 1e-2
 CONTENDERS = (
-    Contender("adamw", "AdamW", OptimizerConfig(name="adamw", lr=3e-3, betas=(0.9, 0.95), **SHARED)),
-    Contender("soap", "SOAP (every 10)", OptimizerConfig(name="soap", lr=3e-3, betas=(0.95, 0.95), refresh_every=10, **SHARED)),
-    Contender("soap_adaptive", "SOAP (adaptive)", OptimizerConfig(name="soap_adaptive", lr=3e-3, betas=(0.95, 0.95), tolerance=0.05, **SHARED)),
-    Contender("shampoo", "Shampoo + Adam graft", OptimizerConfig(name="shampoo", lr=3e-3, betas=(0.9, 0.95), refresh_every=10, **SHARED)),
-    Contender("kradagrad", "KrADagrad", OptimizerConfig(name="kradagrad", lr=3e-3, **SHARED)),
+    Contender("adamw", "AdamW", OptimizerConfig(name="adamw", lr=2.5e-3, betas=(0.9, 0.95), **SHARED)),
+    Contender("soap", "SOAP (every 10)", OptimizerConfig(name="soap", lr=KRON_LR, betas=(0.95, 0.95), refresh_every=10, **SHARED)),
+    Contender("soap_adaptive", "SOAP (adaptive)", OptimizerConfig(name="soap_adaptive", lr=KRON_LR, betas=(0.95, 0.95),
+                                                                 tolerance=0.4, **SHARED)),
+    Contender("shampoo", "Shampoo + Adam graft", OptimizerConfig(name="shampoo", lr=KRON_LR, betas=(0.9, 0.95), refresh_every=10, **SHARED)),
+    Contender("kradagrad", "KrADagrad", OptimizerConfig(name="kradagrad", **SHARED)),
 )
 RECIPES = ("gpt", "vision")
 
@@ -164,7 +168,8 @@ def summary_rows(records: list[RunRecord], contenders: list[Contender]) -> list[
             "steps_to_adamw_loss": steps,
             "step_ratio_vs_adamw": steps / reference_steps if steps is not None and reference_steps else None,
             "train_seconds": record.train_seconds, "ms_per_step": 1000 * record.train_seconds / n_steps,
-            "refreshes": record.total_refreshes, "optimizer_state_mb": record.optimizer_state_mb,
+            "refreshes": record.total_refreshes, "refresh_seconds": record.refresh_seconds,
+            "optimizer_state_mb": record.optimizer_state_mb,
             "peak_gpu_mb": record.peak_gpu_mb,
         })
     return rows
@@ -181,12 +186,12 @@ def _cell(value, digits: int = 3) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     header = ["optimizer", "lr", "final val loss", "steps to AdamW's final loss", "x AdamW steps", "train time (s)",
-              "ms/step", "refreshes", "optimizer state (MB)", "peak GPU memory (MB)"]
+              "ms/step", "refreshes", "refresh time (s)", "optimizer state (MB)", "peak GPU memory (MB)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["optimizer"], _cell(row["lr"]), _cell(row["final_val_loss"], 4), _cell(row["steps_to_adamw_loss"], 0),
                  _cell(row["step_ratio_vs_adamw"], 2), _cell(row["train_seconds"], 1), _cell(row["ms_per_step"], 0),
-                 _cell(row["refreshes"]), _cell(row["optimizer_state_mb"], 2), _cell(row["peak_gpu_mb"], 0)]
+                 _cell(row["refreshes"]), _cell(row["refresh_seconds"], 1), _cell(row["optimizer_state_mb"], 2), _cell(row["peak_gpu_mb"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -31,6 +31,7 @@ class RunRecord:
     val_steps: list[int] = field(default_factory=list)
     val_seconds: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
+    refresh_seconds: float = 0.0
     optimizer_state_mb: float = 0.0
     peak_gpu_mb: Optional[float] = None
 
@@ -81,6 +82,7 @@ class RunRecorder(L.Callback):
             infos = optimizer.factors()
             record.factor_names = [info.name for info in infos]
             record.refreshes.append(sum(info.refreshes for info in infos))
+            record.refresh_seconds = sum(info.refresh_seconds for info in infos)
             record.staleness.append([info.staleness for info in infos])
         self._bar.update(1)
         self._bar.set_postfix(loss=f"{record.train_loss[-1]:.3f}", refresh=False)
