@@ -10,8 +10,9 @@ from lightning_kron.refresh import AdaptiveRefresh, FixedRefresh
 from lightning_kron.shampoo import Shampoo
 from lightning_kron.soap import SOAP, EShampoo
 from lightning_kron.telemetry import FactorInfo
+from lightning_kron.tolerance_schedule import LinearRamp, TighterEarly
 
-__all__ = ["SOAP", "EShampoo", "Shampoo", "KrADagrad", "KronCallback", "KronOptimizer", "FixedRefresh", "AdaptiveRefresh", "FactorInfo"]
+__all__ = ["SOAP", "EShampoo", "Shampoo", "KrADagrad", "KronCallback", "KronOptimizer", "FixedRefresh", "AdaptiveRefresh", "TighterEarly", "LinearRamp", "FactorInfo"]
 __version__ = "0.1.0"
 
 _LAZY = {

@@ -57,7 +57,8 @@ class OptimizerConfig:
         check_every: how often (steps) those two compare staleness with ``tolerance``.
         max_iters: warm-QR iterations an adaptive refresh may take to get below ``tolerance``.
         max_refreshes_per_step: cap on factors refreshed in one step (adaptive policies only).
-        options: any further keyword arguments of the optimizer class (e.g. ``max_precond_dim``).
+        options: any further keyword arguments of the optimizer class (e.g. ``max_precond_dim``; a
+            ``refresh`` policy object here replaces the one the fields above describe).
     """
 
     name: OptimizerName = "adamw"
@@ -173,11 +174,11 @@ def _construct(config: OptimizerConfig, groups: list[dict]) -> torch.optim.Optim
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=config.eps, **options)
     if config.name in ("soap", "soap_adaptive"):
         refresh = fixed if config.name == "soap" else adaptive
-        return kron.SOAP(groups, lr=lr, betas=betas, eps=config.eps, refresh=refresh, **options)
+        return kron.SOAP(groups, lr=lr, betas=betas, eps=config.eps, **{"refresh": refresh, **options})
     if config.name == "eshampoo":
-        return kron.EShampoo(groups, lr=lr, betas=betas, eps=config.eps, refresh=adaptive, **options)
+        return kron.EShampoo(groups, lr=lr, betas=betas, eps=config.eps, **{"refresh": adaptive, **options})
     if config.name == "shampoo":  # Shampoo's own eps damps the factor eigenvalues; ours is the graft's
-        return kron.Shampoo(groups, lr=lr, betas=betas, graft="adam", graft_eps=config.eps, refresh=fixed, **options)
+        return kron.Shampoo(groups, lr=lr, betas=betas, graft="adam", graft_eps=config.eps, **{"refresh": fixed, **options})
     return _kradagrad_class()(groups, **({} if lr is None else {"lr": lr}), **options)
 
 

@@ -1,12 +1,13 @@
 """The refresh schedule KronCallback owns: adaptive per factor, budgeted, tolerance schedule."""
 
 import lightning as L
+import pytest
 import torch
 from callback_helpers import TinyRegression, fit, loader, make_net
 
 from lightning_kron import SOAP, AdaptiveRefresh, FixedRefresh, KronCallback
 from lightning_kron.refresh_scheduler import RefreshScheduler
-from lightning_kron.tolerance_schedule import TighterEarly
+from lightning_kron.tolerance_schedule import LinearRamp, TighterEarly
 
 
 def run(policy, steps: int = 12, **scheduler_options):
@@ -83,3 +84,19 @@ def test_callback_resolves_a_fractional_schedule_from_the_trainer():
     fit(TinyRegression(), [callback, Spy()], max_steps=8)
     assert callback.scheduler.total_steps == 8
     assert seen == [0.01, 0.01, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05]
+
+
+def test_linear_ramp_refreshes_at_a_tight_tolerance_first_then_loosens():
+    base = AdaptiveRefresh(tolerance=1.0)  # alone: never refreshes after the first exact basis
+    _, _, ramped, records = run(base, tolerance_schedule=LinearRamp(start_tolerance=0.0, ramp_steps=10))
+    refreshed = [len(r["refreshed"]) for r in records[1:]]
+    assert sum(refreshed[:3]) > 0 and refreshed[-2:] == [0, 0], refreshed  # tolerance 0.1 at step 1, 1.0 from step 10
+    assert ramped.tolerance_at(1) == 0.1 and ramped.tolerance_at(5) == 0.5 and ramped.tolerance_at(40) == 1.0
+
+
+def test_fractional_schedules_need_a_known_training_length():
+    for schedule in (LinearRamp(start_tolerance=0.1), TighterEarly(early_tolerance=0.01)):
+        with pytest.raises(ValueError, match="finite training length"):
+            schedule(3, None, 0.5)
+    with pytest.raises(ValueError, match="start_tolerance"):
+        LinearRamp(start_tolerance=1.5)

@@ -1,0 +1,112 @@
+"""When do eigenbasis refreshes pay off? SOAP on one recipe under step-dependent refresh schedules.
+
+Each ``--run NAME MODE PIECES`` trains SOAP (the compare script's tuned settings, same seed, data
+order and step budget) with a piecewise-constant schedule: ``PIECES`` is ``until:value,...`` with
+``inf`` for the last piece; ``MODE`` is ``fixed`` (value = refresh period in steps) or ``adaptive``
+(value = staleness tolerance, checked every step). The first run is the reference of the
+"vs first" column. Prints a markdown table: refreshes in all and by step 100, final validation
+loss, and its difference to the first run. This is how the adaptive contender of
+``scripts/compare.py`` was chosen (README, "How the adaptive schedule was chosen")::
+
+    python -m scripts.refresh_sweep --run every10 fixed inf:10 --run every20 fixed inf:20 \\
+        --run early10 fixed 150:10,inf:30 --run late10 fixed 150:30,inf:10 \\
+        --run tol0.4 adaptive inf:0.4 --run early0.15 adaptive 60:0.15,inf:0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from scripts import compare
+
+
+@dataclass
+class PiecewiseRefresh:
+    """A refresh policy whose period (``fixed``) or tolerance (``adaptive``) depends on the step.
+
+    Plugs into ``SOAP(refresh=...)`` as any policy object does: the optimizer calls ``checks_at``
+    with the step (counted from the first preconditioned step) before ``select``.
+    """
+
+    mode: str
+    pieces: list[tuple[float, float]]
+    step: int = 0
+    max_iters: int = 1
+
+    def value(self) -> float:
+        return next(value for until, value in self.pieces if self.step < until)
+
+    @property
+    def tolerance(self) -> float:
+        return 0.0 if self.mode == "fixed" else self.value()
+
+    def checks_at(self, step: int) -> bool:
+        self.step = step
+        return step % int(self.value()) == 0 if self.mode == "fixed" else True
+
+    def select(self, staleness: torch.Tensor) -> torch.Tensor:
+        if self.mode == "fixed":
+            return torch.ones_like(staleness, dtype=torch.bool)
+        return staleness > self.value()
+
+
+def parse_pieces(text: str) -> list[tuple[float, float]]:
+    """``"150:10,inf:30"`` -> ``[(150, 10.0), (inf, 30.0)]``; the last piece must be open-ended."""
+    pieces = []
+    for item in text.split(","):
+        until, _, value = item.partition(":")
+        pieces.append((math.inf if until == "inf" else float(until), float(value)))
+    if not pieces or pieces[-1][0] != math.inf:
+        raise argparse.ArgumentTypeError(f"the last piece of {text!r} must start with 'inf:'")
+    return pieces
+
+
+def train(args: argparse.Namespace, name: str, policy: PiecewiseRefresh) -> tuple[float, int, int]:
+    """Final validation loss, total refreshes and refreshes by step 100 of one run."""
+    soap = next(c for c in compare.CONTENDERS if c.key == "soap").optimizer
+    config = soap.replace(options={**soap.options, "refresh": policy})
+    record = compare.train_one(args, compare.Contender(name, name, config))
+    early = record.refreshes[min(99, len(record.refreshes) - 1)]
+    return record.val_loss[-1], record.total_refreshes, early
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", nargs=3, action="append", required=True, metavar=("NAME", "MODE", "PIECES"))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data", default=None, help="text file/folder (default: Python's standard library)")
+    parser.add_argument("--context-length", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    for _, mode, _ in args.run:
+        if mode not in ("fixed", "adaptive"):
+            parser.error(f"MODE must be fixed or adaptive, got {mode!r}")
+    torch.set_num_threads(args.threads)
+    recipe_args = compare.parse_args(["--steps", str(args.steps), "--eval-every", str(args.eval_every),
+                                      "--seed", str(args.seed), "--accelerator", "cpu",
+                                      "--context-length", str(args.context_length)]
+                                     + (["--no-progress"] if args.no_progress else []))
+    recipe_args.data, recipe_args.batch_size, recipe_args.cache_dir = args.data, args.batch_size, args.cache_dir
+    rows, reference = [], None
+    for name, mode, pieces in tqdm(args.run, desc="schedules", disable=args.no_progress):
+        loss, refreshes, early = train(recipe_args, name, PiecewiseRefresh(mode, parse_pieces(pieces)))
+        reference = loss if reference is None else reference
+        rows.append(f"| {name} | {mode} {pieces} | {refreshes} | {early} | {loss:.4f} | {100 * (loss / reference - 1):+.2f}% |")
+    print("| run | schedule | refreshes | by step 100 | final val loss | vs first |\n|---|---|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
