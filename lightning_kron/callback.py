@@ -143,7 +143,9 @@ class KronCallback(Callback):
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.optimizer = self._install_optimizer(trainer, pl_module)
-        total_steps = trainer.estimated_stepping_batches if self.tolerance_schedule is not None else None
+        policy = self.refresh if self.refresh is not None else self.optimizer.refresh
+        scheduled = self.tolerance_schedule is not None or getattr(policy, "schedule", None) is not None
+        total_steps = trainer.estimated_stepping_batches if scheduled else None
         self.scheduler = RefreshScheduler(self.optimizer, self.refresh, tolerance_schedule=self.tolerance_schedule,
                                           max_per_step=self.max_refreshes_per_step, total_steps=total_steps)
         self.scheduler.tolerance_at(0)  # a schedule that cannot work with this trainer fails now, not mid-run

@@ -170,6 +170,9 @@ class KronOptimizer(torch.optim.Optimizer):
         self.statistics_dtype = statistics_dtype
         self.rotation_dtype = rotation_dtype
         self.external_schedule = False
+        #: ``callable() -> bool`` run inside ``step`` after the statistics update (see
+        #: ``_run_in_step_owner``); returns whether it refreshed anything. Set by RefreshScheduler.
+        self.in_step_refresh_owner: Optional[Callable[[], bool]] = None
         self.global_step = 0
         self.skipped_steps = 0
         groups, self._names = _split_named(params)
@@ -295,9 +298,28 @@ class KronOptimizer(torch.optim.Optimizer):
         self.global_step += 1
         pending = self._gather_and_update_statistics(groups)
         self._refresh_due(pending)
+        self._run_in_step_owner(pending)
         for item in pending:
             self._finish(item)
         return loss
+
+    def _run_in_step_owner(self, pending: list[_PendingGroup]) -> None:
+        """Let an external owner refresh between the statistics and the moment update.
+
+        Measured on the GPT recipe: refreshing here rather than after the step (the moments then
+        take this step's gradient already in the new basis, instead of carrying it through the
+        squared-rotation approximation) ends 0.7% lower at every=10. If the owner refreshed
+        anything, the gradients in flight are rotated again from scratch: simpler than tracking
+        rows, and identical on every DDP rank whoever computed the refresh. Steps where some
+        stack is only partly gradded (a copy of its rows is in flight) leave the owner to its
+        post-step hook instead.
+        """
+        owner = self.in_step_refresh_owner
+        if owner is None or not self.external_schedule or any(item.rows is not None for item in pending):
+            return
+        if owner():
+            for item in pending:
+                item.rotated = item.group.rotate_in(item.grad)
 
     def _gather_and_update_statistics(self, groups: list[FactorGroup]) -> list[_PendingGroup]:
         gathered = []
@@ -369,8 +391,8 @@ class KronOptimizer(torch.optim.Optimizer):
         if self.external_schedule or not self.refresh.checks_at(relative):
             return
         values = torch.cat([item.group.tensors[f"staleness.{dim}"] for item, dim in entries])
-        chosen = self.refresh.select(values).cpu()  # the one host sync of this step
-        request = self._request(self.refresh.tolerance, self.refresh.max_iters)
+        chosen, tolerance = self._select(values, relative)
+        request = self._request(tolerance, self.refresh.max_iters)
         offset = 0
         for item, dim in entries:
             mask = chosen[offset: offset + len(item.group)]
@@ -378,6 +400,13 @@ class KronOptimizer(torch.optim.Optimizer):
             if bool(mask.any()):
                 rows = None if bool(mask.all()) else mask.nonzero().flatten().to(item.group.device)
                 self._refresh_rows(item, dim, rows, request)
+
+    def _select(self, staleness: torch.Tensor, step: int) -> tuple[torch.Tensor, float]:
+        """The policy's choice (on the host: the one sync of this step) and its tolerance now.
+        Policy objects other than the built-in two are called as ``select(staleness)``."""
+        if isinstance(self.refresh, (FixedRefresh, AdaptiveRefresh)):
+            return self.refresh.select(staleness, step=step).cpu(), self.refresh.tolerance_at(step)
+        return self.refresh.select(staleness).cpu(), self.refresh.tolerance
 
     def _request(self, tolerance: float, max_iters: int, solver: Optional[str] = None) -> RefreshRequest:
         return RefreshRequest(solver=solver or self.solver, orthonormalizer=self.orthonormalizer,

@@ -16,7 +16,7 @@ instead of one ``.item()`` per factor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -47,7 +47,10 @@ class FixedRefresh:
     def checks_at(self, step: int) -> bool:
         return step % self.every == 0
 
-    def select(self, staleness: torch.Tensor) -> torch.Tensor:
+    def tolerance_at(self, step: int, total_steps: Optional[float] = None) -> float:
+        return 0.0
+
+    def select(self, staleness: torch.Tensor, step: Optional[int] = None) -> torch.Tensor:
         return torch.ones_like(staleness, dtype=torch.bool)
 
 
@@ -69,12 +72,20 @@ class AdaptiveRefresh:
     refreshes nearly every step; a tolerance a few times larger is what saves refreshes (measured
     in ``scripts/bench_step.py``, where correlated gradients with a heavy-tailed spectrum drift
     slowly and i.i.d. noise drifts at that rate every step).
+
+    ``schedule``: a tolerance schedule ``schedule(step, total_steps, tolerance)`` such as
+    ``TighterEarly(early_tolerance=0.15, early_steps=60)`` or ``LinearRamp(...)``. Basis accuracy
+    matters most early in training (Purifying Shampoo; measured on the GPT recipe in the README), so
+    a tighter tolerance early buys more per refresh than a constant one. Inside the optimizer the
+    training length is unknown: give schedules step counts, not fractions (``KronCallback`` and
+    ``RefreshScheduler`` know the length and accept either).
     """
 
     tolerance: float = 0.05
     check_every: int = 1
     max_iters: int = 1
     max_per_step: Optional[int] = None
+    schedule: Optional[Callable[[int, Optional[float], float], float]] = None
 
     def __post_init__(self) -> None:
         check_unit_interval("tolerance", self.tolerance, closed_right=True)
@@ -82,14 +93,24 @@ class AdaptiveRefresh:
         check_positive_int("max_iters", self.max_iters)
         if self.max_per_step is not None:
             check_positive_int("max_per_step", self.max_per_step)
+        if self.schedule is not None and not callable(self.schedule):
+            raise ValueError(f"schedule must be callable(step, total_steps, tolerance), got {self.schedule!r}")
 
     def checks_at(self, step: int) -> bool:
         return step % self.check_every == 0
 
-    def select(self, staleness: torch.Tensor) -> torch.Tensor:
-        if self.tolerance == 0:  # the fixed frequency, also for a factor that is exactly diagonal
+    def tolerance_at(self, step: int, total_steps: Optional[float] = None) -> float:
+        """The tolerance in force at ``step`` (counted from the first preconditioned step)."""
+        if self.schedule is None:
+            return self.tolerance
+        return float(self.schedule(step, total_steps, self.tolerance))
+
+    def select(self, staleness: torch.Tensor, step: Optional[int] = None) -> torch.Tensor:
+        """Factors to refresh; ``step`` applies the ``schedule`` (without it: ``tolerance``)."""
+        tolerance = self.tolerance if step is None else self.tolerance_at(step)
+        if tolerance == 0:  # the fixed frequency, also for a factor that is exactly diagonal
             return torch.ones_like(staleness, dtype=torch.bool)
-        stale = staleness > self.tolerance
+        stale = staleness > tolerance
         if self.max_per_step is None or staleness.numel() <= self.max_per_step:
             return stale
         ranked = torch.where(stale, staleness, torch.full_like(staleness, -1.0))

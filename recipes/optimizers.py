@@ -17,6 +17,7 @@ optimizers report readable factor names such as ``transformer.h.0.mlp.c_fc.weigh
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -55,6 +56,9 @@ class OptimizerConfig:
         refresh_every: eigenbasis refresh period of ``soap`` and ``shampoo``.
         tolerance: staleness threshold of ``soap_adaptive`` and ``eshampoo``.
         check_every: how often (steps) those two compare staleness with ``tolerance``.
+        early_tolerance, early_fraction: when set, ``tolerance`` is replaced by ``early_tolerance``
+            for the first ``early_fraction`` of training (basis accuracy matters most early; see
+            ``scripts/refresh_sweep.py``). Needs the training length: set ``max_steps``.
         max_iters: warm-QR iterations an adaptive refresh may take to get below ``tolerance``.
         max_refreshes_per_step: cap on factors refreshed in one step (adaptive policies only).
         options: any further keyword arguments of the optimizer class (e.g. ``max_precond_dim``; a
@@ -73,6 +77,8 @@ class OptimizerConfig:
     refresh_every: int = 10
     tolerance: float = 0.05
     check_every: int = 1
+    early_tolerance: Optional[float] = None
+    early_fraction: float = 0.2
     max_iters: int = 1
     max_refreshes_per_step: Optional[int] = None
     options: dict[str, Any] = field(default_factory=dict)
@@ -85,6 +91,10 @@ class OptimizerConfig:
         if self.weight_decay < 0 or self.warmup_steps < 0 or min(self.refresh_every, self.check_every, self.max_iters) < 1:
             raise ValueError("optimizer weight_decay and warmup_steps must be >= 0; refresh_every, check_every and "
                              "max_iters >= 1")
+        if self.early_tolerance is not None and not 0.0 <= self.early_tolerance <= 1.0:
+            raise ValueError(f"optimizer early_tolerance must lie in [0, 1], got {self.early_tolerance}")
+        if not 0.0 <= self.early_fraction <= 1.0:
+            raise ValueError(f"optimizer early_fraction must lie in [0, 1], got {self.early_fraction}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optimizer min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
 
@@ -161,12 +171,24 @@ def kradagrad_available() -> bool:
     return True
 
 
-def _construct(config: OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
+def _tolerance_schedule(config: OptimizerConfig, total_steps: Optional[float]):
+    """``TighterEarly`` in steps (the optimizer does not know the training length), or None."""
+    if config.early_tolerance is None:
+        return None
+    from lightning_kron import TighterEarly
+
+    if total_steps is None or not math.isfinite(total_steps):
+        raise ValueError("optimizer early_tolerance needs a known training length: set trainer.max_steps")
+    return TighterEarly(early_tolerance=config.early_tolerance, early_steps=int(config.early_fraction * total_steps))
+
+
+def _construct(config: OptimizerConfig, groups: list[dict], total_steps: Optional[float] = None) -> torch.optim.Optimizer:
     import lightning_kron as kron
 
     lr, betas, options = config.resolved_lr, config.resolved_betas, config.options
     adaptive = kron.AdaptiveRefresh(tolerance=config.tolerance, check_every=config.check_every,
-                                    max_iters=config.max_iters, max_per_step=config.max_refreshes_per_step)
+                                    max_iters=config.max_iters, max_per_step=config.max_refreshes_per_step,
+                                    schedule=_tolerance_schedule(config, total_steps))
     fixed = kron.FixedRefresh(every=config.refresh_every)
     if config.name == "adamw":
         if not _torch_takes_parameter_names():
@@ -182,17 +204,19 @@ def _construct(config: OptimizerConfig, groups: list[dict]) -> torch.optim.Optim
     return _kradagrad_class()(groups, **({} if lr is None else {"lr": lr}), **options)
 
 
-def build_optimizer(config: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer ``config.name`` over ``model``'s weight-decay groups; bad options -> ValueError."""
+def build_optimizer(config: OptimizerConfig, model: torch.nn.Module,
+                    total_steps: Optional[float] = None) -> torch.optim.Optimizer:
+    """The optimizer ``config.name`` over ``model``'s weight-decay groups; bad options -> ValueError.
+    ``total_steps`` (the planned optimizer steps) is needed only with ``early_tolerance``."""
     groups = weight_decay_groups(model, config)
     try:
-        return _construct(config, groups)
+        return _construct(config, groups, total_steps)
     except TypeError as error:  # an option the optimizer class does not take
         raise ValueError(f"optimizer {config.name!r} rejected its options {config.options}: {error}") from error
 
 
 def configure_optimization(config: OptimizerConfig, model: torch.nn.Module, total_steps: float) -> dict:
     """What ``LightningModule.configure_optimizers`` returns: the optimizer and its per-step schedule."""
-    optimizer = build_optimizer(config, model)
+    optimizer = build_optimizer(config, model, total_steps)
     scheduler = warmup_cosine(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

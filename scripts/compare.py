@@ -25,7 +25,7 @@ import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import lightning as L
 import torch
@@ -38,25 +38,11 @@ from scripts.run_recorder import RunRecord, RunRecorder
 
 @dataclass(frozen=True)
 class Contender:
-    """One optimizer of the comparison: ``key`` selects it on the command line; ``callbacks`` makes
-    the extra Lightning callbacks of one run (fresh for every run)."""
+    """One optimizer of the comparison: ``key`` selects it on the command line."""
 
     key: str
     label: str
     optimizer: OptimizerConfig
-    callbacks: Callable[[], list] = list
-
-
-def adaptive_refresh_callbacks() -> list:
-    """The adaptive contender's refresh owner: tolerance 0.15 for the first 20% of the steps, then the
-    optimizer's own (0.5). Measured on this recipe: refreshes pay off early (a fixed clock of every
-    10 steps for the first half and every 30 after ends 0.65% above every=10; the other way round,
-    12% above), while a constant tolerance refreshes *more* late in training, when staleness is
-    higher but matters less (README, "How the adaptive schedule was chosen")."""
-    from lightning_kron import KronCallback, TighterEarly
-
-    return [KronCallback(tolerance_schedule=TighterEarly(early_tolerance=ADAPTIVE_EARLY_TOLERANCE,
-                                                         early_fraction=ADAPTIVE_EARLY_FRACTION))]
 
 
 # Tuned on the default GPT recipe with 300-step runs (README: "How the defaults were chosen"):
@@ -64,13 +50,17 @@ def adaptive_refresh_callbacks() -> list:
 # to the largest tried, 2e-2, by under 2% beyond 1e-2; 1e-2 keeps a margin from instability).
 SHARED = dict(weight_decay=0.1, warmup_steps=30, min_lr_ratio=0.1)
 KRON_LR = 1e-2
+# Adaptive: tolerance 0.15 for the first 20% of the steps, then 0.5. Measured with
+# scripts/refresh_sweep.py (README, "How the adaptive schedule was chosen"): refreshes pay off early
+# (every 10 steps for the first half and every 30 after ends 0.65% above every=10; the other way
+# round, 12% above), while a constant tolerance refreshes *more* late in training.
 ADAPTIVE_TOLERANCE, ADAPTIVE_EARLY_TOLERANCE, ADAPTIVE_EARLY_FRACTION = 0.5, 0.15, 0.2
 CONTENDERS = (
     Contender("adamw", "AdamW", OptimizerConfig(name="adamw", lr=2.5e-3, betas=(0.9, 0.95), **SHARED)),
     Contender("soap", "SOAP (every 10)", OptimizerConfig(name="soap", lr=KRON_LR, betas=(0.95, 0.95), refresh_every=10, **SHARED)),
-    Contender("soap_adaptive", "SOAP (adaptive)", OptimizerConfig(name="soap_adaptive", lr=KRON_LR, betas=(0.95, 0.95),
-                                                                 tolerance=ADAPTIVE_TOLERANCE, **SHARED),
-              adaptive_refresh_callbacks),
+    Contender("soap_adaptive", "SOAP (adaptive)", OptimizerConfig(
+        name="soap_adaptive", lr=KRON_LR, betas=(0.95, 0.95), tolerance=ADAPTIVE_TOLERANCE,
+        early_tolerance=ADAPTIVE_EARLY_TOLERANCE, early_fraction=ADAPTIVE_EARLY_FRACTION, **SHARED)),
     Contender("shampoo", "Shampoo + Adam graft", OptimizerConfig(name="shampoo", lr=KRON_LR, betas=(0.9, 0.95), refresh_every=10, **SHARED)),
     Contender("kradagrad", "KrADagrad", OptimizerConfig(name="kradagrad", **SHARED)),
 )
@@ -150,7 +140,7 @@ def train_one(args: argparse.Namespace, contender: Contender) -> RunRecord:
     trainer = L.Trainer(max_steps=args.steps, val_check_interval=args.eval_every, check_val_every_n_epoch=None,
                         accelerator=args.accelerator, devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[recorder, *contender.callbacks()])
+                        callbacks=[recorder])
     trainer.fit(model, datamodule=data)
     if not recorder.record.val_steps or recorder.record.val_steps[-1] != trainer.global_step:
         trainer.validate(model, datamodule=data, verbose=False)  # the table needs the final loss

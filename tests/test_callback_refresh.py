@@ -15,9 +15,14 @@ def run(policy, steps: int = 12, **scheduler_options):
     net = make_net()
     optimizer = SOAP([(f"net.{n}", p) for n, p in net.named_parameters()], lr=1e-2)
     records = []
-    # registered before the scheduler's hook, so it sees the staleness the decision is made on
-    optimizer.register_step_post_hook(lambda *_: records.append({i.name: i.staleness for i in optimizer.factors()}))
     scheduler = RefreshScheduler(optimizer, policy, **scheduler_options)
+    decide = optimizer.in_step_refresh_owner
+
+    def recording_owner():  # sees the staleness the in-step decision is made on
+        records.append({i.name: i.staleness for i in optimizer.factors()})
+        return decide()
+
+    optimizer.in_step_refresh_owner = recording_owner
     batches = [batch for _ in range(2) for batch in loader()]
     for step in range(steps):
         inputs, targets = batches[step]
@@ -100,3 +105,48 @@ def test_fractional_schedules_need_a_known_training_length():
             schedule(3, None, 0.5)
     with pytest.raises(ValueError, match="start_tolerance"):
         LinearRamp(start_tolerance=1.5)
+
+
+def _train(optimizer, net, steps: int = 10) -> None:
+    batches = [batch for _ in range(2) for batch in loader()]
+    for step in range(steps):
+        inputs, targets = batches[step]
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(net(inputs), targets).backward()
+        optimizer.step()
+
+
+def test_owner_refreshes_inside_the_step_like_the_optimizers_own_policy():
+    nets, optimizers = [], []
+    for owner in ("optimizer", "in step", "after step"):
+        net = make_net()
+        optimizer = SOAP(net.named_parameters(), lr=1e-2, refresh=FixedRefresh(every=3))
+        if owner != "optimizer":
+            RefreshScheduler(optimizer)
+        if owner == "after step":
+            optimizer.in_step_refresh_owner = None  # only the post-hook decides
+        _train(optimizer, net)
+        nets.append(net)
+        optimizers.append(optimizer)
+    gap = lambda a, b: max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+    own, in_step, after = nets
+    assert gap(own, in_step) < 1e-5 < gap(own, after)
+    assert [i.refreshes for i in optimizers[0].factors()] == [i.refreshes for i in optimizers[1].factors()]
+
+
+def test_a_partly_gradded_step_leaves_the_decision_to_the_post_hook():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))  # one stack of two
+    optimizer = SOAP(net.named_parameters(), lr=1e-2)
+    scheduler = RefreshScheduler(optimizer, FixedRefresh(every=1))
+    calls = []
+    decide = optimizer.in_step_refresh_owner
+    optimizer.in_step_refresh_owner = lambda: calls.append(optimizer.global_step) or decide()
+    for step in range(3):
+        optimizer.zero_grad()
+        net(torch.randn(8, 4)).square().mean().backward()
+        if step == 2:
+            net[0].weight.grad = None  # one member of the stack has no gradient this step
+        optimizer.step()
+    assert calls == [1, 2]  # the in-step window stayed shut on step 3 ...
+    assert scheduler.counters.refreshes == 2 * 4  # ... and the post-hook refreshed all 4 factors after it

@@ -91,3 +91,14 @@ def test_configured_scheduler_steps_every_optimizer_step():
     assert plan["lr_scheduler"]["interval"] == "step"
     assert plan["optimizer"].param_groups[0]["lr"] == pytest.approx(5e-3)  # first warm-up step: half the rate
     assert set(OPTIMIZER_NAMES) == {"adamw", "soap", "soap_adaptive", "eshampoo", "shampoo", "kradagrad"}
+
+
+def test_early_tolerance_becomes_a_step_schedule_inside_the_optimizer():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    config = OptimizerConfig(name="soap_adaptive", tolerance=0.5, early_tolerance=0.1, early_fraction=0.25)
+    optimizer = build_optimizer(config, model, total_steps=100)
+    assert optimizer.refresh.tolerance_at(24) == 0.1 and optimizer.refresh.tolerance_at(25) == 0.5
+    with pytest.raises(ValueError, match="max_steps"):
+        build_optimizer(config, model)
+    with pytest.raises(ValueError, match="early_tolerance"):
+        OptimizerConfig(name="soap_adaptive", early_tolerance=2.0)

@@ -269,3 +269,23 @@ def test_rotated_second_moment_uses_the_squared_rotation():
     state["block0.exp_avg_sq"].copy_(torch.tensor([4.0, 0.0], dtype=torch.float64))
     optimizer.refresh_factors(solver="eigh")
     torch.testing.assert_close(state["block0.exp_avg_sq"], torch.tensor([2.0, 2.0], dtype=torch.float64))
+
+
+def test_adaptive_schedule_is_followed_inside_the_optimizer_step():
+    from lightning_kron import TighterEarly
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 5)
+    policy = lk.AdaptiveRefresh(tolerance=1.0, schedule=TighterEarly(early_tolerance=0.0, early_steps=3))
+    optimizer = lk.SOAP(model.named_parameters(), lr=1e-2, refresh=policy)
+    counts = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        model(torch.randn(16, 6)).square().mean().backward()
+        optimizer.step()
+        counts.append(sum(info.refreshes for info in optimizer.factors()))
+    # step 1: exact bases; relative steps 1, 2 at tolerance 0 refresh both factors; from 3 on, 1.0: none
+    assert counts == [2, 4, 6, 6, 6, 6]
+    assert policy.tolerance_at(2) == 0.0 and policy.tolerance_at(3) == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        lk.AdaptiveRefresh(schedule=0.1)
