@@ -67,10 +67,10 @@ def parse_pieces(text: str) -> list[tuple[float, float]]:
     return pieces
 
 
-def train(args: argparse.Namespace, name: str, policy: PiecewiseRefresh) -> tuple[float, int, int]:
+def train(args: argparse.Namespace, name: str, policy: PiecewiseRefresh, solver: str) -> tuple[float, int, int]:
     """Final validation loss, total refreshes and refreshes by step 100 of one run."""
     soap = next(c for c in compare.CONTENDERS if c.key == "soap").optimizer
-    config = soap.replace(options={**soap.options, "refresh": policy})
+    config = soap.replace(options={**soap.options, "refresh": policy, "solver": solver})
     record = compare.train_one(args, compare.Contender(name, name, config))
     early = record.refreshes[min(99, len(record.refreshes) - 1)]
     return record.val_loss[-1], record.total_refreshes, early
@@ -82,6 +82,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--solver", choices=("qr", "eigh"), default="qr", help="refresh solver of every run")
+    parser.add_argument("--max-iters", type=int, default=1, help="warm-QR iterations per adaptive refresh")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data", default=None, help="text file/folder (default: Python's standard library)")
     parser.add_argument("--context-length", type=int, default=128)
@@ -100,7 +102,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     recipe_args.data, recipe_args.batch_size, recipe_args.cache_dir = args.data, args.batch_size, args.cache_dir
     rows, reference = [], None
     for name, mode, pieces in tqdm(args.run, desc="schedules", disable=args.no_progress):
-        loss, refreshes, early = train(recipe_args, name, PiecewiseRefresh(mode, parse_pieces(pieces)))
+        policy = PiecewiseRefresh(mode, parse_pieces(pieces), max_iters=args.max_iters)
+        loss, refreshes, early = train(recipe_args, name, policy, args.solver)
         reference = loss if reference is None else reference
         rows.append(f"| {name} | {mode} {pieces} | {refreshes} | {early} | {loss:.4f} | {100 * (loss / reference - 1):+.2f}% |")
     print("| run | schedule | refreshes | by step 100 | final val loss | vs first |\n|---|---|---:|---:|---:|---:|")

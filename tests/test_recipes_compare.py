@@ -22,7 +22,7 @@ def test_compare_runs_end_to_end_and_writes_table_and_plots(tmp_path, capsys):
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     expected = ["AdamW", "SOAP (every 10)", "SOAP (adaptive)", "Shampoo + Adam graft"]
-    expected += ["KrADagrad"] if kradagrad_available() else []
+    expected += ["KrADagrad + Adam graft"] if kradagrad_available() else []
     assert [row["optimizer"] for row in rows] == expected
     adamw, soap = rows[0], rows[1]
     assert float(adamw["step_ratio_vs_adamw"]) == pytest.approx(1.0)
