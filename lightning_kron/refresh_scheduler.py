@@ -266,6 +266,7 @@ class RefreshScheduler:
         self._saved_deferred = None if state["deferred"] is None else tuple(state["deferred"])
         self._deferred = None
         self._layout_for = None  # apply the deferred mask against the (possibly new) layout
+        self._decided_at = -1  # the optimizer's step counter may have moved back
 
     def _restore_deferred(self, factor_count: int) -> None:
         if self._saved_deferred is None:
