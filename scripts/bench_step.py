@@ -27,6 +27,7 @@ import lightning_kron as lk
 
 MODELS = {  # (layers, width, vocabulary, context): GPT-2 parameter layout, tied embeddings
     "gpt-mini": (6, 256, 256, 256),
+    "gpt-deep": (24, 128, 256, 256),  # as many parameters, 4x the tensors: per-tensor overhead shows
     "gpt2-small": (12, 768, 50304, 1024),
 }
 
@@ -172,7 +173,7 @@ def time_round_robin(rows: dict[str, Callable], shapes, device: torch.device, st
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["gpt-mini", "gpt2-small"], choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=20, help="timed steps after the first (default 20: two refreshes at every=10)")
     parser.add_argument("--every", type=int, default=10, help="fixed refresh frequency")
     parser.add_argument("--max-precond-dim", type=int, default=4096)

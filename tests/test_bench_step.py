@@ -1,0 +1,22 @@
+"""scripts/bench_step.py at a tiny scale: every row is timed and the table is printed."""
+
+import math
+
+from scripts import bench_step
+
+
+def test_bench_step_prints_one_timed_row_per_candidate(monkeypatch, capsys):
+    monkeypatch.setitem(bench_step.MODELS, "tiny", (1, 64, 128, 32))
+    bench_step.main(["--models", "tiny", "--steps", "3", "--every", "2", "--only", "adamw", "soap fixed", "pytorch"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    table = {row[1].strip(): [cell.strip() for cell in row[2:-1]] for row in rows[1:]}
+    assert "torch AdamW (foreach)" in table and "SOAP fixed every=2" in table
+    for first_s, median_ms, amortized_ms, _, state_mb in table.values():
+        assert float(first_s) >= 0 and float(median_ms) > 0 and float(amortized_ms) > 0 and float(state_mb) > 0
+    assert float(table["SOAP fixed every=2"][4]) > float(table["torch AdamW (foreach)"][4])  # factors and bases
+
+
+def test_gpt_parameter_shapes_match_gpt2_small_parameter_count():
+    shapes = bench_step.gpt_parameter_shapes(*bench_step.MODELS["gpt2-small"])
+    count = sum(math.prod(shape) for _, shape in shapes)
+    assert count == 124_475_904  # GPT-2 small with a 50304-token tied vocabulary and 1024 positions
