@@ -143,11 +143,10 @@ class KronCallback(Callback):
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.optimizer = self._install_optimizer(trainer, pl_module)
-        policy = self.refresh if self.refresh is not None else self.optimizer.refresh
-        scheduled = self.tolerance_schedule is not None or getattr(policy, "schedule", None) is not None
-        total_steps = trainer.estimated_stepping_batches if scheduled else None
         self.scheduler = RefreshScheduler(self.optimizer, self.refresh, tolerance_schedule=self.tolerance_schedule,
-                                          max_per_step=self.max_refreshes_per_step, total_steps=total_steps)
+                                          max_per_step=self.max_refreshes_per_step)
+        if self.scheduler.needs_training_length:
+            self.scheduler.total_steps = trainer.estimated_stepping_batches
         self.scheduler.tolerance_at(0)  # a schedule that cannot work with this trainer fails now, not mid-run
         if self._held_state is not None:  # restored before the optimizer existed (resume)
             self.scheduler.load_state_dict(self._held_state)

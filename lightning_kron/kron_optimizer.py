@@ -170,9 +170,10 @@ class KronOptimizer(torch.optim.Optimizer):
         self.statistics_dtype = statistics_dtype
         self.rotation_dtype = rotation_dtype
         self.external_schedule = False
-        #: ``callable() -> bool`` run inside ``step`` after the statistics update (see
-        #: ``_run_in_step_owner``); returns whether it refreshed anything. Set by RefreshScheduler.
-        self.in_step_refresh_owner: Optional[Callable[[], bool]] = None
+        #: ``callable() -> groups`` run inside ``step`` after the statistics update (see
+        #: ``_run_in_step_owner``); returns the factor groups whose bases it changed (on any rank).
+        #: Set by RefreshScheduler.
+        self.in_step_refresh_owner: Optional[Callable[[], Iterable[FactorGroup]]] = None
         self.global_step = 0
         self.skipped_steps = 0
         groups, self._names = _split_named(params)
@@ -308,17 +309,18 @@ class KronOptimizer(torch.optim.Optimizer):
 
         Measured on the GPT recipe: refreshing here rather than after the step (the moments then
         take this step's gradient already in the new basis, instead of carrying it through the
-        squared-rotation approximation) ends 0.7% lower at every=10. If the owner refreshed
-        anything, the gradients in flight are rotated again from scratch: simpler than tracking
-        rows, and identical on every DDP rank whoever computed the refresh. Steps where some
+        squared-rotation approximation) ends 0.7% lower at every=10. The gradients in flight of
+        the groups it refreshed are rotated again from scratch: simpler than carrying each
+        rotation over, and identical on every DDP rank whoever computed the refresh. Steps where some
         stack is only partly gradded (a copy of its rows is in flight) leave the owner to its
         post-step hook instead.
         """
         owner = self.in_step_refresh_owner
         if owner is None or not self.external_schedule or any(item.rows is not None for item in pending):
             return
-        if owner():
-            for item in pending:
+        refreshed = {id(group) for group in owner()}
+        for item in pending:
+            if id(item.group) in refreshed:
                 item.rotated = item.group.rotate_in(item.grad)
 
     def _gather_and_update_statistics(self, groups: list[FactorGroup]) -> list[_PendingGroup]:

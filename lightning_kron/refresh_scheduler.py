@@ -108,6 +108,7 @@ class RefreshScheduler:
         self._layout_for: Optional[list[FactorGroup]] = None
         self._slots: list[_Slot] = []
         self._decided_at = -1  # the optimizer step whose refreshes were already decided
+        self._refreshed_groups: list[FactorGroup] = []  # changed at that step, on any rank
         optimizer.external_schedule = True
         optimizer.in_step_refresh_owner = self.in_step
         self._handle = optimizer.register_step_post_hook(lambda *_: self.after_step())
@@ -126,6 +127,11 @@ class RefreshScheduler:
     @property
     def deferred_count(self) -> int:
         return 0 if self._deferred is None else int(self._deferred.sum())
+
+    @property
+    def needs_training_length(self) -> bool:
+        """Whether a tolerance schedule (its own or the policy's) may need ``total_steps``."""
+        return self.tolerance_schedule is not None or getattr(self.policy, "schedule", None) is not None
 
     def tolerance_at(self, step: int) -> float:
         """The tolerance in force at ``step`` (counted from the first preconditioned step)."""
@@ -172,12 +178,11 @@ class RefreshScheduler:
         return chosen & due
 
     # ----------------------------------------------------------------- the step hook
-    def in_step(self) -> bool:
+    def in_step(self) -> list[FactorGroup]:
         """Decide and run this step's refreshes from inside ``optimizer.step`` (after the
-        statistics update, before the moments); returns whether anything was refreshed."""
-        before = self.counters.refreshes
+        statistics update, before the moments); returns the groups whose bases changed."""
         self.after_step()
-        return self.counters.refreshes > before
+        return self._refreshed_groups
 
     def after_step(self) -> None:
         """Decide and run this step's refreshes, once per optimizer step: normally from inside the
@@ -185,6 +190,7 @@ class RefreshScheduler:
         if self._decided_at == self.optimizer.global_step:
             return
         self._decided_at = self.optimizer.global_step
+        self._refreshed_groups = []
         step = self.optimizer.global_step - self.optimizer.start_preconditioning_step
         if step <= 0:  # before preconditioning, or the step whose exact refresh the optimizer did itself
             return
@@ -210,6 +216,7 @@ class RefreshScheduler:
         blocks = self._chosen_blocks(chosen, slots)
         rank, world = rank_and_world()
         groups = self.optimizer.factor_groups()
+        self._refreshed_groups = [groups[index] for index in sorted({g for g, _ in blocks})]
         costs = [sum(groups[g].shape[dim] ** 3 for dim in dims) for (g, _), dims in blocks.items()]
         owners = dict(zip(blocks, assign_owners(costs, world)))
         mine = [(block, dims) for block, dims in blocks.items() if owners[block] == rank]

@@ -69,11 +69,10 @@ class LinearRamp:
     """Tolerance rising linearly from ``start_tolerance`` at the first preconditioned step to the
     policy's own tolerance after ``ramp_steps`` steps (or ``ramp_fraction`` of the planned steps).
 
-    Why a ramp: a constant tolerance spends its refreshes *late*. As training proceeds the factors'
-    spectra flatten and the relative off-diagonal mass of a given basis error grows, so staleness
-    crosses a fixed threshold more often when accuracy matters least. On the GPT recipe
-    (``scripts/compare.py``) a constant 0.4 made 73 of its 243 refreshes in the first third of the
-    run and ended 7% above every=10; ramping 0.1 -> 0.64 (see the README) spends them early.
+    Why a ramp: a constant tolerance can spend its refreshes *late*, when basis accuracy matters
+    least. On the GPT recipe a constant 0.4 made only 73 of its 243 refreshes in the first third of
+    the run and ended 7% above every=10; a staircase rising 0.1 -> 0.64 (``scripts/refresh_sweep.py``,
+    README) made 394 and ended 0.1% above it.
     """
 
     start_tolerance: float = 0.1

@@ -23,51 +23,61 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+import lightning_kron as lk
+
 from scripts import compare
 
 
-@dataclass
-class PiecewiseRefresh:
-    """A refresh policy whose period (``fixed``) or tolerance (``adaptive``) depends on the step.
+@dataclass(frozen=True)
+class Piecewise:
+    """A value that depends on the step: ``pieces`` is ``[(until, value), ...]``, the last ``until``
+    infinite. Called as a tolerance schedule, it is ``AdaptiveRefresh(schedule=...)``'s tolerance."""
 
-    Plugs into ``SOAP(refresh=...)`` as any policy object does: the optimizer calls ``checks_at``
-    with the step (counted from the first preconditioned step) before ``select``.
-    """
+    pieces: tuple[tuple[float, float], ...]
 
-    mode: str
-    pieces: list[tuple[float, float]]
-    step: int = 0
+    def at(self, step: int) -> float:
+        return next(value for until, value in self.pieces if step < until)
+
+    def __call__(self, step: int, total_steps: Optional[float], tolerance: float) -> float:
+        return self.at(step)
+
+
+@dataclass(frozen=True)
+class PiecewiseFixedRefresh:
+    """Every factor refreshed on a clock whose period depends on the step (a refresh policy object:
+    the library's ``FixedRefresh`` has one period)."""
+
+    periods: Piecewise
+    tolerance: float = 0.0
     max_iters: int = 1
 
-    def value(self) -> float:
-        return next(value for until, value in self.pieces if self.step < until)
-
-    @property
-    def tolerance(self) -> float:
-        return 0.0 if self.mode == "fixed" else self.value()
-
     def checks_at(self, step: int) -> bool:
-        self.step = step
-        return step % int(self.value()) == 0 if self.mode == "fixed" else True
+        return step % int(self.periods.at(step)) == 0
 
     def select(self, staleness: torch.Tensor) -> torch.Tensor:
-        if self.mode == "fixed":
-            return torch.ones_like(staleness, dtype=torch.bool)
-        return staleness > self.value()
+        return torch.ones_like(staleness, dtype=torch.bool)
 
 
-def parse_pieces(text: str) -> list[tuple[float, float]]:
-    """``"150:10,inf:30"`` -> ``[(150, 10.0), (inf, 30.0)]``; the last piece must be open-ended."""
+def make_policy(mode: str, pieces: tuple[tuple[float, float], ...], max_iters: int = 1):
+    """``fixed``: :class:`PiecewiseFixedRefresh`; ``adaptive``: the library's ``AdaptiveRefresh``
+    checked every step, with the pieces as its tolerance schedule."""
+    if mode == "fixed":
+        return PiecewiseFixedRefresh(Piecewise(pieces))
+    return lk.AdaptiveRefresh(tolerance=pieces[-1][1], max_iters=max_iters, schedule=Piecewise(pieces))
+
+
+def parse_pieces(text: str) -> tuple[tuple[float, float], ...]:
+    """``"150:10,inf:30"`` -> ``((150, 10.0), (inf, 30.0))``; the last piece must be open-ended."""
     pieces = []
     for item in text.split(","):
         until, _, value = item.partition(":")
         pieces.append((math.inf if until == "inf" else float(until), float(value)))
     if not pieces or pieces[-1][0] != math.inf:
         raise argparse.ArgumentTypeError(f"the last piece of {text!r} must start with 'inf:'")
-    return pieces
+    return tuple(pieces)
 
 
-def train(args: argparse.Namespace, name: str, policy: PiecewiseRefresh, solver: str) -> tuple[float, int, int]:
+def train(args: argparse.Namespace, name: str, policy, solver: str) -> tuple[float, int, int]:
     """Final validation loss, total refreshes and refreshes by step 100 of one run."""
     soap = next(c for c in compare.CONTENDERS if c.key == "soap").optimizer
     config = soap.replace(options={**soap.options, "refresh": policy, "solver": solver})
@@ -102,7 +112,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     recipe_args.data, recipe_args.batch_size, recipe_args.cache_dir = args.data, args.batch_size, args.cache_dir
     rows, reference = [], None
     for name, mode, pieces in tqdm(args.run, desc="schedules", disable=args.no_progress):
-        policy = PiecewiseRefresh(mode, parse_pieces(pieces), max_iters=args.max_iters)
+        policy = make_policy(mode, parse_pieces(pieces), args.max_iters)
         loss, refreshes, early = train(recipe_args, name, policy, args.solver)
         reference = loss if reference is None else reference
         rows.append(f"| {name} | {mode} {pieces} | {refreshes} | {early} | {loss:.4f} | {100 * (loss / reference - 1):+.2f}% |")

@@ -23,14 +23,23 @@ def run(policy, steps: int = 12, **scheduler_options):
         return decide()
 
     optimizer.in_step_refresh_owner = recording_owner
+
+    def note_refreshed():
+        records[-1]["refreshed"] = {i.name for i in optimizer.factors() if i.steps_since_refresh == 0}
+
+    _train(optimizer, net, steps, after_step=note_refreshed)
+    return net, optimizer, scheduler, records
+
+
+def _train(optimizer, net, steps: int = 10, after_step=lambda: None) -> None:
+    """``steps`` regression steps over the helper's batches (two passes at most)."""
     batches = [batch for _ in range(2) for batch in loader()]
     for step in range(steps):
         inputs, targets = batches[step]
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(net(inputs), targets).backward()
         optimizer.step()
-        records[-1]["refreshed"] = {i.name for i in optimizer.factors() if i.steps_since_refresh == 0}
-    return net, optimizer, scheduler, records
+        after_step()
 
 
 def test_adaptive_refreshes_fewer_factors_than_every_step_and_each_at_its_own_rate():
@@ -107,15 +116,6 @@ def test_fractional_schedules_need_a_known_training_length():
         LinearRamp(start_tolerance=1.5)
 
 
-def _train(optimizer, net, steps: int = 10) -> None:
-    batches = [batch for _ in range(2) for batch in loader()]
-    for step in range(steps):
-        inputs, targets = batches[step]
-        optimizer.zero_grad()
-        torch.nn.functional.mse_loss(net(inputs), targets).backward()
-        optimizer.step()
-
-
 def test_owner_refreshes_inside_the_step_like_the_optimizers_own_policy():
     nets, optimizers = [], []
     for owner in ("optimizer", "in step", "after step"):
@@ -150,3 +150,23 @@ def test_a_partly_gradded_step_leaves_the_decision_to_the_post_hook():
         optimizer.step()
     assert calls == [1, 2]  # the in-step window stayed shut on step 3 ...
     assert scheduler.counters.refreshes == 2 * 4  # ... and the post-hook refreshed all 4 factors after it
+
+
+def test_only_the_groups_refreshed_in_the_step_rotate_their_gradient_again(monkeypatch):
+    from lightning_kron.factor_group import FactorGroup
+
+    calls = []
+    original = FactorGroup.rotate_in
+    monkeypatch.setattr(FactorGroup, "rotate_in", lambda group, x: calls.append(group) or original(group, x))
+    net = make_net()
+    optimizer = SOAP(net.named_parameters(), lr=1e-2)
+    scheduler = RefreshScheduler(optimizer, FixedRefresh(every=1))
+    _train(optimizer, net, steps=2)  # step 2 refreshes every factor: each factored stack once more
+    stacks = len(optimizer.factor_groups())
+    factored = sum(1 for group in optimizer.factor_groups() if group.factored_dims)
+    assert 0 < factored < stacks and len(calls) == 2 * stacks + factored
+    calls.clear()
+    scheduler.detach()
+    RefreshScheduler(optimizer, AdaptiveRefresh(tolerance=1.0))  # never stale: nothing refreshed
+    _train(optimizer, net, steps=2)
+    assert len(calls) == 2 * stacks

@@ -9,26 +9,25 @@ import pytest
 import torch
 
 from scripts import refresh_sweep
-from scripts.refresh_sweep import PiecewiseRefresh, parse_pieces
+from scripts.refresh_sweep import make_policy, parse_pieces
 
 TEXT_FOLDER = str(Path(json.__file__).parent)
 
 
 def test_pieces_parse_and_must_end_open():
-    assert parse_pieces("150:10,inf:30") == [(150.0, 10.0), (math.inf, 30.0)]
+    assert parse_pieces("150:10,inf:30") == ((150.0, 10.0), (math.inf, 30.0))
     with pytest.raises(argparse.ArgumentTypeError, match="inf:"):
         parse_pieces("150:10")
 
 
 def test_fixed_pieces_change_the_period_and_adaptive_pieces_the_tolerance():
-    fixed = PiecewiseRefresh("fixed", parse_pieces("10:2,inf:5"))
+    fixed = make_policy("fixed", parse_pieces("10:2,inf:5"))
     assert [step for step in range(1, 21) if fixed.checks_at(step)] == [2, 4, 6, 8, 10, 15, 20]
-    adaptive = PiecewiseRefresh("adaptive", parse_pieces("3:0.1,inf:0.5"))
+    adaptive = make_policy("adaptive", parse_pieces("3:0.1,inf:0.5"))
     staleness = torch.tensor([0.05, 0.2, 0.6])
-    assert adaptive.checks_at(1) and adaptive.select(staleness).tolist() == [False, True, True]
-    assert adaptive.tolerance == 0.1
-    adaptive.checks_at(3)
-    assert adaptive.select(staleness).tolist() == [False, False, True] and adaptive.tolerance == 0.5
+    assert adaptive.checks_at(1) and adaptive.select(staleness, step=1).tolist() == [False, True, True]
+    assert adaptive.tolerance_at(1) == 0.1
+    assert adaptive.select(staleness, step=3).tolist() == [False, False, True] and adaptive.tolerance_at(3) == 0.5
 
 
 def test_sweep_runs_schedules_and_counts_their_refreshes(tmp_path, capsys):
