@@ -48,9 +48,11 @@ class FixedRefresh:
         return step % self.every == 0
 
     def tolerance_at(self, step: int, total_steps: Optional[float] = None) -> float:
+        """Always 0: a due factor is refreshed (one QR step) whatever its staleness."""
         return 0.0
 
     def select(self, staleness: torch.Tensor, step: Optional[int] = None) -> torch.Tensor:
+        """Every factor, on the steps where :meth:`checks_at` is true."""
         return torch.ones_like(staleness, dtype=torch.bool)
 
 
