@@ -28,9 +28,7 @@ from lightning_kron.solvers import (
     descending_diagonal_order,
     eigh_in_basis,
     householder_qr,
-    permute_symmetric,
     qr_step_in_basis,
-    unsort_rows,
 )
 from lightning_kron.staleness import staleness
 
@@ -90,8 +88,7 @@ def _warm_qr(stats: torch.Tensor, request: RefreshRequest, criterion=staleness):
     failed = torch.zeros(stats.shape[0], dtype=torch.bool, device=stats.device)
     for iteration in range(request.max_iters):
         step_order = descending_diagonal_order(stats)
-        step_rotation, stats, ok = qr_step_in_basis(permute_symmetric(stats, step_order), orth)
-        step_rotation = unsort_rows(step_rotation, step_order)
+        step_rotation, stats, ok = qr_step_in_basis(stats, orth, order=step_order)
         rotation = step_rotation if rotation is None else rotation @ step_rotation
         order = step_order if order is None else torch.gather(order, -1, step_order)
         failed |= ~ok

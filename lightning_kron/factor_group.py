@@ -13,6 +13,7 @@ factor stored in its own eigenbasis, which makes the staleness criterion free), 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -63,6 +64,7 @@ class FactorGroup:
         self.state_dtype = state_dtype
         self.device = first.param.device
         self.tensors: dict[str, torch.Tensor] = {}
+        self._low_bases: dict[int, tuple] = {}
         self._allocate_factors()
 
     # ----------------------------------------------------------------- construction
@@ -129,8 +131,23 @@ class FactorGroup:
         with AVX512-BF16 and GPUs) and the result back in the state dtype."""
         if self.rotation_dtype is None:
             return rotation(x, self.bases())
-        bases = [None if basis is None else basis.to(self.rotation_dtype) for basis in self.bases()]
-        return rotation(x.to(self.rotation_dtype), bases).to(self.state_dtype)
+        return rotation(x.to(self.rotation_dtype), self._low_precision_bases()).to(self.state_dtype)
+
+    def _low_precision_bases(self) -> list[Optional[torch.Tensor]]:
+        """The bases in ``rotation_dtype``, cast once per basis change rather than twice per step.
+
+        A cached copy is reused while it was made from this very tensor (weak reference: a loaded
+        checkpoint brings new tensors) at this version (in-place writes by a refresh or a
+        re-orthonormalisation bump ``_version``). Not state: it is rebuilt after a resume.
+        """
+        bases = []
+        for dim, basis in enumerate(self.bases()):
+            cached = self._low_bases.get(dim)
+            if basis is not None and (cached is None or cached[0]() is not basis or cached[1] != basis._version):
+                cached = (weakref.ref(basis), basis._version, basis.to(self.rotation_dtype))
+                self._low_bases[dim] = cached
+            bases.append(None if basis is None else cached[2])
+        return bases
 
     def apply_update(self, direction: torch.Tensor, lr: float, decoupled_decay: float) -> None:
         """``W <- W * (1 - lr * wd) - lr * D`` on every member, as ``torch.optim.AdamW`` does."""
@@ -154,6 +171,7 @@ class FactorGroup:
         sub.__dict__.update(self.__dict__)
         sub.members = [self.members[row] for row in rows]
         sub.tensors = {key: tensor.index_select(0, index) for key, tensor in self.tensors.items()}
+        sub._low_bases = {}
         return sub
 
     def absorb(self, sub: "FactorGroup", rows: list[int]) -> None:

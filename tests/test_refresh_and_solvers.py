@@ -30,12 +30,10 @@ def test_staleness_matches_definition_and_reconstruction_error():
 
 
 def _warm_qr_step(basis, factor, orthonormalizer):
-    """The refresh path: sort B, QR-algorithm step on it, fold the permutation into the rotation."""
+    """The refresh path: a QR-algorithm step on B with its columns sorted by diag(B)."""
     stats = (basis.T @ factor @ basis)[None]
     order = solvers.descending_diagonal_order(stats)
-    rotation, new_stats, ok = solvers.qr_step_in_basis(solvers.permute_symmetric(stats, order),
-                                                       solvers.ORTHONORMALIZERS[orthonormalizer])
-    rotation = solvers.unsort_rows(rotation, order)
+    rotation, new_stats, ok = solvers.qr_step_in_basis(stats, solvers.ORTHONORMALIZERS[orthonormalizer], order=order)
     return basis @ rotation[0], new_stats[0], basis[:, order[0]], bool(ok.all())
 
 
@@ -289,3 +287,42 @@ def test_adaptive_schedule_is_followed_inside_the_optimizer_step():
     assert policy.tolerance_at(2) == 0.0 and policy.tolerance_at(3) == 1.0
     with pytest.raises(ValueError, match="schedule"):
         lk.AdaptiveRefresh(schedule=0.1)
+
+
+@pytest.mark.parametrize("size", [5, 200, 600])
+def test_symmetric_product_of_upper_equals_the_full_product(size):
+    """The blocked product skips R's zero blocks and mirrors: same as ``R @ P`` for a QR step's
+    symmetric ``R P``, and exactly symmetric."""
+    generator = torch.Generator().manual_seed(size)
+    factor = _random_spd(size, generator).unsqueeze(0)
+    rotation, upper = solvers.householder_qr(factor)
+    product = solvers.symmetric_product_of_upper(upper, rotation)
+    torch.testing.assert_close(product, upper @ rotation)
+    assert torch.equal(product, product.mT)
+
+
+def test_rows_in_order_reads_row_and_column_major_stacks_alike():
+    generator = torch.Generator().manual_seed(3)
+    stack = torch.randn(3, 7, 7, generator=generator)
+    order = torch.stack([torch.randperm(7, generator=generator) for _ in range(3)])
+    expected = torch.stack([member[perm] for member, perm in zip(stack, order)])
+    column_major = stack.mT.contiguous().mT
+    assert torch.equal(solvers.rows_in_order(stack, order), expected)
+    assert torch.equal(solvers.rows_in_order(column_major, order), expected)
+
+
+def test_low_precision_bases_follow_every_refresh():
+    """bf16 rotations cache the bf16 bases between refreshes; a refresh must replace the copy."""
+    model = nn.Linear(12, 6)
+    optimizer = lk.SOAP(model.parameters(), rotation_dtype=torch.bfloat16, refresh=lk.FixedRefresh(every=2))
+    inputs, targets = torch.randn(32, 12), torch.randn(32, 6)
+    for _ in range(5):
+        optimizer.zero_grad()
+        (model(inputs) - targets).square().mean().backward()
+        optimizer.step()
+        for group in optimizer.factor_groups():
+            cached = group._low_precision_bases()
+            for basis, low in zip(group.bases(), cached):
+                if basis is not None:
+                    assert torch.equal(low, basis.to(torch.bfloat16))
+    assert any(bool(group.tensors["refreshes.0"].gt(1).all()) for group in optimizer.factor_groups())
