@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import torch
 
 from lightning_kron.blocking import Block
-from lightning_kron.modes import rotate_in, rotate_out
+from lightning_kron.modes import rotate_in, rotate_mode, rotate_out
 
 TELEMETRY_KEYS = ("staleness", "refreshes", "failures", "last_refresh", "refresh_seconds")
 
@@ -132,6 +132,14 @@ class FactorGroup:
         if self.rotation_dtype is None:
             return rotation(x, self.bases())
         return rotation(x.to(self.rotation_dtype), self._low_precision_bases()).to(self.state_dtype)
+
+    def mode_product(self, x: torch.Tensor, dim: int, matrix: torch.Tensor) -> torch.Tensor:
+        """``x x_dim matrix`` for re-expressing a rotated buffer after a refresh, in
+        ``rotation_dtype`` when one is set: what lives in the eigenbasis (the moments, the gradient
+        in flight) is then rounded like the per-step rotations that produced it."""
+        if self.rotation_dtype is None:
+            return rotate_mode(x, dim, matrix)
+        return rotate_mode(x.to(self.rotation_dtype), dim, matrix.to(self.rotation_dtype)).to(self.state_dtype)
 
     def _low_precision_bases(self) -> list[Optional[torch.Tensor]]:
         """The bases in ``rotation_dtype``, cast once per basis change rather than twice per step.

@@ -16,7 +16,7 @@ import torch
 
 from lightning_kron.basis_refresh import put, take
 from lightning_kron.factor_group import FactorGroup
-from lightning_kron.modes import permute_mode, rotate_mode
+from lightning_kron.modes import permute_mode
 
 
 def permute_buffer(group: FactorGroup, key: str, rows: Optional[torch.Tensor], dim: int, order: torch.Tensor) -> None:
@@ -27,4 +27,4 @@ def permute_buffer(group: FactorGroup, key: str, rows: Optional[torch.Tensor], d
 def rotate_buffer(group: FactorGroup, key: str, rows: Optional[torch.Tensor], dim: int, matrix: torch.Tensor) -> None:
     """``buffer x_dim matrix`` for the selected members."""
     buffer = group.tensors[key]
-    put(buffer, rows, rotate_mode(take(buffer, rows), dim, matrix))
+    put(buffer, rows, group.mode_product(take(buffer, rows), dim, matrix))

@@ -62,8 +62,12 @@ class EigenvalueCorrectedOptimizer(KronOptimizer):
         exp_avg.lerp_(rotated, 1.0 - hyper.beta1)
         exp_avg_sq.mul_(hyper.beta2).addcmul_(rotated, rotated, value=1.0 - hyper.beta2)
         step = group.tensors["step"]
-        denom = (exp_avg_sq / bias_correction(hyper.beta2, step, exp_avg_sq)).sqrt_().add_(hyper.eps)
-        normalized = exp_avg / bias_correction(hyper.beta1, step, exp_avg) / denom
+        # one new stack instead of three: on a CPU a fresh allocation of a large stack costs more
+        # (page faults) than the arithmetic that fills it
+        normalized = exp_avg_sq.sqrt()
+        normalized.div_(bias_correction(hyper.beta2, step, exp_avg_sq).sqrt_()).add_(hyper.eps)
+        torch.div(exp_avg, normalized, out=normalized)
+        normalized.div_(bias_correction(hyper.beta1, step, exp_avg))
         return group.rotate_out(normalized)
 
     def permute_rows(self, group, rows, dim, order) -> None:
@@ -89,8 +93,10 @@ class SOAP(EigenvalueCorrectedOptimizer):
         solver: "qr" (warm power step, default) or "eigh" (exact).
         orthonormalizer: "householder" (default) or "cholesky_qr2" (faster on GPUs).
         max_precond_dim: dims above this get no factor (or are split with ``split_large_dims``).
-        rotation_dtype: e.g. ``torch.bfloat16`` to run the two per-step rotations (gradient in,
-            direction out) in bf16 matmuls; statistics, bases and refreshes stay in fp32.
+        rotation_dtype: e.g. ``torch.bfloat16`` to run every product with a rotated tensor in
+            bf16 matmuls: the per-step rotations (gradient in, direction out), the statistics'
+            product (accumulated into fp32 statistics) and the moments' re-expression at a
+            refresh. Statistics, bases and the refresh's QR and ``Q P`` stay in fp32.
         merge_dims, precondition_1d, start_preconditioning_step, statistics_dtype, nonfinite,
         second_moment_on_refresh ("keep" or "rotate"): see the README.
 

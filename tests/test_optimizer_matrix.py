@@ -129,6 +129,19 @@ def test_nonfinite_gradient_skips_the_step_and_keeps_state(make_optimizer):
         assert torch.equal(value, after_state[key]), key
 
 
+def test_negative_infinity_and_huge_finite_gradients_are_told_apart(make_optimizer):
+    """-Inf is caught (the check reads min and max); an fp64 gradient past fp32's range is not."""
+    model = nn.Linear(3, 2).double()
+    optimizer = make_optimizer(model.parameters())
+    model.weight.grad = torch.full_like(model.weight, 1e300)
+    model.bias.grad = torch.zeros_like(model.bias)
+    optimizer.step()
+    assert optimizer.skipped_steps == 0
+    model.weight.grad[0, 0] = -float("inf")
+    optimizer.step()
+    assert optimizer.skipped_steps == 1
+
+
 def test_nonfinite_gradient_can_raise(make_optimizer):
     model = nn.Linear(3, 2)
     optimizer = make_optimizer(model.parameters(), nonfinite="raise")
