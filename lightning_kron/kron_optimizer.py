@@ -269,7 +269,7 @@ class KronOptimizer(torch.optim.Optimizer):
         """
         beta = hyper.shampoo_beta
         keep, add = (1.0, 1.0) if beta == 1.0 else (beta, 1.0 - beta)
-        low = rotated.to(torch.bfloat16) if group.rotation_dtype == torch.bfloat16 else None  # fp16 squares overflow
+        low = group.in_rotation_dtype(rotated) if group.rotation_dtype == torch.bfloat16 else None  # fp16 squares overflow
         for dim in group.factored_dims:
             if low is None:
                 unfolded = unfold(rotated, dim)
@@ -350,6 +350,7 @@ class KronOptimizer(torch.optim.Optimizer):
             group.tensors["step"].add_(1)
             rotated = group.rotate_in(grad)
             self._update_statistics(group, rotated, hyper)
+            group.release_rotation_copy()
             self._update_staleness(group)
             pending.append(_PendingGroup(group, source, rows, grad, rotated, hyper))
         return pending
