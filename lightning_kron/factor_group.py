@@ -139,10 +139,13 @@ class FactorGroup:
             return cached[1]
         return rotated.to(self.rotation_dtype)
 
-    def rotate_out(self, x: torch.Tensor) -> torch.Tensor:
+    def rotate_out(self, x: torch.Tensor, keep_rotation_dtype: bool = False) -> torch.Tensor:
+        """Back to parameter coordinates, in the state dtype unless ``keep_rotation_dtype`` (a
+        direction that goes straight into :meth:`apply_update` needs no widening copy)."""
         if self.rotation_dtype is None:
             return rotate_out(x, self.bases())
-        return rotate_out(x.to(self.rotation_dtype), self._low_precision_bases()).to(self.state_dtype)
+        result = rotate_out(x.to(self.rotation_dtype), self._low_precision_bases())
+        return result if keep_rotation_dtype else result.to(self.state_dtype)
 
     def release_rotation_copy(self) -> None:
         """Drop the low-precision copy of the last :meth:`rotate_in` if nobody asked for it."""
@@ -177,8 +180,10 @@ class FactorGroup:
         blocks = [member.param_block() for member in self.members]
         if decoupled_decay:
             torch._foreach_mul_(blocks, 1.0 - lr * decoupled_decay)
-        updates = list(direction.to(blocks[0].dtype).unbind(0))
-        torch._foreach_add_(blocks, updates, alpha=-lr)
+        if torch.finfo(direction.dtype).bits >= torch.finfo(blocks[0].dtype).bits:
+            direction = direction.to(blocks[0].dtype)  # a wider direction is rounded once, here
+        # a narrower one (bf16 out of the rotations) is widened exactly inside the add: no copy
+        torch._foreach_add_(blocks, list(direction.unbind(0)), alpha=-lr)
         for member, block in zip(self.members, blocks):
             if not member.param.is_contiguous():
                 member.write_back(block)

@@ -68,7 +68,7 @@ class EigenvalueCorrectedOptimizer(KronOptimizer):
         normalized.div_(bias_correction(hyper.beta2, step, exp_avg_sq).sqrt_()).add_(hyper.eps)
         torch.div(exp_avg, normalized, out=normalized)
         normalized.div_(bias_correction(hyper.beta1, step, exp_avg))
-        return group.rotate_out(normalized)
+        return group.rotate_out(normalized, keep_rotation_dtype=True)
 
     def permute_rows(self, group, rows, dim, order) -> None:
         if self.second_moment_on_refresh == "keep":

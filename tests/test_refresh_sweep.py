@@ -3,6 +3,7 @@
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import argparse
 import pytest
@@ -39,3 +40,18 @@ def test_sweep_runs_schedules_and_counts_their_refreshes(tmp_path, capsys):
     often, once = (int(row[3]) for row in rows)
     assert often > once > 0  # every step vs only the first exact refresh
     assert rows[0][6].strip() == "+0.00%"
+
+
+def test_rotation_dtype_reaches_every_run(monkeypatch, capsys):
+    seen = []
+
+    def fake_train_one(args, contender):
+        seen.append(contender.optimizer.options.get("rotation_dtype"))
+        return SimpleNamespace(val_loss=[1.0], total_refreshes=1, refreshes=[1])
+
+    monkeypatch.setattr(refresh_sweep.compare, "train_one", fake_train_one)
+    refresh_sweep.main(["--run", "a", "fixed", "inf:10", "--run", "b", "adaptive", "inf:0.5",
+                        "--rotation-dtype", "bfloat16", "--no-progress"])
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    refresh_sweep.main(["--run", "a", "fixed", "inf:10", "--no-progress"])
+    assert seen[-1] is None
