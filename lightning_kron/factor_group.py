@@ -131,13 +131,13 @@ class FactorGroup:
         self._low_rotated = (weakref.ref(result), low)
         return result
 
-    def in_rotation_dtype(self, rotated: torch.Tensor) -> torch.Tensor:
-        """``rotated`` in ``rotation_dtype``: the copy :meth:`rotate_in` made it from when that is
-        still at hand (handed out once, so it does not outlive the step), else a cast."""
+    def rotated_as(self, rotated: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``rotated`` in ``dtype``: the low-precision copy :meth:`rotate_in` made it from when that
+        is still at hand and of that dtype (handed out once: it does not outlive the step), else a cast."""
         cached, self._low_rotated = self._low_rotated, None
-        if cached is not None and cached[0]() is rotated:
+        if cached is not None and cached[0]() is rotated and cached[1].dtype == dtype:
             return cached[1]
-        return rotated.to(self.rotation_dtype)
+        return rotated.to(dtype)
 
     def rotate_out(self, x: torch.Tensor, keep_rotation_dtype: bool = False) -> torch.Tensor:
         """Back to parameter coordinates, in the state dtype unless ``keep_rotation_dtype`` (a

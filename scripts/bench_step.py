@@ -56,6 +56,9 @@ def candidates(max_precond_dim: int, every: int) -> dict[str, Callable]:
         f"SOAP fixed every={every}": lambda p: lk.SOAP(p, refresh=lk.FixedRefresh(every=every), **common),
         f"SOAP fixed every={every}, bf16 rotations": lambda p: lk.SOAP(
             p, refresh=lk.FixedRefresh(every=every), rotation_dtype=torch.bfloat16, **common),
+        f"SOAP fixed every={every}, bf16 rotations+statistics": lambda p: lk.SOAP(
+            p, refresh=lk.FixedRefresh(every=every), rotation_dtype=torch.bfloat16,
+            statistics_product_dtype=torch.bfloat16, **common),
         "SOAP adaptive tol=0.05": lambda p: lk.SOAP(p, refresh=lk.AdaptiveRefresh(tolerance=0.05), **common),
         "EShampoo (eigh, adaptive)": lambda p: lk.EShampoo(p, **common),
         f"Shampoo+adam graft every={every}": lambda p: lk.Shampoo(p, refresh=lk.FixedRefresh(every=every), **common),

@@ -78,14 +78,21 @@ def parse_pieces(text: str) -> tuple[tuple[float, float], ...]:
 
 
 def train(args: argparse.Namespace, name: str, policy, solver: str,
-          rotation_dtype: Optional[torch.dtype] = None) -> tuple[float, int, int]:
-    """Final validation loss, total refreshes and refreshes by step 100 of one run."""
+          precision: Optional[dict] = None) -> tuple[float, int, int]:
+    """Final validation loss, total refreshes and refreshes by step 100 of one run (``precision``:
+    SOAP's ``rotation_dtype`` / ``statistics_product_dtype`` options, if any)."""
     soap = next(c for c in compare.CONTENDERS if c.key == "soap").optimizer
-    precision = {} if rotation_dtype is None else {"rotation_dtype": rotation_dtype}
+    precision = precision or {}
     config = soap.replace(options={**soap.options, "refresh": policy, "solver": solver, **precision})
     record = compare.train_one(args, compare.Contender(name, name, config))
     early = record.refreshes[min(99, len(record.refreshes) - 1)]
     return record.val_loss[-1], record.total_refreshes, early
+
+
+def _precision(args: argparse.Namespace) -> dict:
+    """The low-precision options asked for (float32 means the default: leave the option out)."""
+    chosen = {"rotation_dtype": args.rotation_dtype, "statistics_product_dtype": args.statistics_product_dtype}
+    return {key: getattr(torch, value) for key, value in chosen.items() if value != "float32"}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -98,6 +105,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--max-iters", type=int, default=1, help="warm-QR iterations per adaptive refresh")
     parser.add_argument("--rotation-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="SOAP's rotation_dtype in every run (bfloat16: the fast CPU/GPU path)")
+    parser.add_argument("--statistics-product-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="SOAP's statistics_product_dtype in every run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data", default=None, help="text file/folder (default: Python's standard library)")
     parser.add_argument("--context-length", type=int, default=128)
@@ -117,8 +126,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows, reference = [], None
     for name, mode, pieces in tqdm(args.run, desc="schedules", disable=args.no_progress):
         policy = make_policy(mode, parse_pieces(pieces), args.max_iters)
-        rotation_dtype = None if args.rotation_dtype == "float32" else getattr(torch, args.rotation_dtype)
-        loss, refreshes, early = train(recipe_args, name, policy, args.solver, rotation_dtype)
+        loss, refreshes, early = train(recipe_args, name, policy, args.solver, _precision(args))
         reference = loss if reference is None else reference
         rows.append(f"| {name} | {mode} {pieces} | {refreshes} | {early} | {loss:.4f} | {100 * (loss / reference - 1):+.2f}% |")
     print("| run | schedule | refreshes | by step 100 | final val loss | vs first |\n|---|---|---:|---:|---:|---:|")

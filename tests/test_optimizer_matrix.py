@@ -162,6 +162,7 @@ def test_nonfinite_gradient_can_raise(make_optimizer):
     ({"weight_decay_mode": "l1"}, "weight_decay_mode"),
     ({"start_preconditioning_step": 0}, "start_preconditioning_step"),
     ({"nonfinite": "ignore"}, "nonfinite"),
+    ({"statistics_product_dtype": torch.float16}, "statistics_product_dtype"),
 ])
 def test_invalid_hyperparameters_fail_at_construction(make_optimizer, bad, match):
     with pytest.raises(ValueError, match=match):

@@ -46,12 +46,13 @@ def test_rotation_dtype_reaches_every_run(monkeypatch, capsys):
     seen = []
 
     def fake_train_one(args, contender):
-        seen.append(contender.optimizer.options.get("rotation_dtype"))
+        options = contender.optimizer.options
+        seen.append((options.get("rotation_dtype"), options.get("statistics_product_dtype")))
         return SimpleNamespace(val_loss=[1.0], total_refreshes=1, refreshes=[1])
 
     monkeypatch.setattr(refresh_sweep.compare, "train_one", fake_train_one)
     refresh_sweep.main(["--run", "a", "fixed", "inf:10", "--run", "b", "adaptive", "inf:0.5",
                         "--rotation-dtype", "bfloat16", "--no-progress"])
-    assert seen == [torch.bfloat16, torch.bfloat16]
-    refresh_sweep.main(["--run", "a", "fixed", "inf:10", "--no-progress"])
-    assert seen[-1] is None
+    assert seen == [(torch.bfloat16, None)] * 2
+    refresh_sweep.main(["--run", "a", "fixed", "inf:10", "--statistics-product-dtype", "bfloat16", "--no-progress"])
+    assert seen[-1] == (None, torch.bfloat16)
