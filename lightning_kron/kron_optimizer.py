@@ -269,7 +269,7 @@ class KronOptimizer(torch.optim.Optimizer):
         ``G'`` is the gradient in the current bases; because the other modes' bases are orthogonal,
         that product equals ``Q_i^T (G_i G_i^T) Q_i``, so B stays the factor in its own eigenbasis.
         ``shampoo_beta = 1`` makes it AdaGrad's running sum. ``statistics_product_dtype=bf16`` runs
-        the product in bf16 (5x faster on a CPU with AMX/AVX512-BF16; B still accumulates in fp32):
+        the product in bf16 (5x faster on a CPU with AVX512-BF16; B still accumulates in fp32):
         measured +0.6% final loss on the GPT recipe, so it is opt-in and separate from
         ``rotation_dtype`` (+0.1% there). With bf16 rotations it reuses their bf16 output.
         """
