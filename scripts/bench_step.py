@@ -157,21 +157,23 @@ class Candidate:
         _sync(self.device)
         self.durations.append(time.perf_counter() - started)
 
-    def timing(self) -> Timing:
-        first, rest = self.durations[0], self.durations[1:]
+    def timing(self, warmup: int = 1) -> Timing:
+        """The first step, and the statistics of the steps after the first ``warmup``."""
+        first, rest = self.durations[0], self.durations[warmup:]
         return Timing(first, 1e3 * statistics.median(rest), 1e3 * statistics.fmean(rest), state_megabytes(self.optimizer))
 
 
-def time_round_robin(rows: dict[str, Callable], shapes, device: torch.device, steps: int) -> dict[str, Timing]:
+def time_round_robin(rows: dict[str, Callable], shapes, device: torch.device, steps: int,
+                     warmup: int = 1) -> dict[str, Timing]:
     """All candidates take their steps in turn, so a load change on the machine hits every row alike."""
     grads = gradient_sets(shapes, device)
     candidates = {name: Candidate(factory, shapes, device) for name, factory in rows.items()}
-    with tqdm(total=len(candidates) * (steps + 1), desc="optimizer steps", file=sys.stderr) as progress:
-        for index in range(steps + 1):
+    with tqdm(total=len(candidates) * (steps + warmup), desc="optimizer steps", file=sys.stderr) as progress:
+        for index in range(steps + warmup):
             for candidate in candidates.values():
                 candidate.step(grads[index % len(grads)])
                 progress.update()
-    return {name: candidate.timing() for name, candidate in candidates.items()}
+    return {name: candidate.timing(warmup) for name, candidate in candidates.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,12 +181,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["gpt-mini", "gpt2-small"], choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=20, help="timed steps after the first (default 20: two refreshes at every=10)")
     parser.add_argument("--every", type=int, default=10, help="fixed refresh frequency")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed steps first (default 1, the exact first refresh); every+1 also "
+                             "takes torch.compile'd rivals (HeavyBall) through their first refresh")
     parser.add_argument("--max-precond-dim", type=int, default=4096)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="*", help="substrings of row names to run")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1 (the first step is never timed)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda given but no CUDA device is available")
@@ -192,12 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         rows = {name: f for name, f in rows.items() if any(s.lower() in name.lower() for s in args.only)}
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"max_precond_dim={args.max_precond_dim} timed steps={args.steps}")
+          f"max_precond_dim={args.max_precond_dim} timed steps={args.steps} after {args.warmup} untimed")
     for model in args.models:
         shapes = gpt_parameter_shapes(*MODELS[model])
         numel = sum(torch.Size(s).numel() for _, s in shapes)
         print(f"\n### {model}: {len(shapes)} tensors, {numel / 1e6:.1f}M parameters\n")
-        timings = time_round_robin(rows, shapes, device, args.steps)
+        timings = time_round_robin(rows, shapes, device, args.steps, args.warmup)
         reference = next((t for name, t in timings.items() if name.startswith("pytorch-optimizer")), None)
         print("| optimizer | first step (s) | median step (ms) | amortized step (ms) | vs pytorch-optimizer SOAP | state (MB) |")
         print("|---|---:|---:|---:|---:|---:|")

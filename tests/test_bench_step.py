@@ -20,3 +20,14 @@ def test_gpt_parameter_shapes_match_gpt2_small_parameter_count():
     shapes = bench_step.gpt_parameter_shapes(*bench_step.MODELS["gpt2-small"])
     count = sum(math.prod(shape) for _, shape in shapes)
     assert count == 124_475_904  # GPT-2 small with a 50304-token tied vocabulary and 1024 positions
+
+
+def test_warmup_steps_are_left_out_of_the_statistics():
+    import torch
+
+    candidate = object.__new__(bench_step.Candidate)
+    candidate.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    candidate.durations = [5.0, 1.0, 0.1, 0.2, 0.6]
+    warm = candidate.timing(warmup=2)
+    assert warm.first_step_s == 5.0 and math.isclose(warm.median_ms, 200.0) and math.isclose(warm.amortized_ms, 300.0)
+    assert math.isclose(candidate.timing().median_ms, 400.0)  # default: only the first step is left out
