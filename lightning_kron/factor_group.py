@@ -121,14 +121,15 @@ class FactorGroup:
     def gather_params(self) -> torch.Tensor:
         return torch.stack([member.param_block() for member in self.members]).to(self.state_dtype)
 
-    def rotate_in(self, x: torch.Tensor) -> torch.Tensor:
+    def rotate_in(self, x: torch.Tensor, keep_rotation_copy: bool = False) -> torch.Tensor:
         """Coordinates in the eigenbases, in the state dtype. With a ``rotation_dtype`` the matmuls
-        run in it (bf16 is 2-5x faster on CPUs with AVX512-BF16/AMX and on GPUs)."""
+        run in it (bf16 is 2-5x faster on CPUs with AVX512-BF16 and on GPUs), and
+        ``keep_rotation_copy`` keeps that low-precision result for one :meth:`rotated_as`."""
         if self.rotation_dtype is None:
             return rotate_in(x, self.bases())
         low = rotate_in(x.to(self.rotation_dtype), self._low_precision_bases())
         result = low.to(self.state_dtype)
-        self._low_rotated = (weakref.ref(result), low)
+        self._low_rotated = (weakref.ref(result), low) if keep_rotation_copy else None
         return result
 
     def rotated_as(self, rotated: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -168,11 +169,14 @@ class FactorGroup:
         """
         bases = []
         for dim, basis in enumerate(self.bases()):
+            if basis is None or basis.is_inference():  # inference tensors keep no version: no cache
+                bases.append(None if basis is None else basis.to(self.rotation_dtype))
+                continue
             cached = self._low_bases.get(dim)
-            if basis is not None and (cached is None or cached[0]() is not basis or cached[1] != basis._version):
+            if cached is None or cached[0]() is not basis or cached[1] != basis._version:
                 cached = (weakref.ref(basis), basis._version, basis.to(self.rotation_dtype))
                 self._low_bases[dim] = cached
-            bases.append(None if basis is None else cached[2])
+            bases.append(cached[2])
         return bases
 
     def apply_update(self, direction: torch.Tensor, lr: float, decoupled_decay: float) -> None:

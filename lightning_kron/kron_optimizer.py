@@ -355,7 +355,7 @@ class KronOptimizer(torch.optim.Optimizer):
             if hyper.weight_decay and not hyper.decoupled:
                 grad.add_(group.gather_params(), alpha=hyper.weight_decay)
             group.tensors["step"].add_(1)
-            rotated = group.rotate_in(grad)
+            rotated = group.rotate_in(grad, keep_rotation_copy=True)
             self._update_statistics(group, rotated, hyper)
             group.release_rotation_copy()
             self._update_staleness(group)

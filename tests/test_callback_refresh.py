@@ -157,7 +157,7 @@ def test_only_the_groups_refreshed_in_the_step_rotate_their_gradient_again(monke
 
     calls = []
     original = FactorGroup.rotate_in
-    monkeypatch.setattr(FactorGroup, "rotate_in", lambda group, x: calls.append(group) or original(group, x))
+    monkeypatch.setattr(FactorGroup, "rotate_in", lambda group, x, **kw: calls.append(group) or original(group, x, **kw))
     net = make_net()
     optimizer = SOAP(net.named_parameters(), lr=1e-2)
     scheduler = RefreshScheduler(optimizer, FixedRefresh(every=1))

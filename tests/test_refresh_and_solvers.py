@@ -326,3 +326,15 @@ def test_low_precision_bases_follow_every_refresh():
                 if basis is not None:
                     assert torch.equal(low, basis.to(torch.bfloat16))
     assert any(bool(group.tensors["refreshes.0"].gt(1).all()) for group in optimizer.factor_groups())
+
+
+def test_bf16_rotations_work_when_state_is_made_under_inference_mode():
+    """Inference tensors keep no version counter, so the bf16 basis cache must not rely on one."""
+    model = nn.Linear(6, 4)
+    with torch.inference_mode():
+        optimizer = lk.SOAP(model.parameters(), rotation_dtype=torch.bfloat16, refresh=lk.FixedRefresh(every=2))
+        for _ in range(4):
+            model.weight.grad, model.bias.grad = torch.randn(4, 6), torch.randn(4)
+            optimizer.step()
+    group = optimizer.factor_groups()[0]
+    assert group.basis(0).is_inference() and bool(group.tensors["refreshes.0"].gt(1).all())
