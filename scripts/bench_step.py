@@ -4,10 +4,13 @@ Times only ``optimizer.step()`` (gradients are fixed random tensors, cycled), so
 optimizer's own cost: the median step (no refresh) and the amortized mean over ``--steps`` steps
 (refreshes included). The candidates take their steps in turn (round robin), so a change of load on
 the machine affects every row alike and the ratios in one table are comparable. The first step
-(exact eigendecomposition of every factor) is a one-time cost and is reported separately. Rivals (pytorch-optimizer's SOAP, a port of the reference code; and
-HeavyBall's SOAP) join the table when installed, with the same max_precond_dim and frequency.
+(exact eigendecomposition of every factor) is a one-time cost and is reported separately;
+``--warmup N`` leaves N steps untimed. Rivals (pytorch-optimizer's SOAP, a port of the reference
+code; HeavyBall's SOAP, compiled on its first step and first refresh) join the table when
+installed, with the same max_precond_dim and frequency.
 
     python -m scripts.bench_step --models gpt-mini gpt2-small --steps 20
+    python -m scripts.bench_step --models gpt-mini --warmup 11 --only "fixed every=10" pytorch heavyball
     python -m scripts.bench_step --device cuda
 """
 
