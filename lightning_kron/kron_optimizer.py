@@ -34,6 +34,7 @@ from lightning_kron.telemetry import FactorInfo
 from lightning_kron.validation import (
     check_betas,
     check_choice,
+    check_dtype,
     check_nonnegative,
     check_positive_int,
     check_unit_interval,
@@ -155,13 +156,12 @@ class KronOptimizer(torch.optim.Optimizer):
         if refresh is not None and not isinstance(refresh, (FixedRefresh, AdaptiveRefresh)):
             if not (hasattr(refresh, "checks_at") and hasattr(refresh, "select")):
                 raise ValueError(f"refresh must be FixedRefresh, AdaptiveRefresh or a policy object, got {refresh!r}")
-        if statistics_dtype not in (None, torch.float32, torch.float64):
-            raise ValueError(f"statistics_dtype must be None, torch.float32 or torch.float64, got {statistics_dtype!r}")
-        if rotation_dtype not in (None, torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            raise ValueError(f"rotation_dtype must be None or a floating dtype, got {rotation_dtype!r}")
-        if statistics_product_dtype not in (None, torch.float32, torch.float64, torch.bfloat16):
-            raise ValueError("statistics_product_dtype must be None, torch.float32, torch.float64 or torch.bfloat16 "
-                             f"(fp16 squares overflow), got {statistics_product_dtype!r}")
+        statistics_dtype = check_dtype("statistics_dtype", statistics_dtype, (torch.float32, torch.float64))
+        rotation_dtype = check_dtype("rotation_dtype", rotation_dtype,
+                                     (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+        # no float16: squared gradients overflow it
+        statistics_product_dtype = check_dtype("statistics_product_dtype", statistics_product_dtype,
+                                               (torch.float32, torch.float64, torch.bfloat16))
         self.max_precond_dim = max_precond_dim
         self.merge_dims = merge_dims
         self.split_large_dims = split_large_dims

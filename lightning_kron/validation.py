@@ -7,7 +7,9 @@ construction with a message the user can act on instead of surfacing as NaNs lat
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional, Union
+
+import torch
 
 
 def check_nonnegative(name: str, value: float) -> float:
@@ -47,3 +49,22 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
+
+
+def check_dtype(name: str, value: Union[None, str, torch.dtype], allowed: Iterable[torch.dtype]) -> Optional[torch.dtype]:
+    """``None`` or one of ``allowed``, given as a ``torch.dtype`` or by name ("bfloat16",
+    "torch.bfloat16", "bf16"), so YAML and command-line configs can set it.
+
+    >>> check_dtype("rotation_dtype", "bf16", (torch.bfloat16,))
+    torch.bfloat16
+    """
+    allowed = tuple(allowed)
+    resolved = value
+    if isinstance(value, str):
+        short = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
+        attribute = value.removeprefix("torch.")
+        resolved = getattr(torch, short.get(attribute, attribute), None)
+    if value is not None and resolved not in allowed:
+        names = ", ".join(str(dtype) for dtype in allowed)
+        raise ValueError(f"{name} must be None or one of {names}, got {value!r}")
+    return resolved

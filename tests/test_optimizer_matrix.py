@@ -163,6 +163,8 @@ def test_nonfinite_gradient_can_raise(make_optimizer):
     ({"start_preconditioning_step": 0}, "start_preconditioning_step"),
     ({"nonfinite": "ignore"}, "nonfinite"),
     ({"statistics_product_dtype": torch.float16}, "statistics_product_dtype"),
+    ({"rotation_dtype": "bfloat61"}, "rotation_dtype"),
+    ({"statistics_dtype": torch.bfloat16}, "statistics_dtype"),
 ])
 def test_invalid_hyperparameters_fail_at_construction(make_optimizer, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -224,3 +226,8 @@ def test_nonfinite_gradient_in_one_group_leaves_the_other_stepping(make_optimize
     optimizer.step()
     assert optimizer.skipped_steps == 1
     assert torch.equal(before_first, first.weight) and not torch.equal(before_second, second.weight)
+
+
+def test_dtype_options_accept_names_from_configs():
+    optimizer = lk.SOAP(nn.Linear(3, 2).parameters(), rotation_dtype="bf16", statistics_product_dtype="torch.bfloat16")
+    assert optimizer.rotation_dtype is torch.bfloat16 and optimizer.statistics_product_dtype is torch.bfloat16
