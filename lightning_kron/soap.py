@@ -62,12 +62,13 @@ class EigenvalueCorrectedOptimizer(KronOptimizer):
         exp_avg.lerp_(rotated, 1.0 - hyper.beta1)
         exp_avg_sq.mul_(hyper.beta2).addcmul_(rotated, rotated, value=1.0 - hyper.beta2)
         step = group.tensors["step"]
-        # one new stack instead of three: on a CPU a fresh allocation of a large stack costs more
-        # (page faults) than the arithmetic that fills it
-        normalized = exp_avg_sq.sqrt()
-        normalized.div_(bias_correction(hyper.beta2, step, exp_avg_sq).sqrt_()).add_(hyper.eps)
+        # Adam's M/c1 / (sqrt(V/c2) + eps) as s * M / (sqrt(V) + eps sqrt(c2)), s = sqrt(c2)/c1 per
+        # member: four passes and one new stack (on a CPU a fresh large stack costs more in page
+        # faults than the arithmetic that fills it)
+        root_c2 = bias_correction(hyper.beta2, step, exp_avg_sq).sqrt_()
+        normalized = exp_avg_sq.sqrt().add_(root_c2 * hyper.eps)
         torch.div(exp_avg, normalized, out=normalized)
-        normalized.div_(bias_correction(hyper.beta1, step, exp_avg))
+        normalized.mul_(root_c2 / bias_correction(hyper.beta1, step, exp_avg))
         return group.rotate_out(normalized, keep_rotation_dtype=True)
 
     def permute_rows(self, group, rows, dim, order) -> None:
