@@ -65,7 +65,6 @@ class FactorGroup:
         self.device = first.param.device
         self.tensors: dict[str, torch.Tensor] = {}
         self._low_bases: dict[int, tuple] = {}
-        self._low_rotated: Optional[tuple] = None
         self._allocate_factors()
 
     # ----------------------------------------------------------------- construction
@@ -121,36 +120,23 @@ class FactorGroup:
     def gather_params(self) -> torch.Tensor:
         return torch.stack([member.param_block() for member in self.members]).to(self.state_dtype)
 
-    def rotate_in(self, x: torch.Tensor, keep_rotation_copy: bool = False) -> torch.Tensor:
-        """Coordinates in the eigenbases, in the state dtype. With a ``rotation_dtype`` the matmuls
-        run in it (bf16 is 2-5x faster on CPUs with AVX512-BF16 and on GPUs), and
-        ``keep_rotation_copy`` keeps that low-precision result for one :meth:`rotated_as`."""
-        if self.rotation_dtype is None:
-            return rotate_in(x, self.bases())
-        low = rotate_in(x.to(self.rotation_dtype), self._low_precision_bases())
-        result = low.to(self.state_dtype)
-        self._low_rotated = (weakref.ref(result), low) if keep_rotation_copy else None
-        return result
-
-    def rotated_as(self, rotated: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``rotated`` in ``dtype``: the low-precision copy :meth:`rotate_in` made it from when that
-        is still at hand and of that dtype (handed out once: it does not outlive the step), else a cast."""
-        cached, self._low_rotated = self._low_rotated, None
-        if cached is not None and cached[0]() is rotated and cached[1].dtype == dtype:
-            return cached[1]
-        return rotated.to(dtype)
+    def rotate_in(self, x: torch.Tensor, keep_rotation_dtype: bool = False) -> torch.Tensor:
+        """Coordinates in the eigenbases (see :meth:`_rotate` for the dtypes)."""
+        return self._rotate(rotate_in, x, keep_rotation_dtype)
 
     def rotate_out(self, x: torch.Tensor, keep_rotation_dtype: bool = False) -> torch.Tensor:
-        """Back to parameter coordinates, in the state dtype unless ``keep_rotation_dtype`` (a
-        direction that goes straight into :meth:`apply_update` needs no widening copy)."""
-        if self.rotation_dtype is None:
-            return rotate_out(x, self.bases())
-        result = rotate_out(x.to(self.rotation_dtype), self._low_precision_bases())
-        return result if keep_rotation_dtype else result.to(self.state_dtype)
+        """Back to parameter coordinates (see :meth:`_rotate` for the dtypes)."""
+        return self._rotate(rotate_out, x, keep_rotation_dtype)
 
-    def release_rotation_copy(self) -> None:
-        """Drop the low-precision copy of the last :meth:`rotate_in` if nobody asked for it."""
-        self._low_rotated = None
+    def _rotate(self, rotation, x: torch.Tensor, keep_rotation_dtype: bool) -> torch.Tensor:
+        """With a ``rotation_dtype`` the matmuls run in it (bf16 is 2-5x faster on CPUs with
+        AVX512-BF16 and on GPUs); the result comes back in the state dtype unless
+        ``keep_rotation_dtype`` (a consumer that accepts it, such as :meth:`apply_update` or a bf16
+        statistics product, then needs no copy)."""
+        if self.rotation_dtype is None:
+            return rotation(x, self.bases())
+        result = rotation(x.to(self.rotation_dtype), self._low_precision_bases())
+        return result if keep_rotation_dtype else result.to(self.state_dtype)
 
     def mode_product(self, x: torch.Tensor, dim: int, matrix: torch.Tensor) -> torch.Tensor:
         """``x x_dim matrix`` for re-expressing a rotated buffer after a refresh, in
@@ -203,7 +189,7 @@ class FactorGroup:
         sub.__dict__.update(self.__dict__)
         sub.members = [self.members[row] for row in rows]
         sub.tensors = {key: tensor.index_select(0, index) for key, tensor in self.tensors.items()}
-        sub._low_bases, sub._low_rotated = {}, None
+        sub._low_bases = {}
         return sub
 
     def absorb(self, sub: "FactorGroup", rows: list[int]) -> None:

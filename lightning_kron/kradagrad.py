@@ -167,7 +167,8 @@ class KrADagrad(RootPreconditionedOptimizer):
         normaliser = math.sqrt(math.prod(group.shape[j] for j in others))
         return unfold(scale_modes(rotated, halves), dim) / normaliser
 
-    def _update_statistics(self, group: FactorGroup, rotated: torch.Tensor, hyper: StepHyperparameters) -> None:
+    def _update_statistics(self, group: FactorGroup, rotated: torch.Tensor, hyper: StepHyperparameters,
+                           rotated_low: Optional[torch.Tensor] = None) -> None:
         if not group.factored_dims:
             self._accumulate_diagonal(group, rotated, hyper.shampoo_beta)
         for dim in self._dims_this_step(group):
