@@ -2,30 +2,29 @@
 with a Lightning callback that schedules per-factor eigenbasis refreshes and logs their health.
 
 The optimizers are plain ``torch.optim.Optimizer`` subclasses and importing this package does not
-import Lightning; ``KronCallback`` is loaded on first access.
+import Lightning; ``KronCallback`` is loaded on first access. The subpackages are layers, each
+importing only the ones below it: ``engine`` (blocks, factor groups, the staleness criterion, the
+basis refresh; pure torch) <- ``scheduling`` (refresh policies and the scheduler) <- ``methods``
+(the optimizers and the method registry) <- ``lightning`` (the callback; the only Lightning
+imports). See docs/design.md.
 """
 
-from lightning_kron.kron_optimizer import KronOptimizer
-from lightning_kron.refresh import AdaptiveRefresh, FixedRefresh
-from lightning_kron.shampoo import Shampoo
-from lightning_kron.soap import SOAP, EShampoo
-from lightning_kron.telemetry import FactorInfo
-from lightning_kron.tolerance_schedule import LinearRamp, TighterEarly
+from lightning_kron.engine.factor_info import FactorInfo
+from lightning_kron.methods.kradagrad import KrADagrad
+from lightning_kron.methods.kron_optimizer import KronOptimizer
+from lightning_kron.methods.shampoo import Shampoo
+from lightning_kron.methods.soap import SOAP, EShampoo
+from lightning_kron.scheduling.policies import AdaptiveRefresh, FixedRefresh
+from lightning_kron.scheduling.tolerance_schedule import LinearRamp, TighterEarly
 
 __all__ = ["SOAP", "EShampoo", "Shampoo", "KrADagrad", "KronCallback", "KronOptimizer", "FixedRefresh", "AdaptiveRefresh", "TighterEarly", "LinearRamp", "FactorInfo"]
 __version__ = "0.1.0"
 
-_LAZY = {
-    "KrADagrad": ("lightning_kron.kradagrad", "KrADagrad"),
-    "KronCallback": ("lightning_kron.callback", "KronCallback"),
-}
-
 
 def __getattr__(name: str):
-    """Load ``KronCallback`` (which imports Lightning) and ``KrADagrad`` only when first used."""
-    if name in _LAZY:
-        import importlib
+    """Load ``KronCallback`` (which imports Lightning) only when first used."""
+    if name == "KronCallback":
+        from lightning_kron.lightning.callback import KronCallback
 
-        module, attribute = _LAZY[name]
-        return getattr(importlib.import_module(module), attribute)
+        return KronCallback
     raise AttributeError(f"module 'lightning_kron' has no attribute {name!r}")

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import lightning_kron as lk
+from lightning_kron.methods.registry import METHODS
 
 MODELS = {  # (layers, width, vocabulary, context): GPT-2 parameter layout, tied embeddings
     "gpt-mini": (6, 256, 256, 256),
@@ -63,9 +64,10 @@ def candidates(max_precond_dim: int, every: int) -> dict[str, Callable]:
             p, refresh=lk.FixedRefresh(every=every), rotation_dtype=torch.bfloat16,
             statistics_product_dtype=torch.bfloat16, **common),
         "SOAP adaptive tol=0.05": lambda p: lk.SOAP(p, refresh=lk.AdaptiveRefresh(tolerance=0.05), **common),
-        "EShampoo (eigh, adaptive)": lambda p: lk.EShampoo(p, **common),
-        f"Shampoo+adam graft every={every}": lambda p: lk.Shampoo(p, refresh=lk.FixedRefresh(every=every), **common),
     }
+    for spec in METHODS.values():  # every other registered method at its own defaults (SOAP has its rows above)
+        if spec.name != "soap":
+            rows[f"{spec.label} (defaults)"] = lambda p, spec=spec: spec.optimizer(p, **common)
     try:
         import pytorch_optimizer
 

@@ -10,23 +10,24 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import lightning_kron as lk  # noqa: E402
+from lightning_kron.methods.registry import METHODS, MethodSpec, Variant  # noqa: E402
 
 
-def _ten_times_lr(overrides: dict) -> dict:
-    return {**overrides, "lr": 10 * overrides["lr"]} if "lr" in overrides else overrides
+MATRIX_LR = 1e-2  # an AdamW-scale rate for the matrix's small problems; a variant's lr_scale multiplies it
 
 
-# name -> factory(params, **overrides); every entry must pass tests/test_optimizer_matrix.py.
+def _factory(spec: MethodSpec, variant: Variant):
+    def make(params, **overrides):
+        lr = variant.lr_scale * overrides.pop("lr", MATRIX_LR)
+        return spec.optimizer(params, **{"lr": lr, **variant.options, **overrides})
+    return make
+
+
+# "method_variant" -> factory(params, **overrides), one per variant of every registered method
+# (lightning_kron/methods/registry.py); every entry must pass tests/test_optimizer_matrix.py.
 OPTIMIZER_FACTORIES = {
-    "soap_fixed": lambda params, **kw: lk.SOAP(params, **{"lr": 1e-2, **kw}),
-    "soap_adaptive": lambda params, **kw: lk.SOAP(params, **{"lr": 1e-2, "refresh": lk.AdaptiveRefresh(tolerance=0.05), **kw}),
-    "eshampoo": lambda params, **kw: lk.EShampoo(params, **{"lr": 1e-2, **kw}),
-    "shampoo_adam_graft": lambda params, **kw: lk.Shampoo(params, **{"lr": 1e-2, "graft": "adam", **kw}),
-    # Ungrafted KrADagrad takes AdaGrad-normalised steps, which want ~10x the matrix's AdamW-scale rates.
-    "kradagrad_star": lambda params, **kw: lk.KrADagrad(params, **_ten_times_lr(kw)),
-    "kradagrad_alternating": lambda params, **kw: lk.KrADagrad(params, **{"variant": "alternating", **_ten_times_lr(kw)}),
-    "kradagrad_star_adam_graft": lambda params, **kw: lk.KrADagrad(params, **{"lr": 1e-2, "graft": "adam", **kw}),
+    f"{spec.name}_{name}" if len(spec.variants) > 1 or name != "default" else spec.name: _factory(spec, variant)
+    for spec in METHODS.values() for name, variant in spec.variants.items()
 }
 
 

@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_kron import SOAP, AdaptiveRefresh, EShampoo, FixedRefresh, KronCallback, Shampoo
-from lightning_kron.refresh_scheduler import RefreshScheduler
+from lightning_kron.scheduling.scheduler import RefreshScheduler
 
 
 def plain_loop(policy, steps: int, clip: float | None = None) -> list[torch.Tensor]:
@@ -98,7 +98,7 @@ def test_other_methods_and_adam_l2_decay(method, kind):
 
 
 def test_kradagrad_drop_in_grafts_adam_and_trains():
-    from lightning_kron.kradagrad import KrADagrad
+    from lightning_kron.methods.kradagrad import KrADagrad
 
     module = TinyRegression(optimizer="adamw", lr=1e-2)
     before = parameters_of(module)
@@ -176,8 +176,8 @@ def test_bad_arguments_fail_at_construction(arguments, message):
 
 
 def test_kradagrad_is_loaded_lazily_or_refused_clearly():
-    if importlib.util.find_spec("lightning_kron.kradagrad") is None:
-        with pytest.raises(ValueError, match="needs lightning_kron.kradagrad.KrADagrad.*'soap'"):
+    if importlib.util.find_spec("lightning_kron.methods.kradagrad") is None:
+        with pytest.raises(ValueError, match="needs lightning_kron.methods.kradagrad.KrADagrad.*'soap'"):
             KronCallback(method="kradagrad", max_precond_dim=8)
     else:
         assert KronCallback(method="kradagrad").method == "kradagrad"
@@ -199,7 +199,7 @@ def test_a_yaml_config_can_set_every_argument_including_optimizer_options():
 
 
 def test_nested_schedulers_are_repointed_to_the_new_optimizer():
-    from lightning_kron.torch_conversion import repoint_schedulers
+    from lightning_kron.lightning.adam_conversion import repoint_schedulers
 
     model = torch.nn.Linear(4, 3)
     old = torch.optim.AdamW(model.parameters(), lr=1e-2)

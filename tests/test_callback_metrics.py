@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lightning_kron import SOAP
-from lightning_kron.approximation_probe import ApproximationProbe
-from lightning_kron.metrics import eigenvalue_misscaling, refresh_metrics
-from lightning_kron.refresh_scheduler import RefreshCounters
+from lightning_kron.lightning.approximation_probe import ApproximationProbe
+from lightning_kron.lightning.metrics import eigenvalue_misscaling, refresh_metrics
+from lightning_kron.scheduling.scheduler import RefreshCounters
 
 
 def unit(size: int, index: int) -> torch.Tensor:

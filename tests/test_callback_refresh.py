@@ -6,8 +6,8 @@ import torch
 from callback_helpers import TinyRegression, fit, loader, make_net
 
 from lightning_kron import SOAP, AdaptiveRefresh, FixedRefresh, KronCallback
-from lightning_kron.refresh_scheduler import RefreshScheduler
-from lightning_kron.tolerance_schedule import LinearRamp, TighterEarly
+from lightning_kron.scheduling.scheduler import RefreshScheduler
+from lightning_kron.scheduling.tolerance_schedule import LinearRamp, TighterEarly
 
 
 def run(policy, steps: int = 12, **scheduler_options):
@@ -153,7 +153,7 @@ def test_a_partly_gradded_step_leaves_the_decision_to_the_post_hook():
 
 
 def test_only_the_groups_refreshed_in_the_step_rotate_their_gradient_again(monkeypatch):
-    from lightning_kron.factor_group import FactorGroup
+    from lightning_kron.engine.factor_group import FactorGroup
 
     calls = []
     original = FactorGroup.rotate_in

@@ -6,7 +6,7 @@ from callback_helpers import FAST_TRAINER, TinyRegression, loader
 import lightning as L
 
 from lightning_kron import SOAP, FixedRefresh, KronCallback
-from lightning_kron.refresh_scheduler import RefreshScheduler
+from lightning_kron.scheduling.scheduler import RefreshScheduler
 
 
 def make_callback() -> KronCallback:

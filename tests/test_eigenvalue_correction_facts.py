@@ -1,4 +1,4 @@
-"""ALGORITHMS.md facts for SOAP/EShampoo: AdamW limit, Kronecker covariance, U V^T, equivariance, scale."""
+"""docs/algorithms.md facts for SOAP/EShampoo: AdamW limit, Kronecker covariance, U V^T, equivariance, scale."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def test_loss_scale_invariance():
                                            {"rotation_dtype": torch.bfloat16, "statistics_product_dtype": torch.bfloat16}],
                          ids=["rotations", "rotations+statistics"])
 def test_bf16_rotations_leave_the_loss_curve_unchanged(low_precision):
-    """rotation_dtype=bf16 is opt-in for speed; it must not change training (DESIGN.md).
+    """rotation_dtype=bf16 is opt-in for speed; it must not change training (docs/design.md).
 
     One seed is not enough: a 150-step trajectory is sensitive enough that rounding the statistics'
     product alone moves a single curve by up to 14% either way (measured over seeds 0-5, with and

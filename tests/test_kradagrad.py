@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 import lightning_kron as lk
-from lightning_kron.approximation_domination import (
+from lightning_kron.methods.inverse_factor_update import (
     DOMINATION_SCALES,
     dominated_downdate,
     krad_update,
     positive_definite,
 )
-from lightning_kron.refresh import FixedRefresh
-from lightning_kron.staleness import inverse_factor_staleness, staleness
+from lightning_kron.scheduling.policies import FixedRefresh
+from lightning_kron.engine.staleness import inverse_factor_staleness, staleness
 
 VARIANTS = ("star", "alternating")
 
@@ -106,7 +106,7 @@ def test_qr_refresh_keeps_every_eigenvalue_of_a_graded_inverse_factor_in_fp32():
     """Why KrADagrad refreshes with "qr": X's small eigenvalues (L's large ones) must survive. A QR
     step of a stored B spanning 1e10 keeps each eigenvalue to ~1e-6 relative in fp32 (an eigh of the
     same B was measured 30% to 7000x off below ~1e-7 of the largest; not asserted, LAPACK's)."""
-    from lightning_kron.solvers import householder_qr, qr_step_in_basis
+    from lightning_kron.engine.solvers import householder_qr, qr_step_in_basis
 
     generator = torch.Generator().manual_seed(4)
     values = torch.logspace(0, -10, 48, dtype=torch.float64)

@@ -1,6 +1,6 @@
 """The test matrix every optimizer passes (convergence, dtypes, state, checkpoints, names, bad input).
 
-To add an optimizer, add a factory to ``OPTIMIZER_FACTORIES`` in conftest.py.
+Every variant of every method in ``lightning_kron/methods/registry.py`` runs it (factories in conftest.py).
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def test_bad_names_and_options_fail_at_construction():
 
 
 def test_missing_kradagrad_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lightning_kron.kradagrad", None)  # as if the module were not shipped
+    monkeypatch.setitem(sys.modules, "lightning_kron.methods.kradagrad", None)  # as if the module were not shipped
     with pytest.raises(ValueError, match="'kradagrad' is not available"):
         build_optimizer(OptimizerConfig(name="kradagrad"), torch.nn.Linear(2, 2))
 

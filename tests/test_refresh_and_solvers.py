@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import lightning_kron as lk
-from lightning_kron import solvers
-from lightning_kron.staleness import staleness
+from lightning_kron.engine import solvers
+from lightning_kron.engine.staleness import staleness
 from tests.conftest import set_grads
 
 

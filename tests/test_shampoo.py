@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lightning_kron as lk
-from lightning_kron.grafting import graft_norm
+from lightning_kron.methods.grafting import graft_norm
 from tests.conftest import set_grads
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lightning_kron as lk
-from lightning_kron.blocking import plan_blocks
+from lightning_kron.engine.blocking import plan_blocks
 
 
 def _step(model, optimizer, inputs, steps=3):

@@ -1,7 +1,7 @@
 """Approximation-domination ("KrAD") downdates: track ``X ~ (eps I + L)^-1`` with matmuls only.
 
 Adding a PSD statistic ``A`` to ``L`` would need an inverse to update ``X = (eps I + L)^-1``.
-The KrAD downdate (Mei, Moreno & Walters, UAI 2023; ALGORITHMS.md §4) avoids it:
+The KrAD downdate (Mei, Moreno & Walters, UAI 2023; docs/algorithms.md §4) avoids it:
 
     X <- X - X A X / s,      s >= 1 + lambda_max(X^(1/2) A X^(1/2)).
 
@@ -15,7 +15,7 @@ Sherman-Morrison. Available choices of ``s`` (all safe upper bounds, computed fr
   never looser than "trace", much tighter when ``A`` has high rank);
 * ``"schatten"``:  ``1 + (tr (XA)^8)^(1/8)``, within ``rank(A)^(1/8)`` of ``lambda_max``, for two
   more matmuls;
-* ``"damped"``:    ``d * (1 + tr(XA))`` (more damped; ALGORITHMS.md §4 attributes it to the
+* ``"damped"``:    ``d * (1 + tr(XA))`` (more damped; docs/algorithms.md §4 attributes it to the
   reference code): very safe, very slow to shrink ``X``.
 
 Tighter is not better in training here. A looser ``s`` under-counts later statistics, so the step
@@ -86,7 +86,7 @@ def krad_update(x: torch.Tensor, a: torch.Tensor, beta: float, eps: float, rule:
     ``beta = 1``: ``X^-1 <- X^-1 + A``, i.e. one dominated downdate by ``A``.
     ``beta < 1``: ``X^-1 <- beta X^-1 + (1 - beta) (A + eps I)``: scale ``X <- X / beta``, downdate
     by ``(1 - beta) A``, then by ``(1 - beta) eps I``. Design decision: the last, damping term is
-    not in ALGORITHMS.md §4's recipe. Without it the damping decays like ``beta^t eps`` and ``X``
+    not in docs/algorithms.md §4's recipe. Without it the damping decays like ``beta^t eps`` and ``X``
     grows like ``beta^-t / eps`` along directions the gradients leave empty, which overflows fp32
     within a few thousand steps for beta = 0.95 (tests/test_kradagrad.py shows it). With it
     ``X`` stays below ``I / eps`` and tends to ``(eps I + L_ema)^-1``.

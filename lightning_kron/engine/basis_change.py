@@ -14,17 +14,16 @@ from typing import Optional
 
 import torch
 
-from lightning_kron.basis_refresh import put, take
-from lightning_kron.factor_group import FactorGroup
-from lightning_kron.modes import permute_mode
+from lightning_kron.engine.factor_group import FactorGroup
+from lightning_kron.engine.mode_products import permute_mode
 
 
 def permute_buffer(group: FactorGroup, key: str, rows: Optional[torch.Tensor], dim: int, order: torch.Tensor) -> None:
     buffer = group.tensors[key]
-    put(buffer, rows, permute_mode(take(buffer, rows), dim, order))
+    group.write_rows(buffer, rows, permute_mode(group.read_rows(buffer, rows), dim, order))
 
 
 def rotate_buffer(group: FactorGroup, key: str, rows: Optional[torch.Tensor], dim: int, matrix: torch.Tensor) -> None:
     """``buffer x_dim matrix`` for the selected members."""
     buffer = group.tensors[key]
-    put(buffer, rows, group.mode_product(take(buffer, rows), dim, matrix))
+    group.write_rows(buffer, rows, group.mode_product(group.read_rows(buffer, rows), dim, matrix))

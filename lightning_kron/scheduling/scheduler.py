@@ -1,6 +1,6 @@
 """``RefreshScheduler``: decides, factor by factor, when each eigenbasis is recomputed, and does it.
 
-This is the refresh decision that ``KronCallback`` owns (DESIGN.md), kept free of Lightning so a plain
+This is the refresh decision that ``KronCallback`` owns (docs/design.md), kept free of Lightning so a plain
 PyTorch loop can use it too. It attaches to a :class:`~lightning_kron.KronOptimizer`: it sets
 ``optimizer.external_schedule`` (the optimizer then only does its one forced exact refresh at
 ``start_preconditioning_step``) and becomes the optimizer's in-step refresh owner, so it runs
@@ -22,7 +22,7 @@ per step:
 The whole decision is taken on device on one concatenated staleness tensor and moved to the host
 once per checked step. Under ``torch.distributed`` rank 0's decision is broadcast (identical
 decisions everywhere), each refreshed block gets one owner rank, and the owners broadcast the
-refreshed rows (``lightning_kron.distributed``): the ranks stay bit-identical while each computes
+refreshed rows (``lightning_kron.scheduling.ownership``): the ranks stay bit-identical while each computes
 only its share.
 
 >>> import torch
@@ -45,10 +45,16 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from lightning_kron.distributed import OwnedRows, assign_owners, broadcast_from_first, rank_and_world, share_rows
-from lightning_kron.factor_group import FactorGroup
-from lightning_kron.refresh import AdaptiveRefresh, FixedRefresh
-from lightning_kron.validation import check_positive_int
+from lightning_kron.engine.factor_group import FactorGroup
+from lightning_kron.engine.validation import check_positive_int
+from lightning_kron.scheduling.ownership import (
+    OwnedRows,
+    assign_owners,
+    broadcast_from_first,
+    rank_and_world,
+    share_rows,
+)
+from lightning_kron.scheduling.policies import AdaptiveRefresh, FixedRefresh
 
 ToleranceSchedule = Callable[[int, Optional[float], float], float]
 STATE_FORMAT = 1
@@ -85,7 +91,7 @@ class RefreshScheduler:
         policy: ``AdaptiveRefresh`` / ``FixedRefresh`` / a policy object; ``None`` uses the
             optimizer's own ``refresh`` policy.
         tolerance_schedule: ``schedule(step, total_steps, tolerance) -> tolerance`` (e.g.
-            :class:`~lightning_kron.tolerance_schedule.TighterEarly`); needs an AdaptiveRefresh.
+            :class:`~lightning_kron.scheduling.tolerance_schedule.TighterEarly`); needs an AdaptiveRefresh.
         max_per_step: refresh budget per optimizer step over all ranks (most stale first);
             ``None`` uses the policy's ``max_per_step``, if any.
         total_steps: planned number of optimizer steps, for fraction-based schedules.
@@ -158,7 +164,7 @@ class RefreshScheduler:
 
     def _staleness(self, slots: list[_Slot]) -> torch.Tensor:
         groups = self.optimizer.factor_groups()
-        parts = [groups[s.group_index].tensors[f"staleness.{s.dim}"].float() for s in slots]
+        parts = [groups[s.group_index].staleness(s.dim).float() for s in slots]
         return torch.cat(parts)
 
     def _due(self, staleness: torch.Tensor, step: int) -> torch.Tensor:

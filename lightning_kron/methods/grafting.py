@@ -1,7 +1,7 @@
 """Learning-rate grafting: borrow a simpler method's step size, keep Shampoo's direction.
 
 Per block, ``D = P(M) * ||D_graft||_F / ||P(M)||_F`` where ``D_graft`` is the direction the grafted
-method would take from the same filtered gradient ``M`` (ALGORITHMS.md §1). Each grafted method
+method would take from the same filtered gradient ``M`` (docs/algorithms.md §1). Each grafted method
 keeps its own diagonal accumulator ``graft_sq`` in parameter coordinates.
 """
 

@@ -1,4 +1,4 @@
-"""The staleness criterion of an eigenbasis (ALGORITHMS.md §3, Purifying Shampoo).
+"""The staleness criterion of an eigenbasis (docs/algorithms.md §3, Purifying Shampoo).
 
 Factors are stored in their own eigenbasis, ``B = Q^T L Q``, so the criterion
 ``e(Q, L) = ||B - Diag(B)||_F / ||B||_F`` needs no matmul: it is an elementwise pass over B.

@@ -22,15 +22,15 @@ from typing import Optional, Protocol
 
 import torch
 
-from lightning_kron.factor_group import FactorGroup
-from lightning_kron.solvers import (
+from lightning_kron.engine.factor_group import FactorGroup
+from lightning_kron.engine.solvers import (
     ORTHONORMALIZERS,
     descending_diagonal_order,
     eigh_in_basis,
     householder_qr,
     qr_step_in_basis,
 )
-from lightning_kron.staleness import staleness
+from lightning_kron.engine.staleness import staleness
 
 SOLVERS = ("qr", "eigh")
 REORTHONORMALIZE_EVERY = 32  # refreshes; Q <- Q P accumulates ~eps of orthogonality loss per refresh
@@ -55,19 +55,6 @@ class RefreshRequest:
     orthonormalizer: str = "householder"
     tolerance: float = 0.0
     max_iters: int = 1
-
-
-def take(tensor: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
-    """The selected members of a stack (all of them when ``rows`` is None)."""
-    return tensor if rows is None else tensor.index_select(0, rows)
-
-
-def put(tensor: torch.Tensor, rows: Optional[torch.Tensor], value: torch.Tensor) -> None:
-    """Write ``value`` back into the selected members, in place (state views stay valid)."""
-    if rows is None:
-        tensor.copy_(value)
-    else:
-        tensor.index_copy_(0, rows, value)
 
 
 def _identity_order(order: torch.Tensor) -> torch.Tensor:
@@ -108,9 +95,9 @@ def refresh_factor(
 ) -> None:
     """Recompute ``basis.dim`` (and re-express ``stats.dim``) for ``rows`` of ``group``."""
     started = time.perf_counter()
-    refreshes = take(group.tensors[f"refreshes.{dim}"], rows)
+    refreshes = group.read_rows(group.refreshes(dim), rows)
     never_refreshed = not bool(refreshes.any())  # every basis still the identity: start exactly
-    stats = take(group.stats(dim), rows)
+    stats = group.read_rows(group.stats(dim), rows)
     if request.solver == "eigh" or never_refreshed:
         rotation, stats, ok, order = _eigh(stats)
     else:
@@ -120,7 +107,7 @@ def refresh_factor(
         stats = new_stats
     hooks.permute_rows(group, rows, dim, order)
     hooks.rotate_rows(group, rows, dim, rotation)
-    basis = rotation if never_refreshed else take(group.basis(dim), rows) @ rotation
+    basis = rotation if never_refreshed else group.read_rows(group.basis(dim), rows) @ rotation
     basis = _reorthonormalize_if_due(basis, refreshes)
     _store(group, dim, rows, basis, stats, ~ok, step, time.perf_counter() - started, hooks.factor_staleness(stats))
     hooks.after_refresh(group, rows, dim)
@@ -141,12 +128,11 @@ def _reorthonormalize_if_due(basis: torch.Tensor, refreshes: torch.Tensor) -> to
 
 
 def _store(group, dim, rows, basis, stats, failed, step, seconds, stale) -> None:
-    put(group.basis(dim), rows, basis)
-    put(group.stats(dim), rows, stats)
-    put(group.tensors[f"staleness.{dim}"], rows, stale)
-    count = basis.shape[0]
-    put(group.tensors[f"refreshes.{dim}"], rows, take(group.tensors[f"refreshes.{dim}"], rows) + 1)
-    put(group.tensors[f"failures.{dim}"], rows, take(group.tensors[f"failures.{dim}"], rows) + failed.long())
-    put(group.tensors[f"last_refresh.{dim}"], rows, torch.full_like(take(group.tensors[f"last_refresh.{dim}"], rows), step))
-    seconds_so_far = take(group.tensors[f"refresh_seconds.{dim}"], rows)
-    put(group.tensors[f"refresh_seconds.{dim}"], rows, seconds_so_far + seconds / count)
+    read, write = group.read_rows, group.write_rows
+    write(group.basis(dim), rows, basis)
+    write(group.stats(dim), rows, stats)
+    write(group.staleness(dim), rows, stale)
+    write(group.refreshes(dim), rows, read(group.refreshes(dim), rows) + 1)
+    write(group.failures(dim), rows, read(group.failures(dim), rows) + failed.long())
+    write(group.last_refresh(dim), rows, torch.full_like(read(group.last_refresh(dim), rows), step))
+    write(group.refresh_seconds(dim), rows, read(group.refresh_seconds(dim), rows) + seconds / basis.shape[0])

@@ -12,24 +12,38 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Optional
 
-import torch
-from typing_extensions import override
-
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import (
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
 
-from lightning_kron.approximation_probe import ApproximationProbe
-from lightning_kron.distributed import gather_from_all
-from lightning_kron.kron_optimizer import KronOptimizer
-from lightning_kron.metrics import eigenvalue_misscaling, factor_metrics, rank_metrics, refresh_metrics, summary_metrics
-from lightning_kron.refresh import AdaptiveRefresh, FixedRefresh
-from lightning_kron.refresh_scheduler import RefreshCounters, RefreshScheduler
-from lightning_kron.torch_conversion import METHODS, check_options, convert_adam, repoint_schedulers
-from lightning_kron.validation import check_positive_int
-from lightning_kron.wandb_views import StalenessHistory, staleness_payload
+from lightning_kron.engine.validation import check_positive_int
+from lightning_kron.lightning.adam_conversion import (
+    check_options,
+    convert_adam,
+    repoint_schedulers,
+)
+from lightning_kron.lightning.approximation_probe import ApproximationProbe
+from lightning_kron.lightning.metrics import (
+    eigenvalue_misscaling,
+    factor_metrics,
+    rank_metrics,
+    refresh_metrics,
+    summary_metrics,
+)
+from lightning_kron.lightning.wandb_views import StalenessHistory, staleness_payload
+from lightning_kron.methods.kron_optimizer import KronOptimizer
+from lightning_kron.methods.registry import METHODS
+from lightning_kron.scheduling.ownership import gather_from_all
+from lightning_kron.scheduling.policies import AdaptiveRefresh, FixedRefresh
+from lightning_kron.scheduling.scheduler import RefreshCounters, RefreshScheduler
 
 WANDB_TABLE_EVERY_N_LOGS = 10  # the table and heatmap are heavier than scalars: every 10th log and at the end
 
@@ -42,7 +56,7 @@ class KronCallback(Callback):
     over the same parameter groups, lr, betas, eps and weight decay, with the module's parameter
     names, and re-points the LR schedulers at it. When it returns a lightning_kron optimizer, the
     callback takes that one over. Either way the callback then owns the refresh schedule (see
-    :class:`~lightning_kron.refresh_scheduler.RefreshScheduler`), keeps DDP ranks bit-identical
+    :class:`~lightning_kron.scheduling.scheduler.RefreshScheduler`), keeps DDP ranks bit-identical
     while splitting the refresh work between them, and logs telemetry every ``log_every_n_steps``
     optimizer steps to every logger (the README lists each metric), plus rich views in W&B.
 
@@ -56,7 +70,7 @@ class KronCallback(Callback):
         max_refreshes_per_step: at most this many factor refreshes per optimizer step (over all
             ranks), most stale first; the rest wait for the next steps, so no step stalls.
         log_every_n_steps: telemetry interval in optimizer steps; ``None`` uses the Trainer's.
-        approximation_probe_max_numel: opt-in probe of the error to full-matrix Adam (ALGORITHMS.md
+        approximation_probe_max_numel: opt-in probe of the error to full-matrix Adam (docs/algorithms.md
             §5) for blocks with at most this many entries (memory ``numel**2`` each); 0 turns it off.
         optimizer_options, \**options: passed to the optimizer that replaces Adam
             (``max_precond_dim``, ``solver``, ``shampoo_beta``, ``start_preconditioning_step``, ...);
@@ -184,7 +198,7 @@ class KronCallback(Callback):
                 "configure_optimizers returned a lightning_kron optimizer, so KronCallback builds none and "
                 f"optimizer_options {sorted(self.optimizer_options)} would be ignored; pass them to that optimizer"
             )
-        if self.method is not None and type(optimizer).__name__ != METHODS[self.method][1]:
+        if self.method is not None and type(optimizer) is not METHODS[self.method].optimizer:
             raise MisconfigurationException(
                 f"KronCallback(method={self.method!r}) but configure_optimizers returned {type(optimizer).__name__}; "
                 "drop method= to take over the module's optimizer, or return torch.optim.AdamW to have it replaced"

@@ -7,7 +7,7 @@ table documents every name built here.
 
 Eigenvalue mis-scaling (per block of an eigenvalue-corrected optimizer): Shampoo's implicit second
 moment in the Kronecker eigenbasis is the outer product of the factor eigenvalues,
-``S = diag(B_1) o ... o diag(B_k)``; the corrected one is Adam's ``V`` there (ALGORITHMS.md §2).
+``S = diag(B_1) o ... o diag(B_k)``; the corrected one is Adam's ``V`` there (docs/algorithms.md §2).
 Both are normalised to unit sum (they estimate the same ``E||G||^2`` up to the EMA windows and bias
 corrections, which the normalisation removes) and compared as ``||S - V||_F / ||V||_F``: 0 when the
 gradient covariance is a Kronecker product, large when Shampoo's eigenvalues are mis-scaled.
@@ -28,8 +28,8 @@ from typing import Sequence
 
 import torch
 
-from lightning_kron.refresh_scheduler import RefreshCounters
-from lightning_kron.telemetry import FactorInfo
+from lightning_kron.engine.factor_info import FactorInfo
+from lightning_kron.scheduling.scheduler import RefreshCounters
 
 PREFIX = "kron"
 

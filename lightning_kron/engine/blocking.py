@@ -1,6 +1,6 @@
 """How a parameter tensor is cut into blocks and which block dims get a Kronecker factor.
 
-Rules (ALGORITHMS.md "Notation"): size-1 dims are dropped; with ``merge_dims`` the trailing dims of
+Rules (docs/algorithms.md "Notation"): size-1 dims are dropped; with ``merge_dims`` the trailing dims of
 a tensor of order > 2 are merged from the right while their product stays <= ``max_precond_dim``
 (the leading dim is never merged, so a matrix stays a matrix; a conv weight
 ``[out, in, kh, kw]`` becomes ``[out, in*kh*kw]``); a dim larger than ``max_precond_dim`` is

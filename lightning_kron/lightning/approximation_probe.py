@@ -1,4 +1,4 @@
-"""The approximation-error probe (ALGORITHMS.md §5): how far is the Kronecker preconditioner from
+"""The approximation-error probe (docs/algorithms.md §5): how far is the Kronecker preconditioner from
 full-matrix Adam, per block?
 
 For every fully factored block with at most ``max_numel`` entries the probe keeps the full second
@@ -10,12 +10,12 @@ moment ``C = EMA(vec(G) vec(G)^T)`` (``n x n``, the statistics' own EMA rate) an
 
 logging ``||C - C_approx||_F / ||C||_F`` for each.
 
-Order of the Kronecker product: ALGORITHMS.md writes ``L_k kron ... kron L_1`` for ``vec`` stacking
+Order of the Kronecker product: docs/algorithms.md writes ``L_k kron ... kron L_1`` for ``vec`` stacking
 *columns*; PyTorch flattens row-major, which reverses it, so with ``vec = G.flatten()`` the product is
 ``L_1 kron ... kron L_k`` (a rank-1 gradient ``u v^T`` has ``vec = u kron v``).
 
 Every matrix is normalised to unit trace before comparing. This removes the normalisation
-``tr(L_1)^(k-1)`` of ALGORITHMS.md, the bias corrections and the different EMA rates of ``V``, and
+``tr(L_1)^(k-1)`` of docs/algorithms.md, the bias corrections and the different EMA rates of ``V``, and
 also the different windows when the probe starts later than the optimizer (it is not checkpointed:
 its memory is ``n^2`` per block, so it restarts with the run). The error then measures the *shape*
 of the approximation, which is what the preconditioner uses up to its learning rate.
@@ -40,8 +40,8 @@ from functools import reduce
 
 import torch
 
-from lightning_kron.metrics import PREFIX
-from lightning_kron.validation import check_positive_int
+from lightning_kron.engine.validation import check_positive_int
+from lightning_kron.lightning.metrics import PREFIX
 
 
 class ApproximationProbe:

@@ -3,10 +3,10 @@
 Shampoo keeps ``L_i = sum A_i`` and needs ``(eps I + L_i)^(-1/(2k))``, an inverse root of a matrix
 whose condition number grows without bound. KrADagrad keeps ``X_i ~ (eps I + L_i)^-1`` itself,
 starting from ``I / eps`` and updated with the approximation-domination downdate
-``X <- X - X A X / s`` (:mod:`lightning_kron.approximation_domination`): matmuls only, and ``X`` is a
+``X <- X - X A X / s`` (:mod:`lightning_kron.methods.inverse_factor_update`): matmuls only, and ``X`` is a
 positive matrix bounded by ``I / eps``, so only a *positive* root of it is ever taken.
 
-Two variants (ALGORITHMS.md §4):
+Two variants (docs/algorithms.md §4):
 
 * ``variant="star"`` (KrADagrad*): every factor is downdated every step with its own statistic
   ``A_i = unfold_i(G) unfold_i(G)^T``; direction ``G x_1 X_1^(1/(2k)) ... x_k X_k^(1/(2k))``.
@@ -16,7 +16,7 @@ Two variants (ALGORITHMS.md §4):
   ``G X_R G^T / d_R``), and ``X_i^(1/2)`` in every mode of the direction. For Kronecker gradient
   covariance ``C = C_1 x ... x C_k`` the fixed point is ``X_1 x ... x X_k = (t C)^-1``: full-matrix
   AdaGrad's ``(t C)^(-1/2)`` step (Shampoo and KrADagrad* reach ``C^(-1/(2k))``).
-  Design decision, measured: ALGORITHMS.md writes ``G X_R^(1/2) G^T``; with it the fixed point
+  Design decision, measured: docs/algorithms.md writes ``G X_R^(1/2) G^T``; with it the fixed point
   scales as ``|G|^(-1/3)``, so the step depends on the loss scale. The full ``X_j``, split
   symmetrically (PSD by construction) and normalised, is scale invariant (tests/test_kradagrad.py)
   and did better on a 20-32-5 MLP toy: best final loss 0.16 vs 0.24 (0.55 vs 1.2 with the loss
@@ -31,12 +31,12 @@ engine already computed, and the downdate, its scale ``s`` and the positive-defi
 basis invariant. Kept nearly diagonal, ``B`` holds each eigenvalue of ``X`` to fp32's *relative*
 precision however ill-conditioned ``X`` is; that, not the downdate alone, is what lets fp32 work.
 The root ``X_i^p`` is ``Q_i diag(x)^p Q_i^T`` with per-dim scales frozen at each refresh, exactly
-as Shampoo's inverse roots (:mod:`lightning_kron.root_preconditioner`).
+as Shampoo's inverse roots (:mod:`lightning_kron.methods.root_preconditioner`).
 
 Design decisions (checked in tests/test_kradagrad.py and scripts/illconditioned.py):
 
 * The first update of each factor, from ``X_0 = I / eps``, is exact, from an SVD of the unfolded
-  gradient (:func:`~lightning_kron.approximation_domination.exact_from_isotropic`), and sets the
+  gradient (:func:`~lightning_kron.methods.inverse_factor_update.exact_from_isotropic`), and sets the
   factor's eigenbasis. A dominated downdate from ``I / eps`` barely shrinks ``X`` (by ~1/rank(A) per
   step) so the first hundreds of steps were ~``eps^-1/2`` too long (the MLP toy blew up); an eigh of
   ``G G^T`` instead of the SVD of ``G`` squares the condition number and cost fp32 KrADagrad* a
@@ -49,14 +49,14 @@ Design decisions (checked in tests/test_kradagrad.py and scripts/illconditioned.
   loses those below ~1e-7 of the largest (X's small ones, the gradient-heavy directions of ``L``).
 * Staleness: ``e(Q, X)`` is dominated by X's largest eigenvalues, the damped, near-empty directions
   of ``L``. The optimizer reports ``e(Q, L)`` estimated to first order from ``stats`` (no inverse,
-  :func:`~lightning_kron.staleness.inverse_factor_staleness`), so a tolerance means the same as for
+  :func:`~lightning_kron.engine.staleness.inverse_factor_staleness`), so a tolerance means the same as for
   SOAP and Shampoo and the Lightning callback can own the schedule unchanged.
 * Non-finite or non-positive-definite ``X`` after an update: detected for all members at once by a
   batched ``cholesky_ex`` (no host sync); those members keep their previous ``X`` and
   ``failures.i`` (factor telemetry, shared with failed refreshes) counts it. Non-finite gradients
   are refused by the engine before any statistic changes.
 * EMA (``shampoo_beta < 1``) keeps the damping at ``eps``
-  (:func:`~lightning_kron.approximation_domination.krad_update`) and bias-corrects the root with
+  (:func:`~lightning_kron.methods.inverse_factor_update.krad_update`) and bias-corrects the root with
   ``(1 - beta^t) X``; the default is the paper's AdaGrad sum, ``shampoo_beta = 1``.
 * Blocks with no factored dim (biases, norms by default) get the diagonal form of the same method,
   ``m / sqrt(eps + v)``, ``v`` the sum (or EMA) of squared gradients: diagonal KrAD is exact.
@@ -69,21 +69,23 @@ from typing import Any, Optional
 
 import torch
 
-from lightning_kron.approximation_domination import (
+from lightning_kron.engine.factor_group import FactorGroup
+from lightning_kron.engine.mode_products import unfold
+from lightning_kron.engine.staleness import inverse_factor_staleness
+from lightning_kron.engine.validation import check_choice
+from lightning_kron.methods.inverse_factor_update import (
     DOMINATION_SCALES,
     exact_from_isotropic,
     krad_update,
     positive_definite,
 )
-from lightning_kron.basis_refresh import take
-from lightning_kron.factor_group import FactorGroup
-from lightning_kron.kron_optimizer import StepHyperparameters
-from lightning_kron.modes import unfold
-from lightning_kron.refresh import FixedRefresh
-from lightning_kron.root_preconditioner import RootPreconditionedOptimizer, scale_modes
-from lightning_kron.soap import bias_correction
-from lightning_kron.staleness import inverse_factor_staleness
-from lightning_kron.validation import check_choice
+from lightning_kron.methods.kron_optimizer import StepHyperparameters
+from lightning_kron.methods.root_preconditioner import (
+    RootPreconditionedOptimizer,
+    scale_modes,
+)
+from lightning_kron.methods.soap import bias_correction
+from lightning_kron.scheduling.policies import FixedRefresh
 
 VARIANTS = ("star", "alternating")
 
@@ -103,7 +105,7 @@ class KrADagrad(RootPreconditionedOptimizer):
             method's per-block step size; ``graft_eps`` is its epsilon.
         shampoo_beta: 1 (default) sums the statistics as AdaGrad; < 1 is an EMA; ``None`` uses beta2.
         domination_scale: the downdate's ``s``: "trace" (``1 + tr(XA)``, default), "frobenius",
-            "schatten" (tighter) or "damped" (looser); see :mod:`lightning_kron.approximation_domination`.
+            "schatten" (tighter) or "damped" (looser); see :mod:`lightning_kron.methods.inverse_factor_update`.
         refresh, solver, max_precond_dim, ...: as :class:`lightning_kron.SOAP` (default: sorted
             warm-QR refresh every 10 steps).
 
@@ -179,7 +181,7 @@ class KrADagrad(RootPreconditionedOptimizer):
                 new = self._exact_first_update(group, dim, factor, hyper, fallback=new)
             ok = positive_definite(new)
             old.copy_(torch.where(ok[:, None, None], new, old))
-            group.tensors[f"failures.{dim}"].add_((~ok).long())
+            group.failures(dim).add_((~ok).long())
 
     def _first_update(self, group: FactorGroup, dim: int) -> bool:
         """Is this the step that first downdates ``dim`` from ``X_0 = I / eps``? (host-side, no sync)
@@ -208,12 +210,12 @@ class KrADagrad(RootPreconditionedOptimizer):
         keep = ok[:, None, None]
         basis = group.basis(dim)
         basis.copy_(torch.where(keep, basis @ vectors, basis))
-        group.tensors[f"refreshes.{dim}"].add_(ok.long())
-        last = group.tensors[f"last_refresh.{dim}"]
+        group.refreshes(dim).add_(ok.long())
+        last = group.last_refresh(dim)
         last.copy_(torch.where(ok, self.global_step, last))
         if self.global_step >= self.start_preconditioning_step:
-            scale = group.tensors[f"root_scale.{dim}"]
-            scale.copy_(torch.where(ok[:, None], self._scale_from(values, group.tensors["step"], group, hyper), scale))
+            scale = group.factor_tensor("root_scale", dim)
+            scale.copy_(torch.where(ok[:, None], self._scale_from(values, group.steps, group, hyper), scale))
         return torch.where(keep, torch.diag_embed(values), fallback)
 
     @staticmethod
@@ -229,8 +231,8 @@ class KrADagrad(RootPreconditionedOptimizer):
         return 0.5 if self.variant == "alternating" else 1.0 / (2 * len(group.factored_dims))
 
     def _root_scale(self, group: FactorGroup, rows, dim: int, hyper: StepHyperparameters) -> torch.Tensor:
-        eigenvalues = take(group.stats(dim), rows).diagonal(dim1=-2, dim2=-1)
-        return self._scale_from(eigenvalues, take(group.tensors["step"], rows), group, hyper)
+        eigenvalues = group.read_rows(group.stats(dim), rows).diagonal(dim1=-2, dim2=-1)
+        return self._scale_from(eigenvalues, group.read_rows(group.steps, rows), group, hyper)
 
     def _scale_from(self, eigenvalues: torch.Tensor, step: torch.Tensor, group: FactorGroup,
                     hyper: StepHyperparameters) -> torch.Tensor:
@@ -245,5 +247,5 @@ class KrADagrad(RootPreconditionedOptimizer):
             return super()._preconditioned(group, momentum, hyper)
         squares = group.tensors["diagonal_sq"]
         if hyper.shampoo_beta < 1:
-            squares = squares / bias_correction(hyper.shampoo_beta, group.tensors["step"], squares)
+            squares = squares / bias_correction(hyper.shampoo_beta, group.steps, squares)
         return momentum * (squares + hyper.eps).rsqrt()

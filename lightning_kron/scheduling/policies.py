@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lightning_kron.validation import check_positive_int, check_unit_interval
+from lightning_kron.engine.validation import check_positive_int, check_unit_interval
 
 
 @dataclass(frozen=True)
@@ -120,5 +120,3 @@ class AdaptiveRefresh:
         keep[ranked.topk(self.max_per_step).indices] = True
         return stale & keep
 
-
-RefreshPolicy = FixedRefresh | AdaptiveRefresh

@@ -24,39 +24,26 @@ is given ``graft="adam"`` (unless ``optimizer_options`` says otherwise) and Adam
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Mapping
 
 import torch
 
-METHODS = {
-    "soap": ("lightning_kron.soap", "SOAP"),
-    "eshampoo": ("lightning_kron.soap", "EShampoo"),
-    "shampoo": ("lightning_kron.shampoo", "Shampoo"),
-    "kradagrad": ("lightning_kron.kradagrad", "KrADagrad"),
-}
-_OWN_EPS = ("shampoo", "kradagrad")  # methods whose eps is not Adam's eps
+from lightning_kron.methods.registry import method as method_spec
+
 GROUP_KEYS_FROM_ADAM = ("lr", "betas", "weight_decay")
 _ADAM_ONLY = ("params", "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 
 
 def optimizer_class(method: str) -> type:
-    """The optimizer class of ``method``; a clear ValueError when it is unknown or not installed."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
-    module, name = METHODS[method]
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as error:
-        available = ", ".join(repr(m) for m in METHODS if m != method)
-        raise ValueError(f"method={method!r} needs {module}.{name}, which this installation does not have "
-                         f"({error}); use one of {available}") from error
+    """The optimizer class of ``method``; a one-line ValueError naming the choices when unknown."""
+    return method_spec(method).optimizer
 
 
 def check_options(method: str, options: Mapping[str, Any]) -> None:
     """Refuse options the converted optimizer takes from the Adam it replaces, and options the
     optimizer class does not accept (by building it once on a dummy parameter)."""
-    taken = set(GROUP_KEYS_FROM_ADAM) | ({"params"} if method in _OWN_EPS else {"params", "eps"})
+    eps_taken = {"eps"} if method_spec(method).adam_eps_option == "eps" else set()
+    taken = set(GROUP_KEYS_FROM_ADAM) | {"params"} | eps_taken
     if clashes := sorted(taken & set(options)):
         raise ValueError(f"optimizer_options {clashes} come from the module's own Adam/AdamW (configure_optimizers); "
                          "set them there")
@@ -75,15 +62,14 @@ def convert_adam(optimizer: torch.optim.Adam, method: str, names: Mapping[str, t
     if not isinstance(optimizer, torch.optim.Adam):
         raise TypeError(f"expected torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
     name_of = {id(param): name for name, param in names.items()}
-    groups = [_convert_group(group, optimizer, method, name_of) for group in optimizer.param_groups]
-    if method == "shampoo":
-        options = {"graft_eps": optimizer.param_groups[0]["eps"], **options}
-    if method == "kradagrad":  # ungrafted steps are AdaGrad-scale: borrow Adam's so AdamW's lr transfers
-        options = {"graft": "adam", "graft_eps": optimizer.param_groups[0]["eps"], **options}
-    return optimizer_class(method)(groups, **options)
+    spec = method_spec(method)
+    groups = [_convert_group(group, optimizer, spec.adam_eps_option == "eps", name_of) for group in optimizer.param_groups]
+    if spec.adam_eps_option != "eps":  # AdamW's eps belongs to the graft; the method keeps its own eps
+        options = {spec.adam_eps_option: optimizer.param_groups[0]["eps"], **options}
+    return spec.optimizer(groups, **{**spec.from_adam, **options})
 
 
-def _convert_group(group: dict, optimizer: torch.optim.Adam, method: str, name_of: Mapping[int, str]) -> dict:
+def _convert_group(group: dict, optimizer: torch.optim.Adam, keeps_eps: bool, name_of: Mapping[int, str]) -> dict:
     for flag in ("amsgrad", "maximize"):
         if group.get(flag):
             raise ValueError(f"torch.optim.{type(optimizer).__name__}({flag}=True) has no lightning_kron "
@@ -95,7 +81,7 @@ def _convert_group(group: dict, optimizer: torch.optim.Adam, method: str, name_o
     converted["betas"] = tuple(_as_float(beta) for beta in group["betas"])
     converted["weight_decay_mode"] = "decoupled" if decoupled else "l2"
     converted["params"] = [(name_of.get(id(param)), param) for param in group["params"]]
-    if method in _OWN_EPS:
+    if not keeps_eps:
         del converted["eps"]
     return converted
 

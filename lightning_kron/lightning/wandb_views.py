@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Mapping
 
-from lightning_kron.metrics import PREFIX
+from lightning_kron.lightning.metrics import PREFIX
 
 HISTOGRAM = f"{PREFIX}/views/staleness_histogram"
 TABLE = f"{PREFIX}/views/staleness_table"

@@ -1,7 +1,7 @@
 """Eigenbasis solvers that work *inside* the current basis, with a fallback chain that never crashes.
 
 Every factor is stored as ``B = Q^T L Q``. A refresh therefore never forms ``L``: it finds a rotation
-``P`` of the small matrix ``B`` and then ``Q <- Q P`` and ``B <- P^T B P``. Two ways (ALGORITHMS.md §3):
+``P`` of the small matrix ``B`` and then ``Q <- Q P`` and ``B <- P^T B P``. Two ways (docs/algorithms.md §3):
 
 * ``eigh``: ``B = P diag(w) P^T`` exactly, so ``B <- diag(w)``.
 * warm-started QR (power) step: with the basis sorted by ``diag(B)``, ``orth(L Q) = Q orth(B)``

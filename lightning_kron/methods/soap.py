@@ -4,7 +4,7 @@ The gradient is rotated into the eigenbases of the Kronecker factors, ``G' = G x
 moments are kept there; the normalised step is rotated back. The second moment ``V`` is the
 diagonal of the full-matrix second moment in the Kronecker eigenbasis (the *corrected
 eigenvalues*), which is why no learning-rate grafting is needed and why AdamW's lr, betas and
-weight decay transfer (ALGORITHMS.md §2). With every basis the identity (before
+weight decay transfer (docs/algorithms.md §2). With every basis the identity (before
 ``start_preconditioning_step``, or for blocks with no factor) the update is exactly AdamW's.
 
 Design decision (measured): when a refresh changes the basis, the second moment is carried over
@@ -25,11 +25,11 @@ from typing import Any, Optional
 
 import torch
 
-from lightning_kron.factor_group import FactorGroup
-from lightning_kron.kron_optimizer import KronOptimizer, StepHyperparameters
-from lightning_kron.refresh import AdaptiveRefresh, FixedRefresh
-from lightning_kron.rotated_buffers import permute_buffer, rotate_buffer
-from lightning_kron.validation import check_choice
+from lightning_kron.engine.basis_change import permute_buffer, rotate_buffer
+from lightning_kron.engine.factor_group import FactorGroup
+from lightning_kron.engine.validation import check_choice
+from lightning_kron.methods.kron_optimizer import KronOptimizer, StepHyperparameters
+from lightning_kron.scheduling.policies import AdaptiveRefresh, FixedRefresh
 
 SECOND_MOMENT_ON_REFRESH = ("keep", "rotate")
 
@@ -61,7 +61,7 @@ class EigenvalueCorrectedOptimizer(KronOptimizer):
         exp_avg, exp_avg_sq = group.tensors["exp_avg"], group.tensors["exp_avg_sq"]
         exp_avg.lerp_(rotated, 1.0 - hyper.beta1)
         exp_avg_sq.mul_(hyper.beta2).addcmul_(rotated, rotated, value=1.0 - hyper.beta2)
-        step = group.tensors["step"]
+        step = group.steps
         # Adam's M/c1 / (sqrt(V/c2) + eps) as s * M / (sqrt(V) + eps sqrt(c2)), s = sqrt(c2)/c1 per
         # member: four passes and one new stack (on a CPU a fresh large stack costs more in page
         # faults than the arithmetic that fills it)

@@ -19,10 +19,16 @@ from typing import Iterator, Optional
 
 import torch
 
-from lightning_kron.blocking import Block
-from lightning_kron.modes import rotate_in, rotate_mode, rotate_out
+from lightning_kron.engine.blocking import Block
+from lightning_kron.engine.mode_products import rotate_in, rotate_mode, rotate_out
 
 TELEMETRY_KEYS = ("staleness", "refreshes", "failures", "last_refresh", "refresh_seconds")
+
+
+def factor_key(name: str, dim: int) -> str:
+    """The state key of a per-factor stack, e.g. ``basis.0``: the one place that spells it (the
+    keys appear in ``optimizer.state`` and so in checkpoints)."""
+    return f"{name}.{dim}"
 
 
 @dataclass(frozen=True)
@@ -74,18 +80,26 @@ class FactorGroup:
         for dim in self.factored_dims:
             size = self.shape[dim]
             eye = torch.eye(size, dtype=self.state_dtype, device=self.device)
-            self.add(f"basis.{dim}", eye.expand(count, size, size).clone())
-            self.add(f"stats.{dim}", torch.zeros(count, size, size, dtype=self.state_dtype, device=self.device))
-            self.add(f"staleness.{dim}", torch.zeros(count, dtype=self.state_dtype, device=self.device))
+            self.add_factor_tensor("basis", dim, eye.expand(count, size, size).clone())
+            self.add_factor_tensor("stats", dim, torch.zeros(count, size, size, dtype=self.state_dtype, device=self.device))
+            self.add_factor_tensor("staleness", dim, torch.zeros(count, dtype=self.state_dtype, device=self.device))
             for key in ("refreshes", "failures", "last_refresh"):
-                self.add(f"{key}.{dim}", torch.zeros(count, dtype=torch.int64, device=self.device))
-            self.add(f"refresh_seconds.{dim}", torch.zeros(count, dtype=torch.float64, device=self.device))
+                self.add_factor_tensor(key, dim, torch.zeros(count, dtype=torch.int64, device=self.device))
+            self.add_factor_tensor("refresh_seconds", dim, torch.zeros(count, dtype=torch.float64, device=self.device))
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         """Register a stacked tensor (member index first) as part of this group's state."""
         if tensor.shape[0] != len(self.members):
             raise ValueError(f"{key}: leading dim {tensor.shape[0]} != {len(self.members)} members")
         self.tensors[key] = tensor
+
+    def add_factor_tensor(self, name: str, dim: int, tensor: torch.Tensor) -> None:
+        """Register a per-factor stack (one row per member) for factored dim ``dim``."""
+        self.add(factor_key(name, dim), tensor)
+
+    def factor_tensor(self, name: str, dim: int) -> torch.Tensor:
+        """A per-factor stack registered with :meth:`add_factor_tensor` (e.g. Shampoo's ``root_scale``)."""
+        return self.tensors[factor_key(name, dim)]
 
     def zeros_like_blocks(self) -> torch.Tensor:
         """A zero stack shaped like the blocks, in the state dtype (moments, accumulators)."""
@@ -101,13 +115,54 @@ class FactorGroup:
         return len(self.shape)
 
     def bases(self) -> list[Optional[torch.Tensor]]:
-        return [self.tensors.get(f"basis.{dim}") for dim in range(self.order)]
+        """Q of every dim, ``None`` for the dims that have no factor."""
+        return [self.tensors.get(factor_key("basis", dim)) for dim in range(self.order)]
 
     def basis(self, dim: int) -> torch.Tensor:
-        return self.tensors[f"basis.{dim}"]
+        """Q of factored dim ``dim``, ``[N, d, d]``."""
+        return self.factor_tensor("basis", dim)
 
     def stats(self, dim: int) -> torch.Tensor:
-        return self.tensors[f"stats.{dim}"]
+        """The factor in its own eigenbasis, ``B = Q^T L Q``, ``[N, d, d]``."""
+        return self.factor_tensor("stats", dim)
+
+    def staleness(self, dim: int) -> torch.Tensor:
+        """``e(Q, L)`` of each member after the last statistics update, ``[N]``."""
+        return self.factor_tensor("staleness", dim)
+
+    def refreshes(self, dim: int) -> torch.Tensor:
+        """How often each member's basis was recomputed (int64, ``[N]``)."""
+        return self.factor_tensor("refreshes", dim)
+
+    def failures(self, dim: int) -> torch.Tensor:
+        """How many of those refreshes fell back because a solver failed (int64, ``[N]``)."""
+        return self.factor_tensor("failures", dim)
+
+    def last_refresh(self, dim: int) -> torch.Tensor:
+        """The optimizer step of each member's last refresh (int64, ``[N]``)."""
+        return self.factor_tensor("last_refresh", dim)
+
+    def refresh_seconds(self, dim: int) -> torch.Tensor:
+        """Wall time spent refreshing each member, its share of batched calls (float64, ``[N]``)."""
+        return self.factor_tensor("refresh_seconds", dim)
+
+    @property
+    def steps(self) -> torch.Tensor:
+        """Statistics updates each member has had (int64, ``[N]``: exact past 2^24)."""
+        return self.tensors["step"]
+
+    @staticmethod
+    def read_rows(tensor: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+        """The selected members of a stack (all of them, without a copy, when ``rows`` is None)."""
+        return tensor if rows is None else tensor.index_select(0, rows)
+
+    @staticmethod
+    def write_rows(tensor: torch.Tensor, rows: Optional[torch.Tensor], value: torch.Tensor) -> None:
+        """Write ``value`` into the selected members in place (the state views stay valid)."""
+        if rows is None:
+            tensor.copy_(value)
+        else:
+            tensor.index_copy_(0, rows, value)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -199,7 +254,7 @@ class FactorGroup:
 
     def tensors_on_host(self, key: str) -> dict[int, list]:
         """``{dim: per-member values}`` of a telemetry tensor, one device-to-host copy per dim."""
-        return {dim: self.tensors[f"{key}.{dim}"].tolist() for dim in self.factored_dims}
+        return {dim: self.factor_tensor(key, dim).tolist() for dim in self.factored_dims}
 
     def member_views(self) -> Iterator[tuple[Member, dict[str, torch.Tensor]]]:
         """Each member with views of its rows in every stacked tensor (for ``optimizer.state``)."""

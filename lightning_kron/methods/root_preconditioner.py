@@ -7,7 +7,7 @@ whole product is: rotate ``M`` in, multiply by the outer product of the per-dim 
 ``root_scale.i = f_i^(p_i)``, rotate out. The scales are recomputed by each subclass from
 ``diag(stats.i)`` at every refresh of that factor and stay frozen in between (Shampoo's classic
 "preconditioner computed every f steps"), which is what makes the step cost a few ``bmm``s.
-Grafting (ALGORITHMS.md §1) then borrows a simpler method's per-block step size.
+Grafting (docs/algorithms.md §1) then borrows a simpler method's per-block step size.
 
 Subclasses implement :meth:`RootPreconditionedOptimizer._root_scale` (and the statistics update).
 """
@@ -18,12 +18,11 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from lightning_kron.basis_refresh import put
-from lightning_kron.factor_group import FactorGroup
-from lightning_kron.grafting import GRAFTS, graft_direction, graft_norm
-from lightning_kron.kron_optimizer import KronOptimizer, StepHyperparameters
-from lightning_kron.soap import bias_correction
-from lightning_kron.validation import check_choice, check_nonnegative
+from lightning_kron.engine.factor_group import FactorGroup
+from lightning_kron.engine.validation import check_choice, check_nonnegative
+from lightning_kron.methods.grafting import GRAFTS, graft_direction, graft_norm
+from lightning_kron.methods.kron_optimizer import KronOptimizer, StepHyperparameters
+from lightning_kron.methods.soap import bias_correction
 
 
 def scale_modes(rotated: torch.Tensor, scales: Mapping[int, torch.Tensor]) -> torch.Tensor:
@@ -43,7 +42,7 @@ def scale_modes(rotated: torch.Tensor, scales: Mapping[int, torch.Tensor]) -> to
 
 def root_scales(group: FactorGroup) -> dict[int, torch.Tensor]:
     """The frozen ``root_scale.i`` of every factored dim of ``group``."""
-    return {dim: group.tensors[f"root_scale.{dim}"] for dim in group.factored_dims}
+    return {dim: group.factor_tensor("root_scale", dim) for dim in group.factored_dims}
 
 
 class RootPreconditionedOptimizer(KronOptimizer):
@@ -65,7 +64,7 @@ class RootPreconditionedOptimizer(KronOptimizer):
         if self.graft in ("adam", "adagrad", "rmsprop"):
             group.add("graft_sq", group.zeros_like_blocks())
         for dim in group.factored_dims:
-            group.add(f"root_scale.{dim}", torch.ones(len(group), group.shape[dim],
+            group.add_factor_tensor("root_scale", dim, torch.ones(len(group), group.shape[dim],
                                                        dtype=group.state_dtype, device=group.device))
 
     def _root_scale(self, group: FactorGroup, rows: Optional[torch.Tensor], dim: int,
@@ -75,7 +74,7 @@ class RootPreconditionedOptimizer(KronOptimizer):
 
     def after_refresh(self, group: FactorGroup, rows, dim: int) -> None:
         hyper = self._hyperparameters(self.param_groups[group.param_group])
-        put(group.tensors[f"root_scale.{dim}"], rows, self._root_scale(group, rows, dim, hyper))
+        group.write_rows(group.factor_tensor("root_scale", dim), rows, self._root_scale(group, rows, dim, hyper))
 
     def _preconditioned(self, group: FactorGroup, momentum: torch.Tensor, hyper: StepHyperparameters) -> torch.Tensor:
         """``momentum x_i Q_i diag(root_scale.i) Q_i^T`` for every factored dim."""
@@ -85,7 +84,7 @@ class RootPreconditionedOptimizer(KronOptimizer):
                    hyper: StepHyperparameters) -> torch.Tensor:
         exp_avg = group.tensors["exp_avg"]
         exp_avg.lerp_(grad, 1.0 - hyper.beta1)
-        step = group.tensors["step"]
+        step = group.steps
         momentum = exp_avg / bias_correction(hyper.beta1, step, exp_avg)
         direction = self._preconditioned(group, momentum, hyper)
         if self.graft == "none":

@@ -23,15 +23,14 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from lightning_kron.basis_refresh import SOLVERS, RefreshRequest, refresh_factor, take
-from lightning_kron.blocking import factor_label, plan_blocks
-from lightning_kron.factor_group import TELEMETRY_KEYS, FactorGroup, Member
-from lightning_kron.modes import unfold
-from lightning_kron.refresh import AdaptiveRefresh, FixedRefresh
-from lightning_kron.solvers import ORTHONORMALIZERS
-from lightning_kron.staleness import staleness
-from lightning_kron.telemetry import FactorInfo
-from lightning_kron.validation import (
+from lightning_kron.engine.basis_refresh import SOLVERS, RefreshRequest, refresh_factor
+from lightning_kron.engine.blocking import factor_label, plan_blocks
+from lightning_kron.engine.factor_group import TELEMETRY_KEYS, FactorGroup, Member
+from lightning_kron.engine.factor_info import FactorInfo
+from lightning_kron.engine.mode_products import unfold
+from lightning_kron.engine.solvers import ORTHONORMALIZERS
+from lightning_kron.engine.staleness import staleness
+from lightning_kron.engine.validation import (
     check_betas,
     check_choice,
     check_dtype,
@@ -39,6 +38,7 @@ from lightning_kron.validation import (
     check_positive_int,
     check_unit_interval,
 )
+from lightning_kron.scheduling.policies import AdaptiveRefresh, FixedRefresh
 
 STATE_FORMAT = 1
 _GENERATED_NAME = re.compile(r"group\d+\.param\d+")  # what _split_named calls an unnamed parameter
@@ -55,7 +55,6 @@ class StepHyperparameters:
     weight_decay: float
     decoupled: bool
     shampoo_beta: float
-    extra: dict
 
 
 @dataclass
@@ -211,11 +210,10 @@ class KronOptimizer(torch.optim.Optimizer):
     def _hyperparameters(self, group: dict) -> StepHyperparameters:
         beta1, beta2 = group["betas"]
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
-        known = {"params", "lr", "betas", "eps", "weight_decay", "weight_decay_mode", "shampoo_beta"}
         return StepHyperparameters(
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=group["weight_decay_mode"] == "decoupled",
-            shampoo_beta=shampoo_beta, extra={k: v for k, v in group.items() if k not in known},
+            shampoo_beta=shampoo_beta,
         )
 
     # ----------------------------------------------------------------- grouping
@@ -358,7 +356,7 @@ class KronOptimizer(torch.optim.Optimizer):
             hyper = self._hyperparameters(self.param_groups[source.param_group])
             if hyper.weight_decay and not hyper.decoupled:
                 grad.add_(group.gather_params(), alpha=hyper.weight_decay)
-            group.tensors["step"].add_(1)
+            group.steps.add_(1)
             rotated_low = group.rotate_in(grad, keep_rotation_dtype=True)
             rotated = rotated_low.to(group.state_dtype)  # no copy without a rotation_dtype
             self._update_statistics(group, rotated, hyper, rotated_low)
@@ -386,7 +384,7 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def _update_staleness(self, group: FactorGroup) -> None:
         for dim in group.factored_dims:
-            group.tensors[f"staleness.{dim}"].copy_(self.factor_staleness(group.stats(dim)))
+            group.staleness(dim).copy_(self.factor_staleness(group.stats(dim)))
 
     def _finish(self, item: _PendingGroup) -> None:
         group = item.group
@@ -411,7 +409,7 @@ class KronOptimizer(torch.optim.Optimizer):
             return
         if self.external_schedule or not self.refresh.checks_at(relative):
             return
-        values = torch.cat([item.group.tensors[f"staleness.{dim}"] for item, dim in entries])
+        values = torch.cat([item.group.staleness(dim) for item, dim in entries])
         chosen, tolerance = self._select(values, relative)
         request = self._request(tolerance, self.refresh.max_iters)
         offset = 0
@@ -518,7 +516,7 @@ class KronOptimizer(torch.optim.Optimizer):
 
         The index-based form of :meth:`refresh_factors`, for owners that decide on the stacked
         staleness tensors directly (no name lookup per step) and then move the refreshed rows
-        themselves (``lightning_kron.distributed``).
+        themselves (``lightning_kron.scheduling.ownership``).
         """
         row_index = None if len(rows) == len(group) else torch.tensor(rows, device=group.device)
         request = self._request(tolerance, max_iters, solver)

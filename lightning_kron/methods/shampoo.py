@@ -18,12 +18,11 @@ from typing import Any, Optional
 
 import torch
 
-from lightning_kron.basis_refresh import take
-from lightning_kron.factor_group import FactorGroup
-from lightning_kron.kron_optimizer import StepHyperparameters
-from lightning_kron.grafting import graft_direction
-from lightning_kron.root_preconditioner import RootPreconditionedOptimizer
-from lightning_kron.soap import bias_correction
+from lightning_kron.engine.factor_group import FactorGroup
+from lightning_kron.methods.grafting import graft_direction
+from lightning_kron.methods.kron_optimizer import StepHyperparameters
+from lightning_kron.methods.root_preconditioner import RootPreconditionedOptimizer
+from lightning_kron.methods.soap import bias_correction
 
 
 class Shampoo(RootPreconditionedOptimizer):
@@ -56,20 +55,20 @@ class Shampoo(RootPreconditionedOptimizer):
     def _direction(self, group: FactorGroup, grad: torch.Tensor, rotated: torch.Tensor,
                    hyper: StepHyperparameters) -> torch.Tensor:
         """Blocks without a factor (biases, norm gains, 0-D/1-D tensors) take AdamW's diagonal step
-        (ALGORITHMS.md "Notation"), not the identity preconditioner rescaled by the graft."""
+        (docs/algorithms.md "Notation"), not the identity preconditioner rescaled by the graft."""
         if group.factored_dims:
             return super()._direction(group, grad, rotated, hyper)
         exp_avg = group.tensors["exp_avg"]
         exp_avg.lerp_(grad, 1.0 - hyper.beta1)
-        step = group.tensors["step"]
+        step = group.steps
         momentum = exp_avg / bias_correction(hyper.beta1, step, exp_avg)
         return graft_direction("adam", momentum, grad, group.tensors["diagonal_sq"], hyper.beta2,
                                self.graft_eps, bias_correction(hyper.beta2, step, exp_avg))
 
     def _root_scale(self, group: FactorGroup, rows, dim: int, hyper: StepHyperparameters) -> torch.Tensor:
         """``(lambda_hat + eps)^(-1/(2k))`` from the bias-corrected factor eigenvalues ``diag(B)``."""
-        step = take(group.tensors["step"], rows)
-        eigenvalues = take(group.stats(dim), rows).diagonal(dim1=-2, dim2=-1).clamp_min(0)
+        step = group.read_rows(group.steps, rows)
+        eigenvalues = group.read_rows(group.stats(dim), rows).diagonal(dim1=-2, dim2=-1).clamp_min(0)
         if hyper.shampoo_beta < 1:
             eigenvalues = eigenvalues / (1.0 - torch.pow(hyper.shampoo_beta, step))[:, None]
         exponent = -1.0 / (2 * len(group.factored_dims))

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from lightning_kron.validation import check_positive_int, check_unit_interval
+from lightning_kron.engine.validation import check_positive_int, check_unit_interval
 
 
 def _planned_steps(fraction: float, steps: Optional[int], total_steps: Optional[float], name: str) -> int:
