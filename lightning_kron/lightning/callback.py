@@ -58,7 +58,7 @@ class KronCallback(Callback):
     callback takes that one over. Either way the callback then owns the refresh schedule (see
     :class:`~lightning_kron.scheduling.scheduler.RefreshScheduler`), keeps DDP ranks bit-identical
     while splitting the refresh work between them, and logs telemetry every ``log_every_n_steps``
-    optimizer steps to every logger (the README lists each metric), plus rich views in W&B.
+    optimizer steps to every logger (docs/callback.md lists each metric), plus rich views in W&B.
 
     Args:
         method: ``"soap"``, ``"eshampoo"``, ``"shampoo"`` or ``"kradagrad"``; ``None`` means

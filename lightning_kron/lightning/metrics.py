@@ -2,8 +2,8 @@
 
 Names are hierarchical and stable, ``kron/<what>/<factor or block>``; factor names come from
 ``optimizer.factor_names()`` (e.g. ``layer.0.weight[L]``) and block names from
-``optimizer.block_name`` (the parameter name, ``.block{b}`` when it was split). The README's metric
-table documents every name built here.
+``optimizer.block_name`` (the parameter name, ``.block{b}`` when it was split). The metric
+table of docs/callback.md documents every name built here.
 
 Eigenvalue mis-scaling (per block of an eigenvalue-corrected optimizer): Shampoo's implicit second
 moment in the Kronecker eigenbasis is the outer product of the factor eigenvalues,

@@ -99,9 +99,9 @@ class SOAP(EigenvalueCorrectedOptimizer):
             refresh. Statistics, bases and the refresh's QR and ``Q P`` stay in fp32.
         statistics_product_dtype: ``torch.bfloat16`` runs the statistics' product ``G' G'^T``
             in bf16 too (accumulated into fp32): faster still, at a measured +0.6% final loss on
-            the GPT recipe (README, "Measured: optimizer step cost").
+            the GPT recipe (docs/benchmarks.md, "Optimizer step cost").
         merge_dims, precondition_1d, start_preconditioning_step, statistics_dtype, nonfinite,
-        second_moment_on_refresh ("keep" or "rotate"): see the README.
+        second_moment_on_refresh ("keep" or "rotate"): see docs/algorithms.md §2.
 
     >>> import torch
     >>> model = torch.nn.Linear(8, 4)
