@@ -115,7 +115,7 @@ def test_a_lightning_kron_optimizer_is_taken_over_and_named():
     callback = KronCallback(refresh=AdaptiveRefresh(0.0))
     trainer = fit(module, [callback], max_steps=4)
     optimizer = trainer.optimizers[0]
-    assert callback.optimizer is optimizer and optimizer.external_schedule is False  # handed back at teardown
+    assert callback.optimizer is optimizer and optimizer.scheduler is optimizer.own_scheduler  # handed back at teardown
     assert "net.2.weight[R]" in optimizer.factor_names()
     assert callback.scheduler.counters.refreshes == 3 * len(optimizer.factor_names())  # tolerance 0: all, steps 2..4
 

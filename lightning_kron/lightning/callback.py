@@ -42,7 +42,11 @@ from lightning_kron.lightning.wandb_views import StalenessHistory, staleness_pay
 from lightning_kron.methods.kron_optimizer import KronOptimizer
 from lightning_kron.methods.registry import METHODS
 from lightning_kron.scheduling.ownership import gather_from_all
-from lightning_kron.scheduling.policies import AdaptiveRefresh, FixedRefresh
+from lightning_kron.scheduling.policies import (
+    AdaptiveRefresh,
+    FixedRefresh,
+    check_policy,
+)
 from lightning_kron.scheduling.scheduler import RefreshCounters, RefreshScheduler
 
 WANDB_TABLE_EVERY_N_LOGS = 10  # the table and heatmap are heavier than scalars: every 10th log and at the end
@@ -116,8 +120,8 @@ class KronCallback(Callback):
         optimizer_options = {**(optimizer_options or {}), **options}
         if method is not None and method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))} or None; got {method!r}")
-        if refresh is not None and not (hasattr(refresh, "checks_at") and hasattr(refresh, "select")):
-            raise ValueError(f"refresh must be AdaptiveRefresh, FixedRefresh or a policy object, got {refresh!r}")
+        if refresh is not None:
+            check_policy(refresh)
         if tolerance_schedule is not None and not callable(tolerance_schedule):
             raise ValueError(f"tolerance_schedule must be callable(step, total_steps, tolerance), got {tolerance_schedule!r}")
         if tolerance_schedule is not None and refresh is not None and not isinstance(refresh, AdaptiveRefresh):

@@ -2,17 +2,18 @@
 
 It owns what every Kronecker method has in common: named parameters and parameter groups, cutting
 parameters into blocks and stacking same-shaped blocks into :class:`FactorGroup`s, the NaN/Inf
-guard, the step skeleton, refresh scheduling (its own ``refresh=`` policy, or an external owner
-such as ``KronCallback``), factor telemetry, and checkpoints. Subclasses supply the math through
+guard, the step skeleton, the exact first refresh and the scheduler that decides every later one
+(:class:`~lightning_kron.scheduling.scheduler.RefreshScheduler` over its own ``refresh=`` policy,
+until an owner such as ``KronCallback`` attaches its own), factor telemetry, and checkpoints. Subclasses supply the math through
 four hooks: ``_init_state`` (extra buffers), ``_update_statistics``, ``_direction`` and the
 basis-change hooks ``permute_rows``/``rotate_rows``.
 
 A step runs in two phases so the refresh decision for *all* factors costs one host sync:
 1. for every group: gather gradients, rotate them into the current bases, update the factor
    statistics and the (free) staleness criterion;
-2. the policy picks stale factors from one concatenated staleness tensor; they are refreshed (the
-   rotated gradient in flight is carried into the new basis by the same rotation); every group
-   computes its direction and updates its parameters.
+2. the scheduler picks stale factors from one concatenated staleness tensor and refreshes them (the
+   refreshed groups rotate their gradient in flight again); every group computes its direction
+   and updates its parameters.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ from lightning_kron.engine.validation import (
     check_positive_int,
     check_unit_interval,
 )
-from lightning_kron.scheduling.policies import AdaptiveRefresh, FixedRefresh
+from lightning_kron.scheduling.policies import (
+    AdaptiveRefresh,
+    FixedRefresh,
+    check_policy,
+)
+from lightning_kron.scheduling.scheduler import RefreshScheduler
 
 STATE_FORMAT = 1
 _GENERATED_NAME = re.compile(r"group\d+\.param\d+")  # what _split_named calls an unnamed parameter
@@ -152,9 +158,7 @@ class KronOptimizer(torch.optim.Optimizer):
         check_choice("solver", solver, SOLVERS)
         check_choice("orthonormalizer", orthonormalizer, tuple(ORTHONORMALIZERS))
         check_choice("nonfinite", nonfinite, ("skip", "raise"))
-        if refresh is not None and not isinstance(refresh, (FixedRefresh, AdaptiveRefresh)):
-            if not (hasattr(refresh, "checks_at") and hasattr(refresh, "select")):
-                raise ValueError(f"refresh must be FixedRefresh, AdaptiveRefresh or a policy object, got {refresh!r}")
+        refresh = check_policy(refresh if refresh is not None else FixedRefresh(every=10))
         statistics_dtype = check_dtype("statistics_dtype", statistics_dtype, (torch.float32, torch.float64))
         rotation_dtype = check_dtype("rotation_dtype", rotation_dtype,
                                      (torch.float32, torch.float64, torch.bfloat16, torch.float16))
@@ -166,23 +170,26 @@ class KronOptimizer(torch.optim.Optimizer):
         self.split_large_dims = split_large_dims
         self.precondition_1d = precondition_1d
         self.start_preconditioning_step = start_preconditioning_step
-        self.refresh = refresh if refresh is not None else FixedRefresh(every=10)
+        self.refresh = refresh
         self.solver = solver
         self.orthonormalizer = orthonormalizer
         self.nonfinite = nonfinite
         self.statistics_dtype = statistics_dtype
         self.rotation_dtype = rotation_dtype
         self.statistics_product_dtype = statistics_product_dtype
-        self.external_schedule = False
         #: ``callable() -> groups`` run inside ``step`` after the statistics update (see
         #: ``_run_in_step_owner``); returns the factor groups whose bases it changed (on any rank).
-        #: Set by RefreshScheduler.
+        #: Set by the RefreshScheduler in charge (:attr:`scheduler`).
         self.in_step_refresh_owner: Optional[Callable[[], Iterable[FactorGroup]]] = None
+        self.scheduler: Optional[RefreshScheduler] = None
         self.global_step = 0
         self.skipped_steps = 0
         groups, self._names = _split_named(params)
         self._groups: Optional[list[FactorGroup]] = None
         super().__init__(groups, defaults)
+        #: The optimizer's own scheduler over ``refresh``; an owner's scheduler replaces it in
+        #: :attr:`scheduler` while attached.
+        self.own_scheduler = RefreshScheduler(self, self.refresh)
 
     # ----------------------------------------------------------------- hyperparameters
     def add_param_group(self, param_group: dict) -> None:
@@ -314,7 +321,7 @@ class KronOptimizer(torch.optim.Optimizer):
         groups = self.factor_groups()
         self.global_step += 1
         pending = self._gather_and_update_statistics(groups)
-        self._refresh_due(pending)
+        self._first_refresh(pending)
         self._run_in_step_owner(pending)
         for item in pending:
             self._finish(item)
@@ -332,7 +339,7 @@ class KronOptimizer(torch.optim.Optimizer):
         post-step hook instead.
         """
         owner = self.in_step_refresh_owner
-        if owner is None or not self.external_schedule or any(item.rows is not None for item in pending):
+        if owner is None or any(item.rows is not None for item in pending):
             return
         refreshed = {id(group) for group in owner()}
         for item in pending:
@@ -394,45 +401,20 @@ class KronOptimizer(torch.optim.Optimizer):
         if item.rows is not None:
             item.source.absorb(group, item.rows)
 
-    # ----------------------------------------------------------------- refresh scheduling
-    def _refresh_due(self, pending: list[_PendingGroup]) -> None:
-        relative = self.global_step - self.start_preconditioning_step
-        if relative < 0:
+    # ----------------------------------------------------------------- the first refresh
+    def _first_refresh(self, pending: list[_PendingGroup]) -> None:
+        """At ``start_preconditioning_step``, exact bases for every factor; the scheduler decides
+        every later refresh."""
+        if self.global_step != self.start_preconditioning_step:
             return
-        entries = [(item, dim) for item in pending for dim in item.group.factored_dims]
-        if not entries:
-            return
-        if relative == 0:  # the first preconditioned step: exact bases for every factor
-            request = RefreshRequest(solver=self.initial_refresh_solver, orthonormalizer=self.orthonormalizer)
-            for item, dim in entries:
-                self._refresh_rows(item, dim, None, request)
-            return
-        if self.external_schedule or not self.refresh.checks_at(relative):
-            return
-        values = torch.cat([item.group.staleness(dim) for item, dim in entries])
-        chosen, tolerance = self._select(values, relative)
-        request = self._request(tolerance, self.refresh.max_iters)
-        offset = 0
-        for item, dim in entries:
-            mask = chosen[offset: offset + len(item.group)]
-            offset += len(item.group)
-            if bool(mask.any()):
-                rows = None if bool(mask.all()) else mask.nonzero().flatten().to(item.group.device)
-                self._refresh_rows(item, dim, rows, request)
-
-    def _select(self, staleness: torch.Tensor, step: int) -> tuple[torch.Tensor, float]:
-        """The policy's choice (on the host: the one sync of this step) and its tolerance now.
-        Policy objects other than the built-in two are called as ``select(staleness)``."""
-        if isinstance(self.refresh, (FixedRefresh, AdaptiveRefresh)):
-            return self.refresh.select(staleness, step=step).cpu(), self.refresh.tolerance_at(step)
-        return self.refresh.select(staleness).cpu(), self.refresh.tolerance
+        request = RefreshRequest(solver=self.initial_refresh_solver, orthonormalizer=self.orthonormalizer)
+        for item in pending:
+            for dim in item.group.factored_dims:
+                refresh_factor(item.group, dim, None, request, _InFlightHooks(self, item), self.global_step)
 
     def _request(self, tolerance: float, max_iters: int, solver: Optional[str] = None) -> RefreshRequest:
         return RefreshRequest(solver=solver or self.solver, orthonormalizer=self.orthonormalizer,
                               tolerance=tolerance, max_iters=max_iters)
-
-    def _refresh_rows(self, item: _PendingGroup, dim: int, rows, request: RefreshRequest) -> None:
-        refresh_factor(item.group, dim, rows, request, _InFlightHooks(self, item), self.global_step)
 
     # ----------------------------------------------------------------- the owner interface
     def _factor_index(self) -> list[tuple[str, FactorGroup, int, int]]:
@@ -493,8 +475,7 @@ class KronOptimizer(torch.optim.Optimizer):
                         max_iters: int = 1, solver: Optional[str] = None) -> int:
         """Refresh the named factors now (all when ``names`` is None); returns how many.
 
-        For an external owner (``KronCallback``) that sets ``external_schedule = True``: the
-        optimizer then never refreshes on its own after the first preconditioned step.
+        For code that refreshes on its own terms; the :attr:`scheduler` keeps deciding as well.
         """
         wanted = None if names is None else set(names)
         index = self._factor_index()
@@ -529,6 +510,7 @@ class KronOptimizer(torch.optim.Optimizer):
         state["lightning_kron"] = {
             "format": STATE_FORMAT, "optimizer": type(self).__name__,
             "global_step": self.global_step, "skipped_steps": self.skipped_steps,
+            "scheduler": self.own_scheduler.state_dict(),  # deferred factors of its budget
         }
         return state
 
@@ -556,6 +538,8 @@ class KronOptimizer(torch.optim.Optimizer):
         self.state.clear()
         self._expose_state_views(fresh)
         self.global_step, self.skipped_steps = meta["global_step"], meta["skipped_steps"]
+        if "scheduler" in meta:  # absent from checkpoints made before the scheduler was the one path
+            self.own_scheduler.load_state_dict(meta["scheduler"])
 
     def _copy_plan(self, groups: list[FactorGroup], params: list, saved_state: dict) -> list:
         position = {id(p): index for index, p in enumerate(params)}

@@ -1,9 +1,11 @@
-"""Refresh policies: when is a Kronecker factor's eigenbasis recomputed.
+"""Refresh policies: when is a Kronecker factor's eigenbasis due for recomputation.
 
 A policy sees, on the steps it checks, the staleness ``e(Q, L)`` of every factor (one tensor,
-still on the device) and answers with a boolean mask of the factors to refresh. Deciding on the
-whole tensor at once keeps the optimizer to a single host synchronisation per checked step
-instead of one ``.item()`` per factor.
+still on the device) and answers with a boolean mask of the factors that are due. Deciding on the
+whole tensor at once keeps the step to a single host synchronisation per checked step instead of
+one ``.item()`` per factor. What happens to the due factors (the per-step budget, deferral, which
+rank computes them) is the scheduler's business (``scheduling/scheduler.py``), the same for every
+policy. Any object with the two methods of :class:`RefreshPolicy` is a policy.
 
 >>> import torch
 >>> policy = AdaptiveRefresh(tolerance=0.05)
@@ -16,11 +18,56 @@ instead of one ``.item()`` per factor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
 from lightning_kron.engine.validation import check_positive_int, check_unit_interval
+
+
+@runtime_checkable
+class RefreshPolicy(Protocol):
+    """What the scheduler asks of a refresh policy (the built-in two and any user-written one).
+
+    Steps are counted from the first preconditioned step (``start_preconditioning_step``), whose
+    exact refresh of every factor happens before any policy is asked.
+
+    Required:
+        ``checks_at(step) -> bool``: is the staleness looked at on this step?
+        ``select(staleness, step, total_steps=None) -> bool tensor``: which factors are due, from
+        the staleness of every factor (a 1-D tensor on the factors' device; keep the answer there).
+
+    Optional attributes, read with these defaults when absent:
+        ``tolerance_at(step, total_steps=None) -> float`` (0.0): the staleness a warm-QR refresh
+        aims below (it repeats up to ``max_iters`` times) and the figure that telemetry logs;
+        ``max_iters`` (1); ``max_per_step`` (None): the scheduler's budget of refreshes per step,
+        most stale first, the rest deferred to the next steps.
+
+    >>> class EveryThird:
+    ...     def checks_at(self, step): return step % 3 == 0
+    ...     def select(self, staleness, step, total_steps=None): return staleness > staleness.median()
+    >>> isinstance(EveryThird(), RefreshPolicy), isinstance(object(), RefreshPolicy)
+    (True, False)
+    """
+
+    def checks_at(self, step: int) -> bool: ...
+
+    def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None) -> torch.Tensor: ...
+
+
+def check_policy(policy: Any) -> Any:
+    """Refuse, at construction, an object that is not a :class:`RefreshPolicy` or whose optional
+    attributes are out of range; returns the policy."""
+    if not isinstance(policy, RefreshPolicy) or not (callable(policy.checks_at) and callable(policy.select)):
+        raise ValueError(f"refresh must be FixedRefresh, AdaptiveRefresh or an object with checks_at(step) and "
+                         f"select(staleness, step, total_steps=None) methods, got {policy!r}")
+    check_positive_int("max_iters", getattr(policy, "max_iters", 1))
+    if getattr(policy, "max_per_step", None) is not None:
+        check_positive_int("max_per_step", policy.max_per_step)
+    tolerance_at = getattr(policy, "tolerance_at", None)
+    if tolerance_at is not None and not callable(tolerance_at):
+        raise ValueError(f"refresh.tolerance_at must be callable(step, total_steps=None), got {tolerance_at!r}")
+    return policy
 
 
 @dataclass(frozen=True)
@@ -51,7 +98,8 @@ class FixedRefresh:
         """Always 0: a due factor is refreshed (one QR step) whatever its staleness."""
         return 0.0
 
-    def select(self, staleness: torch.Tensor, step: Optional[int] = None) -> torch.Tensor:
+    def select(self, staleness: torch.Tensor, step: Optional[int] = None,
+               total_steps: Optional[float] = None) -> torch.Tensor:
         """Every factor, on the steps where :meth:`checks_at` is true."""
         return torch.ones_like(staleness, dtype=torch.bool)
 
@@ -65,8 +113,9 @@ class AdaptiveRefresh:
     above it are refreshed, each independently. A warm-QR refresh repeats while ``e > tolerance``,
     at most ``max_iters`` times. ``max_iters`` defaults to 1 because a factor still above tolerance
     is simply picked again at the next check, which spreads the cost over steps.
-    ``max_per_step`` caps how many factors one step may refresh (most stale first) so no single
-    step stalls. ``tolerance=0`` with ``check_every=f`` reproduces ``FixedRefresh(every=f)``.
+    ``max_per_step`` caps how many factors one step may refresh (the scheduler takes the most stale
+    first and defers the rest) so no single step stalls. ``tolerance=0`` with ``check_every=f``
+    reproduces ``FixedRefresh(every=f)`` exactly, a factor that is already diagonal included.
 
     Choosing the tolerance: one EMA step moves a factor's staleness by about
     ``(1 - shampoo_beta)`` times the off-diagonal share of the new gradient's outer product, so
@@ -107,16 +156,11 @@ class AdaptiveRefresh:
             return self.tolerance
         return float(self.schedule(step, total_steps, self.tolerance))
 
-    def select(self, staleness: torch.Tensor, step: Optional[int] = None) -> torch.Tensor:
-        """Factors to refresh; ``step`` applies the ``schedule`` (without it: ``tolerance``)."""
-        tolerance = self.tolerance if step is None else self.tolerance_at(step)
-        if tolerance == 0:  # the fixed frequency, also for a factor that is exactly diagonal
+    def select(self, staleness: torch.Tensor, step: Optional[int] = None,
+               total_steps: Optional[float] = None) -> torch.Tensor:
+        """Factors above the tolerance in force (``step`` applies the ``schedule``; without it:
+        ``tolerance``); every factor when that tolerance is 0, the fixed frequency."""
+        tolerance = self.tolerance if step is None else self.tolerance_at(step, total_steps)
+        if tolerance == 0:
             return torch.ones_like(staleness, dtype=torch.bool)
-        stale = staleness > tolerance
-        if self.max_per_step is None or staleness.numel() <= self.max_per_step:
-            return stale
-        ranked = torch.where(stale, staleness, torch.full_like(staleness, -1.0))
-        keep = torch.zeros_like(stale)
-        keep[ranked.topk(self.max_per_step).indices] = True
-        return stale & keep
-
+        return staleness > tolerance

@@ -1,11 +1,12 @@
 """``RefreshScheduler``: decides, factor by factor, when each eigenbasis is recomputed, and does it.
 
-This is the refresh decision that ``KronCallback`` owns (docs/design.md), kept free of Lightning so a plain
-PyTorch loop can use it too. It attaches to a :class:`~lightning_kron.KronOptimizer`: it sets
-``optimizer.external_schedule`` (the optimizer then only does its one forced exact refresh at
-``start_preconditioning_step``) and becomes the optimizer's in-step refresh owner, so it runs
-inside every optimizer step that really happened. A step that AMP's GradScaler skips never calls
-``optimizer.step``, so it neither touches the statistics nor triggers a refresh.
+This is the one place where a refresh is decided (docs/design.md). Every
+:class:`~lightning_kron.KronOptimizer` builds one over its own ``refresh=`` policy, so an optimizer
+used alone runs exactly this code; ``KronCallback`` (or any owner) builds another over its policy,
+which takes the optimizer's place until :meth:`RefreshScheduler.detach`. Besides the scheduler,
+only the optimizer's one forced exact refresh at ``start_preconditioning_step`` changes a basis.
+The scheduler runs inside every optimizer step that really happened; a step that AMP's GradScaler
+skips never calls ``optimizer.step``, so it neither touches the statistics nor triggers a refresh.
 
 Where in the step: after the statistics update (the staleness then includes this step's
 gradient) and before the moment update, so the moments take this step's gradient in the new basis.
@@ -14,8 +15,9 @@ Measured on the GPT recipe, deciding after the whole step instead ends 0.7% high
 gradded the optimizer cannot open that window, and the step post-hook decides instead. Decisions
 per step:
 
-1. on the policy's check steps, a factor is *due* when its staleness ``e(Q, L)`` exceeds the
-   tolerance (``tolerance_schedule`` may make it tighter early); ``FixedRefresh`` makes all due;
+1. on the policy's check steps, the policy's ``select`` says which factors are *due* (for
+   ``AdaptiveRefresh``: staleness ``e(Q, L)`` above the tolerance in force, which
+   ``tolerance_schedule`` may make tighter early; ``FixedRefresh``: all);
 2. factors deferred by the budget at earlier steps stay due until refreshed;
 3. at most ``max_per_step`` due factors are refreshed, most stale first; the rest are deferred.
 
@@ -32,7 +34,7 @@ only its share.
 >>> scheduler = RefreshScheduler(optimizer, AdaptiveRefresh(tolerance=0.01))
 >>> for _ in range(5):
 ...     model(torch.randn(8, 6)).square().mean().backward(); optimizer.step(); optimizer.zero_grad()
->>> scheduler.counters.checks, optimizer.external_schedule
+>>> scheduler.counters.checks, optimizer.scheduler is scheduler
 (4, True)
 """
 
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -54,7 +56,7 @@ from lightning_kron.scheduling.ownership import (
     rank_and_world,
     share_rows,
 )
-from lightning_kron.scheduling.policies import AdaptiveRefresh, FixedRefresh
+from lightning_kron.scheduling.policies import AdaptiveRefresh, check_policy
 
 ToleranceSchedule = Callable[[int, Optional[float], float], float]
 STATE_FORMAT = 1
@@ -88,10 +90,12 @@ class RefreshScheduler:
 
     Args:
         optimizer: a ``KronOptimizer`` (SOAP, EShampoo, Shampoo, KrADagrad).
-        policy: ``AdaptiveRefresh`` / ``FixedRefresh`` / a policy object; ``None`` uses the
+        policy: ``AdaptiveRefresh`` / ``FixedRefresh`` / any
+            :class:`~lightning_kron.scheduling.policies.RefreshPolicy`; ``None`` uses the
             optimizer's own ``refresh`` policy.
         tolerance_schedule: ``schedule(step, total_steps, tolerance) -> tolerance`` (e.g.
-            :class:`~lightning_kron.scheduling.tolerance_schedule.TighterEarly`); needs an AdaptiveRefresh.
+            :class:`~lightning_kron.scheduling.tolerance_schedule.TighterEarly`); needs an
+            AdaptiveRefresh, whose own ``schedule`` it replaces.
         max_per_step: refresh budget per optimizer step over all ranks (most stale first);
             ``None`` uses the policy's ``max_per_step``, if any.
         total_steps: planned number of optimizer steps, for fraction-based schedules.
@@ -100,13 +104,15 @@ class RefreshScheduler:
     def __init__(self, optimizer, policy=None, *, tolerance_schedule: Optional[ToleranceSchedule] = None,
                  max_per_step: Optional[int] = None, total_steps: Optional[float] = None) -> None:
         self.optimizer = optimizer
-        self.policy = policy if policy is not None else optimizer.refresh
-        if tolerance_schedule is not None and not isinstance(self.policy, AdaptiveRefresh):
-            raise ValueError(f"tolerance_schedule needs an AdaptiveRefresh policy, got {self.policy!r}")
+        policy = check_policy(policy if policy is not None else optimizer.refresh)
+        if tolerance_schedule is not None:
+            if not isinstance(policy, AdaptiveRefresh):
+                raise ValueError(f"tolerance_schedule needs an AdaptiveRefresh policy, got {policy!r}")
+            policy = replace(policy, schedule=tolerance_schedule)
+        self.policy = policy
         if max_per_step is not None:
             check_positive_int("max_per_step", max_per_step)
-        self.tolerance_schedule = tolerance_schedule
-        self.max_per_step = max_per_step if max_per_step is not None else getattr(self.policy, "max_per_step", None)
+        self.max_per_step = max_per_step if max_per_step is not None else getattr(policy, "max_per_step", None)
         self.total_steps = total_steps
         self.counters = RefreshCounters()
         self._deferred: Optional[torch.Tensor] = None  # host bool mask over the flat factor order
@@ -115,15 +121,25 @@ class RefreshScheduler:
         self._slots: list[_Slot] = []
         self._decided_at = -1  # the optimizer step whose refreshes were already decided
         self._refreshed_groups: list[FactorGroup] = []  # changed at that step, on any rank
-        optimizer.external_schedule = True
-        optimizer.in_step_refresh_owner = self.in_step
-        self._handle = optimizer.register_step_post_hook(lambda *_: self.after_step())
+        self._replaced = getattr(optimizer, "scheduler", None)
+        if self._replaced is not None:
+            self._replaced._release()
+        self._attach()
+
+    def _attach(self) -> None:
+        self.optimizer.scheduler = self
+        self.optimizer.in_step_refresh_owner = self.in_step
+        self._handle = self.optimizer.register_step_post_hook(lambda *_: self.after_step())
+
+    def _release(self) -> None:
+        self._handle.remove()
+        self.optimizer.in_step_refresh_owner = None
 
     def detach(self) -> None:
-        """Give the schedule back to the optimizer's own policy."""
-        self._handle.remove()
-        self.optimizer.external_schedule = False
-        self.optimizer.in_step_refresh_owner = None
+        """Hand the decision back to the scheduler this one replaced (the optimizer's own)."""
+        self._release()
+        if self._replaced is not None:
+            self._replaced._attach()
 
     # ----------------------------------------------------------------- what is due
     @property
@@ -136,17 +152,14 @@ class RefreshScheduler:
 
     @property
     def needs_training_length(self) -> bool:
-        """Whether a tolerance schedule (its own or the policy's) may need ``total_steps``."""
-        return self.tolerance_schedule is not None or getattr(self.policy, "schedule", None) is not None
+        """Whether the policy's tolerance schedule may need ``total_steps``."""
+        return getattr(self.policy, "schedule", None) is not None
 
     def tolerance_at(self, step: int) -> float:
-        """The tolerance in force at ``step`` (counted from the first preconditioned step)."""
-        tolerance = getattr(self.policy, "tolerance", 0.0)
-        if self.tolerance_schedule is not None:
-            return float(self.tolerance_schedule(step, self.total_steps, tolerance))
-        if isinstance(self.policy, AdaptiveRefresh):  # the policy's own schedule, if any
-            return self.policy.tolerance_at(step, self.total_steps)
-        return tolerance
+        """The tolerance in force at ``step`` (counted from the first preconditioned step); 0 for a
+        policy without ``tolerance_at``."""
+        tolerance_at = getattr(self.policy, "tolerance_at", None)
+        return 0.0 if tolerance_at is None else float(tolerance_at(step, self.total_steps))
 
     def _layout(self) -> list[_Slot]:
         """Flat factor order: for each group, for each factored dim, its rows. Rebuilt only when
@@ -168,11 +181,7 @@ class RefreshScheduler:
         return torch.cat(parts)
 
     def _due(self, staleness: torch.Tensor, step: int) -> torch.Tensor:
-        if isinstance(self.policy, FixedRefresh):
-            return torch.ones_like(staleness, dtype=torch.bool)
-        if isinstance(self.policy, AdaptiveRefresh):
-            return staleness > self.tolerance_at(step)
-        return self.policy.select(staleness).to(torch.bool)
+        return self.policy.select(staleness, step, self.total_steps).to(device=staleness.device, dtype=torch.bool)
 
     def _within_budget(self, due: torch.Tensor, staleness: torch.Tensor) -> torch.Tensor:
         if self.max_per_step is None:
