@@ -1,0 +1,52 @@
+"""``scripts/count_ops.py`` holds the step's kernel and host-sync counts: deterministic for a given
+torch build and code path, so a change that adds per-parameter work or a host sync shows in CI.
+
+The bounds are today's counts on the tiny GPT layout below (torch 2.13, CPU): lowering them is the
+GPU work of the step; a change that raises them must say why.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lightning_kron as lk
+from scripts import count_ops
+from scripts.bench_step import gpt_parameter_shapes
+
+ROWS = {
+    "fixed": lambda p: lk.SOAP(p, refresh=lk.FixedRefresh(every=3)),
+    "fused adamw": lambda p: torch.optim.AdamW([t for _, t in p], lr=1e-3, fused=True),
+}
+
+
+@pytest.fixture(scope="module")
+def counts():
+    """``{layers: {row: {"ordinary"|"refresh": Counts}}}`` on GPT layouts of 1 and 2 layers."""
+    return {layers: count_ops.count_model(ROWS, gpt_parameter_shapes(layers, 32, 64, 16), every=3) for layers in (1, 2)}
+
+
+def test_the_counter_counts_kernels_syncs_and_flops():
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    counter = count_ops.OpCounter()
+    with counter, counter.host_reads():
+        product = a @ b
+        product.t().contiguous()  # a view (not counted) and a copy (counted)
+        bool(product.sum() > 0)   # one host sync
+        product.tolist()          # one host read
+    assert counter.counts.host_syncs == 2
+    assert counter.counts.matmul_gflops == pytest.approx(2 * 3 * 4 * 5 / 1e9)
+    assert counter.by_op == {"mm": 1, "clone": 1, "sum": 1, "gt": 1, "_local_scalar_dense": 1}  # the read is a copy too
+
+
+def test_the_step_does_not_grow_with_the_number_of_same_shaped_tensors(counts):
+    for kind in ("ordinary", "refresh"):
+        one, two = counts[1]["fixed"][kind], counts[2]["fixed"][kind]
+        assert (two.kernels, two.host_syncs) == (one.kernels, one.host_syncs), kind
+
+
+def test_step_counts_stay_within_todays_bounds(counts):
+    ordinary, refresh = counts[1]["fixed"]["ordinary"], counts[1]["fixed"]["refresh"]
+    assert ordinary.host_syncs <= 1 and ordinary.kernels <= 492
+    assert refresh.host_syncs <= 52 and refresh.kernels <= 1468
+    assert counts[1]["fused adamw"]["ordinary"].kernels <= 8  # the yardstick: one fused kernel per op
