@@ -186,6 +186,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         groups, self._names = _split_named(params)
         self._groups: Optional[list[FactorGroup]] = None
+        self._staleness_current = True  # every factor is still zero, and so is its staleness
         super().__init__(groups, defaults)
         #: The optimizer's own scheduler over ``refresh``; an owner's scheduler replaces it in
         #: :attr:`scheduler` while attached.
@@ -367,7 +368,7 @@ class KronOptimizer(torch.optim.Optimizer):
             rotated_low = group.rotate_in(grad, keep_rotation_dtype=True)
             rotated = rotated_low.to(group.state_dtype)  # no copy without a rotation_dtype
             self._update_statistics(group, rotated, hyper, rotated_low)
-            self._update_staleness(group)
+            self._staleness_current = False
             pending.append(_PendingGroup(group, source, rows, grad, rotated, hyper))
         return pending
 
@@ -389,9 +390,20 @@ class KronOptimizer(torch.optim.Optimizer):
         self.skipped_steps += bad
         return finite
 
-    def _update_staleness(self, group: FactorGroup) -> None:
-        for dim in group.factored_dims:
-            group.staleness(dim).copy_(self.factor_staleness(group.stats(dim)))
+    def update_staleness(self) -> None:
+        """Bring every factor's ``staleness`` up to date with its statistics.
+
+        The criterion is a pure function of the stored ``B``, so it is computed only when it is
+        read (the scheduler's check steps, telemetry, checkpoints), not after every statistics
+        update: on an ordinary step of a fixed clock nobody reads it (it was a third of the step's
+        kernels on GPT-2-small shapes).
+        """
+        if self._staleness_current:
+            return
+        for group in self.factor_groups():
+            for dim in group.factored_dims:
+                group.staleness(dim).copy_(self.factor_staleness(group.stats(dim)))
+        self._staleness_current = True
 
     def _finish(self, item: _PendingGroup) -> None:
         group = item.group
@@ -454,6 +466,7 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def factors(self) -> list[FactorInfo]:
         """Telemetry of every factor; one host transfer per telemetry tensor, none per factor."""
+        self.update_staleness()
         host = {id(group): {key: group.tensors_on_host(key) for key in TELEMETRY_KEYS} for group in self.factor_groups()}
         infos = []
         for name, group, row, dim in self._factor_index():
@@ -505,7 +518,7 @@ class KronOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        self.factor_groups()
+        self.update_staleness()
         state = super().state_dict()
         state["lightning_kron"] = {
             "format": STATE_FORMAT, "optimizer": type(self).__name__,
@@ -538,6 +551,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self.state.clear()
         self._expose_state_views(fresh)
         self.global_step, self.skipped_steps = meta["global_step"], meta["skipped_steps"]
+        self._staleness_current = False  # recomputed from the loaded statistics when read
         if "scheduler" in meta:  # absent from checkpoints made before the scheduler was the one path
             self.own_scheduler.load_state_dict(meta["scheduler"])
 

@@ -176,6 +176,7 @@ class RefreshScheduler:
         return self._slots
 
     def _staleness(self, slots: list[_Slot]) -> torch.Tensor:
+        self.optimizer.update_staleness()
         groups = self.optimizer.factor_groups()
         parts = [groups[s.group_index].staleness(s.dim).float() for s in slots]
         return torch.cat(parts)
