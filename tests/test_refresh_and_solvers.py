@@ -70,9 +70,10 @@ def test_sorted_warm_qr_step_never_increases_staleness_and_converges(seed, ortho
 # adds rounding of a few eps (Householder re-orthonormalisation every 32 refreshes washes it out), so
 # the defect max |Q^T Q - I| is a sum of at most 32 rounding increments whose size depends on the BLAS
 # kernels: a statistical quantity, bounded here with a measured margin rather than derived. Measured
-# (Xeon Sapphire Rapids, 8 seeds x 1 and 2 threads, 150 and 600 refreshes, peak over every step):
+# (Xeon Sapphire Rapids, peak over every step; 150 refreshes: 8 seeds, 2 threads, qr also 1 thread;
+# 600 refreshes: 4 seeds):
 # qr <= 70, eigh <= 136 eps32 (the old 1e-5 = 84 eps32 failed eigh's 91 on seed 0). Without the
-# re-orthonormalisation the defect grows about linearly: 99-231 after 150 refreshes, which no bound
+# re-orthonormalisation the defect grows about linearly: 150 (qr) / 231 (eigh) after 150 refreshes (seed 0), which no bound
 # between the two could tell apart, and 451-580 (qr) / 541-744 (eigh) after 600, hence 600 refreshes
 # against 256 eps32 (the test then fails for both solvers, 2 s each instead of 0.5 s).
 ORTHONORMALITY_REFRESHES = 600
