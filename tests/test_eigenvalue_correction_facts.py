@@ -179,7 +179,8 @@ def test_bf16_rotations_leave_the_loss_curve_unchanged(low_precision):
     real breakage: per seed the curves stay within 40% (measured <= 26% over 16 seeds here; a stale
     bf16 basis after a refresh gives 66-80% on every seed, moments not re-expressed at a refresh
     24-96%), and over 8 seeds the mean final loss within 15% (measured +6.2% / +1.6% here, sem ~2.6%;
-    the two bugs +23% / +50%). Costs ~25 s for both parametrizations (the fp32 curves are shared).
+    the two bugs +18% / +46%). Costs ~25 s on 2 idle cores for both parametrizations (was ~15 s; the
+    fp32 curves are computed once and shared).
     """
     pairs = [(_fp32_curve(seed), _bf16_test_curve(low_precision, seed)) for seed in BF16_SEEDS]
     full_final = torch.stack([full[-1] for full, _ in pairs])
