@@ -129,39 +129,65 @@ def test_loss_scale_invariance():
     torch.testing.assert_close(plain, scaled, rtol=1e-7, atol=1e-9)
 
 
+def _bf16_test_curve(options: dict, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4))
+    optimizer = lk.SOAP(model.parameters(), lr=3e-3, **options)
+    inputs = torch.randn(256, 16)
+    targets = torch.stack([inputs[:, :4].sum(1), inputs[:, 4:8].prod(1), inputs[:, 8].sin(), inputs[:, 9:].mean(1)], 1)
+    losses = []
+    for _ in range(150):
+        optimizer.zero_grad()
+        loss = (model(inputs) - targets).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return torch.tensor(losses)
+
+
+_FP32_CURVES: dict[int, torch.Tensor] = {}  # the fp32 reference curves, shared by both parametrizations
+
+
+def _fp32_curve(seed: int) -> torch.Tensor:
+    if seed not in _FP32_CURVES:
+        _FP32_CURVES[seed] = _bf16_test_curve({}, seed)
+    return _FP32_CURVES[seed]
+
+
+BF16_SEEDS = range(8)
+BF16_MAX_CURVE_GAP = 0.40  # per seed, anywhere on the curve
+BF16_MAX_MEAN_SHIFT = 0.15  # mean final loss over BF16_SEEDS, relative to fp32
+
+
 @pytest.mark.parametrize("low_precision", [{"rotation_dtype": torch.bfloat16},
                                            {"rotation_dtype": torch.bfloat16, "statistics_product_dtype": torch.bfloat16}],
                          ids=["rotations", "rotations+statistics"])
 def test_bf16_rotations_leave_the_loss_curve_unchanged(low_precision):
-    """rotation_dtype=bf16 is opt-in for speed; it must not change training (docs/design.md).
+    """rotation_dtype=bf16 is opt-in for speed; it must not change training materially (docs/design.md).
 
-    One seed is not enough: a 150-step trajectory is sensitive enough that rounding the statistics'
-    product alone moves a single curve by up to 14% either way (measured over seeds 0-5, with and
-    without the bf16 product). Over four seeds the runs agree, and neither side is worse on average.
+    Not "unchanged" on every machine: on this 150-step MLP bf16 rotations cost final loss on an Intel
+    Xeon (Sapphire Rapids, AMX-BF16): over seeds 0-15 (1 thread) +7.3% +- 1.9% (mean of per-seed ratios
+    +- its standard error), 14 of 16 seeds worse; with the bf16 statistics product too +2.7% +- 1.6%.
+    The same at commit 6aa5c0e, where an AMD EPYC had measured -3.8% / -2.2% over seeds 0-3, and with
+    oneDNN switched off (+5.4% +- 1.8%): this CPU's bf16 bmm is correctly rounded (fp32 accumulation,
+    one rounding, <= 0.5 ulp, checked against fp64), so the cost is bf16's own 8-bit rounding of the
+    rotated gradient and direction, not the hardware's. One curve is chaotic: nudging fp32's initial
+    weights by 2^-8 (one bf16 ulp, relative) moves single final losses by up to 12% but their mean by
+    +0.2% +- 1.7%; the +7% is a real, small cost on this model (the GPT recipe measured +0.13%).
+
+    So the test bounds what holds with margin wherever bf16 matmuls accumulate in fp32, and catches
+    real breakage: per seed the curves stay within 40% (measured <= 26% over 16 seeds here; a stale
+    bf16 basis after a refresh gives 66-80% on every seed, moments not re-expressed at a refresh
+    24-96%), and over 8 seeds the mean final loss within 15% (measured here +6.2% / +1.6% on 1 thread,
+    +8.1% / +3.2% on 2 threads, curve gaps <= 14.5%; sem ~2.6%;
+    the two bugs +18% / +46%). Costs ~25 s on 2 idle cores for both parametrizations (was ~15 s; the
+    fp32 curves are computed once and shared).
     """
-
-    def curve(options, seed):
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4))
-        optimizer = lk.SOAP(model.parameters(), lr=3e-3, **options)
-        inputs = torch.randn(256, 16)
-        targets = torch.stack([inputs[:, :4].sum(1), inputs[:, 4:8].prod(1), inputs[:, 8].sin(), inputs[:, 9:].mean(1)], 1)
-        losses = []
-        for _ in range(150):
-            optimizer.zero_grad()
-            loss = (model(inputs) - targets).square().mean()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        return torch.tensor(losses)
-
-    pairs = [(curve({}, seed), curve(low_precision, seed)) for seed in range(4)]
+    pairs = [(_fp32_curve(seed), _bf16_test_curve(low_precision, seed)) for seed in BF16_SEEDS]
     full_final = torch.stack([full[-1] for full, _ in pairs])
     bf16_final = torch.stack([bf16[-1] for _, bf16 in pairs])
     for full, bf16 in pairs:
         assert not torch.equal(full, bf16)  # the option really changes the arithmetic
-        assert full[-1] < 0.3 * full[0]
-        # measured (1 thread), either option set: curves at most 8.5% apart, final losses -8.5% .. +0.7%
-        assert ((full - bf16).abs() / full).max() < 0.20
-    assert ((bf16_final - full_final).abs() / full_final).max() < 0.15
-    assert abs(bf16_final.mean() - full_final.mean()) / full_final.mean() < 0.05  # measured -3.8% / -2.2%
+        assert full[-1] < 0.3 * full[0] and bf16[-1] < 0.3 * bf16[0]
+        assert ((full - bf16).abs() / full).max() < BF16_MAX_CURVE_GAP
+    assert abs(bf16_final.mean() - full_final.mean()) / full_final.mean() < BF16_MAX_MEAN_SHIFT
