@@ -59,15 +59,17 @@ def kronecker_methods(eps: float) -> list[Method]:
     no grafting (the comparison is of preconditioners), momentum 0.9, no weight decay.
 
     ``eps`` means the same for KrADagrad* and Shampoo (``X ~ (eps I + L)^-1`` vs ``(L + eps I)^-1/4``).
-    The alternating KrADagrad gets ``sqrt(eps)``: its two ``X^(1/2)`` roots multiply the damping
-    of both factors, so ``eps`` acts as ``eps^2`` on the Kronecker product.
+    The alternating KrADagrad runs with ``damping="absolute"`` here (its default is relative, see
+    the "defaults" rows) and gets ``sqrt(eps)``: its two ``X^(1/2)`` roots multiply the damping of
+    both factors, so ``eps`` acts as ``eps^2`` on the Kronecker product.
     """
     grid = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
     shampoo = dict(graft="none", shampoo_beta=1.0, eps=eps, betas=(0.9, 0.999))
     tag = f"eps {eps:g}"
     return [
         Method(f"KrADagrad* fp32, {tag}", lambda p, lr: lk.KrADagrad(p, lr=lr, eps=eps, variant="star"), grid),
-        Method(f"KrADagrad fp32, {tag}", lambda p, lr: lk.KrADagrad(p, lr=lr, eps=math.sqrt(eps), variant="alternating"), grid),
+        Method(f"KrADagrad fp32, {tag}", lambda p, lr: lk.KrADagrad(p, lr=lr, eps=math.sqrt(eps), variant="alternating",
+                                                                           damping="absolute"), grid),
         Method(f"KrADagrad* fp64 statistics, {tag}",
                lambda p, lr: lk.KrADagrad(p, lr=lr, eps=eps, variant="star", statistics_dtype=torch.float64), grid),
         Method(f"Shampoo fp32, {tag}", lambda p, lr: lk.Shampoo(p, lr=lr, **shampoo), grid),

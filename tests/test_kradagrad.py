@@ -373,15 +373,18 @@ def _best_final_loss(make, learning_rates, a, b, target, w0, steps: int) -> floa
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_alternating_at_defaults_beats_adamw_on_an_ill_conditioned_problem(seed):
-    """The paper's main variant, library defaults (eps, damping, step bound, no grafting), against
-    AdamW (weight decay 0), each the best of a half-decade learning-rate grid, 150 fp32 steps.
-    Required: at least 2x lower final loss (the issue's bar). Measured (CPU, three seeds): the
-    alternating variant is ahead by 3-4 orders of magnitude (min 12x over seeds 0-5: seed 0 1.7e-4 vs 2.1e-3),
-    so the 2x bar holds with a margin far beyond fp32 round-off or BLAS reduction order on any CPU
-    or GPU. Before the step bound and the relative damping it lost to AdamW here."""
+    """The paper's main variant at library defaults (eps, damping, step bound, no grafting) against
+    AdamW (weight decay 0), 150 fp32 steps, each the best of a half-decade learning-rate grid whose
+    best rate is inside it on every seed (AdamW 0.3-1, KrADagrad 3-10; KrADagrad is within 3x over
+    1-30). Required: a final loss at least 2x lower (the issue's bar). Measured on CPU, seeds 0-5:
+    3.2x, 47x, 5.2x, 7.4x, 10x, 3.5x lower (seed 0: 6.5e-4 vs 2.1e-3, f(W0) 2.8). These are
+    deterministic 150-step runs whose losses change smoothly with lr, so round-off or a different
+    reduction order (another CPU, a GPU) moves them by far less than the 1.6x left on seed 0.
+    Before the step bound and the relative damping the alternating variant lost to AdamW on 5 of
+    those 6 seeds (best of lr 0.1-3 then)."""
     a, b, target, w0 = _ill_conditioned_least_squares(seed)
     adamw = _best_final_loss(lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0),
-                             (1e-2, 3e-2, 0.1, 0.3, 1.0), a, b, target, w0, 150)
+                             (0.03, 0.1, 0.3, 1.0, 3.0), a, b, target, w0, 150)
     alternating = _best_final_loss(lambda p, lr: lk.KrADagrad(p, lr=lr, variant="alternating"),
-                                   (0.1, 0.3, 1.0, 3.0), a, b, target, w0, 150)
+                                   (1.0, 3.0, 10.0, 30.0), a, b, target, w0, 150)
     assert alternating < 0.5 * adamw, (alternating, adamw)
