@@ -12,6 +12,10 @@ fp32 holds up.
 
     python scripts/illconditioned.py            # defaults: d=128, 400 steps, eps 1e-12 and 1e-6 (~2.5 min, 1 core)
     python scripts/illconditioned.py --size 256 --condition 1e5 --noise 0.01 --eps 1e-8 --out runs/ill_big
+    # the alternating variant's defaults (W 32x24, H scaled by 100, lr grid 1e-3..3, ~1 min):
+    python scripts/illconditioned.py --size 32 --cols 24 --scale 100 --steps 300 \
+        --lrs 1e-3 3e-3 1e-2 3e-2 0.1 0.3 1 3 --methods "AdamW fp32" "KrADagrad defaults" \
+        "KrADagrad* defaults" --out runs/ill_alternating
 
 Writes to ``--out``: ``curves.csv`` (every run, every step), ``sweep.csv`` (one row per run),
 ``summary.md`` (the table) and ``loss.png`` (loss / initial loss vs step, log scale).
@@ -55,15 +59,17 @@ def kronecker_methods(eps: float) -> list[Method]:
     no grafting (the comparison is of preconditioners), momentum 0.9, no weight decay.
 
     ``eps`` means the same for KrADagrad* and Shampoo (``X ~ (eps I + L)^-1`` vs ``(L + eps I)^-1/4``).
-    The alternating KrADagrad gets ``sqrt(eps)``: its two ``X^(1/2)`` roots multiply the damping
-    of both factors, so ``eps`` acts as ``eps^2`` on the Kronecker product.
+    The alternating KrADagrad runs with ``damping="absolute"`` here (its default is relative, see
+    the "defaults" rows) and gets ``sqrt(eps)``: its two ``X^(1/2)`` roots multiply the damping of
+    both factors, so ``eps`` acts as ``eps^2`` on the Kronecker product.
     """
     grid = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
     shampoo = dict(graft="none", shampoo_beta=1.0, eps=eps, betas=(0.9, 0.999))
     tag = f"eps {eps:g}"
     return [
         Method(f"KrADagrad* fp32, {tag}", lambda p, lr: lk.KrADagrad(p, lr=lr, eps=eps, variant="star"), grid),
-        Method(f"KrADagrad fp32, {tag}", lambda p, lr: lk.KrADagrad(p, lr=lr, eps=math.sqrt(eps), variant="alternating"), grid),
+        Method(f"KrADagrad fp32, {tag}", lambda p, lr: lk.KrADagrad(p, lr=lr, eps=math.sqrt(eps), variant="alternating",
+                                                                           damping="absolute"), grid),
         Method(f"KrADagrad* fp64 statistics, {tag}",
                lambda p, lr: lk.KrADagrad(p, lr=lr, eps=eps, variant="star", statistics_dtype=torch.float64), grid),
         Method(f"Shampoo fp32, {tag}", lambda p, lr: lk.Shampoo(p, lr=lr, **shampoo), grid),
@@ -74,7 +80,10 @@ def kronecker_methods(eps: float) -> list[Method]:
 
 def baseline_methods() -> list[Method]:
     adam_grid = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
+    grid = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
     return [
+        Method("KrADagrad defaults", lambda p, lr: lk.KrADagrad(p, lr=lr, variant="alternating"), grid),
+        Method("KrADagrad* defaults", lambda p, lr: lk.KrADagrad(p, lr=lr, variant="star"), grid),
         Method("SOAP fp32", lambda p, lr: lk.SOAP(p, lr=lr, weight_decay=0.0), adam_grid),
         Method("AdamW fp32", lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0), adam_grid),
         Method("SGD fp32", lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9), (0.03, 0.1, 0.3, 1.0, 3.0)),
@@ -93,17 +102,19 @@ class Problem:
         return 0.5 * torch.sum(w * (self.h1 @ w @ self.h2)).item()
 
 
-def make_problem(size: int, condition: float, noise: float, seed: int) -> Problem:
+def make_problem(size: int, condition: float, noise: float, seed: int, cols: Optional[int] = None,
+                 scale: float = 1.0) -> Problem:
     generator = torch.Generator().manual_seed(seed)
 
-    def spd() -> torch.Tensor:
+    def spd(size: int) -> torch.Tensor:
         basis, _ = torch.linalg.qr(torch.randn(size, size, dtype=torch.float64, generator=generator))
         exponents = torch.rand(size, dtype=torch.float64, generator=generator) * -math.log10(condition)
         exponents[0], exponents[-1] = 0.0, -math.log10(condition)
-        return (basis * torch.pow(10.0, exponents)) @ basis.T
+        return scale * (basis * torch.pow(10.0, exponents)) @ basis.T
 
-    h1, h2 = spd(), spd()
-    w0 = torch.randn(size, size, dtype=torch.float64, generator=generator)
+    cols = size if cols is None else cols
+    h1, h2 = spd(size), spd(cols)
+    w0 = torch.randn(size, cols, dtype=torch.float64, generator=generator)
     gradient_rms = (h1 @ w0 @ h2).square().mean().sqrt().item()
     return Problem(h1, h2, w0, noise * gradient_rms)
 
@@ -171,7 +182,7 @@ def write_csvs(runs: list[Run], out: Path) -> None:
 def summary_table(runs: list[Run], args: argparse.Namespace) -> str:
     best = best_runs(runs)
     lines = [
-        f"d = {args.size}, condition {args.condition:g} per factor ({args.condition ** 2:g} for H2 kron H1), "
+        f"W {args.size} x {args.cols or args.size}, H scale {args.scale:g}, condition {args.condition:g} per factor ({args.condition ** 2:g} for H2 kron H1), "
         f"{args.steps} steps, gradient noise {args.noise:g}, seed {args.seed}; loss relative to f(W0); "
         f"best lr of the sweep (lowest final loss among runs that stayed finite).",
         "",
@@ -211,7 +222,7 @@ def plot(runs: list[Run], out: Path, args: argparse.Namespace) -> None:
         axis.grid(True, which="major", alpha=0.3)
         axis.legend(fontsize=7, loc="lower left")
     axes[0][0].set_ylabel("f(W) / f(W0)")
-    figure.suptitle(f"0.5 tr(W^T H1 W H2), d = {args.size}, condition {args.condition:g} per factor, "
+    figure.suptitle(f"0.5 tr(W^T H1 W H2), W {args.size} x {args.cols or args.size}, condition {args.condition:g} per factor, "
                     f"noise {args.noise:g}", fontsize=10)
     figure.tight_layout()
     figure.savefig(out / "loss.png")
@@ -220,7 +231,12 @@ def plot(runs: list[Run], out: Path, args: argparse.Namespace) -> None:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=128, help="W is size x size (the paper: 1536)")
+    parser.add_argument("--size", type=int, default=128, help="W is size x cols (the paper: 1536)")
+    parser.add_argument("--cols", type=int, default=None, help="columns of W (default: --size)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply H1 and H2 by this (the loss by its square): eigenvalues in [scale/condition, scale]")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="one learning-rate grid for every method (default: each method's own)")
     parser.add_argument("--condition", type=float, default=1e4, help="condition number of H1 and of H2")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--noise", type=float, default=0.0, help="gradient noise std, relative to the initial gradient RMS")
@@ -232,8 +248,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("runs/illconditioned"))
     args = parser.parse_args(argv)
-    if args.size < 2 or args.steps < 1 or not args.condition >= 1 or args.noise < 0 or args.threads < 1:
-        parser.error("need --size >= 2, --steps >= 1, --condition >= 1, --noise >= 0, --threads >= 1")
+    if args.size < 2 or (args.cols is not None and args.cols < 2) or not args.scale > 0 or args.steps < 1 or not args.condition >= 1 or args.noise < 0 or args.threads < 1:
+        parser.error("need --size >= 2, --cols >= 2, --scale > 0, --steps >= 1, --condition >= 1, --noise >= 0, --threads >= 1")
     if not all(0 < eps < 1 for eps in args.eps):
         parser.error("every --eps must be in (0, 1)")
     return args
@@ -252,8 +268,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         sys.exit(f"error: cannot create output directory {args.out}: {error.strerror}")
-    problem = make_problem(args.size, args.condition, args.noise, args.seed)
-    jobs = [(method, lr) for method in available for lr in method.learning_rates]
+    problem = make_problem(args.size, args.condition, args.noise, args.seed, args.cols, args.scale)
+    jobs = [(method, lr) for method in available for lr in (args.lrs or method.learning_rates)]
     runs = [run_one(method, lr, problem, args.steps, args.seed)
             for method, lr in tqdm(jobs, desc="runs", unit="run")]
     write_csvs(runs, args.out)

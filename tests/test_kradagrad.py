@@ -334,3 +334,57 @@ def test_parameter_group_with_zero_eps_is_refused():
     model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
     with pytest.raises(ValueError, match="eps"):
         lk.KrADagrad([{"params": model[0].parameters()}, {"params": model[1].parameters(), "eps": 0.0}])
+
+
+# ----------------------------------------------------------------------------- alternating defaults
+def _ill_conditioned_least_squares(seed: int):
+    """``0.5 ||A W B - C||^2`` with ``W`` 12 x 8 and ``C = A W* B`` (minimum 0): ``A`` (16 x 12) and
+    ``B`` (8 x 10) have random singular vectors and singular values log-spaced over 1e2, so the
+    Hessian ``B B^T kron A^T A`` has condition 1e4 per factor (1e8 overall)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def graded(rows: int, cols: int) -> torch.Tensor:
+        left, _ = torch.linalg.qr(torch.randn(rows, rows, dtype=torch.float64, generator=generator))
+        right, _ = torch.linalg.qr(torch.randn(cols, cols, dtype=torch.float64, generator=generator))
+        count = min(rows, cols)
+        return (left[:, :count] * torch.logspace(0, -2, count, dtype=torch.float64)) @ right[:, :count].T
+
+    a, b = graded(16, 12), graded(8, 10)
+    target = a @ torch.randn(12, 8, dtype=torch.float64, generator=generator) @ b
+    return a, b, target, torch.randn(12, 8, dtype=torch.float64, generator=generator)
+
+
+def _best_final_loss(make, learning_rates, a, b, target, w0, steps: int) -> float:
+    def loss(w):
+        return 0.5 * (a @ w.double() @ b - target).square().sum().item()
+
+    finals = []
+    a32, b32, target32 = a.float(), b.float(), target.float()
+    for lr in learning_rates:
+        weight = nn.Parameter(w0.float().clone())
+        optimizer = make([weight], lr)
+        for _ in range(steps):
+            weight.grad = a32.T @ (a32 @ weight.detach() @ b32 - target32) @ b32.T
+            optimizer.step()
+        final = loss(weight.detach())
+        finals.append(final if final == final else float("inf"))  # NaN counts as a failed run
+    return min(finals)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_alternating_at_defaults_beats_adamw_on_an_ill_conditioned_problem(seed):
+    """The paper's main variant at library defaults (eps, damping, step bound, no grafting) against
+    AdamW (weight decay 0), 150 fp32 steps, each the best of a half-decade learning-rate grid whose
+    best rate is inside it on every seed (AdamW 0.3-1, KrADagrad 3-10; KrADagrad is within 3x over
+    1-30). Required: a final loss at least 2x lower (the issue's bar). Measured on CPU, seeds 0-5:
+    3.2x, 47x, 5.2x, 7.4x, 10x, 3.5x lower (seed 0: 6.5e-4 vs 2.1e-3, f(W0) 2.8). These are
+    deterministic 150-step runs whose losses change smoothly with lr, so round-off or a different
+    reduction order (another CPU, a GPU) moves them by far less than the 1.6x left on seed 0.
+    Before the step bound and the relative damping the alternating variant lost to AdamW on 5 of
+    those 6 seeds (best of lr 0.1-3 then)."""
+    a, b, target, w0 = _ill_conditioned_least_squares(seed)
+    adamw = _best_final_loss(lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0),
+                             (0.03, 0.1, 0.3, 1.0, 3.0), a, b, target, w0, 150)
+    alternating = _best_final_loss(lambda p, lr: lk.KrADagrad(p, lr=lr, variant="alternating"),
+                                   (1.0, 3.0, 10.0, 30.0), a, b, target, w0, 150)
+    assert alternating < 0.5 * adamw, (alternating, adamw)

@@ -15,8 +15,7 @@ Sherman-Morrison. Available choices of ``s`` (all safe upper bounds, computed fr
   never looser than "trace", much tighter when ``A`` has high rank);
 * ``"schatten"``:  ``1 + (tr (XA)^8)^(1/8)``, within ``rank(A)^(1/8)`` of ``lambda_max``, for two
   more matmuls;
-* ``"damped"``:    ``d * (1 + tr(XA))`` (more damped; docs/algorithms.md §4 attributes it to the
-  reference code): very safe, very slow to shrink ``X``.
+* ``"damped"``:    ``d * (1 + tr(XA))`` (the most damped): very safe, very slow to shrink ``X``.
 
 Tighter is not better in training here. A looser ``s`` under-counts later statistics, so the step
 decays more slowly than with AdaGrad's exact sum; on the noise-free quadratic of
@@ -68,36 +67,49 @@ def dominated_downdate(x: torch.Tensor, a: torch.Tensor, rule: str = "trace") ->
     return 0.5 * (new + new.mT)
 
 
-def isotropic_downdate(x: torch.Tensor, amount: float) -> torch.Tensor:
-    """Dominated downdate by ``amount * I``: ``X - c X^2 / (1 + c * bound)``.
+def isotropic_downdate(x: torch.Tensor, amount) -> torch.Tensor:
+    """Dominated downdate by ``amount * I``: ``X - c X^2 / (1 + c * bound)`` (``amount``: a float, or
+    one per member, ``[N]``).
 
     ``bound`` is the Gershgorin bound on ``lambda_max(X)`` (largest absolute row sum). It is tight
     when ``X`` is nearly diagonal, which it is in its own eigenbasis, and it is tightest exactly
     for the largest eigenvalues, the ones this damping is there to hold down.
     """
-    bound = x.abs().sum(-1).amax(-1)
-    new = x - amount * (x @ x) / (1.0 + amount * bound)[:, None, None]
+    if isinstance(amount, torch.Tensor):
+        amount = amount[:, None, None]
+    bound = x.abs().sum(-1).amax(-1)[:, None, None]
+    new = x - amount * (x @ x) / (1.0 + amount * bound)
     return 0.5 * (new + new.mT)
 
 
-def krad_update(x: torch.Tensor, a: torch.Tensor, beta: float, eps: float, rule: str = "trace") -> torch.Tensor:
+def krad_update(x: torch.Tensor, a: torch.Tensor, beta: float, eps: float, rule: str = "trace",
+                relative: bool = False) -> torch.Tensor:
     """One statistics step on inverse factors: the AdaGrad sum (``beta = 1``) or an EMA.
 
     ``beta = 1``: ``X^-1 <- X^-1 + A``, i.e. one dominated downdate by ``A``.
     ``beta < 1``: ``X^-1 <- beta X^-1 + (1 - beta) (A + eps I)``: scale ``X <- X / beta``, downdate
     by ``(1 - beta) A``, then by ``(1 - beta) eps I``. Design decision: the last, damping term is
-    not in docs/algorithms.md §4's recipe. Without it the damping decays like ``beta^t eps`` and ``X``
-    grows like ``beta^-t / eps`` along directions the gradients leave empty, which overflows fp32
+    not in the paper's recipe (docs/algorithms.md §4). Without it the damping decays like
+    ``beta^t eps`` and ``X`` grows like ``beta^-t / eps`` along directions the gradients leave
+    empty, which overflows fp32
     within a few thousand steps for beta = 0.95 (tests/test_kradagrad.py shows it). With it
     ``X`` stays below ``I / eps`` and tends to ``(eps I + L_ema)^-1``.
+
+    ``relative=True``: the damping is ``eps tr(L) / d``, scale invariant: each step adds
+    ``A + eps tr(A) / d I`` (weighted as ``A``), the isotropic part as a second downdate (per member).
     """
+    weight = 1.0 if beta == 1.0 else 1.0 - beta
+    if relative:
+        damping = weight * eps * a.diagonal(dim1=-2, dim2=-1).sum(-1) / a.shape[-1]
+        x = dominated_downdate(x if beta == 1.0 else x / beta, weight * a, rule)
+        return isotropic_downdate(x, damping)
     if beta == 1.0:
         return dominated_downdate(x, a, rule)
     x = dominated_downdate(x / beta, (1.0 - beta) * a, rule)
     return isotropic_downdate(x, (1.0 - beta) * eps) if eps > 0 else x
 
 
-def exact_from_isotropic(factor: torch.Tensor, eps: float, weight: float):
+def exact_from_isotropic(factor: torch.Tensor, eps: float, weight: float, relative: bool = False):
     """The first update from ``X_0 = I / eps``, exactly: ``X_1 = (eps I + weight A)^-1 = V diag(x) V^T``
     for ``A = F F^T`` given by its factor ``F`` (``[N, d, n]``, e.g. the unfolded gradient).
 
@@ -109,6 +121,8 @@ def exact_from_isotropic(factor: torch.Tensor, eps: float, weight: float):
     ``F F^T``: forming ``A`` squares the condition number, and in fp32 a statistic with condition
     beyond ~1e7 loses its small eigenvalues, the very directions ``X`` must get right (measured in
     scripts/illconditioned.py). The reciprocals are of ``eps + weight a >= eps``: bounded.
+    ``relative=True`` uses ``weight eps tr(A) / d`` as the damping; a member with ``A = 0`` has no
+    scale and is reported not ``ok`` (the caller keeps its fallback).
 
     >>> import torch
     >>> f = torch.tensor([[[1.0, 1.0], [1.0, -1.0]]], dtype=torch.float64)  # A = F F^T = 2 I
@@ -129,8 +143,14 @@ def exact_from_isotropic(factor: torch.Tensor, eps: float, weight: float):
         ok = torch.zeros(count, dtype=torch.bool, device=factor.device)
     values = torch.zeros(count, size, dtype=factor.dtype, device=factor.device)
     values[:, : singular.shape[1]] = torch.where(torch.isfinite(singular), singular, 0.0).square()
+    if relative:
+        damping = (weight * eps / size) * values.sum(-1, keepdim=True)
+        ok = ok & (damping[:, 0] > 0)
+        damping = torch.where(damping > 0, damping, 1.0)
+    else:
+        damping = eps
     # singular values come descending; X = (eps + weight a)^-1 is descending when a is ascending
-    return vectors.flip(-1), 1.0 / (eps + weight * values.flip(-1)), ok
+    return vectors.flip(-1), 1.0 / (damping + weight * values.flip(-1)), ok
 
 
 def positive_definite(x: torch.Tensor) -> torch.Tensor:
