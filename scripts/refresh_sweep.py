@@ -44,17 +44,15 @@ class Piecewise:
 
 @dataclass(frozen=True)
 class PiecewiseFixedRefresh:
-    """Every factor refreshed on a clock whose period depends on the step (a refresh policy object:
+    """Every factor refreshed on a clock whose period depends on the step (a ``RefreshPolicy``:
     the library's ``FixedRefresh`` has one period)."""
 
     periods: Piecewise
-    tolerance: float = 0.0
-    max_iters: int = 1
 
     def checks_at(self, step: int) -> bool:
         return step % int(self.periods.at(step)) == 0
 
-    def select(self, staleness: torch.Tensor) -> torch.Tensor:
+    def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None) -> torch.Tensor:
         return torch.ones_like(staleness, dtype=torch.bool)
 
 
