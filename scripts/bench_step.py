@@ -68,6 +68,12 @@ def candidates(max_precond_dim: int, every: int) -> dict[str, Callable]:
     for spec in METHODS.values():  # every other registered method at its own defaults (SOAP has its rows above)
         if spec.name != "soap":
             rows[f"{spec.label} (defaults)"] = lambda p, spec=spec: spec.optimizer(p, **common)
+    return {**rows, **rival_rows(max_precond_dim, every)}
+
+
+def rival_rows(max_precond_dim: int, every: int, heavyball: bool = True) -> dict[str, Callable]:
+    """Other projects' SOAP with the same max_precond_dim and frequency, when installed."""
+    rows = {}
     try:
         import pytorch_optimizer
 
@@ -75,13 +81,14 @@ def candidates(max_precond_dim: int, every: int) -> dict[str, Callable]:
             [t for _, t in p], precondition_frequency=every, max_precondition_dim=max_precond_dim)
     except ImportError:
         pass
-    try:
-        import heavyball
+    if heavyball:
+        try:
+            import heavyball as hb
 
-        rows[f"HeavyBall SOAP every={every}"] = lambda p: heavyball.SOAP(
-            [t for _, t in p], precondition_frequency=every, max_precond_dim=max_precond_dim)
-    except ImportError:
-        pass
+            rows[f"HeavyBall SOAP every={every}"] = lambda p: hb.SOAP(
+                [t for _, t in p], precondition_frequency=every, max_precond_dim=max_precond_dim)
+        except ImportError:
+            pass
     return rows
 
 

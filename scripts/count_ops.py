@@ -32,7 +32,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 import lightning_kron as lk
-from scripts.bench_step import MODELS, Candidate, gpt_parameter_shapes, gradient_sets
+from scripts.bench_step import (
+    MODELS,
+    Candidate,
+    gpt_parameter_shapes,
+    gradient_sets,
+    rival_rows,
+)
 
 _SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique", "_unique2",
              "unique_consecutive", "repeat_interleave", "item"}
@@ -130,14 +136,7 @@ def candidates(max_precond_dim: int, every: int) -> dict[str, Callable]:
         f"SOAP fixed every={every}": lambda p: lk.SOAP(p, refresh=lk.FixedRefresh(every=every), **common),
         "SOAP adaptive tol=0.05": lambda p: lk.SOAP(p, refresh=lk.AdaptiveRefresh(tolerance=0.05), **common),
     }
-    try:
-        import pytorch_optimizer
-
-        rows[f"pytorch-optimizer SOAP every={every}"] = lambda p: pytorch_optimizer.SOAP(
-            [t for _, t in p], precondition_frequency=every, max_precondition_dim=max_precond_dim)
-    except ImportError:
-        pass
-    return rows
+    return {**rows, **rival_rows(max_precond_dim, every, heavyball=False)}  # HeavyBall compiles its step
 
 
 def count_model(rows: dict[str, Callable], shapes, every: int) -> dict[str, dict[str, Counts]]:
