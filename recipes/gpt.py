@@ -18,6 +18,7 @@ Command line (LightningCLI; see ``recipes/configs/gpt_*.yaml`` and ``llama_*.yam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -125,7 +126,8 @@ def main(args=None) -> None:
     from recipes.cli import run_cli
     from recipes.text_data import TextDataModule
 
-    run_cli(CausalLM, TextDataModule, links=[("data.context_length", "model.context_length")], args=args)
+    run_cli(CausalLM, TextDataModule, links=[("data.context_length", "model.context_length")], args=args,
+            default_config=str(Path(__file__).parent / "configs" / "gpt_tiny.yaml"))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ torch.Size([2, 10])
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -114,7 +115,8 @@ def main(args=None) -> None:
 
     links = [("data.image_size", "model.image_size"), ("data.num_classes", "model.num_classes", "instantiate"),
              ("data.channels", "model.channels", "instantiate")]
-    run_cli(ImageClassifier, ImageDataModule, links=links, args=args)
+    run_cli(ImageClassifier, ImageDataModule, links=links, args=args,
+            default_config=str(Path(__file__).parent / "configs" / "vision_vit_tiny.yaml"))
 
 
 if __name__ == "__main__":

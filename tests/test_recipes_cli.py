@@ -42,21 +42,58 @@ def test_every_shipped_config_parses(config, capsys):
     assert "optimizer:" in printed and "logger:" in printed and "save_on_exception: true" in printed
 
 
+KRON_CALLBACK = ["--trainer.callbacks+=lightning_kron.KronCallback"]
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--data.source", "/no/such/corpus"], "data path '/no/such/corpus' does not exist"),
+    (["--data.source", "/no/such/corpus"], "error: data path '/no/such/corpus' does not exist"),
     (["--model.family", "bert"], 'model.family'),
     (["--model.size", "huge"], 'model.size'),
     (["--model.optimizer.name", "sgd"], "model.optimizer.name"),
-    (["--model.optimizer.lr", "-1"], "optimizer lr must be positive"),
+    (["--model.optimizer.lr", "-1"], "error: model.optimizer.lr: got -1.0, expected a positive number"),
     (["--model.colour", "red"], "--model.colour"),
-])
-def test_bad_input_is_one_error_line_before_training(extra, message, capsys):
+    (["--model.optimizer.name", "soap_adaptive", "--model.optimizer.tolerance", "-1"],
+     "error: model.optimizer.tolerance: got -1.0, expected a number in [0, 1]"),
+    (["--model.optimizer.name", "soap", "--model.optimizer.options", '{"bogus": 1}'],
+     "error: model.optimizer.options: got unknown key 'bogus', expected keys of SOAP: refresh, solver,"),
+    (["--model.optimizer.name", "soap", "--model.optimizer.options", '{"rotation_dtype": "bf17"}'],
+     "error: model.optimizer.options: rotation_dtype must be None or one of torch.float32, torch.float64, "
+     "torch.bfloat16, torch.float16, got 'bf17'"),
+    (["--trainer.max_steps", "-5"], "error: trainer.max_steps: got -5, expected a positive number of optimizer steps, "
+                                    "or -1 for no step limit"),
+    (["--trainer.max_steps", "0"], "error: trainer.max_steps: got 0, expected a positive number"),
+    (["--ckpt_path", "missing/last.ckpt"], "error: ckpt_path: got 'missing/last.ckpt', expected an existing checkpoint file"),
+    ([*KRON_CALLBACK, "--trainer.callbacks.method", "soapp"],
+     "error: method must be one of 'soap', 'eshampoo', 'shampoo', 'kradagrad' or None; got 'soapp'"),
+], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_bad_input_is_one_error_line_before_training(extra, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the YAML logs to ./runs: nothing may appear there
     with pytest.raises(SystemExit) as exit_info:
         gpt.main(["fit", "--config", GPT_TINY, *extra])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert [line.startswith("error:") for line in err.splitlines()].count(True) == 1
-    assert message in err and "Traceback" not in err
+    captured = capsys.readouterr()
+    assert len(captured.err.splitlines()) == 1 and captured.err.startswith("error: "), captured.err
+    assert message in captured.err
+    assert captured.out == "" and list(tmp_path.iterdir()) == []  # no log dir, no checkpoint: nothing started
+
+
+def test_no_config_runs_the_tiny_config(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpt.main(["fit", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "max_steps: 1000" in printed and "name: gpt_tiny" in printed and "save_dir: runs" in printed
+    with pytest.raises(SystemExit):
+        vision.main(["fit", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "max_steps: 600" in printed and "name: vision_vit_tiny" in printed
+    # a --config of the user's own is taken as it is, not merged with the tiny one
+    own = tmp_path / "own.yaml"
+    own.write_text("trainer:\n  max_steps: 7\n")
+    with pytest.raises(SystemExit):
+        gpt.main(["fit", "--config", str(own), "--print_config"])
+    printed = capsys.readouterr().out
+    assert "max_steps: 7" in printed and "gpt_tiny" not in printed
 
 
 def test_unknown_key_in_a_yaml_file_is_refused(tmp_path, capsys):
