@@ -1,7 +1,10 @@
 """The recipe CLIs: every shipped config parses, bad input is one line, Ctrl-C leaves a resumable run."""
 
+import io
 import json
+import logging
 import signal
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -10,6 +13,7 @@ import torch
 
 from recipes import gpt, vision
 from recipes.cli import run_cli, wandb_configured
+from recipes.quiet import quiet_dependencies
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
 TEXT_FOLDER = str(Path(json.__file__).parent)
@@ -168,3 +172,41 @@ def test_wandb_is_online_only_when_configured(tmp_path, monkeypatch):
     assert wandb_configured()
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert not wandb_configured()
+
+
+def test_no_config_short_run_logs_to_runs_without_dependency_warnings_or_tips(tmp_path, monkeypatch, capsys):
+    """``kron-gpt fit`` with no --config: the tiny config's ./runs/gpt_tiny, not ./lightning_logs; and none
+    of torch's/Lightning's deprecation warnings or Lightning's "💡 Tip" lines reach the output."""
+    monkeypatch.chdir(tmp_path)
+    lightning_output = io.StringIO()  # Lightning's own logger does not propagate: listen to it directly
+    handler = logging.StreamHandler(lightning_output)
+    logging.getLogger("lightning.pytorch").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            gpt.main(["fit", "--data.source", TEXT_FOLDER, "--data.context_length", "16", "--data.batch_size", "4",
+                      "--data.cache_dir", str(tmp_path / "cache"), "--trainer.max_steps", "2",
+                      "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                      "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
+    assert (tmp_path / "runs" / "gpt_tiny" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "lightning_logs").exists()
+    assert "no --config given: using" in capsys.readouterr().err
+    logged = lightning_output.getvalue()
+    assert "`max_steps=2` reached" in logged  # the handler did hear Lightning
+    assert not [line for line in logged.splitlines() if "tip" in line.lower() or "warning" in line.lower()], logged
+    dependency_warnings = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in seen
+                           if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert dependency_warnings == []
+
+
+def test_quiet_dependencies_hides_their_deprecations_but_not_ours():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_dependencies():
+            warnings.warn_explicit("LeafSpec is deprecated", FutureWarning, "_pytree.py", 21, module="torch.utils._pytree")
+            warnings.warn_explicit("old", DeprecationWarning, "x.py", 1, module="lightning.pytorch.x")
+            warnings.warn_explicit("ours", FutureWarning, "soap.py", 1, module="lightning_kron.soap")
+        warnings.warn_explicit("LeafSpec is deprecated", FutureWarning, "_pytree.py", 21, module="torch.utils._pytree")
+    assert [str(w.message) for w in seen] == ["ours", "LeafSpec is deprecated"]  # only inside is it hidden
