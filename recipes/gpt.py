@@ -7,6 +7,7 @@ per hundred steps) to ``124m`` (the GPT-2-small architecture: 12 layers, width 7
 Command line (LightningCLI; see ``recipes/configs/gpt_*.yaml`` and ``llama_*.yaml``)::
 
     kron-gpt fit --config recipes/configs/gpt_tiny.yaml --model.optimizer.name soap
+    kron-gpt fit --model.optimizer.name soap     # no --config: recipes/configs/gpt_tiny.yaml
     python -m recipes.gpt fit --config recipes/configs/gpt_tiny.yaml --wandb
 
 >>> import torch

@@ -7,6 +7,7 @@ is ViT-Tiny's width (192) and ResNet-18's stage layout.
 Command line (LightningCLI; see ``recipes/configs/vision_*.yaml``)::
 
     kron-vision fit --config recipes/configs/vision_vit_tiny.yaml --model.optimizer.name soap
+    kron-vision fit                              # no --config: recipes/configs/vision_vit_tiny.yaml
 
 >>> import torch
 >>> module = ImageClassifier(family="resnet", size="tiny", num_classes=10, channels=1, image_size=16)
