@@ -2,9 +2,13 @@
 
 What it adds to ``LightningCLI``:
 
-- bad input (:class:`~recipes.errors.RecipeInputError`, or a ``ValueError`` while the model and
-  data are built) is printed as ``error: ...`` on one line with exit status 2, before training;
-  unknown config keys are already refused that way by the parser;
+- bad input (:class:`~recipes.errors.RecipeInputError`, a ``ValueError`` while the model, data
+  and callbacks are built, a parser error such as an unknown key, a ``trainer.max_steps`` other
+  than -1 or a positive count, a ``--ckpt_path`` that is not a file) is printed as ``error: ...``
+  on one line with exit status 2, before training starts;
+- no ``--config``: the recipe's tiny config (``recipes/configs/<recipe>_tiny.yaml``) is used, so
+  ``kron-gpt fit`` alone is a bounded CPU-sized run into ``runs/``, not Lightning's 1000 epochs;
+- deprecation warnings and vendor tips of dependencies are not printed (:mod:`recipes.quiet`);
 - ``--wandb`` adds a ``WandbLogger`` next to the YAML's loggers (CSV by default), offline unless
   W&B is configured on this machine (``WANDB_API_KEY``, ``WANDB_MODE=online`` or a netrc login);
 - the shipped YAMLs keep ``ModelCheckpoint(save_last=True, save_on_exception=True)``: an
@@ -15,15 +19,17 @@ What it adds to ``LightningCLI``:
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import sys
 from typing import Any, Optional, Sequence
 
-from jsonargparse import ActionYesNo
+from jsonargparse import ActionYesNo, ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
-from recipes.errors import RecipeInputError
+from recipes.errors import OptionError, RecipeInputError, one_line
+from recipes.quiet import quiet_dependencies
 
 WANDB_PROJECT = "lightning_kron"
 
@@ -63,8 +69,9 @@ def wandb_logger(existing: list):
 class RecipeCLI(LightningCLI):
     """``LightningCLI`` with the recipe conventions above; ``links`` are (source, target[, "instantiate"])."""
 
-    def __init__(self, *args: Any, links: Sequence[tuple] = (), **kwargs: Any) -> None:
+    def __init__(self, *args: Any, links: Sequence[tuple] = (), note: Optional[str] = None, **kwargs: Any) -> None:
         self.links = list(links)
+        self.note = note  # printed once the classes are built (an error before it stays the only line)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)  # the module's config picks the optimizer
         super().__init__(*args, **kwargs)
@@ -75,16 +82,43 @@ class RecipeCLI(LightningCLI):
         for source, target, *when in self.links:
             parser.link_arguments(source, target, apply_on=when[0] if when else "parse")
 
+    def init_parser(self, **kwargs: Any):
+        kwargs.setdefault("exit_on_error", False)  # parser errors come back as ArgumentError: one line in run_cli
+        return super().init_parser(**kwargs)
+
     def _subcommand_config(self):
         return self.config[self.subcommand] if self.subcommand else self.config
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        check_trainer_options(self.config[self.config["subcommand"]] if self.config.get("subcommand") else self.config)
+
+    def _set_seed(self) -> None:
+        # Lightning logs "Seed set to N" here, before the classes are built; said after them instead,
+        # so that a refused value is the only line printed.
+        seed_logger = logging.getLogger("lightning.fabric.utilities.seed")
+        disabled, seed_logger.disabled = seed_logger.disabled, True
+        try:
+            super()._set_seed()
+        finally:
+            seed_logger.disabled = disabled
+
+    def after_instantiate_classes(self) -> None:
+        seed = self._subcommand_config().get("seed_everything")
+        if seed is not False and seed is not None:
+            logging.getLogger("lightning.fabric.utilities.seed").info(f"Seed set to {seed}")
+        if self.note:
+            print(self.note, file=sys.stderr)
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+        except OptionError as error:  # OptimizerConfig names its field; it sits at model.optimizer
+            raise (error.within("model.") if error.option.startswith("optimizer") else error) from error
         except RecipeInputError:
             raise
-        except ValueError as error:  # e.g. an OptimizerConfig or transformers config refusing a value
-            raise RecipeInputError(str(error)) from error
+        except ValueError as error:  # e.g. a transformers config or a callback refusing a value
+            raise RecipeInputError(one_line(error)) from error
 
     def instantiate_trainer(self, **kwargs: Any):
         if self._subcommand_config().get("wandb"):
@@ -93,10 +127,66 @@ class RecipeCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def run_cli(model_class, datamodule_class, links: Sequence[tuple] = (), args: Optional[list] = None, **kwargs: Any):
-    """Run a recipe's CLI; bad input ends the process with a one-line ``error:`` and status 2."""
-    try:
-        return RecipeCLI(model_class, datamodule_class, links=links, args=args, **kwargs)
-    except RecipeInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+CKPT_PATH_NAMES = ("last", "best", "hpc", "registry")  # what Lightning resolves itself
+
+
+def check_trainer_options(config) -> None:
+    """``trainer.max_steps`` and ``ckpt_path`` refused before anything is built (Lightning would
+    refuse -5 only after building the model, take 0 as "train nothing", and look for the checkpoint
+    after the data and model are set up)."""
+    trainer = config.get("trainer") or {}
+    max_steps = trainer.get("max_steps", -1)
+    if max_steps is not None and (max_steps == 0 or max_steps < -1):
+        raise OptionError.refused("trainer.max_steps", max_steps,
+                                  "a positive number of optimizer steps, or -1 for no step limit (trainer.max_epochs decides)")
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path and str(ckpt_path) not in CKPT_PATH_NAMES and not str(ckpt_path).startswith("registry:") \
+            and "://" not in str(ckpt_path) and not os.path.isfile(ckpt_path):
+        raise OptionError.refused("ckpt_path", str(ckpt_path), "an existing checkpoint file such as "
+                                  "runs/<name>/version_N/checkpoints/last.ckpt, or one of " + ", ".join(CKPT_PATH_NAMES))
+
+
+def _shown(path: Optional[str]) -> str:
+    relative = os.path.relpath(path) if path else ""
+    return path if relative.startswith("..") else relative
+
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def with_default_config(args: Optional[list], default_config: Optional[str]) -> Optional[list]:
+    """``args`` with ``--config default_config`` after the subcommand when no config is given.
+
+    >>> with_default_config(["fit", "--trainer.max_steps", "5"], "tiny.yaml")
+    ['fit', '--config', 'tiny.yaml', '--trainer.max_steps', '5']
+    >>> with_default_config(["fit", "-c", "mine.yaml"], "tiny.yaml")
+    ['fit', '-c', 'mine.yaml']
+    """
+    if default_config is None:
+        return args
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] not in SUBCOMMANDS or any(arg in ("-c", "--config") or arg.startswith("--config=")
+                                                       for arg in argv):
+        return args
+    argv = [argv[0], "--config", default_config, *argv[1:]]
+    if args is None:  # a console script: keep the arguments in sys.argv (LightningCLI warns about both)
+        sys.argv[1:] = argv
+        return None
+    return argv
+
+
+def run_cli(model_class, datamodule_class, links: Sequence[tuple] = (), args: Optional[list] = None,
+            default_config: Optional[str] = None, **kwargs: Any):
+    """Run a recipe's CLI; bad input ends the process with a one-line ``error:`` and status 2.
+
+    ``default_config`` (a YAML path) is used when the command names no ``--config``."""
+    with quiet_dependencies():
+        try:
+            given = list(sys.argv[1:] if args is None else args)
+            args = with_default_config(args, default_config)
+            changed = given != list(sys.argv[1:] if args is None else args)
+            note = f"no --config given: using {_shown(default_config)}" if changed else None
+            return RecipeCLI(model_class, datamodule_class, links=links, args=args, note=note, **kwargs)
+        except (RecipeInputError, ArgumentError) as error:
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            raise SystemExit(2) from None

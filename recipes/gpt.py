@@ -7,6 +7,7 @@ per hundred steps) to ``124m`` (the GPT-2-small architecture: 12 layers, width 7
 Command line (LightningCLI; see ``recipes/configs/gpt_*.yaml`` and ``llama_*.yaml``)::
 
     kron-gpt fit --config recipes/configs/gpt_tiny.yaml --model.optimizer.name soap
+    kron-gpt fit --model.optimizer.name soap     # no --config: recipes/configs/gpt_tiny.yaml
     python -m recipes.gpt fit --config recipes/configs/gpt_tiny.yaml --wandb
 
 >>> import torch
@@ -18,6 +19,7 @@ Command line (LightningCLI; see ``recipes/configs/gpt_*.yaml`` and ``llama_*.yam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -125,7 +127,8 @@ def main(args=None) -> None:
     from recipes.cli import run_cli
     from recipes.text_data import TextDataModule
 
-    run_cli(CausalLM, TextDataModule, links=[("data.context_length", "model.context_length")], args=args)
+    run_cli(CausalLM, TextDataModule, links=[("data.context_length", "model.context_length")], args=args,
+            default_config=str(Path(__file__).parent / "configs" / "gpt_tiny.yaml"))
 
 
 if __name__ == "__main__":

@@ -17,12 +17,14 @@ optimizers report readable factor names such as ``transformer.h.0.mlp.c_fc.weigh
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 import torch
 
+from recipes.errors import OptionError
 from recipes.schedule import warmup_cosine
 
 OptimizerName = Literal["adamw", "soap", "soap_adaptive", "eshampoo", "shampoo", "kradagrad"]
@@ -84,19 +86,43 @@ class OptimizerConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        refuse = OptionError.refused
         if self.name not in OPTIMIZER_NAMES:
-            raise ValueError(f"unknown optimizer name {self.name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+            raise refuse("optimizer.name", self.name, f"one of {', '.join(OPTIMIZER_NAMES)}")
         if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"optimizer lr must be positive, got {self.lr}")
-        if self.weight_decay < 0 or self.warmup_steps < 0 or min(self.refresh_every, self.check_every, self.max_iters) < 1:
-            raise ValueError("optimizer weight_decay and warmup_steps must be >= 0; refresh_every, check_every and "
-                             "max_iters >= 1")
-        if self.early_tolerance is not None and not 0.0 <= self.early_tolerance <= 1.0:
-            raise ValueError(f"optimizer early_tolerance must lie in [0, 1], got {self.early_tolerance}")
-        if not 0.0 <= self.early_fraction <= 1.0:
-            raise ValueError(f"optimizer early_fraction must lie in [0, 1], got {self.early_fraction}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optimizer min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+            raise refuse("optimizer.lr", self.lr, "a positive number, or null for the optimizer's default")
+        if not self.eps > 0:
+            raise refuse("optimizer.eps", self.eps, "a positive number")
+        for option in ("weight_decay", "warmup_steps"):
+            if getattr(self, option) < 0:
+                raise refuse(f"optimizer.{option}", getattr(self, option), "a number >= 0")
+        for option in ("refresh_every", "check_every", "max_iters"):
+            if getattr(self, option) < 1:
+                raise refuse(f"optimizer.{option}", getattr(self, option), "an integer >= 1")
+        if self.max_refreshes_per_step is not None and self.max_refreshes_per_step < 1:
+            raise refuse("optimizer.max_refreshes_per_step", self.max_refreshes_per_step, "an integer >= 1 or null")
+        for option in ("tolerance", "early_tolerance", "early_fraction", "min_lr_ratio"):
+            value = getattr(self, option)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise refuse(f"optimizer.{option}", value, "a number in [0, 1]" + (" or null" if option == "early_tolerance" else ""))
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Unknown ``options`` keys, and values the optimizer class refuses (``rotation_dtype: bf17``),
+        fail here by building the optimizer once on a 2x2 probe parameter, not at the first step."""
+        try:
+            accepted = accepted_options(self.name)
+        except ValueError:  # KrADagrad not shipped: building it says so
+            return
+        if unknown := sorted(set(self.options) - set(accepted)):
+            raise OptionError("optimizer.options", f"got unknown key{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(map(repr, unknown))}, expected keys of {_class_of(self.name).__name__}: "
+                              f"{', '.join(accepted)}")
+        probe = [{"params": [("probe", torch.nn.Parameter(torch.zeros(2, 2)))], "weight_decay": self.weight_decay}]
+        try:
+            _construct(self, probe, total_steps=100.0)
+        except (ValueError, TypeError) as error:
+            raise OptionError("optimizer.options" if self.options else "optimizer", str(error)) from error
 
     @property
     def resolved_lr(self) -> Optional[float]:
@@ -169,6 +195,39 @@ def kradagrad_available() -> bool:
     except ValueError:
         return False
     return True
+
+
+# Keyword arguments the recipe passes itself (from the fields above), so ``options`` may not repeat them.
+_SET_BY_CONFIG = {"adamw": ("lr", "betas", "eps", "weight_decay"), "shampoo": ("lr", "betas", "graft", "graft_eps", "weight_decay"),
+                  "kradagrad": ("lr", "weight_decay")}
+
+
+def _class_of(name: str) -> type:
+    import lightning_kron as kron
+
+    classes = {"adamw": torch.optim.AdamW, "soap": kron.SOAP, "soap_adaptive": kron.SOAP, "eshampoo": kron.EShampoo,
+               "shampoo": kron.Shampoo}
+    return classes[name] if name in classes else _kradagrad_class()
+
+
+def accepted_options(name: str) -> tuple[str, ...]:
+    """The keyword arguments ``OptimizerConfig.options`` may hold for optimizer ``name``: those of
+    the class and of the base classes it forwards ``**options`` to, less what the config sets itself.
+
+    >>> "rotation_dtype" in accepted_options("soap"), "lr" in accepted_options("soap")
+    (True, False)
+    """
+    names: list[str] = []
+    for klass in _class_of(name).__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                  and p.name not in ("self", "params", "defaults") and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    taken = _SET_BY_CONFIG.get(name, ("lr", "betas", "eps", "weight_decay"))
+    return tuple(option for option in names if option not in taken)
 
 
 def _tolerance_schedule(config: OptimizerConfig, total_steps: Optional[float]):

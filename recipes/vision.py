@@ -7,6 +7,7 @@ is ViT-Tiny's width (192) and ResNet-18's stage layout.
 Command line (LightningCLI; see ``recipes/configs/vision_*.yaml``)::
 
     kron-vision fit --config recipes/configs/vision_vit_tiny.yaml --model.optimizer.name soap
+    kron-vision fit                              # no --config: recipes/configs/vision_vit_tiny.yaml
 
 >>> import torch
 >>> module = ImageClassifier(family="resnet", size="tiny", num_classes=10, channels=1, image_size=16)
@@ -16,6 +17,7 @@ torch.Size([2, 10])
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -114,7 +116,8 @@ def main(args=None) -> None:
 
     links = [("data.image_size", "model.image_size"), ("data.num_classes", "model.num_classes", "instantiate"),
              ("data.channels", "model.channels", "instantiate")]
-    run_cli(ImageClassifier, ImageDataModule, links=links, args=args)
+    run_cli(ImageClassifier, ImageDataModule, links=links, args=args,
+            default_config=str(Path(__file__).parent / "configs" / "vision_vit_tiny.yaml"))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 Runs AdamW, SOAP (refresh every 10 steps), SOAP (adaptive refresh), Shampoo with Adam grafting and
 KrADagrad (skipped with a note when this lightning_kron build lacks it), then writes to ``--out``:
 
-- ``results.md`` / ``results.csv``: final validation loss, steps to reach AdamW's final validation
-  loss (linearly interpolated between evaluations) and the ratio to AdamW's steps, training wall
-  time, eigenbasis refreshes, optimizer-state memory and (on a GPU) peak allocated memory;
+- ``results.md`` / ``results.csv`` / ``results.json``: final validation loss, steps to reach AdamW's
+  final validation loss (linearly interpolated between evaluations) and the ratio to AdamW's steps,
+  training wall time, the median step time and the torch thread count, eigenbasis refreshes,
+  optimizer-state memory and (on a GPU) peak allocated memory;
 - ``val_loss_vs_step.png``, ``val_loss_vs_time.png``, ``refreshes_per_step.png`` and
   ``staleness_heatmap.png`` (factor x step, one panel per Kronecker optimizer).
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import sys
 import warnings
@@ -33,6 +35,7 @@ from tqdm.auto import tqdm
 
 from recipes.errors import RecipeInputError
 from recipes.optimizers import OptimizerConfig, kradagrad_available
+from recipes.quiet import quiet_dependencies
 from scripts.run_recorder import RunRecord, RunRecorder
 
 
@@ -107,9 +110,14 @@ def select_contenders(args: argparse.Namespace) -> list[Contender]:
     overrides = {}
     for item in args.lr:
         name, _, value = item.partition("=")
-        if name not in known or not value:
-            raise RecipeInputError(f"--lr expects NAME=LR with NAME one of {', '.join(known)}, got {item!r}")
-        overrides[name] = float(value)
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = None
+        if name not in known or lr is None or not lr > 0 or lr == float("inf"):
+            raise RecipeInputError(f"--lr expects NAME=LR with NAME one of {', '.join(known)} and LR a positive "
+                                   f"number, got {item!r}")
+        overrides[name] = lr
     chosen = []
     for key in wanted:
         contender = known[key]
@@ -173,13 +181,13 @@ def summary_rows(records: list[RunRecord], contenders: list[Contender]) -> list[
     rows = []
     for record, contender in zip(records, contenders):
         steps = steps_to_reach(record, target) if target is not None else None
-        n_steps = max(1, len(record.steps))
         rows.append({
             "optimizer": record.label, "lr": contender.optimizer.resolved_lr,
             "final_val_loss": record.val_loss[-1],
             "steps_to_adamw_loss": steps,
             "step_ratio_vs_adamw": steps / reference_steps if steps is not None and reference_steps else None,
-            "train_seconds": record.train_seconds, "ms_per_step": 1000 * record.train_seconds / n_steps,
+            "train_seconds": record.train_seconds, "ms_per_step": 1000 * record.median_step_seconds,
+            "threads": record.threads,
             "refreshes": record.total_refreshes, "refresh_seconds": record.refresh_seconds,
             "optimizer_state_mb": record.optimizer_state_mb,
             "peak_gpu_mb": record.peak_gpu_mb,
@@ -198,18 +206,23 @@ def _cell(value, digits: int = 3) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     header = ["optimizer", "lr", "final val loss", "steps to AdamW's final loss", "x AdamW steps", "train time (s)",
-              "ms/step", "refreshes", "refresh time (s)", "optimizer state (MB)", "peak GPU memory (MB)"]
+              "ms/step (median)", "threads", "refreshes", "refresh time (s)", "optimizer state (MB)", "peak GPU memory (MB)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["optimizer"], _cell(row["lr"]), _cell(row["final_val_loss"], 4), _cell(row["steps_to_adamw_loss"], 0),
                  _cell(row["step_ratio_vs_adamw"], 2), _cell(row["train_seconds"], 1), _cell(row["ms_per_step"], 0),
-                 _cell(row["refreshes"]), _cell(row["refresh_seconds"], 1), _cell(row["optimizer_state_mb"], 2), _cell(row["peak_gpu_mb"], 0)]
+                 _cell(row["threads"]), _cell(row["refreshes"]), _cell(row["refresh_seconds"], 1), _cell(row["optimizer_state_mb"], 2), _cell(row["peak_gpu_mb"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+TIMING_NOTE = ("ms/step is the median of the per-step wall times (not total time / steps), which the slow steps "
+               "of a loaded machine disturb least; wall time still depends on machine load and on the thread count, "
+               "so compare times only between runs made together on the same machine.")
+
+
 def write_results(rows: list[dict], records: list[RunRecord], args: argparse.Namespace, notes: list[str]) -> Path:
-    from scripts.compare_plots import draw_all
+    from scripts.compare_plots import draw_all, optimizer_styles
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,9 +233,12 @@ def write_results(rows: list[dict], records: list[RunRecord], args: argparse.Nam
     device = torch.cuda.get_device_name() if args.accelerator != "cpu" and torch.cuda.is_available() else "CPU"
     header = (f"{args.recipe} recipe ({args.family or 'default family'}, {args.size}), {args.steps} steps, "
               f"validation every {args.eval_every}, seed {args.seed}, {device}, torch threads {torch.get_num_threads()}")
-    text = "\n\n".join([f"# Optimizer comparison\n\n{header}", markdown_table(rows), *notes]) + "\n"
+    text = "\n\n".join([f"# Optimizer comparison\n\n{header}", markdown_table(rows), TIMING_NOTE, *notes]) + "\n"
     (out / "results.md").write_text(text)
-    draw_all(records, out)
+    settings = {key: value for key, value in vars(args).items() if key != "no_progress"}
+    settings.update(device=device, threads=torch.get_num_threads())
+    (out / "results.json").write_text(json.dumps({"settings": settings, "timing": TIMING_NOTE, "rows": rows}, indent=2) + "\n")
+    draw_all(records, out, styles=optimizer_styles([c.label for c in CONTENDERS]))
     return out
 
 
@@ -230,6 +246,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    with quiet_dependencies():
+        return _compare(args)
+
+
+def _compare(args: argparse.Namespace) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     try:
@@ -248,7 +269,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = summary_rows(records, contenders)
     out = write_results(rows, records, args, notes)
     print(markdown_table(rows))
-    print(f"\nwrote {out / 'results.md'}, results.csv and 4 plots")
+    print(f"\nwrote {out / 'results.md'}, results.csv, results.json and 4 plots")
     return 0
 
 

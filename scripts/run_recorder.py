@@ -1,6 +1,7 @@
 """A Lightning callback recording what ``scripts/compare.py`` tabulates and plots.
 
-Per optimizer step: training wall time (the step itself, not validation or this bookkeeping), the
+Per optimizer step: training wall time (the step itself, not validation or this bookkeeping; the
+table uses the median step, which a loaded machine disturbs far less than the total), the
 training loss, and, for the Kronecker optimizers, each factor's staleness and the running count of
 eigenbasis refreshes, read through the optimizer's public ``factors()``. Per validation: the
 validation loss at that step and wall time.
@@ -8,6 +9,7 @@ validation loss at that step and wall time.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -34,6 +36,27 @@ class RunRecord:
     refresh_seconds: float = 0.0
     optimizer_state_mb: float = 0.0
     peak_gpu_mb: Optional[float] = None
+    threads: Optional[int] = None  # torch.get_num_threads() during the run
+
+    @property
+    def step_seconds(self) -> list[float]:
+        """Each optimizer step's own wall time (``seconds`` is the running total)."""
+        return [after - before for before, after in zip([0.0, *self.seconds[:-1]], self.seconds)]
+
+    @property
+    def median_step_seconds(self) -> float:
+        """The median step time: robust to the slow steps a loaded machine or a refresh adds,
+        unlike ``train_seconds / steps``.
+
+        >>> RunRecord("x", steps=[1, 2, 3, 4], seconds=[0.1, 0.2, 1.2, 1.3]).median_step_seconds
+        0.1
+        """
+        return round(statistics.median(self.step_seconds), 12) if self.seconds else 0.0
+
+    @property
+    def val_estimated_seconds(self) -> list[float]:
+        """Training time at each validation, as steps x median step time (see ``median_step_seconds``)."""
+        return [step * self.median_step_seconds for step in self.val_steps]
 
     @property
     def total_refreshes(self) -> int:
@@ -63,6 +86,7 @@ class RunRecorder(L.Callback):
         self._bar = None
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.record.threads = torch.get_num_threads()
         self._bar = tqdm(total=self.total_steps, desc=self.record.label, leave=False, disable=not self.progress)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

@@ -1,6 +1,7 @@
 """KronCallback as a drop-in: AdamW in, SOAP/EShampoo/Shampoo out, schedulers still driving the lr."""
 
 import importlib.util
+import sys
 import types
 import warnings
 
@@ -142,6 +143,15 @@ def test_manual_optimization_is_supported():
 def test_unsupported_optimizers_are_refused_at_fit_start(kind, message):
     with pytest.raises(MisconfigurationException, match=message):
         fit(TinyRegression(optimizer=kind), [KronCallback()], max_steps=1)
+
+
+def test_sgd_refusal_lists_every_method_the_callback_knows():
+    methods = sys.modules[KronCallback.__module__].METHODS  # the one list of methods, wherever the module lives
+    with pytest.raises(MisconfigurationException) as refused:
+        fit(TinyRegression(optimizer="sgd"), [KronCallback()], max_steps=1)
+    for _, class_name in methods.values():
+        assert class_name in str(refused.value)
+    assert "KrADagrad" in str(refused.value)
 
 
 def test_take_over_refuses_a_different_method_and_unused_options():

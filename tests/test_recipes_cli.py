@@ -1,7 +1,10 @@
 """The recipe CLIs: every shipped config parses, bad input is one line, Ctrl-C leaves a resumable run."""
 
+import io
 import json
+import logging
 import signal
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -10,6 +13,7 @@ import torch
 
 from recipes import gpt, vision
 from recipes.cli import run_cli, wandb_configured
+from recipes.quiet import quiet_dependencies
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
 TEXT_FOLDER = str(Path(json.__file__).parent)
@@ -42,21 +46,58 @@ def test_every_shipped_config_parses(config, capsys):
     assert "optimizer:" in printed and "logger:" in printed and "save_on_exception: true" in printed
 
 
+KRON_CALLBACK = ["--trainer.callbacks+=lightning_kron.KronCallback"]
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--data.source", "/no/such/corpus"], "data path '/no/such/corpus' does not exist"),
+    (["--data.source", "/no/such/corpus"], "error: data path '/no/such/corpus' does not exist"),
     (["--model.family", "bert"], 'model.family'),
     (["--model.size", "huge"], 'model.size'),
     (["--model.optimizer.name", "sgd"], "model.optimizer.name"),
-    (["--model.optimizer.lr", "-1"], "optimizer lr must be positive"),
+    (["--model.optimizer.lr", "-1"], "error: model.optimizer.lr: got -1.0, expected a positive number"),
     (["--model.colour", "red"], "--model.colour"),
-])
-def test_bad_input_is_one_error_line_before_training(extra, message, capsys):
+    (["--model.optimizer.name", "soap_adaptive", "--model.optimizer.tolerance", "-1"],
+     "error: model.optimizer.tolerance: got -1.0, expected a number in [0, 1]"),
+    (["--model.optimizer.name", "soap", "--model.optimizer.options", '{"bogus": 1}'],
+     "error: model.optimizer.options: got unknown key 'bogus', expected keys of SOAP: refresh, solver,"),
+    (["--model.optimizer.name", "soap", "--model.optimizer.options", '{"rotation_dtype": "bf17"}'],
+     "error: model.optimizer.options: rotation_dtype must be None or one of torch.float32, torch.float64, "
+     "torch.bfloat16, torch.float16, got 'bf17'"),
+    (["--trainer.max_steps", "-5"], "error: trainer.max_steps: got -5, expected a positive number of optimizer steps, "
+                                    "or -1 for no step limit"),
+    (["--trainer.max_steps", "0"], "error: trainer.max_steps: got 0, expected a positive number"),
+    (["--ckpt_path", "missing/last.ckpt"], "error: ckpt_path: got 'missing/last.ckpt', expected an existing checkpoint file"),
+    ([*KRON_CALLBACK, "--trainer.callbacks.method", "soapp"],
+     "error: method must be one of 'soap', 'eshampoo', 'shampoo', 'kradagrad' or None; got 'soapp'"),
+], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_bad_input_is_one_error_line_before_training(extra, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the YAML logs to ./runs: nothing may appear there
     with pytest.raises(SystemExit) as exit_info:
         gpt.main(["fit", "--config", GPT_TINY, *extra])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert [line.startswith("error:") for line in err.splitlines()].count(True) == 1
-    assert message in err and "Traceback" not in err
+    captured = capsys.readouterr()
+    assert len(captured.err.splitlines()) == 1 and captured.err.startswith("error: "), captured.err
+    assert message in captured.err
+    assert captured.out == "" and list(tmp_path.iterdir()) == []  # no log dir, no checkpoint: nothing started
+
+
+def test_no_config_runs_the_tiny_config(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpt.main(["fit", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "max_steps: 1000" in printed and "name: gpt_tiny" in printed and "save_dir: runs" in printed
+    with pytest.raises(SystemExit):
+        vision.main(["fit", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "max_steps: 600" in printed and "name: vision_vit_tiny" in printed
+    # a --config of the user's own is taken as it is, not merged with the tiny one
+    own = tmp_path / "own.yaml"
+    own.write_text("trainer:\n  max_steps: 7\n")
+    with pytest.raises(SystemExit):
+        gpt.main(["fit", "--config", str(own), "--print_config"])
+    printed = capsys.readouterr().out
+    assert "max_steps: 7" in printed and "gpt_tiny" not in printed
 
 
 def test_unknown_key_in_a_yaml_file_is_refused(tmp_path, capsys):
@@ -131,3 +172,41 @@ def test_wandb_is_online_only_when_configured(tmp_path, monkeypatch):
     assert wandb_configured()
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert not wandb_configured()
+
+
+def test_no_config_short_run_logs_to_runs_without_dependency_warnings_or_tips(tmp_path, monkeypatch, capsys):
+    """``kron-gpt fit`` with no --config: the tiny config's ./runs/gpt_tiny, not ./lightning_logs; and none
+    of torch's/Lightning's deprecation warnings or Lightning's "💡 Tip" lines reach the output."""
+    monkeypatch.chdir(tmp_path)
+    lightning_output = io.StringIO()  # Lightning's own logger does not propagate: listen to it directly
+    handler = logging.StreamHandler(lightning_output)
+    logging.getLogger("lightning.pytorch").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            gpt.main(["fit", "--data.source", TEXT_FOLDER, "--data.context_length", "16", "--data.batch_size", "4",
+                      "--data.cache_dir", str(tmp_path / "cache"), "--trainer.max_steps", "2",
+                      "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                      "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
+    assert (tmp_path / "runs" / "gpt_tiny" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "lightning_logs").exists()
+    assert "no --config given: using" in capsys.readouterr().err
+    logged = lightning_output.getvalue()
+    assert "`max_steps=2` reached" in logged  # the handler did hear Lightning
+    assert not [line for line in logged.splitlines() if "tip" in line.lower() or "warning" in line.lower()], logged
+    dependency_warnings = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in seen
+                           if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert dependency_warnings == []
+
+
+def test_quiet_dependencies_hides_their_deprecations_but_not_ours():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_dependencies():
+            warnings.warn_explicit("LeafSpec is deprecated", FutureWarning, "_pytree.py", 21, module="torch.utils._pytree")
+            warnings.warn_explicit("old", DeprecationWarning, "x.py", 1, module="lightning.pytorch.x")
+            warnings.warn_explicit("ours", FutureWarning, "soap.py", 1, module="lightning_kron.soap")
+        warnings.warn_explicit("LeafSpec is deprecated", FutureWarning, "_pytree.py", 21, module="torch.utils._pytree")
+    assert [str(w.message) for w in seen] == ["ours", "LeafSpec is deprecated"]  # only inside is it hidden

@@ -2,12 +2,16 @@
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
+import matplotlib.colors
+import matplotlib.pyplot
 import pytest
+import torch
 
 from recipes.optimizers import kradagrad_available
-from scripts import compare
+from scripts import compare, compare_plots
 from scripts.run_recorder import RunRecord
 
 TEXT_FOLDER = str(Path(json.__file__).parent)
@@ -15,10 +19,14 @@ TEXT_FOLDER = str(Path(json.__file__).parent)
 
 def test_compare_runs_end_to_end_and_writes_table_and_plots(tmp_path, capsys):
     out = tmp_path / "out"
-    status = compare.main(["--steps", "4", "--eval-every", "2", "--data", TEXT_FOLDER, "--context-length", "16",
-                           "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-                           "--no-progress"])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        status = compare.main(["--steps", "4", "--eval-every", "2", "--data", TEXT_FOLDER, "--context-length", "16",
+                               "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+                               "--no-progress"])
     assert status == 0
+    # e.g. torch's/Lightning's LeafSpec FutureWarning, which broke the progress bar
+    assert [str(w.message) for w in seen if issubclass(w.category, (DeprecationWarning, FutureWarning))] == []
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     expected = ["AdamW", "SOAP (every 10)", "SOAP (adaptive)", "Shampoo + Adam graft"]
@@ -29,8 +37,13 @@ def test_compare_runs_end_to_end_and_writes_table_and_plots(tmp_path, capsys):
     assert int(adamw["refreshes"]) == 0 and int(soap["refreshes"]) > 0
     assert all(float(row["final_val_loss"]) > 0 and float(row["train_seconds"]) > 0 for row in rows)
     assert float(soap["optimizer_state_mb"]) > float(adamw["optimizer_state_mb"])  # factors + bases cost memory
+    assert all(int(row["threads"]) == torch.get_num_threads() for row in rows)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["threads"] == torch.get_num_threads() and "machine load" in saved["timing"]
+    assert [row["optimizer"] for row in saved["rows"]] == expected
     table = (out / "results.md").read_text()
     assert "| AdamW |" in table and "steps to AdamW's final loss" in table
+    assert "ms/step (median) | threads" in table and f"torch threads {torch.get_num_threads()}" in table
     if not kradagrad_available():
         assert "KrADagrad skipped" in table
     for name in ("val_loss_vs_step", "val_loss_vs_time", "refreshes_per_step", "staleness_heatmap"):
@@ -51,6 +64,55 @@ def test_unknown_optimizer_or_bad_lr_override_is_one_error_line(capsys):
     assert "unknown optimizer(s) ['lion']" in capsys.readouterr().err
     assert compare.main(["--lr", "soap:0.1", "--no-progress"]) == 2
     assert "--lr expects NAME=LR" in capsys.readouterr().err
+    for bad in ("soap=-0.01", "soap=0", "soap=fast"):
+        assert compare.main(["--lr", bad, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: --lr expects NAME=LR with NAME one of adamw, soap, soap_adaptive, shampoo, kradagrad "
+                       f"and LR a positive number, got '{bad}'\n")
+
+
+def test_ms_per_step_is_the_median_step_not_total_over_steps():
+    """One step slowed 20x by another process must not move ms/step (it moved the old mean 11x)."""
+    quiet = RunRecord("AdamW", steps=[1, 2, 3, 4, 5], seconds=[0.1, 0.2, 0.3, 0.4, 0.5], val_steps=[5], val_loss=[2.0],
+                      threads=2)
+    loaded = RunRecord("AdamW", steps=[1, 2, 3, 4, 5], seconds=[0.1, 0.2, 2.2, 2.3, 2.4], val_steps=[5],
+                       val_loss=[2.0], threads=2)
+    contenders = [compare.CONTENDERS[0]]
+    quiet_row, loaded_row = (compare.summary_rows([record], contenders)[0] for record in (quiet, loaded))
+    assert quiet_row["ms_per_step"] == pytest.approx(100) and loaded_row["ms_per_step"] == pytest.approx(100)
+    assert loaded_row["train_seconds"] == pytest.approx(2.4) and loaded_row["threads"] == 2
+    assert loaded.val_estimated_seconds == [pytest.approx(0.5)]
+
+
+def _record(label: str, every: int, steps: int = 30) -> RunRecord:
+    counts = [4 * (1 + (step - 1) // every) for step in range(1, steps + 1)] if every else []
+    return RunRecord(label, steps=list(range(1, steps + 1)), seconds=[0.1 * s for s in range(1, steps + 1)],
+                     refreshes=counts, val_steps=[10, 20, 30], val_loss=[3.0, 2.5, 2.2], threads=3)
+
+
+def test_plots_keep_one_colour_per_optimizer_a_legend_per_panel_and_no_hidden_line():
+    labels = [c.label for c in compare.CONTENDERS]
+    styles = compare_plots.optimizer_styles(labels)
+    assert len({style.color for style in styles.values()}) == len(labels)
+    # SOAP and Shampoo refreshing on the same steps: identical data, the worst case for hiding
+    records = [_record("AdamW", 0), _record("SOAP (every 10)", 10), _record("Shampoo + Adam graft", 10)]
+    figures = [compare_plots.loss_vs_step_figure(records, styles), compare_plots.loss_vs_time_figure(records, styles),
+               compare_plots.refreshes_figure(records, styles)]
+    try:
+        for figure in figures:
+            for axes in figure.axes:
+                assert axes.get_legend() is not None
+                for line in axes.get_lines():  # the legend label starts with the optimizer's name
+                    label = next(name for name in labels if line.get_label().startswith(name))
+                    assert matplotlib.colors.same_color(line.get_color(), styles[label].color)
+        assert "machine load" in figures[1].axes[0].get_title() and "threads 3" in figures[1].axes[0].get_title()
+        for axes in figures[2].axes:
+            soap, shampoo = axes.get_lines()[:2]  # the one drawn first (underneath) is bigger or wider
+            assert (soap.get_markersize(), soap.get_linewidth()) > (shampoo.get_markersize(), shampoo.get_linewidth())
+            assert (soap.get_marker(), soap.get_linestyle()) != (shampoo.get_marker(), shampoo.get_linestyle())
+    finally:
+        for figure in figures:
+            matplotlib.pyplot.close(figure)
 
 
 def test_lr_override_reaches_the_contender():

@@ -9,7 +9,8 @@ import torch
 
 import lightning_kron
 from recipes.gpt import build_network
-from recipes.optimizers import OPTIMIZER_NAMES, OptimizerConfig, build_optimizer, configure_optimization, weight_decay_groups
+from recipes.optimizers import (OPTIMIZER_NAMES, OptimizerConfig, accepted_options, build_optimizer, configure_optimization,
+                                weight_decay_groups)
 from recipes.schedule import warmup_cosine_factor
 
 
@@ -64,12 +65,20 @@ def test_refresh_options_reach_the_policy():
 
 
 def test_bad_names_and_options_fail_at_construction():
-    with pytest.raises(ValueError, match="unknown optimizer name 'lion'"):
+    with pytest.raises(ValueError, match="optimizer.name: got 'lion', expected one of adamw, soap"):
         OptimizerConfig(name="lion")
-    with pytest.raises(ValueError, match="lr must be positive"):
+    with pytest.raises(ValueError, match="optimizer.lr: got 0.0, expected a positive number"):
         OptimizerConfig(lr=0.0)
-    with pytest.raises(ValueError, match="rejected its options.*colour"):
-        build_optimizer(OptimizerConfig(name="soap", options={"colour": "red"}), torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"optimizer.tolerance: got -1, expected a number in \[0, 1\]"):
+        OptimizerConfig(name="soap_adaptive", tolerance=-1)
+    # options are checked when the config is made, not when the optimizer is first built
+    with pytest.raises(ValueError, match="optimizer.options: got unknown key 'colour', expected keys of SOAP: .*rotation_dtype"):
+        OptimizerConfig(name="soap", options={"colour": "red"})
+    with pytest.raises(ValueError, match="optimizer.options: rotation_dtype must be None or one of .*got 'bf17'"):
+        OptimizerConfig(name="soap", options={"rotation_dtype": "bf17"})
+    assert OptimizerConfig(name="soap", options={"rotation_dtype": "bf16"}).options == {"rotation_dtype": "bf16"}
+    assert "amsgrad" in accepted_options("adamw") and "lr" not in accepted_options("adamw")
+    assert {"graft", "shampoo_beta"} <= set(accepted_options("kradagrad"))
 
 
 def test_missing_kradagrad_is_a_clear_error(monkeypatch):

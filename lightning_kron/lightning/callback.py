@@ -188,7 +188,8 @@ class KronCallback(Callback):
         if not isinstance(current, torch.optim.Adam):
             raise MisconfigurationException(
                 f"KronCallback replaces torch.optim.Adam/AdamW, but configure_optimizers returned "
-                f"{type(current).__name__}. Return AdamW, or a lightning_kron optimizer (SOAP, EShampoo, Shampoo)."
+                f"{type(current).__name__}. Return AdamW, or a lightning_kron optimizer "
+                f"({', '.join(name for _, name in METHODS.values())})."
             )
         names = dict(pl_module.named_parameters())
         replacement = convert_adam(current, self.method or "soap", names, **self.optimizer_options)
