@@ -10,7 +10,7 @@ stores every ``__init__`` argument as plain data in ``hparams`` so checkpoints l
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Optional, Union
+from typing import Union
 
 import lightning as L
 import torch

@@ -189,7 +189,7 @@ class KronCallback(Callback):
             raise MisconfigurationException(
                 f"KronCallback replaces torch.optim.Adam/AdamW, but configure_optimizers returned "
                 f"{type(current).__name__}. Return AdamW, or a lightning_kron optimizer "
-                f"({', '.join(name for _, name in METHODS.values())})."
+                f"({', '.join(spec.optimizer.__name__ for spec in METHODS.values())})."
             )
         names = dict(pl_module.named_parameters())
         replacement = convert_adam(current, self.method or "soap", names, **self.optimizer_options)
