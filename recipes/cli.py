@@ -57,6 +57,7 @@ def wandb_logger(existing: list):
     """A ``WandbLogger`` named and placed like the first of ``existing`` loggers."""
     try:
         from lightning.pytorch.loggers import WandbLogger
+
         import wandb  # noqa: F401  (checked here so the error names the missing package)
     except ImportError as error:
         raise RecipeInputError("--wandb needs the wandb package (pip install wandb)") from error

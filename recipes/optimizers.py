@@ -24,23 +24,36 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
+import lightning_kron as lk
+from lightning_kron.methods.registry import METHODS, MethodSpec
 from recipes.errors import OptionError
 from recipes.schedule import warmup_cosine
 
-OptimizerName = Literal["adamw", "soap", "soap_adaptive", "eshampoo", "shampoo", "kradagrad"]
-OPTIMIZER_NAMES: tuple[str, ...] = OptimizerName.__args__
+# The recipes' optimizer names: AdamW, every method of the registry (lightning_kron/methods/
+# registry.py), and "soap_adaptive", SOAP with the adaptive-refresh fields below (a name of its own
+# because the comparison runs both SOAP schedules side by side).
+RECIPE_VARIANTS = {"soap_adaptive": ("soap", "adaptive")}  # name -> (method, refresh)
+OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", *METHODS, *RECIPE_VARIANTS)
+OptimizerName = Literal[OPTIMIZER_NAMES]
 
-# Defaults when the config leaves lr/betas unset: AdamW's usual LM settings, the SOAP paper's
-# (lr 3e-3, betas (0.95, 0.95)) for SOAP, the library's own defaults for the rest (None: the
-# optimizer class decides). Recipe-tuned values live in the YAML configs and scripts/compare.py.
+# Defaults when the config leaves lr/betas unset: AdamW's usual LM settings, the registry's for the
+# methods (the SOAP paper's lr 3e-3, betas (0.95, 0.95) for SOAP; None: the optimizer class decides).
+# Recipe-tuned values live in the YAML configs and scripts/compare.py.
 DEFAULT_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "adamw": {"lr": 1e-3, "betas": (0.9, 0.95)},
-    "soap": {"lr": 3e-3, "betas": (0.95, 0.95)},
-    "soap_adaptive": {"lr": 3e-3, "betas": (0.95, 0.95)},
-    "eshampoo": {"lr": 1e-3, "betas": (0.9, 0.999)},
-    "shampoo": {"lr": 1e-3, "betas": (0.9, 0.999)},
-    "kradagrad": {"lr": None, "betas": None},
+    **{name: {"lr": spec.lr, "betas": spec.betas} for name, spec in METHODS.items()},
+    **{name: {"lr": METHODS[method].lr, "betas": METHODS[method].betas} for name, (method, _) in RECIPE_VARIANTS.items()},
 }
+
+
+def method_and_refresh(name: str) -> tuple[Optional[MethodSpec], Optional[str]]:
+    """The registry entry behind a recipe optimizer name (None for AdamW) and the refresh the recipe
+    gives it: ``"fixed"``, ``"adaptive"`` or None (the class's own default)."""
+    if name == "adamw":
+        return None, None
+    method, refresh = RECIPE_VARIANTS.get(name, (name, None))
+    spec = METHODS[method]
+    return spec, refresh or spec.recipe_refresh
 
 
 @dataclass(frozen=True)
@@ -179,35 +192,17 @@ def _torch_takes_parameter_names() -> bool:
     return (major, minor) >= (2, 6)
 
 
-def _kradagrad_class():
-    try:
-        from lightning_kron import KrADagrad
-    except (ImportError, AttributeError) as error:
-        raise ValueError("optimizer 'kradagrad' is not available in this lightning_kron build "
-                         f"({type(error).__name__}: {error})") from error
-    return KrADagrad
-
-
-def kradagrad_available() -> bool:
-    """Whether ``lightning_kron.KrADagrad`` can be imported (it ships separately from the core)."""
-    try:
-        _kradagrad_class()
-    except ValueError:
-        return False
-    return True
-
-
-# Keyword arguments the recipe passes itself (from the fields above), so ``options`` may not repeat them.
-_SET_BY_CONFIG = {"adamw": ("lr", "betas", "eps", "weight_decay"), "shampoo": ("lr", "betas", "graft", "graft_eps", "weight_decay"),
-                  "kradagrad": ("lr", "weight_decay")}
+def _set_by_config(name: str) -> tuple[str, ...]:
+    """Keyword arguments the recipe passes itself (from the config's fields), so ``options`` may not
+    repeat them."""
+    spec, _ = method_and_refresh(name)
+    eps = "eps" if spec is None else spec.adam_eps_option
+    return ("lr", "betas", eps, "weight_decay")
 
 
 def _class_of(name: str) -> type:
-    import lightning_kron as kron
-
-    classes = {"adamw": torch.optim.AdamW, "soap": kron.SOAP, "soap_adaptive": kron.SOAP, "eshampoo": kron.EShampoo,
-               "shampoo": kron.Shampoo}
-    return classes[name] if name in classes else _kradagrad_class()
+    spec, _ = method_and_refresh(name)
+    return torch.optim.AdamW if spec is None else spec.optimizer
 
 
 def accepted_options(name: str) -> tuple[str, ...]:
@@ -226,7 +221,7 @@ def accepted_options(name: str) -> tuple[str, ...]:
                   and p.name not in ("self", "params", "defaults") and p.name not in names]
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
             break
-    taken = _SET_BY_CONFIG.get(name, ("lr", "betas", "eps", "weight_decay"))
+    taken = _set_by_config(name)
     return tuple(option for option in names if option not in taken)
 
 
@@ -234,33 +229,28 @@ def _tolerance_schedule(config: OptimizerConfig, total_steps: Optional[float]):
     """``TighterEarly`` in steps (the optimizer does not know the training length), or None."""
     if config.early_tolerance is None:
         return None
-    from lightning_kron import TighterEarly
-
     if total_steps is None or not math.isfinite(total_steps):
         raise ValueError("optimizer early_tolerance needs a known training length: set trainer.max_steps")
-    return TighterEarly(early_tolerance=config.early_tolerance, early_steps=int(config.early_fraction * total_steps))
+    return lk.TighterEarly(early_tolerance=config.early_tolerance, early_steps=int(config.early_fraction * total_steps))
 
 
 def _construct(config: OptimizerConfig, groups: list[dict], total_steps: Optional[float] = None) -> torch.optim.Optimizer:
-    import lightning_kron as kron
-
     lr, betas, options = config.resolved_lr, config.resolved_betas, config.options
-    adaptive = kron.AdaptiveRefresh(tolerance=config.tolerance, check_every=config.check_every,
-                                    max_iters=config.max_iters, max_per_step=config.max_refreshes_per_step,
-                                    schedule=_tolerance_schedule(config, total_steps))
-    fixed = kron.FixedRefresh(every=config.refresh_every)
-    if config.name == "adamw":
+    spec, refresh = method_and_refresh(config.name)
+    if spec is None:
         if not _torch_takes_parameter_names():
             groups = [{**group, "params": [param for _, param in group["params"]]} for group in groups]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=config.eps, **options)
-    if config.name in ("soap", "soap_adaptive"):
-        refresh = fixed if config.name == "soap" else adaptive
-        return kron.SOAP(groups, lr=lr, betas=betas, eps=config.eps, **{"refresh": refresh, **options})
-    if config.name == "eshampoo":
-        return kron.EShampoo(groups, lr=lr, betas=betas, eps=config.eps, **{"refresh": adaptive, **options})
-    if config.name == "shampoo":  # Shampoo's own eps damps the factor eigenvalues; ours is the graft's
-        return kron.Shampoo(groups, lr=lr, betas=betas, graft="adam", graft_eps=config.eps, **{"refresh": fixed, **options})
-    return _kradagrad_class()(groups, **({} if lr is None else {"lr": lr}), **options)
+    # the method's own eps where AdamW's means something else goes to its graft (Shampoo, KrADagrad)
+    settings = {"lr": lr, "betas": betas, spec.adam_eps_option: config.eps}
+    if refresh == "fixed":
+        settings["refresh"] = lk.FixedRefresh(every=config.refresh_every)
+    elif refresh == "adaptive":
+        settings["refresh"] = lk.AdaptiveRefresh(tolerance=config.tolerance, check_every=config.check_every,
+                                                 max_iters=config.max_iters, max_per_step=config.max_refreshes_per_step,
+                                                 schedule=_tolerance_schedule(config, total_steps))
+    settings = {key: value for key, value in settings.items() if value is not None}
+    return spec.optimizer(groups, **{**settings, **options})
 
 
 def build_optimizer(config: OptimizerConfig, model: torch.nn.Module,

@@ -15,7 +15,11 @@ from typing import Union
 import lightning as L
 import torch
 
-from recipes.optimizers import OptimizerConfig, as_optimizer_config, configure_optimization
+from recipes.optimizers import (
+    OptimizerConfig,
+    as_optimizer_config,
+    configure_optimization,
+)
 
 
 class RecipeModule(L.LightningModule):

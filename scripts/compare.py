@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recipes.errors import RecipeInputError
-from recipes.optimizers import OptimizerConfig, kradagrad_available
+from recipes.optimizers import OptimizerConfig
 from recipes.quiet import quiet_dependencies
 from scripts.run_recorder import RunRecord, RunRecorder
 
@@ -255,13 +255,7 @@ def _compare(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     try:
         contenders = select_contenders(args)
-        notes = []
-        if any(c.key == "kradagrad" for c in contenders) and not kradagrad_available():
-            notes.append("KrADagrad skipped: lightning_kron.KrADagrad is not available in this build.")
-            print(notes[-1], file=sys.stderr)
-            contenders = [c for c in contenders if c.key != "kradagrad"]
-        if not contenders:
-            raise RecipeInputError("no optimizer left to compare")
+        notes: list[str] = []
         records = [train_one(args, c) for c in tqdm(contenders, desc="optimizers", disable=args.no_progress)]
     except RecipeInputError as error:
         print(f"error: {error}", file=sys.stderr)

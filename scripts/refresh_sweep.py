@@ -24,7 +24,6 @@ import torch
 from tqdm.auto import tqdm
 
 import lightning_kron as lk
-
 from scripts import compare
 
 

@@ -12,7 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lightning_kron.methods.registry import METHODS, MethodSpec, Variant  # noqa: E402
 
-
 MATRIX_LR = 1e-2  # an AdamW-scale rate for the matrix's small problems; a variant's lr_scale multiplies it
 
 

@@ -4,11 +4,11 @@ process with the same global batch, and the refresh work split between the ranks
 import csv
 import os
 
-import torch
-from torch.utils.data import DataLoader, DistributedSampler
-from callback_helpers import FAST_TRAINER, TinyRegression, make_data
 import lightning as L
+import torch
+from callback_helpers import FAST_TRAINER, TinyRegression, make_data
 from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_kron import AdaptiveRefresh, KronCallback
 

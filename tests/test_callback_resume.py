@@ -1,9 +1,9 @@
 """Checkpoint mid-run and resume: bit-identical to the uninterrupted run on CPU."""
 
+import lightning as L
 import pytest
 import torch
 from callback_helpers import FAST_TRAINER, TinyRegression, loader
-import lightning as L
 
 from lightning_kron import SOAP, FixedRefresh, KronCallback
 from lightning_kron.scheduling.scheduler import RefreshScheduler

@@ -8,7 +8,6 @@ from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_kron import AdaptiveRefresh, FixedRefresh, KronCallback
 
-
 # Two accumulated halves of 8 against one batch of 16 differ only in the order the 16 per-sample
 # gradients are summed: |dG| <= 16 u |G|. A refresh turns that into a basis error of at most
 # |dL| / gap = 16 u kappa, kappa = ||L|| / (smallest eigen-gap of a factor) <= 1e5 here (7e4 for net.0's

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import lightning_kron as lk
+from lightning_kron.engine.staleness import inverse_factor_staleness, staleness
 from lightning_kron.methods.inverse_factor_update import (
     DOMINATION_SCALES,
     dominated_downdate,
@@ -19,7 +20,6 @@ from lightning_kron.methods.inverse_factor_update import (
     positive_definite,
 )
 from lightning_kron.scheduling.policies import FixedRefresh
-from lightning_kron.engine.staleness import inverse_factor_staleness, staleness
 
 VARIANTS = ("star", "alternating")
 

@@ -12,7 +12,12 @@ from recipes import text_data
 from recipes.errors import RecipeInputError
 from recipes.image_data import ImageDataModule
 from recipes.splits import split_by_name
-from recipes.text_data import TextDataModule, resolve_text_source, split_by_file, stdlib_files
+from recipes.text_data import (
+    TextDataModule,
+    resolve_text_source,
+    split_by_file,
+    stdlib_files,
+)
 
 TEXT_FOLDER = Path(json.__file__).parent
 

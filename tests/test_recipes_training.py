@@ -10,7 +10,7 @@ import torch
 
 from recipes.gpt import CausalLM
 from recipes.image_data import ImageDataModule
-from recipes.optimizers import OPTIMIZER_NAMES, OptimizerConfig, kradagrad_available
+from recipes.optimizers import OPTIMIZER_NAMES, OptimizerConfig
 from recipes.text_data import TextDataModule
 from recipes.vision import ImageClassifier
 
@@ -23,15 +23,6 @@ def fit_briefly(model: L.LightningModule, data: L.LightningDataModule, steps: in
                         enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=data)
     return trainer
-
-
-def train_or_refuse(name: str, build) -> None:
-    """KrADagrad ships separately: when absent, asking for it must fail clearly, never silently."""
-    if name == "kradagrad" and not kradagrad_available():
-        with pytest.raises(ValueError, match="kradagrad.*not available"):
-            build()
-        return
-    build()
 
 
 def assert_trained(model: L.LightningModule, before: dict, trainer: L.Trainer, optimizer_name: str) -> None:
@@ -60,7 +51,7 @@ def test_gpt_recipe_trains_and_validates(family, optimizer_name, tmp_path):
         perplexity = float(trainer.callback_metrics["val_perplexity"])
         assert perplexity == pytest.approx(math.exp(float(trainer.callback_metrics["val_loss"])), rel=0.05)
 
-    train_or_refuse(optimizer_name, build)
+    build()
 
 
 @pytest.mark.parametrize("family", ["vit", "resnet"])
@@ -76,7 +67,7 @@ def test_vision_recipe_trains_and_validates(family, optimizer_name):
         assert_trained(model, before, trainer, optimizer_name)
         assert 0.0 <= float(trainer.callback_metrics["val_accuracy"]) <= 1.0
 
-    train_or_refuse(optimizer_name, build)
+    build()
 
 
 def test_gpt_recipe_learns_the_text(tmp_path):

@@ -1,11 +1,11 @@
 """scripts/refresh_sweep.py: step-dependent refresh schedules and the sweep end to end."""
 
+import argparse
 import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
 
-import argparse
 import pytest
 import torch
 
