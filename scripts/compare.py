@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recipes.errors import RecipeInputError
-from recipes.optimizers import OptimizerConfig
+from recipes.optimizers import OPTIMIZER_NAMES, OptimizerConfig, method_and_refresh
 from recipes.quiet import quiet_dependencies
 from scripts.run_recorder import RunRecord, RunRecorder
 
@@ -101,9 +101,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def known_contenders() -> dict[str, Contender]:
+    """The tuned contenders above, then every other optimizer name of the recipes (each method of
+    the registry) at the recipe defaults: a newly registered method can be compared at once."""
+    known = {c.key: c for c in CONTENDERS}
+    for name in OPTIMIZER_NAMES:
+        if name not in known:
+            spec, _ = method_and_refresh(name)
+            known[name] = Contender(name, spec.label, OptimizerConfig(name=name, **SHARED))
+    return known
+
+
 def select_contenders(args: argparse.Namespace) -> list[Contender]:
     """The requested contenders with ``--lr`` overrides; unknown names -> RecipeInputError."""
-    known = {c.key: c for c in CONTENDERS}
+    known = known_contenders()
     wanted = [key.strip() for key in args.optimizers.split(",") if key.strip()]
     if unknown := [key for key in wanted if key not in known]:
         raise RecipeInputError(f"unknown optimizer(s) {unknown}; choose from {', '.join(known)}")

@@ -10,6 +10,7 @@ import matplotlib.pyplot
 import pytest
 import torch
 
+from lightning_kron.methods.registry import METHODS
 from scripts import compare, compare_plots
 from scripts.run_recorder import RunRecord
 
@@ -63,8 +64,15 @@ def test_unknown_optimizer_or_bad_lr_override_is_one_error_line(capsys):
     for bad in ("soap=-0.01", "soap=0", "soap=fast"):
         assert compare.main(["--lr", bad, "--no-progress"]) == 2
         err = capsys.readouterr().err
-        assert err == (f"error: --lr expects NAME=LR with NAME one of adamw, soap, soap_adaptive, shampoo, kradagrad "
-                       f"and LR a positive number, got '{bad}'\n")
+        assert err == (f"error: --lr expects NAME=LR with NAME one of adamw, soap, soap_adaptive, shampoo, kradagrad, "
+                       f"eshampoo and LR a positive number, got '{bad}'\n")
+
+
+def test_every_registered_method_can_be_compared():
+    """The tuned contenders first, then each registry method not among them at the recipe defaults."""
+    known = compare.known_contenders()
+    assert set(METHODS) <= set(known) and list(known)[:5] == [c.key for c in compare.CONTENDERS]
+    assert known["eshampoo"].label == METHODS["eshampoo"].label and known["eshampoo"].optimizer.lr is None
 
 
 def test_ms_per_step_is_the_median_step_not_total_over_steps():
