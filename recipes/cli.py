@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 
 from jsonargparse import ActionYesNo, ArgumentError
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from recipes.errors import OptionError, RecipeInputError, one_line
 from recipes.quiet import quiet_dependencies
@@ -118,8 +119,8 @@ class RecipeCLI(LightningCLI):
             raise (error.within("model.") if error.option.startswith("optimizer") else error) from error
         except RecipeInputError:
             raise
-        except ValueError as error:  # e.g. a transformers config or a callback refusing a value
-            raise RecipeInputError(one_line(error)) from error
+        except (ValueError, MisconfigurationException) as error:  # a transformers config, a callback or
+            raise RecipeInputError(one_line(error)) from error       # the Trainer refusing a setting
 
     def instantiate_trainer(self, **kwargs: Any):
         if self._subcommand_config().get("wandb"):

@@ -69,6 +69,7 @@ KRON_CALLBACK = ["--trainer.callbacks+=lightning_kron.KronCallback"]
     (["--ckpt_path", "missing/last.ckpt"], "error: ckpt_path: got 'missing/last.ckpt', expected an existing checkpoint file"),
     ([*KRON_CALLBACK, "--trainer.callbacks.method", "soapp"],
      "error: method must be one of 'soap', 'eshampoo', 'shampoo', 'kradagrad' or None; got 'soapp'"),
+    (["--trainer.enable_checkpointing", "false"], "error: Trainer was configured with `enable_checkpointing=False`"),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_bad_input_is_one_error_line_before_training(extra, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the YAML logs to ./runs: nothing may appear there
@@ -147,7 +148,7 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(tmp_path):
     last = tmp_path / "gpt_tiny" / "version_0" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)
     assert saved["global_step"] == 4
-    assert saved["optimizer_states"][0]["lightning_kron"]["global_step"] == 4
+    assert saved["optimizer_states"][0]["param_groups"][0]["lightning_kron"]["global_step"] == 4
     cli = run_gpt_cli(args + ["--ckpt_path", str(last)])
     assert cli.trainer.global_step == 6
     assert cli.trainer.optimizers[0].global_step == 6  # the SOAP state continued, not restarted

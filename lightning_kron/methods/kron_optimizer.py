@@ -46,7 +46,8 @@ from lightning_kron.scheduling.policies import (
 )
 from lightning_kron.scheduling.scheduler import RefreshScheduler
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: the optimizer-wide entry moved from the top level into param_groups[0]
+META_KEY = "lightning_kron"
 _GENERATED_NAME = re.compile(r"group\d+\.param\d+")  # what _split_named calls an unnamed parameter
 
 
@@ -191,6 +192,10 @@ class KronOptimizer(torch.optim.Optimizer):
         #: The optimizer's own scheduler over ``refresh``; an owner's scheduler replaces it in
         #: :attr:`scheduler` while attached.
         self.own_scheduler = RefreshScheduler(self, self.refresh)
+        # The state exists from the start (build the optimizer once the model is on its device, as
+        # for torch.optim.Adagrad): torch.distributed.checkpoint then loads into it instead of
+        # running a zero-gradient step to create it.
+        self.factor_groups()
 
     # ----------------------------------------------------------------- hyperparameters
     def add_param_group(self, param_group: dict) -> None:
@@ -231,7 +236,7 @@ class KronOptimizer(torch.optim.Optimizer):
         return torch.float64 if param.dtype == torch.float64 else torch.float32
 
     def factor_groups(self) -> list[FactorGroup]:
-        """The stacked groups, built on first use (after the model has reached its device)."""
+        """The stacked groups (built at construction; rebuilt by :meth:`load_state_dict`)."""
         if self._groups is None:
             self._groups = self._build_groups()
             self.state.clear()
@@ -518,9 +523,14 @@ class KronOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
+        """torch.optim's state (per parameter: views of its rows of every stacked tensor) and
+        param_groups. What belongs to the optimizer as a whole (the format, the class, the global
+        and skipped step counts, its own scheduler's deferred factors) travels in the first
+        parameter group under ``"lightning_kron"``: ``torch.distributed.checkpoint`` keeps only
+        ``state`` and ``param_groups`` (``get_optimizer_state_dict`` drops other top-level keys)."""
         self.update_staleness()
-        state = super().state_dict()
-        state["lightning_kron"] = {
+        state = super().state_dict()  # param_groups are fresh dicts: the live groups stay as they are
+        state["param_groups"][0][META_KEY] = {
             "format": STATE_FORMAT, "optimizer": type(self).__name__,
             "global_step": self.global_step, "skipped_steps": self.skipped_steps,
             "scheduler": self.own_scheduler.state_dict(),  # deferred factors of its budget
@@ -529,7 +539,8 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load all or nothing: everything is checked before any tensor is written."""
-        meta = state_dict.get("lightning_kron")
+        groups = state_dict.get("param_groups") or [{}]
+        meta = groups[0].get(META_KEY, state_dict.get(META_KEY))  # top level: checkpoints before format 2
         mine = type(self).__name__
         if meta is None:
             raise ValueError(f"this state_dict was not saved by a lightning_kron optimizer; cannot load it into {mine}")
@@ -541,12 +552,15 @@ class KronOptimizer(torch.optim.Optimizer):
         ):
             raise ValueError("state_dict has a different number of parameter groups or parameters than this optimizer")
         fresh = self._build_groups()
-        params = [p for group in self.param_groups for p in group["params"]]
-        plan = self._copy_plan(fresh, params, state_dict["state"])
+        # saved ids by position, as torch.optim does: indices from state_dict(), parameter names
+        # from torch.distributed.checkpoint's set_optimizer_state_dict
+        saved_key = {id(param): key for live, saved in zip(self.param_groups, saved_groups)
+                     for param, key in zip(live["params"], saved["params"])}
+        plan = self._copy_plan(fresh, saved_key, state_dict["state"])
         for target, source in plan:
             target.copy_(source)
         for group, saved in zip(self.param_groups, saved_groups):
-            group.update({key: value for key, value in saved.items() if key != "params"})
+            group.update({key: value for key, value in saved.items() if key not in ("params", META_KEY)})
         self._groups = fresh
         self.state.clear()
         self._expose_state_views(fresh)
@@ -555,12 +569,11 @@ class KronOptimizer(torch.optim.Optimizer):
         if "scheduler" in meta:  # absent from checkpoints made before the scheduler was the one path
             self.own_scheduler.load_state_dict(meta["scheduler"])
 
-    def _copy_plan(self, groups: list[FactorGroup], params: list, saved_state: dict) -> list:
-        position = {id(p): index for index, p in enumerate(params)}
+    def _copy_plan(self, groups: list[FactorGroup], saved_key: dict[int, Any], saved_state: dict) -> list:
         plan = []
         for group in groups:
             for member, views in group.member_views():
-                saved = saved_state.get(position[id(member.param)], {})
+                saved = saved_state.get(saved_key[id(member.param)], {})
                 for key, view in views.items():
                     name = f"block{member.block_number}.{key}"
                     value = saved.get(name)

@@ -148,6 +148,9 @@ class RefreshScheduler:
 
     @property
     def deferred_count(self) -> int:
+        """Factors due but not yet refreshed (the budget's queue), a loaded state's included."""
+        if self._saved_deferred is not None:
+            self._layout()  # applies the loaded queue to the optimizer's factors
         return 0 if self._deferred is None else int(self._deferred.sum())
 
     @property
