@@ -220,11 +220,12 @@ class FactorGroup:
             bases.append(cached[2])
         return bases
 
-    def apply_update(self, direction: torch.Tensor, lr: float, decoupled_decay: float) -> None:
-        """``W <- W * (1 - lr * wd) - lr * D`` on every member, as ``torch.optim.AdamW`` does."""
+    def apply_update(self, direction: torch.Tensor, lr: float, shrink: float | torch.Tensor = 1.0) -> None:
+        """``W <- W * shrink - lr * D`` on every member: with ``shrink = 1 - lr * wd``, decoupled
+        weight decay as ``torch.optim.AdamW`` does it (a 0-dim tensor when it depends on the device)."""
         blocks = [member.param_block() for member in self.members]
-        if decoupled_decay:
-            torch._foreach_mul_(blocks, 1.0 - lr * decoupled_decay)
+        if isinstance(shrink, torch.Tensor) or shrink != 1.0:
+            torch._foreach_mul_(blocks, shrink.to(blocks[0].dtype) if isinstance(shrink, torch.Tensor) else shrink)
         if torch.finfo(direction.dtype).bits >= torch.finfo(blocks[0].dtype).bits:
             direction = direction.to(blocks[0].dtype)  # a wider direction is rounded once, here
         # a narrower one (bf16 out of the rotations) is widened exactly inside the add: no copy

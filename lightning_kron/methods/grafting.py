@@ -13,14 +13,16 @@ GRAFTS = ("adam", "adagrad", "rmsprop", "sgd", "none")
 
 
 def graft_direction(kind: str, momentum: torch.Tensor, grad: torch.Tensor, accumulator: torch.Tensor | None,
-                    beta2: float, eps: float, bias_correction2: torch.Tensor) -> torch.Tensor:
-    """The grafted method's direction; updates ``accumulator`` in place."""
+                    beta2: float, eps: float, bias_correction2: torch.Tensor,
+                    keep2: float | torch.Tensor | None = None) -> torch.Tensor:
+    """The grafted method's direction; updates ``accumulator`` in place. ``keep2`` (default
+    ``beta2``) is what the EMA multiplies the accumulator by: 1 on a skipped step, whose ``grad`` is 0."""
     if kind == "sgd":
         return momentum
     if kind == "adagrad":
         accumulator.addcmul_(grad, grad)
         return momentum / (accumulator.sqrt() + eps)
-    accumulator.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    accumulator.mul_(beta2 if keep2 is None else keep2).addcmul_(grad, grad, value=1.0 - beta2)
     second = accumulator / bias_correction2 if kind == "adam" else accumulator
     return momentum / (second.sqrt() + eps)
 

@@ -222,7 +222,7 @@ class KrADagrad(RootPreconditionedOptimizer):
     def _update_statistics(self, group: FactorGroup, rotated: torch.Tensor, hyper: StepHyperparameters,
                            rotated_low: Optional[torch.Tensor] = None) -> None:
         if not group.factored_dims:
-            self._accumulate_diagonal(group, rotated, hyper.shampoo_beta)
+            self._accumulate_diagonal(group, rotated, hyper)
         for dim in self._dims_this_step(group):
             factor = self._statistic_factor(group, rotated, dim)
             old = group.stats(dim)
@@ -230,9 +230,10 @@ class KrADagrad(RootPreconditionedOptimizer):
                               relative=self.damping == "relative")
             if self._first_update(group, dim):
                 new = self._exact_first_update(group, dim, factor, hyper, fallback=new)
-            ok = positive_definite(new)
+            definite = positive_definite(new)
+            ok = definite if hyper.finite is None else definite & hyper.finite  # a skipped group keeps X
             old.copy_(torch.where(ok[:, None, None], new, old))
-            group.failures(dim).add_((~ok).long())
+            group.failures(dim).add_((~definite if hyper.finite is None else ~definite & hyper.finite).long())
 
     def _first_update(self, group: FactorGroup, dim: int) -> bool:
         """Is this the step that first downdates ``dim`` from ``X_0 = I / eps``? (host-side, no sync)
@@ -258,6 +259,8 @@ class KrADagrad(RootPreconditionedOptimizer):
         """
         weight = 1.0 if hyper.shampoo_beta == 1.0 else 1.0 - hyper.shampoo_beta
         vectors, values, ok = exact_from_isotropic(factor, hyper.eps, weight, relative=self.damping == "relative")
+        if hyper.finite is not None:  # a skipped group's factor stays X_0, its basis the identity
+            ok = ok & hyper.finite
         keep = ok[:, None, None]
         basis = group.basis(dim)
         basis.copy_(torch.where(keep, basis @ vectors, basis))
@@ -270,12 +273,12 @@ class KrADagrad(RootPreconditionedOptimizer):
         return torch.where(keep, torch.diag_embed(values), fallback)
 
     @staticmethod
-    def _accumulate_diagonal(group: FactorGroup, grad: torch.Tensor, beta: float) -> None:
-        squares = group.tensors["diagonal_sq"]
+    def _accumulate_diagonal(group: FactorGroup, grad: torch.Tensor, hyper: StepHyperparameters) -> None:
+        squares, beta = group.tensors["diagonal_sq"], hyper.shampoo_beta
         if beta == 1.0:
             squares.addcmul_(grad, grad)
         else:
-            squares.mul_(beta).addcmul_(grad, grad, value=1.0 - beta)
+            squares.mul_(hyper.keep(beta, squares)).addcmul_(grad, grad, value=1.0 - beta)
 
     # ----------------------------------------------------------------- direction
     def _exponent(self, group: FactorGroup) -> float:

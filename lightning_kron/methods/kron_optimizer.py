@@ -19,7 +19,7 @@ A step runs in two phases so the refresh decision for *all* factors costs one ho
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -53,7 +53,13 @@ _GENERATED_NAME = re.compile(r"group\d+\.param\d+")  # what _split_named calls a
 
 @dataclass(frozen=True)
 class StepHyperparameters:
-    """The per-parameter-group numbers one step needs, read fresh each step (LR schedulers)."""
+    """The per-parameter-group numbers one step needs, read fresh each step (LR schedulers).
+
+    ``finite`` is the group's finite-gradient flag, a 0-dim bool on the device (None when nothing
+    needs masking). It is never read on the host: a skipped group's updates are made with
+    coefficients that leave every buffer as it was (:meth:`keep`, :meth:`weight`), so the step
+    needs no host sync to skip it.
+    """
 
     lr: float
     beta1: float
@@ -62,6 +68,25 @@ class StepHyperparameters:
     weight_decay: float
     decoupled: bool
     shampoo_beta: float
+    finite: Optional[torch.Tensor] = None
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def keep(self, beta: float, like: torch.Tensor):
+        """What an update ``x <- beta x + ...`` multiplies ``x`` by: ``beta``, or 1 if skipped."""
+        if self.finite is None:
+            return beta
+        return self._mask(("keep", beta, like.dtype), lambda flag: 1.0 - flag * (1.0 - beta), like)
+
+    def weight(self, value: float, like: torch.Tensor):
+        """``value``, or 0 if skipped: the weight of the new gradient in an update."""
+        if self.finite is None:
+            return value
+        return self._mask(("weight", value, like.dtype), lambda flag: flag * value, like)
+
+    def _mask(self, key, make, like: torch.Tensor) -> torch.Tensor:
+        if key not in self._masks:  # once per parameter group and step, shared by its stacks
+            self._masks[key] = make(self.finite.to(like.dtype))
+        return self._masks[key]
 
 
 @dataclass
@@ -135,6 +160,9 @@ class KronOptimizer(torch.optim.Optimizer):
     #: Solver of the forced refresh at ``start_preconditioning_step``. "eigh" finds the bases from
     #: scratch; a subclass whose statistics update already produces exact eigenbases may use "qr".
     initial_refresh_solver = "eigh"
+    #: Whether ``_direction`` itself returns 0 for a parameter group skipped this step (a non-finite
+    #: gradient); otherwise ``_finish`` masks the direction, one more pass over the stack.
+    masks_skipped_direction = False
 
     def __init__(
         self,
@@ -183,7 +211,9 @@ class KronOptimizer(torch.optim.Optimizer):
         #: Set by the RefreshScheduler in charge (:attr:`scheduler`).
         self.in_step_refresh_owner: Optional[Callable[[], Iterable[FactorGroup]]] = None
         self.scheduler: Optional[RefreshScheduler] = None
+        self.step_finite: dict[int, torch.Tensor] = {}
         self.global_step = 0
+        self._skipped_on_device: Optional[torch.Tensor] = None
         self.skipped_steps = 0
         groups, self._names = _split_named(params)
         self._groups: Optional[list[FactorGroup]] = None
@@ -220,13 +250,13 @@ class KronOptimizer(torch.optim.Optimizer):
         if group["shampoo_beta"] is not None:
             check_unit_interval("shampoo_beta", group["shampoo_beta"], closed_right=True)
 
-    def _hyperparameters(self, group: dict) -> StepHyperparameters:
+    def _hyperparameters(self, group: dict, finite: Optional[torch.Tensor] = None) -> StepHyperparameters:
         beta1, beta2 = group["betas"]
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
         return StepHyperparameters(
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=group["weight_decay_mode"] == "decoupled",
-            shampoo_beta=shampoo_beta,
+            shampoo_beta=shampoo_beta, finite=finite,
         )
 
     # ----------------------------------------------------------------- grouping
@@ -288,17 +318,21 @@ class KronOptimizer(torch.optim.Optimizer):
         """
         beta = hyper.shampoo_beta
         keep, add = (1.0, 1.0) if beta == 1.0 else (beta, 1.0 - beta)
+        masked = hyper.finite is not None and keep != 1.0  # a skipped group keeps B (its G' is 0)
         product_dtype = self.statistics_product_dtype
         low = None
         if product_dtype not in (None, group.state_dtype):
             low = rotated_low if rotated_low is not None and rotated_low.dtype == product_dtype else rotated.to(product_dtype)
         for dim in group.factored_dims:
+            stats = group.stats(dim)
+            if masked:
+                stats.mul_(hyper.keep(beta, stats))
             if low is None:
                 unfolded = unfold(rotated, dim)
-                group.stats(dim).baddbmm_(unfolded, unfolded.mT, beta=keep, alpha=add)
+                stats.baddbmm_(unfolded, unfolded.mT, beta=1.0 if masked else keep, alpha=add)
             else:  # the product in low precision, accumulated into the full-precision statistics
                 unfolded = unfold(low, dim)
-                group.stats(dim).mul_(keep).add_(torch.bmm(unfolded, unfolded.mT), alpha=add)
+                (stats if masked else stats.mul_(keep)).add_(torch.bmm(unfolded, unfolded.mT), alpha=add)
 
     def _direction(self, group: FactorGroup, grad: torch.Tensor, rotated: torch.Tensor, hyper: StepHyperparameters) -> torch.Tensor:
         raise NotImplementedError
@@ -362,14 +396,21 @@ class KronOptimizer(torch.optim.Optimizer):
             group = source if rows is None else source.subset(rows)
             gathered.append((source, rows, group, group.gather_grads()))
         finite = self._finite_param_groups(gathered)
+        #: this step's finite-gradient flag per parameter group (device bools; empty when none can
+        #: be skipped): the scheduler refreshes no factor of a skipped group.
+        self.step_finite = finite
+        hypers = {index: self._hyperparameters(self.param_groups[index], finite.get(index))
+                  for index in {source.param_group for source, *_ in gathered}}
         pending = []
         for source, rows, group, grad in gathered:
-            if not finite[source.param_group]:
-                continue
-            hyper = self._hyperparameters(self.param_groups[source.param_group])
+            hyper = hypers[source.param_group]
             if hyper.weight_decay and not hyper.decoupled:
                 grad.add_(group.gather_params(), alpha=hyper.weight_decay)
-            group.steps.add_(1)
+            if hyper.finite is not None:  # a skipped group's gradient enters every update as 0
+                grad = torch.where(hyper.finite, grad, 0.0)
+                group.steps.add_(hyper.finite)  # bool into int64: no cast kernel
+            else:
+                group.steps.add_(1)
             rotated_low = group.rotate_in(grad, keep_rotation_dtype=True)
             rotated = rotated_low.to(group.state_dtype)  # no copy without a rotation_dtype
             self._update_statistics(group, rotated, hyper, rotated_low)
@@ -377,23 +418,37 @@ class KronOptimizer(torch.optim.Optimizer):
             pending.append(_PendingGroup(group, source, rows, grad, rotated, hyper))
         return pending
 
-    def _finite_param_groups(self, gathered) -> dict[int, bool]:
-        """Which parameter groups have only finite gradients: one reduction per stack already
-        gathered and one host sync for the whole step. A group with a NaN/Inf is skipped whole."""
+    def _finite_param_groups(self, gathered) -> dict[int, torch.Tensor]:
+        """Each parameter group's finite-gradient flag, on the device: one reduction per stack
+        already gathered and no host sync (``nonfinite="raise"`` syncs once to raise). A group with
+        a NaN/Inf is skipped whole; the skips are counted on the device too."""
         if not gathered:
             return {}
         # min and max of g in one reduction (10x faster than max |g| on a CPU: no |g| stack): NaN
         # and Inf both show up in them and, unlike a sum, nothing finite overflows
-        device = gathered[0][3].device
-        flags = torch.stack([torch.stack(torch.aminmax(grad)).isfinite().all().to(device) for *_, grad in gathered]).tolist()
-        finite: dict[int, bool] = {}
-        for (source, *_), flag in zip(gathered, flags):
-            finite[source.param_group] = finite.get(source.param_group, True) and flag
-        bad = sum(1 for ok in finite.values() if not ok)
-        if bad and self.nonfinite == "raise":
-            raise FloatingPointError("non-finite gradient (NaN or Inf); the step was not applied")
-        self.skipped_steps += bad
+        by_group: dict[int, list[torch.Tensor]] = {}
+        for source, _, _, grad in gathered:
+            by_group.setdefault(source.param_group, []).append(torch.stack(torch.aminmax(grad)).isfinite().all())
+        finite = {index: flags[0] if len(flags) == 1 else torch.stack(flags).all() for index, flags in by_group.items()}
+        flags = list(finite.values())
+        all_finite = flags[0] if len(flags) == 1 else torch.stack(flags).all()
+        if self.nonfinite == "raise":
+            if not bool(all_finite):  # the one sync this mode pays
+                raise FloatingPointError("non-finite gradient (NaN or Inf); the step was not applied")
+            return {}
+        skipped = (~torch.stack(flags)).sum() if len(flags) > 1 else (~flags[0]).long()
+        self._skipped_on_device = skipped if self._skipped_on_device is None else self._skipped_on_device + skipped
         return finite
+
+    @property
+    def skipped_steps(self) -> int:
+        """Parameter-group steps skipped for a non-finite gradient (read from the device: a sync)."""
+        on_device = 0 if self._skipped_on_device is None else int(self._skipped_on_device)
+        return self._skipped_before + on_device
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_before, self._skipped_on_device = int(value), None
 
     def update_staleness(self) -> None:
         """Bring every factor's ``staleness`` up to date with its statistics.
@@ -411,10 +466,15 @@ class KronOptimizer(torch.optim.Optimizer):
         self._staleness_current = True
 
     def _finish(self, item: _PendingGroup) -> None:
-        group = item.group
-        direction = self._direction(group, item.grad, item.rotated, item.hyper)
-        decay = item.hyper.weight_decay if item.hyper.decoupled else 0.0
-        group.apply_update(direction, item.hyper.lr, decay)
+        group, hyper = item.group, item.hyper
+        direction = self._direction(group, item.grad, item.rotated, hyper)
+        decay = hyper.weight_decay if hyper.decoupled else 0.0
+        shrink = 1.0 - hyper.lr * decay
+        if hyper.finite is not None:  # a skipped group's parameters stay exactly as they are
+            if not self.masks_skipped_direction:  # where, not a product: 0/0 before a group's first step
+                direction = torch.where(hyper.finite, direction, 0.0)
+            shrink = hyper.keep(shrink, group.members[0].param) if decay else 1.0
+        group.apply_update(direction, hyper.lr, shrink)
         if item.rows is not None:
             item.source.absorb(group, item.rows)
 
@@ -425,7 +485,12 @@ class KronOptimizer(torch.optim.Optimizer):
         if self.global_step != self.start_preconditioning_step:
             return
         request = RefreshRequest(solver=self.initial_refresh_solver, orthonormalizer=self.orthonormalizer)
+        masked = [item for item in pending if item.hyper.finite is not None]
+        flags = torch.stack([item.hyper.finite for item in masked]).tolist() if masked else []  # one sync, this step only
+        skipped = {id(item) for item, flag in zip(masked, flags) if not flag}
         for item in pending:
+            if id(item) in skipped:  # a skipped group gets its exact bases at its next refresh
+                continue
             for dim in item.group.factored_dims:
                 refresh_factor(item.group, dim, None, request, _InFlightHooks(self, item), self.global_step)
 

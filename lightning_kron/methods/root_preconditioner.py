@@ -83,12 +83,13 @@ class RootPreconditionedOptimizer(KronOptimizer):
     def _direction(self, group: FactorGroup, grad: torch.Tensor, rotated: torch.Tensor,
                    hyper: StepHyperparameters) -> torch.Tensor:
         exp_avg = group.tensors["exp_avg"]
-        exp_avg.lerp_(grad, 1.0 - hyper.beta1)
+        exp_avg.lerp_(grad, hyper.weight(1.0 - hyper.beta1, exp_avg))
         step = group.steps
         momentum = exp_avg / bias_correction(hyper.beta1, step, exp_avg)
         direction = self._preconditioned(group, momentum, hyper)
         if self.graft == "none":
             return direction
         reference = graft_direction(self.graft, momentum, grad, group.tensors.get("graft_sq"), hyper.beta2,
-                                    self.graft_eps, bias_correction(hyper.beta2, step, exp_avg))
+                                    self.graft_eps, bias_correction(hyper.beta2, step, exp_avg),
+                                    keep2=hyper.keep(hyper.beta2, exp_avg))
         return graft_norm(direction, reference)

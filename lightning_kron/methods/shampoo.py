@@ -59,11 +59,12 @@ class Shampoo(RootPreconditionedOptimizer):
         if group.factored_dims:
             return super()._direction(group, grad, rotated, hyper)
         exp_avg = group.tensors["exp_avg"]
-        exp_avg.lerp_(grad, 1.0 - hyper.beta1)
+        exp_avg.lerp_(grad, hyper.weight(1.0 - hyper.beta1, exp_avg))
         step = group.steps
         momentum = exp_avg / bias_correction(hyper.beta1, step, exp_avg)
         return graft_direction("adam", momentum, grad, group.tensors["diagonal_sq"], hyper.beta2,
-                               self.graft_eps, bias_correction(hyper.beta2, step, exp_avg))
+                               self.graft_eps, bias_correction(hyper.beta2, step, exp_avg),
+                               keep2=hyper.keep(hyper.beta2, exp_avg))
 
     def _root_scale(self, group: FactorGroup, rows, dim: int, hyper: StepHyperparameters) -> torch.Tensor:
         """``(lambda_hat + eps)^(-1/(2k))`` from the bias-corrected factor eigenvalues ``diag(B)``."""

@@ -43,6 +43,8 @@ def bias_correction(beta: float, step: torch.Tensor, like: torch.Tensor) -> torc
 class EigenvalueCorrectedOptimizer(KronOptimizer):
     """Shared implementation of :class:`SOAP` and :class:`EShampoo` (they differ in defaults)."""
 
+    masks_skipped_direction = True  # _direction returns exactly 0 for a skipped parameter group
+
     def __init__(self, params: Any, lr: float, betas, eps: float, weight_decay: float, *,
                  shampoo_beta: Optional[float] = None, weight_decay_mode: str = "decoupled",
                  second_moment_on_refresh: str = "rotate", **options: Any) -> None:
@@ -59,16 +61,23 @@ class EigenvalueCorrectedOptimizer(KronOptimizer):
     def _direction(self, group: FactorGroup, grad: torch.Tensor, rotated: torch.Tensor,
                    hyper: StepHyperparameters) -> torch.Tensor:
         exp_avg, exp_avg_sq = group.tensors["exp_avg"], group.tensors["exp_avg_sq"]
-        exp_avg.lerp_(rotated, 1.0 - hyper.beta1)
-        exp_avg_sq.mul_(hyper.beta2).addcmul_(rotated, rotated, value=1.0 - hyper.beta2)
+        exp_avg.lerp_(rotated, hyper.weight(1.0 - hyper.beta1, exp_avg))  # weights 0 when skipped
+        exp_avg_sq.mul_(hyper.keep(hyper.beta2, exp_avg_sq)).addcmul_(rotated, rotated, value=1.0 - hyper.beta2)
         step = group.steps
         # Adam's M/c1 / (sqrt(V/c2) + eps) as s * M / (sqrt(V) + eps sqrt(c2)), s = sqrt(c2)/c1 per
         # member: four passes and one new stack (on a CPU a fresh large stack costs more in page
         # faults than the arithmetic that fills it)
-        root_c2 = bias_correction(hyper.beta2, step, exp_avg_sq).sqrt_()
+        c1, c2 = bias_correction(hyper.beta1, step, exp_avg), bias_correction(hyper.beta2, step, exp_avg_sq)
+        if hyper.finite is not None:  # a group skipped before its first step has c = 0: keep 0/0 out
+            tiny = torch.finfo(c1.dtype).tiny  # (below 1 - beta for every step that happened)
+            c1, c2 = c1.clamp_min_(tiny), c2.clamp_min_(tiny)
+        root_c2 = c2.sqrt_()
         normalized = exp_avg_sq.sqrt().add_(root_c2 * hyper.eps)
         torch.div(exp_avg, normalized, out=normalized)
-        normalized.mul_(root_c2 / bias_correction(hyper.beta1, step, exp_avg))
+        scale = root_c2 / c1
+        if hyper.finite is not None:  # the skip mask rides on the per-member scale: no extra pass
+            scale.mul_(hyper.weight(1.0, scale))
+        normalized.mul_(scale)
         return group.rotate_out(normalized, keep_rotation_dtype=True)
 
     def permute_rows(self, group, rows, dim, order) -> None:

@@ -187,6 +187,16 @@ class RefreshScheduler:
     def _due(self, staleness: torch.Tensor, step: int) -> torch.Tensor:
         return self.policy.select(staleness, step, self.total_steps).to(device=staleness.device, dtype=torch.bool)
 
+    def _refreshable(self, slots: list[_Slot], like: torch.Tensor) -> Optional[torch.Tensor]:
+        """Factors whose group took this step: a group skipped for a non-finite gradient keeps its
+        bases (its due factors are deferred). None when no group could have been skipped."""
+        flags = getattr(self.optimizer, "step_finite", {})
+        if not flags:
+            return None
+        groups = self.optimizer.factor_groups()
+        took = torch.ones((), dtype=torch.bool, device=like.device)
+        return torch.cat([flags.get(groups[s.group_index].param_group, took).expand(s.count) for s in slots])
+
     def _within_budget(self, due: torch.Tensor, staleness: torch.Tensor) -> torch.Tensor:
         if self.max_per_step is None:
             return due
@@ -222,7 +232,9 @@ class RefreshScheduler:
         due = self._due(staleness, step) if checking else torch.zeros_like(staleness, dtype=torch.bool)
         if self._deferred is not None:
             due |= self._deferred.to(due.device)
-        decision = due.to(torch.uint8) + self._within_budget(due, staleness).to(torch.uint8)
+        refreshable = self._refreshable(slots, due)
+        chosen = self._within_budget(due if refreshable is None else due & refreshable, staleness)
+        decision = due.to(torch.uint8) + chosen.to(torch.uint8)
         decision = broadcast_from_first(decision).cpu()  # the one host sync of a checked step
         self._deferred = decision == _DEFERRED
         chosen = (decision == _CHOSEN).nonzero().flatten().tolist()
