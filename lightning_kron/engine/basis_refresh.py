@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Sequence
 
 import torch
 
@@ -82,7 +82,8 @@ def _warm_qr(stats: torch.Tensor, request: RefreshRequest, criterion=staleness):
         last = iteration + 1 == request.max_iters
         if last or not bool((criterion(stats) > request.tolerance).any()):
             break
-    return rotation, stats, ~failed, order
+    # a failed member kept its basis (identity rotation), so nothing it carries is re-ranked either
+    return rotation, stats, ~failed, torch.where(failed[:, None], _identity_order(order), order)
 
 
 def refresh_factor(
@@ -92,42 +93,55 @@ def refresh_factor(
     request: RefreshRequest,
     hooks: BasisChangeHooks,
     step: int,
+    reorthonormalize: Optional[Sequence[bool]] = None,
 ) -> None:
-    """Recompute ``basis.dim`` (and re-express ``stats.dim``) for ``rows`` of ``group``."""
+    """Recompute ``basis.dim`` (and re-express ``stats.dim``) for ``rows`` of ``group``.
+
+    No host sync when the caller says which rows are due for re-orthonormalisation
+    (``reorthonormalize``, one flag per refreshed row, from :func:`reorthonormalization_due`):
+    the first refresh of a stack is known on the host (``group.refreshed_dims``), and members whose
+    warm QR step fails (a non-finite result) keep their basis and are counted as failures.
+    """
     started = time.perf_counter()
-    refreshes = group.read_rows(group.refreshes(dim), rows)
-    never_refreshed = not bool(refreshes.any())  # every basis still the identity: start exactly
+    never_refreshed = dim not in group.refreshed_dims  # every basis still the identity: start exactly
     stats = group.read_rows(group.stats(dim), rows)
     if request.solver == "eigh" or never_refreshed:
         rotation, stats, ok, order = _eigh(stats)
     else:
-        rotation, new_stats, ok, order = _warm_qr(stats, request, hooks.factor_staleness)
-        if not bool(ok.all()):  # QR failed somewhere: the eigh chain retries with damping and fp64
-            rotation, new_stats, ok, order = _eigh(stats)
-        stats = new_stats
+        rotation, stats, ok, order = _warm_qr(stats, request, hooks.factor_staleness)
     hooks.permute_rows(group, rows, dim, order)
     hooks.rotate_rows(group, rows, dim, rotation)
     basis = rotation if never_refreshed else group.read_rows(group.basis(dim), rows) @ rotation
-    basis = _reorthonormalize_if_due(basis, refreshes)
+    if reorthonormalize is None:  # one host read, for callers outside the step
+        reorthonormalize = reorthonormalization_due(group.read_rows(group.refreshes(dim), rows)).tolist()
+    basis = _reorthonormalize(basis, reorthonormalize)
     _store(group, dim, rows, basis, stats, ~ok, step, time.perf_counter() - started, hooks.factor_staleness(stats))
     hooks.after_refresh(group, rows, dim)
 
 
-def _reorthonormalize_if_due(basis: torch.Tensor, refreshes: torch.Tensor) -> torch.Tensor:
-    """Every few refreshes of a factor, wash out the round-off that ``Q <- Q P`` accumulates.
+def reorthonormalization_due(refreshes: torch.Tensor) -> torch.Tensor:
+    """Which members' next refresh also re-orthonormalises their basis (on the device).
 
-    The correction is of round-off size, so B and the rotated moments need no re-expression. Keyed
+    Every few refreshes of a factor the round-off that ``Q <- Q P`` accumulates is washed out. Keyed
     on the checkpointed refresh counter, so a resumed run re-orthonormalises at the same steps.
     """
-    due = (refreshes + 1) % REORTHONORMALIZE_EVERY == 0
-    if not bool(due.any()):
+    return (refreshes + 1) % REORTHONORMALIZE_EVERY == 0
+
+
+def _reorthonormalize(basis: torch.Tensor, due: Sequence[bool]) -> torch.Tensor:
+    """Householder QR of the due members' bases. The correction is of round-off size, so B and the
+    rotated moments need no re-expression."""
+    positions = [position for position, flag in enumerate(due) if flag]
+    if not positions:
         return basis
     basis = basis.clone()
-    basis[due] = householder_qr(basis[due])[0]
+    index = torch.tensor(positions, device=basis.device)
+    basis[index] = householder_qr(basis[index])[0]
     return basis
 
 
 def _store(group, dim, rows, basis, stats, failed, step, seconds, stale) -> None:
+    group.refreshed_dims.add(dim)
     read, write = group.read_rows, group.write_rows
     write(group.basis(dim), rows, basis)
     write(group.stats(dim), rows, stats)

@@ -70,6 +70,9 @@ class FactorGroup:
         self.state_dtype = state_dtype
         self.device = first.param.device
         self.tensors: dict[str, torch.Tensor] = {}
+        #: factored dims refreshed at least once (host-side, so a refresh needs no sync to know
+        #: whether it starts from the identity); shared with subsets, rebuilt on load
+        self.refreshed_dims: set[int] = set()
         self._low_bases: dict[int, tuple] = {}
         self._allocate_factors()
 

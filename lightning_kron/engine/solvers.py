@@ -140,9 +140,8 @@ def qr_step_in_basis(stats: torch.Tensor, orth: Orthonormalizer,
     except RuntimeError:
         rotation, new_stats = _eye_like(stats), stats
         ok = torch.zeros(stats.shape[0], dtype=torch.bool, device=stats.device)
-    if not bool(ok.all()):
-        keep = ok[:, None, None]
-        rotation, new_stats = torch.where(keep, rotation, _eye_like(stats)), torch.where(keep, new_stats, stats)
+    keep = ok[:, None, None]  # failed members keep their basis; no host round trip to find them
+    rotation, new_stats = torch.where(keep, rotation, _eye_like(stats)), torch.where(keep, new_stats, stats)
     return rotation, new_stats, ok
 
 

@@ -491,8 +491,9 @@ class KronOptimizer(torch.optim.Optimizer):
         for item in pending:
             if id(item) in skipped:  # a skipped group gets its exact bases at its next refresh
                 continue
-            for dim in item.group.factored_dims:
-                refresh_factor(item.group, dim, None, request, _InFlightHooks(self, item), self.global_step)
+            for dim in item.group.factored_dims:  # a first refresh is never due for re-orthonormalisation
+                refresh_factor(item.group, dim, None, request, _InFlightHooks(self, item), self.global_step,
+                               reorthonormalize=[False] * len(item.group))
 
     def _request(self, tolerance: float, max_iters: int, solver: Optional[str] = None) -> RefreshRequest:
         return RefreshRequest(solver=solver or self.solver, orthonormalizer=self.orthonormalizer,
@@ -575,16 +576,18 @@ class KronOptimizer(torch.optim.Optimizer):
         return sum(len(rows) for rows in selected.values())
 
     def refresh_rows(self, group: FactorGroup, dim: int, rows: list[int], *, tolerance: float = 0.0,
-                     max_iters: int = 1, solver: Optional[str] = None) -> None:
+                     max_iters: int = 1, solver: Optional[str] = None,
+                     reorthonormalize: Optional[list[bool]] = None) -> None:
         """Refresh factor ``dim`` of the members ``rows`` of one of :meth:`factor_groups`.
 
         The index-based form of :meth:`refresh_factors`, for owners that decide on the stacked
         staleness tensors directly (no name lookup per step) and then move the refreshed rows
-        themselves (``lightning_kron.scheduling.ownership``).
+        themselves (``lightning_kron.scheduling.ownership``). ``reorthonormalize``: which of
+        ``rows`` are due for re-orthonormalisation, when the owner already read it (else one host read).
         """
         row_index = None if len(rows) == len(group) else torch.tensor(rows, device=group.device)
         request = self._request(tolerance, max_iters, solver)
-        refresh_factor(group, dim, row_index, request, self, self.global_step)
+        refresh_factor(group, dim, row_index, request, self, self.global_step, reorthonormalize)
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -624,6 +627,8 @@ class KronOptimizer(torch.optim.Optimizer):
         plan = self._copy_plan(fresh, saved_key, state_dict["state"])
         for target, source in plan:
             target.copy_(source)
+        for group in fresh:  # one host read per stack, on load only
+            group.refreshed_dims = {dim for dim in group.factored_dims if bool(group.refreshes(dim).any())}
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({key: value for key, value in saved.items() if key not in ("params", META_KEY)})
         self._groups = fresh

@@ -47,6 +47,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from lightning_kron.engine.basis_refresh import reorthonormalization_due
 from lightning_kron.engine.factor_group import FactorGroup
 from lightning_kron.engine.validation import check_positive_int
 from lightning_kron.scheduling.ownership import (
@@ -60,7 +61,7 @@ from lightning_kron.scheduling.policies import AdaptiveRefresh, check_policy
 
 ToleranceSchedule = Callable[[int, Optional[float], float], float]
 STATE_FORMAT = 1
-_DEFERRED, _CHOSEN = 1, 2
+_DEFERRED, _CHOSEN, _REORTHONORMALIZE = 1, 2, 4  # codes of the decision sent to the host
 
 
 @dataclass
@@ -234,16 +235,26 @@ class RefreshScheduler:
             due |= self._deferred.to(due.device)
         refreshable = self._refreshable(slots, due)
         chosen = self._within_budget(due if refreshable is None else due & refreshable, staleness)
-        decision = due.to(torch.uint8) + chosen.to(torch.uint8)
-        decision = broadcast_from_first(decision).cpu()  # the one host sync of a checked step
-        self._deferred = decision == _DEFERRED
-        chosen = (decision == _CHOSEN).nonzero().flatten().tolist()
+        reorthonormalize = self._reorthonormalization_due(slots) & chosen
+        decision = due.to(torch.uint8) + chosen.to(torch.uint8) + _REORTHONORMALIZE * reorthonormalize.to(torch.uint8)
+        codes = broadcast_from_first(decision).tolist()  # the one host sync of a checked step
+        self._deferred = torch.tensor([code % _REORTHONORMALIZE == _DEFERRED for code in codes], dtype=torch.bool)
+        chosen = [index for index, code in enumerate(codes) if code % _REORTHONORMALIZE == _CHOSEN]
         self.counters.checks += int(checking)
-        self._refresh(chosen, slots, self.tolerance_at(step), started)
+        due_to_reorthonormalize = {index for index, code in enumerate(codes) if code >= _REORTHONORMALIZE}
+        self._refresh(chosen, slots, self.tolerance_at(step), started, due_to_reorthonormalize)
 
-    def _refresh(self, chosen: list[int], slots: list[_Slot], tolerance: float, started: float) -> None:
+    def _reorthonormalization_due(self, slots: list[_Slot]) -> torch.Tensor:
+        """Per factor, whether its next refresh re-orthonormalises its basis (read with the decision)."""
+        groups = self.optimizer.factor_groups()
+        return torch.cat([reorthonormalization_due(groups[s.group_index].refreshes(s.dim)) for s in slots])
+
+    def _refresh(self, chosen: list[int], slots: list[_Slot], tolerance: float, started: float,
+                 reorthonormalize: set[int]) -> None:
         if not chosen:
             return
+        starts = [slot.start for slot in slots]
+        flagged = {self._position(index, slots, starts) for index in reorthonormalize}
         blocks = self._chosen_blocks(chosen, slots)
         rank, world = rank_and_world()
         groups = self.optimizer.factor_groups()
@@ -251,7 +262,7 @@ class RefreshScheduler:
         costs = [sum(groups[g].shape[dim] ** 3 for dim in dims) for (g, _), dims in blocks.items()]
         owners = dict(zip(blocks, assign_owners(costs, world)))
         mine = [(block, dims) for block, dims in blocks.items() if owners[block] == rank]
-        self._refresh_blocks(mine, groups, tolerance)
+        self._refresh_blocks(mine, groups, tolerance, flagged)
         share_rows(self._pieces(owners, groups))
         elapsed = time.perf_counter() - started
         self.counters.refreshes += len(chosen)
@@ -260,23 +271,31 @@ class RefreshScheduler:
         self.counters.seconds_here += elapsed
 
     @staticmethod
-    def _chosen_blocks(chosen: list[int], slots: list[_Slot]) -> dict[tuple[int, int], list[int]]:
+    def _position(index: int, slots: list[_Slot], starts: list[int]) -> tuple[int, int, int]:
+        """``(group_index, row, dim)`` of a flat factor index (``starts``: each slot's first index)."""
+        slot = slots[bisect.bisect_right(starts, index) - 1]
+        return slot.group_index, index - slot.start, slot.dim
+
+    @classmethod
+    def _chosen_blocks(cls, chosen: list[int], slots: list[_Slot]) -> dict[tuple[int, int], list[int]]:
         """``{(group_index, row): [dims]}`` for the chosen flat factor indices."""
-        starts = [slot.start for slot in slots]
         blocks: dict[tuple[int, int], list[int]] = {}
+        starts = [slot.start for slot in slots]
         for index in chosen:  # ascending, so each block's dims come out in ascending order
-            slot = slots[bisect.bisect_right(starts, index) - 1]
-            blocks.setdefault((slot.group_index, index - slot.start), []).append(slot.dim)
+            group_index, row, dim = cls._position(index, slots, starts)
+            blocks.setdefault((group_index, row), []).append(dim)
         return dict(sorted(blocks.items()))
 
-    def _refresh_blocks(self, mine, groups: list[FactorGroup], tolerance: float) -> None:
+    def _refresh_blocks(self, mine, groups: list[FactorGroup], tolerance: float,
+                        flagged: set[tuple[int, int, int]]) -> None:
         by_stack: dict[tuple[int, int], list[int]] = {}
         for (group_index, row), dims in mine:
             for dim in dims:
                 by_stack.setdefault((group_index, dim), []).append(row)
         for (group_index, dim), rows in sorted(by_stack.items()):
             self.optimizer.refresh_rows(groups[group_index], dim, rows, tolerance=tolerance,
-                                        max_iters=getattr(self.policy, "max_iters", 1))
+                                        max_iters=getattr(self.policy, "max_iters", 1),
+                                        reorthonormalize=[(group_index, row, dim) in flagged for row in rows])
 
     @staticmethod
     def _pieces(owners: dict[tuple[int, int], int], groups: list[FactorGroup]) -> list[OwnedRows]:
