@@ -1,0 +1,30 @@
+"""scripts/bench_gpu.py runs end to end (on the CPU, a toy GPT-2): every chosen row is timed, the
+table compares with fused AdamW, and the JSON holds the same rows. CI has no GPU; on a CUDA machine
+the same command without ``--device cpu --tiny`` is the benchmark of docs/benchmarks.md."""
+
+import json
+
+import pytest
+
+from scripts import bench_gpu
+
+
+def test_bench_gpu_smoke_run_prints_and_writes_every_row(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "bench.json"
+    assert bench_gpu.main(["--device", "cpu", "--tiny", "--batch", "2", "--steps", "2", "--warmup", "1",
+                           "--every", "2", "--only", "fused", "every=2, fp32", "--json", str(out)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split("|")[1].strip() for row in rows] == ["torch AdamW (fused)", "SOAP every=2, fp32"]
+    saved = json.loads(out.read_text())
+    assert [row["name"] for row in saved["rows"]] == ["torch AdamW (fused)", "SOAP every=2, fp32"]
+    fused, soap = saved["rows"]
+    assert fused["vs_fused_adamw"] == pytest.approx(1.0) and soap["median_ms"] > 0 and soap["state_mb"] > fused["state_mb"]
+
+
+def test_bench_gpu_refuses_a_missing_gpu_and_an_empty_selection(monkeypatch):
+    monkeypatch.setattr(bench_gpu.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        bench_gpu.main(["--steps", "1"])
+    with pytest.raises(SystemExit, match="matches no row"):
+        bench_gpu.main(["--device", "cpu", "--tiny", "--only", "lion"])
