@@ -36,6 +36,8 @@ from scripts.bench_step import rival_rows, state_megabytes
 
 @dataclass
 class Row:
+    """One row's figures (milliseconds, megabytes; ``peak_mb`` only on CUDA)."""
+
     name: str
     median_ms: float
     amortized_ms: float
@@ -67,7 +69,7 @@ def tf32(enabled: bool):
 
 
 def candidates(max_precond_dim: int, every: int) -> dict[str, tuple[Callable, bool]]:
-    """``name -> (factory(named_parameters), tf32)``."""
+    """The rows: ``name -> (factory(named_parameters), whether TF32 matmuls are on)``."""
     common = dict(max_precond_dim=max_precond_dim)
     fixed = lambda: lk.FixedRefresh(every=every)  # noqa: E731
     rows: dict[str, tuple[Callable, bool]] = {
@@ -133,6 +135,7 @@ def bench_row(name: str, factory: Callable, use_tf32: bool, args, device: torch.
 
 
 def run(args) -> list[Row]:
+    """Every selected row in turn on its own model copy; ratios against the fused AdamW row."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA device (use --device cpu --tiny for a smoke run)")
@@ -156,6 +159,7 @@ def run(args) -> list[Row]:
 
 
 def table(results: list[Row]) -> str:
+    """The rows as a Markdown table (what docs/benchmarks.md records)."""
     lines = ["| row | total step, median (ms) | amortized (ms) | optimizer step, median (ms) | vs fused AdamW | state (MB) | peak (MB) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in results:
@@ -167,6 +171,7 @@ def table(results: list[Row]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Parse the options, refuse bad ones in one line, run, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer toy GPT-2 (smoke runs, CPU)")
