@@ -16,13 +16,13 @@ def run(policy, steps: int = 12, **scheduler_options):
     optimizer = SOAP([(f"net.{n}", p) for n, p in net.named_parameters()], lr=1e-2)
     records = []
     scheduler = RefreshScheduler(optimizer, policy, **scheduler_options)
-    decide = optimizer.in_step_refresh_owner
+    decide = scheduler.in_step
 
     def recording_owner():  # sees the staleness the in-step decision is made on
         records.append({i.name: i.staleness for i in optimizer.factors()})
         return decide()
 
-    optimizer.in_step_refresh_owner = recording_owner
+    scheduler.in_step = recording_owner
 
     def note_refreshed():
         records[-1]["refreshed"] = {i.name for i in optimizer.factors() if i.steps_since_refresh == 0}
@@ -124,7 +124,7 @@ def test_owner_refreshes_inside_the_step_like_the_optimizers_own_policy():
         if owner != "optimizer":
             RefreshScheduler(optimizer)
         if owner == "after step":
-            optimizer.in_step_refresh_owner = None  # only the post-hook decides
+            optimizer.scheduler.in_step = lambda: []  # decides nothing in the step: the post-hook decides
         _train(optimizer, net)
         nets.append(net)
         optimizers.append(optimizer)
@@ -140,8 +140,8 @@ def test_a_partly_gradded_step_leaves_the_decision_to_the_post_hook():
     optimizer = SOAP(net.named_parameters(), lr=1e-2)
     scheduler = RefreshScheduler(optimizer, FixedRefresh(every=1))
     calls = []
-    decide = optimizer.in_step_refresh_owner
-    optimizer.in_step_refresh_owner = lambda: calls.append(optimizer.global_step) or decide()
+    decide = scheduler.in_step
+    scheduler.in_step = lambda: calls.append(optimizer.global_step) or decide()
     for step in range(3):
         optimizer.zero_grad()
         net(torch.randn(8, 4)).square().mean().backward()

@@ -206,10 +206,8 @@ class KronOptimizer(torch.optim.Optimizer):
         self.statistics_dtype = statistics_dtype
         self.rotation_dtype = rotation_dtype
         self.statistics_product_dtype = statistics_product_dtype
-        #: ``callable() -> groups`` run inside ``step`` after the statistics update (see
-        #: ``_run_in_step_owner``); returns the factor groups whose bases it changed (on any rank).
-        #: Set by the RefreshScheduler in charge (:attr:`scheduler`).
-        self.in_step_refresh_owner: Optional[Callable[[], Iterable[FactorGroup]]] = None
+        #: The RefreshScheduler in charge: :attr:`own_scheduler`, or an owner's while attached. Its
+        #: ``in_step()`` runs inside ``step`` after the statistics update (``_run_scheduler``).
         self.scheduler: Optional[RefreshScheduler] = None
         self.step_finite: dict[int, torch.Tensor] = {}
         self.global_step = 0
@@ -362,26 +360,25 @@ class KronOptimizer(torch.optim.Optimizer):
         self.global_step += 1
         pending = self._gather_and_update_statistics(groups)
         self._first_refresh(pending)
-        self._run_in_step_owner(pending)
+        self._run_scheduler(pending)
         for item in pending:
             self._finish(item)
         return loss
 
-    def _run_in_step_owner(self, pending: list[_PendingGroup]) -> None:
-        """Let an external owner refresh between the statistics and the moment update.
+    def _run_scheduler(self, pending: list[_PendingGroup]) -> None:
+        """Let the scheduler decide and refresh between the statistics and the moment update.
 
         Measured on the GPT recipe: refreshing here rather than after the step (the moments then
         take this step's gradient already in the new basis, instead of carrying it through the
         squared-rotation approximation) ends 0.7% lower at every=10. The gradients in flight of
         the groups it refreshed are rotated again from scratch: simpler than carrying each
         rotation over, and identical on every DDP rank whoever computed the refresh. Steps where some
-        stack is only partly gradded (a copy of its rows is in flight) leave the owner to its
+        stack is only partly gradded (a copy of its rows is in flight) leave the scheduler to its
         post-step hook instead.
         """
-        owner = self.in_step_refresh_owner
-        if owner is None or any(item.rows is not None for item in pending):
+        if self.scheduler is None or any(item.rows is not None for item in pending):
             return
-        refreshed = {id(group) for group in owner()}
+        refreshed = {id(group) for group in self.scheduler.in_step()}
         for item in pending:
             if id(item.group) in refreshed:
                 item.rotated = item.group.rotate_in(item.grad)

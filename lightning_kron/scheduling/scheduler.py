@@ -129,12 +129,12 @@ class RefreshScheduler:
 
     def _attach(self) -> None:
         self.optimizer.scheduler = self
-        self.optimizer.in_step_refresh_owner = self.in_step
         self._handle = self.optimizer.register_step_post_hook(lambda *_: self.after_step())
 
     def _release(self) -> None:
         self._handle.remove()
-        self.optimizer.in_step_refresh_owner = None
+        if self.optimizer.scheduler is self:
+            self.optimizer.scheduler = None
 
     def detach(self) -> None:
         """Hand the decision back to the scheduler this one replaced (the optimizer's own)."""
