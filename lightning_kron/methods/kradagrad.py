@@ -117,12 +117,11 @@ from lightning_kron.methods.inverse_factor_update import (
     krad_update,
     positive_definite,
 )
-from lightning_kron.methods.kron_optimizer import StepHyperparameters
+from lightning_kron.methods.kron_optimizer import StepHyperparameters, bias_correction
 from lightning_kron.methods.root_preconditioner import (
     RootPreconditionedOptimizer,
     scale_modes,
 )
-from lightning_kron.methods.soap import bias_correction
 from lightning_kron.scheduling.policies import FixedRefresh
 
 VARIANTS = ("star", "alternating")
@@ -303,8 +302,7 @@ class KrADagrad(RootPreconditionedOptimizer):
             if self.variant == "alternating":  # the step bound (module docstring)
                 quadratic = direction.float().square().flatten(1).sum(1)  # m^T (X_k x ... x X_1) m, per member
                 if hyper.shampoo_beta < 1:  # the root is of the bias-corrected EMA: m enters it with this weight
-                    step = group.steps.to(quadratic.dtype)
-                    quadratic = quadratic * (1.0 - hyper.shampoo_beta) / (1.0 - torch.pow(hyper.shampoo_beta, step))
+                    quadratic = quadratic * (1.0 - hyper.shampoo_beta) / bias_correction(hyper.shampoo_beta, group.steps, quadratic)
                 shrink = (1.0 + quadratic).rsqrt().to(direction.dtype)
                 direction = direction * shrink.reshape(-1, *[1] * (direction.dim() - 1))
             return direction

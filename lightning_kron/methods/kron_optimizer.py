@@ -51,6 +51,13 @@ META_KEY = "lightning_kron"
 _GENERATED_NAME = re.compile(r"group\d+\.param\d+")  # what _split_named calls an unnamed parameter
 
 
+def bias_correction(beta: float, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``1 - beta^t`` per member (``step``: the group's per-member step counts), shaped to
+    broadcast over a ``[N, ...]`` stack like ``like``; shared by every method's EMAs."""
+    correction = (1.0 - torch.pow(beta, step.double())).to(like.dtype)
+    return correction.reshape(-1, *([1] * (like.dim() - 1)))
+
+
 @dataclass(frozen=True)
 class StepHyperparameters:
     """The per-parameter-group numbers one step needs, read fresh each step (LR schedulers).

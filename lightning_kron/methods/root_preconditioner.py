@@ -21,8 +21,11 @@ import torch
 from lightning_kron.engine.factor_group import FactorGroup
 from lightning_kron.engine.validation import check_choice, check_nonnegative
 from lightning_kron.methods.grafting import GRAFTS, graft_direction, graft_norm
-from lightning_kron.methods.kron_optimizer import KronOptimizer, StepHyperparameters
-from lightning_kron.methods.soap import bias_correction
+from lightning_kron.methods.kron_optimizer import (
+    KronOptimizer,
+    StepHyperparameters,
+    bias_correction,
+)
 
 
 def scale_modes(rotated: torch.Tensor, scales: Mapping[int, torch.Tensor]) -> torch.Tensor:

@@ -20,9 +20,8 @@ import torch
 
 from lightning_kron.engine.factor_group import FactorGroup
 from lightning_kron.methods.grafting import graft_direction
-from lightning_kron.methods.kron_optimizer import StepHyperparameters
+from lightning_kron.methods.kron_optimizer import StepHyperparameters, bias_correction
 from lightning_kron.methods.root_preconditioner import RootPreconditionedOptimizer
-from lightning_kron.methods.soap import bias_correction
 
 
 class Shampoo(RootPreconditionedOptimizer):

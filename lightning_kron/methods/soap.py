@@ -28,16 +28,14 @@ import torch
 from lightning_kron.engine.basis_change import permute_buffer, rotate_buffer
 from lightning_kron.engine.factor_group import FactorGroup
 from lightning_kron.engine.validation import check_choice
-from lightning_kron.methods.kron_optimizer import KronOptimizer, StepHyperparameters
+from lightning_kron.methods.kron_optimizer import (
+    KronOptimizer,
+    StepHyperparameters,
+    bias_correction,
+)
 from lightning_kron.scheduling.policies import AdaptiveRefresh, FixedRefresh
 
 SECOND_MOMENT_ON_REFRESH = ("keep", "rotate")
-
-
-def bias_correction(beta: float, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``1 - beta^t`` per member, shaped to broadcast over a ``[N, ...]`` stack."""
-    correction = (1.0 - torch.pow(beta, step.double())).to(like.dtype)
-    return correction.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 class EigenvalueCorrectedOptimizer(KronOptimizer):
