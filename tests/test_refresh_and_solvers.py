@@ -357,3 +357,23 @@ def test_bf16_rotations_work_when_state_is_made_under_inference_mode():
             optimizer.step()
     group = optimizer.factor_groups()[0]
     assert group.basis(0).is_inference() and bool(group.tensors["refreshes.0"].gt(1).all())
+
+
+@pytest.mark.parametrize("max_iters", [1, 3])
+def test_a_member_whose_warm_qr_fails_keeps_its_basis_and_the_others_refresh(max_iters):
+    """No host round trip to retry a failed member: it keeps its basis (identity rotation, its own B,
+    no re-ranking) over every QR iteration, and the rest of the batch is refreshed as usual."""
+    from lightning_kron.engine import basis_refresh
+
+    generator = torch.Generator().manual_seed(0)
+    factors = torch.stack([_random_spd(5, generator).float() for _ in range(3)])
+    factors[1, 0, 0] = float("nan")
+    request = basis_refresh.RefreshRequest(max_iters=max_iters, tolerance=0.0)
+    rotation, new_stats, ok, order = basis_refresh._warm_qr(factors.clone(), request)
+    assert ok.tolist() == [True, False, True]
+    assert torch.equal(rotation[1], torch.eye(5)) and order[1].tolist() == list(range(5))
+    assert torch.equal(new_stats[1].nan_to_num(), factors[1].nan_to_num())
+    for member in (0, 2):
+        torch.testing.assert_close(rotation[member].T @ factors[member] @ rotation[member], new_stats[member],
+                                   rtol=1e-4, atol=1e-4)
+        assert staleness(new_stats[member:member + 1])[0] < staleness(factors[member:member + 1])[0]

@@ -72,6 +72,7 @@ def _warm_qr(stats: torch.Tensor, request: RefreshRequest, criterion=staleness):
     """Sorted power steps, repeated while any member is above tolerance (up to ``max_iters``)."""
     orth = ORTHONORMALIZERS[request.orthonormalizer]
     rotation = order = None
+    original = stats
     failed = torch.zeros(stats.shape[0], dtype=torch.bool, device=stats.device)
     for iteration in range(request.max_iters):
         step_order = descending_diagonal_order(stats)
@@ -82,8 +83,14 @@ def _warm_qr(stats: torch.Tensor, request: RefreshRequest, criterion=staleness):
         last = iteration + 1 == request.max_iters
         if last or not bool((criterion(stats) > request.tolerance).any()):
             break
-    # a failed member kept its basis (identity rotation), so nothing it carries is re-ranked either
-    return rotation, stats, ~failed, torch.where(failed[:, None], _identity_order(order), order)
+    # a member that failed in any iteration keeps its basis: identity rotation, its B, no re-ranking
+    # (after one iteration the QR step already returned the identity and the old B for it)
+    keep = ~failed
+    if request.max_iters > 1:
+        eye = torch.eye(rotation.shape[-1], dtype=rotation.dtype, device=rotation.device)
+        rotation = torch.where(keep[:, None, None], rotation, eye)
+        stats = torch.where(keep[:, None, None], stats, original)
+    return rotation, stats, keep, torch.where(keep[:, None], order, _identity_order(order))
 
 
 def refresh_factor(
