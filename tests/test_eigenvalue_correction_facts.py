@@ -15,22 +15,41 @@ def _orthogonal(size: int, generator: torch.Generator) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))
 
 
-def test_identity_bases_reproduce_adamw():
+def _identity_bases_against(torch_optimizer, after_step=lambda params: None, **soap_options) -> None:
+    """SOAP with every basis the identity against a torch optimizer (``after_step`` runs after
+    each of its steps), 40 steps on a small regression."""
     torch.manual_seed(3)
     reference = nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3))
     candidate = nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3))
     candidate.load_state_dict(reference.state_dict())
-    adamw = torch.optim.AdamW(reference.parameters(), lr=3e-3, betas=(0.9, 0.98), eps=1e-7, weight_decay=0.1)
+    torch_optimizer = torch_optimizer(reference.parameters())
     soap = lk.SOAP(candidate.parameters(), lr=3e-3, betas=(0.9, 0.98), eps=1e-7, weight_decay=0.1,
-                   start_preconditioning_step=10**9)
+                   start_preconditioning_step=10**9, **soap_options)
     inputs, targets = torch.randn(32, 7), torch.randn(32, 3)
     for _ in range(40):
-        for model, optimizer in ((reference, adamw), (candidate, soap)):
+        for model, optimizer in ((reference, torch_optimizer), (candidate, soap)):
             optimizer.zero_grad()
             (model(inputs) - targets).square().mean().backward()
             optimizer.step()
+        with torch.no_grad():
+            after_step(list(reference.parameters()))
     for a, b in zip(reference.parameters(), candidate.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_identity_bases_reproduce_adamw():
+    _identity_bases_against(lambda params: torch.optim.AdamW(params, lr=3e-3, betas=(0.9, 0.98), eps=1e-7,
+                                                             weight_decay=0.1))
+
+
+def test_decay_after_the_update_is_adam_then_decay():
+    """``weight_decay_mode="decoupled_after_update"`` (the SOAP reference's order) decays the
+    updated weights: W <- (W - lr D)(1 - lr wd)."""
+    def decay(params):
+        torch._foreach_mul_(params, 1.0 - 3e-3 * 0.1)
+
+    _identity_bases_against(lambda params: torch.optim.Adam(params, lr=3e-3, betas=(0.9, 0.98), eps=1e-7),
+                            decay, weight_decay_mode="decoupled_after_update")
 
 
 def test_kronecker_covariance_is_recovered():

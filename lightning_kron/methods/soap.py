@@ -27,7 +27,7 @@ import torch
 
 from lightning_kron.engine.basis_change import permute_buffer, rotate_buffer
 from lightning_kron.engine.factor_group import FactorGroup
-from lightning_kron.engine.validation import check_choice
+from lightning_kron.engine.validation import check_choice, check_flag
 from lightning_kron.methods.kron_optimizer import (
     KronOptimizer,
     StepHyperparameters,
@@ -36,6 +36,15 @@ from lightning_kron.methods.kron_optimizer import (
 from lightning_kron.scheduling.policies import AdaptiveRefresh, FixedRefresh
 
 SECOND_MOMENT_ON_REFRESH = ("keep", "rotate")
+#: ``SOAP(params, lr, betas, eps, weight_decay, **REFERENCE_OPTIONS)`` computes the trajectory of the
+#: SOAP authors' code (as ported by ``pytorch_optimizer.SOAP``, at its defaults) to float round-off
+#: (tests/test_reference_parity.py); each entry undoes one deliberate deviation (docs/algorithms.md,
+#: "Deviations from the reference SOAP"). Override ``refresh`` for another precondition_frequency.
+REFERENCE_OPTIONS = dict(
+    merge_dims=False, max_precond_dim=10000, second_moment_on_refresh="keep", refresh_timing="after_step",
+    update_at_start=False, bias_corrected_eps=False, weight_decay_mode="decoupled_after_update",
+    refresh=FixedRefresh(every=10), solver="qr",
+)
 
 
 class EigenvalueCorrectedOptimizer(KronOptimizer):
@@ -45,9 +54,14 @@ class EigenvalueCorrectedOptimizer(KronOptimizer):
 
     def __init__(self, params: Any, lr: float, betas, eps: float, weight_decay: float, *,
                  shampoo_beta: Optional[float] = None, weight_decay_mode: str = "decoupled",
-                 second_moment_on_refresh: str = "rotate", **options: Any) -> None:
+                 second_moment_on_refresh: str = "rotate", update_at_start: bool = True,
+                 bias_corrected_eps: bool = True, **options: Any) -> None:
         check_choice("second_moment_on_refresh", second_moment_on_refresh, SECOND_MOMENT_ON_REFRESH)
+        check_flag("update_at_start", update_at_start)
+        check_flag("bias_corrected_eps", bias_corrected_eps)
         self.second_moment_on_refresh = second_moment_on_refresh
+        self.update_at_start = update_at_start
+        self.bias_corrected_eps = bias_corrected_eps
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         weight_decay_mode=weight_decay_mode, shampoo_beta=shampoo_beta)
         super().__init__(params, defaults, **options)
@@ -70,13 +84,25 @@ class EigenvalueCorrectedOptimizer(KronOptimizer):
             tiny = torch.finfo(c1.dtype).tiny  # (below 1 - beta for every step that happened)
             c1, c2 = c1.clamp_min_(tiny), c2.clamp_min_(tiny)
         root_c2 = c2.sqrt_()
-        normalized = exp_avg_sq.sqrt().add_(root_c2 * hyper.eps)
+        normalized = exp_avg_sq.sqrt().add_(root_c2 * hyper.eps if self.bias_corrected_eps else hyper.eps)
         torch.div(exp_avg, normalized, out=normalized)
         scale = root_c2 / c1
         if hyper.finite is not None:  # the skip mask rides on the per-member scale: no extra pass
             scale.mul_(hyper.weight(1.0, scale))
         normalized.mul_(scale)
         return group.rotate_out(normalized, keep_rotation_dtype=True)
+
+    def _finish(self, item) -> None:
+        """With ``update_at_start=False`` the step at ``start_preconditioning_step`` ends here: its
+        gradient went into the statistics and the exact first bases only (the SOAP reference's first
+        step). Its step count is taken back, so Adam's bias correction counts the moment updates."""
+        if self.update_at_start or self.global_step != self.start_preconditioning_step:
+            super()._finish(item)
+            return
+        taken = 1 if item.hyper.finite is None else item.hyper.finite.long()
+        item.group.steps.sub_(taken)
+        if item.rows is not None:
+            item.source.absorb(item.group, item.rows)
 
     def permute_rows(self, group, rows, dim, order) -> None:
         if self.second_moment_on_refresh == "keep":
@@ -109,6 +135,13 @@ class SOAP(EigenvalueCorrectedOptimizer):
             the GPT recipe (docs/benchmarks.md, "Optimizer step cost").
         merge_dims, precondition_1d, start_preconditioning_step, statistics_dtype, nonfinite,
         second_moment_on_refresh ("keep" or "rotate"): see docs/algorithms.md §2.
+        update_at_start: False makes the step at ``start_preconditioning_step`` only set the
+            statistics and the exact bases, with no moment or parameter update (the reference).
+        bias_corrected_eps: False adds ``eps`` to the raw ``sqrt(V)``, with the bias correction
+            in the step size (the reference; default: to ``sqrt(V / c2)``, as AdamW).
+        refresh_timing ("in_step" or "after_step"), weight_decay_mode ("decoupled", "l2" or
+            "decoupled_after_update"): see docs/optimizers.md. :data:`REFERENCE_OPTIONS` sets all
+            of them to the SOAP reference code's choices.
 
     >>> import torch
     >>> model = torch.nn.Linear(8, 4)
