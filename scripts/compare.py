@@ -89,6 +89,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--context-length", type=int, default=128, help="GPT only")
     parser.add_argument("--lr", action="append", default=[], metavar="NAME=LR", help="override one optimizer's lr")
+    parser.add_argument("--options", action="append", default=[], metavar="NAME=JSON",
+                        help="extra keyword arguments of one optimizer, a JSON object, e.g. "
+                             "soap='{\"second_moment_on_refresh\": \"rotate\"}'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
@@ -129,13 +132,33 @@ def select_contenders(args: argparse.Namespace) -> list[Contender]:
             raise RecipeInputError(f"--lr expects NAME=LR with NAME one of {', '.join(known)} and LR a positive "
                                    f"number, got {item!r}")
         overrides[name] = lr
+    options = _option_overrides(args.options, known)
     chosen = []
     for key in wanted:
         contender = known[key]
         if key in overrides:
             contender = replace(contender, optimizer=contender.optimizer.replace(lr=overrides[key]))
+        if key in options:  # validated by OptimizerConfig: an unknown key fails here, in one line
+            merged = {**contender.optimizer.options, **options[key]}
+            contender = replace(contender, optimizer=contender.optimizer.replace(options=merged))
         chosen.append(contender)
     return chosen
+
+
+def _option_overrides(items: list[str], known: dict[str, Contender]) -> dict[str, dict]:
+    """``--options NAME=JSON`` items as ``{name: options}``; malformed ones -> RecipeInputError."""
+    overrides = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        if name not in known or not isinstance(value, dict):
+            raise RecipeInputError(f"--options expects NAME=JSON with NAME one of {', '.join(known)} and JSON an "
+                                   f"object of optimizer keyword arguments, got {item!r}")
+        overrides[name] = {**overrides.get(name, {}), **value}
+    return overrides
 
 
 def build_recipe(args: argparse.Namespace, optimizer: OptimizerConfig) -> tuple[L.LightningModule, L.LightningDataModule]:

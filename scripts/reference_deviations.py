@@ -1,18 +1,19 @@
 """What each deliberate deviation of our SOAP from the reference SOAP code costs or buys.
 
 ``pytorch_optimizer.SOAP`` (a port of the SOAP authors' code) and ``lk.SOAP`` in the *matched*
-configuration (:data:`MATCHED`: ``lightning_kron.methods.soap.REFERENCE_OPTIONS``) compute the same trajectory to float round-off
-(tests/test_reference_parity.py). Starting from there, this script switches on our deviations one at
+configuration (:data:`MATCHED`: ``lightning_kron.methods.soap.REFERENCE_OPTIONS``) compute the
+same trajectory to float round-off (tests/test_reference_parity.py). Starting from there, this script switches on our deviations one at
 a time ("matched + X"), switches them all on (our defaults before issue 11, :data:`OLD_DEFAULTS`)
 and off again one at a time ("old defaults - X"), and runs ``lk.SOAP`` at its current defaults, all
 at the reference's hyperparameters (lr 3e-3, betas (0.95, 0.95), eps 1e-8, no weight decay) and the
 same refresh clock, on the small models of ``scripts/small_models.py``. It prints one markdown table
 per refresh period and metric: the final validation (or training) loss per model, mean over seeds,
-and its difference to the reference. docs/adaptive-refresh.md ("Deviations from the reference SOAP") was made with::
+and its difference to the reference. docs/algorithms.md ("Deviations from the reference SOAP") was
+made with::
 
     python -m scripts.reference_deviations --seeds 0 1 2 --every 10 1
 
-(about 25 minutes on one core). ``--tasks``, ``--configs`` and ``--steps`` narrow it down;
+(about an hour on one loaded core). ``--tasks``, ``--configs`` and ``--steps`` narrow it down;
 ``--json PATH`` also writes every run's figures.
 """
 
@@ -161,7 +162,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [config for config in configs() if args.configs is None or config.key in args.configs]
-    runs = [(every, task, row, seed) for every in args.every for task in args.tasks for row in rows for seed in args.seeds]
+    runs = [(every, task, row, seed)
+            for every in args.every for task in args.tasks for row in rows for seed in args.seeds]
     results = [train(task, row, every, seed, args.steps)
                for every, task, row, seed in tqdm(runs, desc="runs", disable=args.no_progress)]
     print("\n\n".join(table(results, rows, args.tasks, every, metric)

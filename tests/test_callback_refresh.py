@@ -13,7 +13,7 @@ from lightning_kron.scheduling.tolerance_schedule import LinearRamp, TighterEarl
 def run(policy, steps: int = 12, **scheduler_options):
     """A plain loop with a RefreshScheduler; returns (net, optimizer, scheduler, per-step records)."""
     net = make_net()
-    optimizer = SOAP([(f"net.{n}", p) for n, p in net.named_parameters()], lr=1e-2)
+    optimizer = SOAP([(f"net.{n}", p) for n, p in net.named_parameters()], lr=1e-2, refresh_timing="in_step")
     records = []
     scheduler = RefreshScheduler(optimizer, policy, **scheduler_options)
     decide = scheduler.in_step
@@ -117,10 +117,14 @@ def test_fractional_schedules_need_a_known_training_length():
 
 
 def test_owner_refreshes_inside_the_step_like_the_optimizers_own_policy():
+    """An owner's scheduler refreshes where the optimizer's own would: in the step, or with
+    ``refresh_timing="after_step"`` (SOAP's default) from the post-hook, exactly as a scheduler
+    whose in-step window is shut."""
     nets, optimizers = [], []
-    for owner in ("optimizer", "in step", "after step"):
+    for owner, timing in (("optimizer", "in_step"), ("in step", "in_step"), ("after step", "in_step"),
+                          ("optimizer", "after_step")):
         net = make_net()
-        optimizer = SOAP(net.named_parameters(), lr=1e-2, refresh=FixedRefresh(every=3))
+        optimizer = SOAP(net.named_parameters(), lr=1e-2, refresh=FixedRefresh(every=3), refresh_timing=timing)
         if owner != "optimizer":
             RefreshScheduler(optimizer)
         if owner == "after step":
@@ -129,15 +133,17 @@ def test_owner_refreshes_inside_the_step_like_the_optimizers_own_policy():
         nets.append(net)
         optimizers.append(optimizer)
     gap = lambda a, b: max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
-    own, in_step, after = nets
+    own, in_step, after, own_after = nets
     assert gap(own, in_step) < 1e-5 < gap(own, after)
+    assert gap(own_after, after) < 1e-5
     assert [i.refreshes for i in optimizers[0].factors()] == [i.refreshes for i in optimizers[1].factors()]
+    assert [i.refreshes for i in optimizers[3].factors()] == [i.refreshes for i in optimizers[2].factors()]
 
 
 def test_a_partly_gradded_step_leaves_the_decision_to_the_post_hook():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))  # one stack of two
-    optimizer = SOAP(net.named_parameters(), lr=1e-2)
+    optimizer = SOAP(net.named_parameters(), lr=1e-2, refresh_timing="in_step")
     scheduler = RefreshScheduler(optimizer, FixedRefresh(every=1))
     calls = []
     decide = scheduler.in_step
@@ -159,7 +165,7 @@ def test_only_the_groups_refreshed_in_the_step_rotate_their_gradient_again(monke
     original = FactorGroup.rotate_in
     monkeypatch.setattr(FactorGroup, "rotate_in", lambda group, x, **kw: calls.append(group) or original(group, x, **kw))
     net = make_net()
-    optimizer = SOAP(net.named_parameters(), lr=1e-2)
+    optimizer = SOAP(net.named_parameters(), lr=1e-2, refresh_timing="in_step")
     scheduler = RefreshScheduler(optimizer, FixedRefresh(every=1))
     _train(optimizer, net, steps=2)  # step 2 refreshes every factor: each factored stack once more
     stacks = len(optimizer.factor_groups())

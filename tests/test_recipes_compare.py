@@ -119,6 +119,20 @@ def test_plots_keep_one_colour_per_optimizer_a_legend_per_panel_and_no_hidden_li
             matplotlib.pyplot.close(figure)
 
 
+def test_options_override_reaches_the_contender_and_bad_ones_are_one_error_line(capsys):
+    args = compare.parse_args(["--optimizers", "soap", "--options", 'soap={"second_moment_on_refresh": "rotate"}',
+                               "--options", 'soap={"refresh_timing": "in_step"}'])
+    (soap,) = compare.select_contenders(args)
+    assert soap.optimizer.options["second_moment_on_refresh"] == "rotate"
+    assert soap.optimizer.options["refresh_timing"] == "in_step"
+    assert soap.optimizer.replace(options={}) == compare.CONTENDERS[1].optimizer  # nothing else changed
+    for bad, message in (("soap=[1]", "--options expects NAME=JSON"), ("lion={}", "--options expects NAME=JSON"),
+                         ('soap={"second_moment_on_refresh": "mix"}', "second_moment_on_refresh must be one of")):
+        assert compare.main(["--optimizers", "soap", "--options", bad, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
 def test_lr_override_reaches_the_contender():
     args = compare.parse_args(["--optimizers", "soap,adamw", "--lr", "soap=0.01"])
     chosen = compare.select_contenders(args)

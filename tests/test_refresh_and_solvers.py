@@ -226,15 +226,16 @@ def test_invalid_policy_arguments(kwargs, match):
         lk.FixedRefresh(every=0)
 
 
+@pytest.mark.parametrize("timing", ["in_step", "after_step"])
 @pytest.mark.parametrize("solver", ["qr", "eigh"])
-def test_refreshes_keep_factors_and_moments_consistent_with_parameter_space(solver):
-    """Through many in-step refreshes (sorts, QR steps, rotations), Q B Q^T stays the parameter-space
-    factor and the rotated first moment rotated back stays the parameter-space momentum."""
+def test_refreshes_keep_factors_and_moments_consistent_with_parameter_space(solver, timing):
+    """Through many refreshes (sorts, QR steps, rotations), in or after the step, Q B Q^T stays the
+    parameter-space factor and the rotated first moment rotated back stays the parameter-space momentum."""
     generator = torch.Generator().manual_seed(11)
     param = nn.Parameter(torch.zeros(5, 4, dtype=torch.float64))
     beta1, beta_s = 0.8, 0.9
     optimizer = lk.SOAP([param], lr=0.0, betas=(beta1, 0.95), shampoo_beta=beta_s, solver=solver,
-                        refresh=lk.FixedRefresh(every=2), weight_decay=0.0)
+                        refresh=lk.FixedRefresh(every=2), weight_decay=0.0, refresh_timing=timing)
     left, right = torch.zeros(5, 5, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64)
     momentum = torch.zeros(5, 4, dtype=torch.float64)
     for step in range(40):
@@ -278,7 +279,8 @@ def test_second_moment_follows_the_eigenvalue_ranking_and_first_moment_the_rotat
 
 def test_rotated_second_moment_uses_the_squared_rotation():
     param = nn.Parameter(torch.zeros(2, 1, dtype=torch.float64))
-    optimizer = lk.SOAP([param], lr=0.0, solver="eigh", refresh=lk.FixedRefresh(every=1000), precondition_1d=True)
+    optimizer = lk.SOAP([param], lr=0.0, solver="eigh", refresh=lk.FixedRefresh(every=1000), precondition_1d=True,
+                        second_moment_on_refresh="rotate")
     set_grads([param], [torch.tensor([[1.0], [0.0]], dtype=torch.float64)])
     optimizer.step()
     state = optimizer.state[param]

@@ -222,7 +222,8 @@ class KronOptimizer(torch.optim.Optimizer):
         self.statistics_product_dtype = statistics_product_dtype
         self.refresh_timing = refresh_timing
         #: The RefreshScheduler in charge: :attr:`own_scheduler`, or an owner's while attached. Its
-        #: ``in_step()`` runs inside ``step`` after the statistics update (``_run_scheduler``).
+        #: ``in_step()`` runs inside ``step`` after the statistics update (``_run_scheduler``), or
+        #: its post-step hook after the step (``refresh_timing="after_step"``).
         self.scheduler: Optional[RefreshScheduler] = None
         self.step_finite: dict[int, torch.Tensor] = {}
         self.global_step = 0
@@ -384,9 +385,11 @@ class KronOptimizer(torch.optim.Optimizer):
     def _run_scheduler(self, pending: list[_PendingGroup]) -> None:
         """Let the scheduler decide and refresh between the statistics and the moment update.
 
-        Measured on the GPT recipe: refreshing here rather than after the step (the moments then
-        take this step's gradient already in the new basis, instead of carrying it through the
-        squared-rotation approximation) ends 0.7% lower at every=10. The gradients in flight of
+        With the squared-rotation carry-over of SOAP's V, measured on the GPT recipe: refreshing here
+        rather than after the step (the moments then take this step's gradient already in the new
+        basis, instead of carrying it through the squared-rotation approximation) ends 0.7% lower at
+        every=10. With the positional carry-over the other order wins, and refreshing here can
+        diverge (docs/algorithms.md, "Deviations from the reference SOAP"). The gradients in flight of
         the groups it refreshed are rotated again from scratch: simpler than carrying each
         rotation over, and identical on every DDP rank whoever computed the refresh. Steps where some
         stack is only partly gradded (a copy of its rows is in flight) leave the scheduler to its
@@ -394,7 +397,8 @@ class KronOptimizer(torch.optim.Optimizer):
         reference's order: the step is taken in the old bases, then the refreshed factors include
         this step's gradient and the moments are carried into the new bases).
         """
-        if self.refresh_timing == "after_step" or self.scheduler is None or any(item.rows is not None for item in pending):
+        after_step = self.refresh_timing == "after_step"
+        if after_step or self.scheduler is None or any(item.rows is not None for item in pending):
             return
         refreshed = {id(group) for group in self.scheduler.in_step()}
         for item in pending:
