@@ -13,9 +13,10 @@ factor stored in its own eigenbasis, which makes the staleness criterion free), 
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -73,6 +74,10 @@ class FactorGroup:
         #: factored dims refreshed at least once (host-side, so a refresh needs no sync to know
         #: whether it starts from the identity); shared with subsets, rebuilt on load
         self.refreshed_dims: set[int] = set()
+        #: optimizer steps in which every member had a gradient (host-side; see
+        #: ``KronOptimizer._shared_step``): stacks of one parameter group with equal counts have
+        #: equal per-member step counts, so they can share one bias correction
+        self.host_steps = 0
         self._low_bases: dict[int, tuple] = {}
         self._allocate_factors()
 
@@ -171,10 +176,6 @@ class FactorGroup:
         return len(self.members)
 
     # ----------------------------------------------------------------- data movement
-    def gather_grads(self) -> torch.Tensor:
-        grads = torch.stack([member.grad_block() for member in self.members])
-        return grads.to(self.state_dtype)
-
     def gather_params(self) -> torch.Tensor:
         return torch.stack([member.param_block() for member in self.members]).to(self.state_dtype)
 
@@ -189,7 +190,7 @@ class FactorGroup:
     def _rotate(self, rotation, x: torch.Tensor, keep_rotation_dtype: bool) -> torch.Tensor:
         """With a ``rotation_dtype`` the matmuls run in it (bf16 is 2-5x faster on CPUs with
         AVX512-BF16 and on GPUs); the result comes back in the state dtype unless
-        ``keep_rotation_dtype`` (a consumer that accepts it, such as :meth:`apply_update` or a bf16
+        ``keep_rotation_dtype`` (a consumer that accepts it, such as :func:`apply_updates` or a bf16
         statistics product, then needs no copy)."""
         if self.rotation_dtype is None:
             return rotation(x, self.bases())
@@ -223,20 +224,6 @@ class FactorGroup:
             bases.append(cached[2])
         return bases
 
-    def apply_update(self, direction: torch.Tensor, lr: float, shrink: float | torch.Tensor = 1.0) -> None:
-        """``W <- W * shrink - lr * D`` on every member: with ``shrink = 1 - lr * wd``, decoupled
-        weight decay as ``torch.optim.AdamW`` does it (a 0-dim tensor when it depends on the device)."""
-        blocks = [member.param_block() for member in self.members]
-        if isinstance(shrink, torch.Tensor) or shrink != 1.0:
-            torch._foreach_mul_(blocks, shrink.to(blocks[0].dtype) if isinstance(shrink, torch.Tensor) else shrink)
-        if torch.finfo(direction.dtype).bits >= torch.finfo(blocks[0].dtype).bits:
-            direction = direction.to(blocks[0].dtype)  # a wider direction is rounded once, here
-        # a narrower one (bf16 out of the rotations) is widened exactly inside the add: no copy
-        torch._foreach_add_(blocks, list(direction.unbind(0)), alpha=-lr)
-        for member, block in zip(self.members, blocks):
-            if not member.param.is_contiguous():
-                member.write_back(block)
-
     # ----------------------------------------------------------------- subsets
     def has_grads(self) -> list[bool]:
         return [member.param.grad is not None for member in self.members]
@@ -264,3 +251,54 @@ class FactorGroup:
         """Each member with views of its rows in every stacked tensor (for ``optimizer.state``)."""
         for row, member in enumerate(self.members):
             yield member, {key: tensor[row] for key, tensor in self.tensors.items()}
+
+
+def gather_grads(groups: list[FactorGroup], dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The gradients of every member of ``groups`` copied into one flat buffer in ``dtype``, and a
+    ``[N, *block shape]`` view of it per group.
+
+    One copy kernel for a whole parameter group instead of a ``stack`` per group, and the
+    finite-gradient check and its mask then read and write that one buffer. The groups must share
+    the parameters' dtype and device. The buffer is a copy: the step may write into it (the L2
+    decay, the mask) without touching ``param.grad``.
+    """
+    pieces = [member.grad_block().reshape(-1) for group in groups for member in group.members]
+    flat = torch.cat(pieces).to(dtype)
+    sizes = [len(group) * math.prod(group.shape) for group in groups]
+    return flat, [part.view(len(group), *group.shape) for part, group in zip(flat.split(sizes), groups)]
+
+
+def apply_updates(groups: list[FactorGroup], directions: list[torch.Tensor], lr: float,
+                  shrink: float | torch.Tensor = 1.0, update: Optional[Callable] = None) -> None:
+    """``W <- W * shrink - lr * D`` on every member of ``groups``: with ``shrink = 1 - lr * wd``,
+    decoupled weight decay as ``torch.optim.AdamW`` does it (a 0-d tensor when it depends on the
+    device). Two ``torch._foreach_*`` ops per parameter dtype for all the groups of a parameter
+    group, not two per group. ``update``: :func:`update_parameters` or a compiled copy of it.
+    """
+    by_dtype: dict[torch.dtype, tuple[list, list]] = {}
+    copies = []  # blocks of non-contiguous parameters are copies: stored back after the update
+    for group, direction in zip(groups, directions):
+        dtype = group.members[0].param.dtype
+        if torch.finfo(direction.dtype).bits >= torch.finfo(dtype).bits:
+            direction = direction.to(dtype)  # a wider direction is rounded once, here
+        # a narrower one (bf16 out of the rotations) is widened exactly inside the add: no copy
+        blocks, updates = by_dtype.setdefault(dtype, ([], []))
+        for member, row in zip(group.members, direction.unbind(0)):
+            blocks.append(member.param_block())
+            updates.append(row)
+            if not member.param.is_contiguous():
+                copies.append((member, blocks[-1]))
+    for dtype, (blocks, updates) in by_dtype.items():
+        factor = shrink.to(dtype) if isinstance(shrink, torch.Tensor) else shrink
+        (update or update_parameters)(blocks, updates, lr, factor)
+    for member, block in copies:
+        member.write_back(block)
+
+
+def update_parameters(blocks: list[torch.Tensor], updates: list[torch.Tensor], lr: float,
+                      shrink: float | torch.Tensor) -> None:
+    """The pure part of :func:`apply_updates` (what ``compile=True`` compiles): in place,
+    ``blocks <- blocks * shrink - lr * updates``."""
+    if isinstance(shrink, torch.Tensor) or shrink != 1.0:
+        torch._foreach_mul_(blocks, shrink)
+    torch._foreach_add_(blocks, updates, alpha=-lr)

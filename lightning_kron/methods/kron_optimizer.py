@@ -18,6 +18,7 @@ A step runs in two phases so the refresh decision for *all* factors costs one ho
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional
@@ -26,7 +27,13 @@ import torch
 
 from lightning_kron.engine.basis_refresh import SOLVERS, RefreshRequest, refresh_factor
 from lightning_kron.engine.blocking import factor_label, plan_blocks
-from lightning_kron.engine.factor_group import TELEMETRY_KEYS, FactorGroup, Member
+from lightning_kron.engine.factor_group import (
+    TELEMETRY_KEYS,
+    FactorGroup,
+    Member,
+    apply_updates,
+    gather_grads,
+)
 from lightning_kron.engine.factor_info import FactorInfo
 from lightning_kron.engine.mode_products import unfold
 from lightning_kron.engine.solvers import ORTHONORMALIZERS
@@ -52,10 +59,16 @@ _GENERATED_NAME = re.compile(r"group\d+\.param\d+")  # what _split_named calls a
 
 
 def bias_correction(beta: float, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``1 - beta^t`` per member (``step``: the group's per-member step counts), shaped to
-    broadcast over a ``[N, ...]`` stack like ``like``; shared by every method's EMAs."""
-    correction = (1.0 - torch.pow(beta, step.double())).to(like.dtype)
-    return correction.reshape(-1, *([1] * (like.dim() - 1)))
+    """``1 - beta^t`` (computed in fp64, returned in ``like``'s dtype), shared by every method's EMAs.
+
+    ``step`` is either one 0-d count shared by every member (it broadcasts over any stack) or the
+    per-member counts ``[N]``, shaped here to broadcast over a ``[N, ...]`` stack like ``like``.
+    Clamped to the smallest normal number: a group skipped before its first step has ``t = 0``,
+    whose correction 0 would turn its zero moments into 0/0 = NaN (no real step count is affected:
+    ``1 - beta^t >= 1 - beta`` for ``t >= 1``).
+    """
+    correction = (1.0 - torch.pow(beta, step.double())).to(like.dtype).clamp_min_(torch.finfo(like.dtype).tiny)
+    return correction if step.dim() == 0 else correction.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,12 @@ class StepHyperparameters:
     needs masking). It is never read on the host: a skipped group's updates are made with
     coefficients that leave every buffer as it was (:meth:`keep`, :meth:`weight`), so the step
     needs no host sync to skip it.
+
+    ``step`` is the parameter group's step count, a 0-dim view of the device counter, when every
+    stack of the group has taken the same steps (None otherwise): the bias corrections are then
+    computed once per parameter group and step (:meth:`bias_correction`) instead of once per stack.
+    It stays on the device because a skipped step does not count, and whether one was skipped is
+    known only there.
     """
 
     lr: float
@@ -76,34 +95,55 @@ class StepHyperparameters:
     decoupled: bool
     shampoo_beta: float
     finite: Optional[torch.Tensor] = None
-    _masks: dict = field(default_factory=dict, compare=False, repr=False)
+    step: Optional[torch.Tensor] = None
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def keep(self, beta: float, like: torch.Tensor):
         """What an update ``x <- beta x + ...`` multiplies ``x`` by: ``beta``, or 1 if skipped."""
         if self.finite is None:
             return beta
-        return self._mask(("keep", beta, like.dtype), lambda flag: 1.0 - flag * (1.0 - beta), like)
+        return self._mask(("keep", beta), lambda flag: 1.0 - flag * (1.0 - beta), like)
 
     def weight(self, value: float, like: torch.Tensor):
         """``value``, or 0 if skipped: the weight of the new gradient in an update."""
         if self.finite is None:
             return value
-        return self._mask(("weight", value, like.dtype), lambda flag: flag * value, like)
+        return self._mask(("weight", value), lambda flag: flag * value, like)
+
+    @property
+    def skipped(self) -> torch.Tensor:
+        """``~finite``: masks the gradient buffer and counts the skip (needs ``finite``)."""
+        return self._cached(("skipped",), lambda: ~self.finite)
+
+    def bias_correction(self, beta: float, group: FactorGroup, like: torch.Tensor) -> torch.Tensor:
+        """``1 - beta^t`` for ``group``'s members (see :func:`bias_correction`): one 0-dim tensor
+        shared by the whole parameter group when it has a shared :attr:`step`, else per member."""
+        if self.step is None:
+            return bias_correction(beta, group.steps, like)
+        return self._cached(("correction", beta, like.dtype), lambda: bias_correction(beta, self.step, like))
 
     def _mask(self, key, make, like: torch.Tensor) -> torch.Tensor:
-        if key not in self._masks:  # once per parameter group and step, shared by its stacks
-            self._masks[key] = make(self.finite.to(like.dtype))
-        return self._masks[key]
+        return self._cached(key + (like.dtype,), lambda: make(self.finite.to(like.dtype)))
+
+    def _cached(self, key, make):
+        if key not in self._cache:  # once per parameter group and step, shared by its stacks
+            self._cache[key] = make()
+        return self._cache[key]
 
 
 @dataclass
 class _PendingGroup:
+    """One stack's part of a step: its gradient (a view of the parameter group's gradient buffer),
+    then that gradient in the eigenbases (``rotated_low``: as the rotation produced it, in
+    ``rotation_dtype``), and the hyperparameters of its parameter group."""
+
     group: FactorGroup
     source: FactorGroup
     rows: Optional[list[int]]
-    grad: torch.Tensor
-    rotated: torch.Tensor
-    hyper: StepHyperparameters
+    grad: Optional[torch.Tensor] = None
+    rotated: Optional[torch.Tensor] = None
+    rotated_low: Optional[torch.Tensor] = None
+    hyper: Optional[StepHyperparameters] = None
 
 
 class _InFlightHooks:
@@ -126,6 +166,21 @@ class _InFlightHooks:
 
     def factor_staleness(self, stats: torch.Tensor) -> torch.Tensor:
         return self.optimizer.factor_staleness(stats)
+
+
+def _by_param_group(pending: list[_PendingGroup]) -> dict[int, list[_PendingGroup]]:
+    by_group: dict[int, list[_PendingGroup]] = {}
+    for item in pending:
+        by_group.setdefault(item.source.param_group, []).append(item)
+    return by_group
+
+
+def _all_finite(values: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: no NaN or Inf in ``values``. Its min and max in one reduction (10x faster than
+    max |g| on a CPU: no |g| temporary): NaN and -Inf/+Inf show up in them and fail a comparison,
+    and unlike a sum nothing finite overflows."""
+    low, high = torch.aminmax(values)
+    return (low > -math.inf) & (high < math.inf)
 
 
 def _replace_rows(stack: torch.Tensor, rows, transform) -> torch.Tensor:
@@ -220,6 +275,9 @@ class KronOptimizer(torch.optim.Optimizer):
         self.global_step = 0
         self._skipped_on_device: Optional[torch.Tensor] = None
         self.skipped_steps = 0
+        self._host_steps: dict[int, int] = {}  # steps each parameter group took part in (host)
+        self._unshared_steps: set[int] = set()  # parameter groups whose stacks' step counts differ
+        self._compiled_functions: dict[str, Callable] = {}
         groups, self._names = _split_named(params)
         self._groups: Optional[list[FactorGroup]] = None
         self._staleness_current = True  # every factor is still zero, and so is its staleness
@@ -255,13 +313,14 @@ class KronOptimizer(torch.optim.Optimizer):
         if group["shampoo_beta"] is not None:
             check_unit_interval("shampoo_beta", group["shampoo_beta"], closed_right=True)
 
-    def _hyperparameters(self, group: dict, finite: Optional[torch.Tensor] = None) -> StepHyperparameters:
+    def _hyperparameters(self, group: dict, finite: Optional[torch.Tensor] = None,
+                         step: Optional[torch.Tensor] = None) -> StepHyperparameters:
         beta1, beta2 = group["betas"]
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
         return StepHyperparameters(
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=group["weight_decay_mode"] == "decoupled",
-            shampoo_beta=shampoo_beta, finite=finite,
+            shampoo_beta=shampoo_beta, finite=finite, step=step,
         )
 
     # ----------------------------------------------------------------- grouping
@@ -309,35 +368,52 @@ class KronOptimizer(torch.optim.Optimizer):
     def _init_state(self, group: FactorGroup) -> None:
         """Register method-specific stacked buffers with ``group.add``."""
 
-    def _update_statistics(self, group: FactorGroup, rotated: torch.Tensor, hyper: StepHyperparameters,
-                           rotated_low: Optional[torch.Tensor] = None) -> None:
-        """Default: EMA of ``unfold_i(G') unfold_i(G')^T`` into each ``B_i = Q_i^T L_i Q_i``.
+    def _update_statistics(self, items: list[_PendingGroup], hyper: StepHyperparameters) -> None:
+        """Default: EMA of ``unfold_i(G') unfold_i(G')^T`` into each ``B_i = Q_i^T L_i Q_i``, for
+        the stacks of one parameter group (``item.rotated`` is ``G'``).
 
         ``G'`` is the gradient in the current bases; because the other modes' bases are orthogonal,
         that product equals ``Q_i^T (G_i G_i^T) Q_i``, so B stays the factor in its own eigenbasis.
-        ``shampoo_beta = 1`` makes it AdaGrad's running sum. ``statistics_product_dtype=bf16`` runs
-        the product in bf16 (5x faster on a CPU with AVX512-BF16; B still accumulates in fp32):
-        measured +0.6% final loss on the GPT recipe, so it is opt-in and separate from
-        ``rotation_dtype`` (+0.1% there). ``rotated_low`` is ``rotated`` as the rotation produced
-        it, in ``rotation_dtype``: with bf16 rotations the bf16 product needs no cast.
+        ``shampoo_beta = 1`` makes it AdaGrad's running sum. With a skip mask the decay of every B
+        of the parameter group is one foreach op (a skipped group keeps B: its ``G'`` is 0).
         """
         beta = hyper.shampoo_beta
         keep, add = (1.0, 1.0) if beta == 1.0 else (beta, 1.0 - beta)
-        masked = hyper.finite is not None and keep != 1.0  # a skipped group keeps B (its G' is 0)
+        if hyper.finite is not None and keep != 1.0:
+            stats = [item.group.stats(dim) for item in items for dim in item.group.factored_dims]
+            if stats:
+                torch._foreach_mul_(stats, hyper.keep(beta, stats[0]))
+            keep = 1.0
+        for item in items:
+            self._accumulate_statistics(item, keep, add)
+
+    def _accumulate_statistics(self, item: _PendingGroup, keep: float, add: float) -> None:
+        """``B_i <- keep B_i + add unfold_i(G') unfold_i(G')^T`` for one stack.
+
+        ``statistics_product_dtype=bf16`` runs the product in bf16 (5x faster on a CPU with
+        AVX512-BF16; B still accumulates in fp32): measured +0.6% final loss on the GPT recipe, so
+        it is opt-in and separate from ``rotation_dtype`` (+0.1% there). With bf16 rotations the
+        bf16 product reads ``item.rotated_low`` and needs no cast.
+        """
+        group, rotated, low = item.group, item.rotated, None
         product_dtype = self.statistics_product_dtype
-        low = None
         if product_dtype not in (None, group.state_dtype):
-            low = rotated_low if rotated_low is not None and rotated_low.dtype == product_dtype else rotated.to(product_dtype)
+            low = item.rotated_low if item.rotated_low is not None and item.rotated_low.dtype == product_dtype \
+                else rotated.to(product_dtype)
         for dim in group.factored_dims:
             stats = group.stats(dim)
-            if masked:
-                stats.mul_(hyper.keep(beta, stats))
             if low is None:
                 unfolded = unfold(rotated, dim)
-                stats.baddbmm_(unfolded, unfolded.mT, beta=1.0 if masked else keep, alpha=add)
+                stats.baddbmm_(unfolded, unfolded.mT, beta=keep, alpha=add)
             else:  # the product in low precision, accumulated into the full-precision statistics
                 unfolded = unfold(low, dim)
-                (stats if masked else stats.mul_(keep)).add_(torch.bmm(unfolded, unfolded.mT), alpha=add)
+                (stats if keep == 1.0 else stats.mul_(keep)).add_(torch.bmm(unfolded, unfolded.mT), alpha=add)
+
+    def _directions(self, items: list[_PendingGroup]) -> list[torch.Tensor]:
+        """The directions of the stacks of one parameter group. Default: :meth:`_direction` per
+        stack; a method whose direction is elementwise across stacks overrides this with foreach
+        ops (SOAP)."""
+        return [self._direction(item.group, item.grad, item.rotated, item.hyper) for item in items]
 
     def _direction(self, group: FactorGroup, grad: torch.Tensor, rotated: torch.Tensor, hyper: StepHyperparameters) -> torch.Tensor:
         raise NotImplementedError
@@ -368,8 +444,8 @@ class KronOptimizer(torch.optim.Optimizer):
         pending = self._gather_and_update_statistics(groups)
         self._first_refresh(pending)
         self._run_scheduler(pending)
-        for item in pending:
-            self._finish(item)
+        for items in _by_param_group(pending).values():
+            self._finish(items)
         return loss
 
     def _run_scheduler(self, pending: list[_PendingGroup]) -> None:
@@ -391,58 +467,108 @@ class KronOptimizer(torch.optim.Optimizer):
                 item.rotated = item.group.rotate_in(item.grad)
 
     def _gather_and_update_statistics(self, groups: list[FactorGroup]) -> list[_PendingGroup]:
-        gathered = []
+        """Phase 1 of the step, per parameter group: gather the gradients into one buffer, check
+        and mask them on the device, count the step, rotate each stack's gradient into its bases
+        and update the factor statistics."""
+        pending, buffers = self._gather(groups)
+        finite = self._finite_param_groups(buffers)
+        #: this step's finite-gradient flag per parameter group (device bools; empty when none can
+        #: be skipped): the scheduler refreshes no factor of a skipped group.
+        self.step_finite = finite
+        for index, items in _by_param_group(pending).items():
+            hyper = self._hyperparameters(self.param_groups[index], finite.get(index),
+                                          self._advance_steps(index, items, finite.get(index)))
+            if hyper.weight_decay and not hyper.decoupled:
+                for item in items:
+                    item.grad.add_(item.group.gather_params(), alpha=hyper.weight_decay)
+            if hyper.finite is not None:  # a skipped group's gradient enters every update as 0
+                self._skipped_on_device = hyper.skipped.long() if self._skipped_on_device is None \
+                    else self._skipped_on_device.add_(hyper.skipped)
+                for buffer in buffers[index]:
+                    buffer.masked_fill_(hyper.skipped, 0.0)
+            for item in items:
+                item.hyper = hyper
+                item.rotated_low = item.group.rotate_in(item.grad, keep_rotation_dtype=True)
+                item.rotated = item.rotated_low.to(item.group.state_dtype)  # no copy without a rotation_dtype
+            self._update_statistics(items, hyper)
+        self._staleness_current = False
+        return pending
+
+    def _gather(self, groups: list[FactorGroup]) -> tuple[list[_PendingGroup], dict[int, list[torch.Tensor]]]:
+        """Every stack with a gradient (a partly gradded one as a copy of its gradded rows), with its
+        gradient as a view of one buffer per parameter group (and parameter dtype and device)."""
+        pending, buckets = [], {}
         for source in groups:
             present = source.has_grads()
             if not any(present):
                 continue
             rows = None if all(present) else [row for row, ok in enumerate(present) if ok]
-            group = source if rows is None else source.subset(rows)
-            gathered.append((source, rows, group, group.gather_grads()))
-        finite = self._finite_param_groups(gathered)
-        #: this step's finite-gradient flag per parameter group (device bools; empty when none can
-        #: be skipped): the scheduler refreshes no factor of a skipped group.
-        self.step_finite = finite
-        hypers = {index: self._hyperparameters(self.param_groups[index], finite.get(index))
-                  for index in {source.param_group for source, *_ in gathered}}
-        pending = []
-        for source, rows, group, grad in gathered:
-            hyper = hypers[source.param_group]
-            if hyper.weight_decay and not hyper.decoupled:
-                grad.add_(group.gather_params(), alpha=hyper.weight_decay)
-            if hyper.finite is not None:  # a skipped group's gradient enters every update as 0
-                grad = torch.where(hyper.finite, grad, 0.0)
-                group.steps.add_(hyper.finite)  # bool into int64: no cast kernel
-            else:
-                group.steps.add_(1)
-            rotated_low = group.rotate_in(grad, keep_rotation_dtype=True)
-            rotated = rotated_low.to(group.state_dtype)  # no copy without a rotation_dtype
-            self._update_statistics(group, rotated, hyper, rotated_low)
-            self._staleness_current = False
-            pending.append(_PendingGroup(group, source, rows, grad, rotated, hyper))
-        return pending
+            item = _PendingGroup(source if rows is None else source.subset(rows), source, rows)
+            param = source.members[0].param
+            buckets.setdefault((source.param_group, param.dtype, param.device), []).append(item)
+            pending.append(item)
+        buffers: dict[int, list[torch.Tensor]] = {}
+        for (index, *_), items in buckets.items():
+            buffer, grads = gather_grads([item.group for item in items], items[0].group.state_dtype)
+            for item, grad in zip(items, grads):
+                item.grad = grad
+            buffers.setdefault(index, []).append(buffer)
+        return pending, buffers
 
-    def _finite_param_groups(self, gathered) -> dict[int, torch.Tensor]:
-        """Each parameter group's finite-gradient flag, on the device: one reduction per stack
-        already gathered and no host sync (``nonfinite="raise"`` syncs once to raise). A group with
-        a NaN/Inf is skipped whole; the skips are counted on the device too."""
-        if not gathered:
-            return {}
-        # min and max of g in one reduction (10x faster than max |g| on a CPU: no |g| stack): NaN
-        # and Inf both show up in them and, unlike a sum, nothing finite overflows
-        by_group: dict[int, list[torch.Tensor]] = {}
-        for source, _, _, grad in gathered:
-            by_group.setdefault(source.param_group, []).append(torch.stack(torch.aminmax(grad)).isfinite().all())
-        finite = {index: flags[0] if len(flags) == 1 else torch.stack(flags).all() for index, flags in by_group.items()}
-        flags = list(finite.values())
-        all_finite = flags[0] if len(flags) == 1 else torch.stack(flags).all()
+    def _finite_param_groups(self, buffers: dict[int, list[torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """Each parameter group's finite-gradient flag, on the device: one reduction per gradient
+        buffer and no host sync (``nonfinite="raise"`` syncs once to raise). A group with a NaN/Inf
+        is skipped whole; the skips are counted on the device too."""
+        finite = {}
+        for index, flats in buffers.items():
+            flags = [_all_finite(flat) for flat in flats]
+            finite[index] = flags[0] if len(flags) == 1 else torch.stack(flags).all()
         if self.nonfinite == "raise":
-            if not bool(all_finite):  # the one sync this mode pays
+            flags = list(finite.values())
+            if flags and not bool(flags[0] if len(flags) == 1 else torch.stack(flags).all()):  # the one sync this mode pays
                 raise FloatingPointError("non-finite gradient (NaN or Inf); the step was not applied")
             return {}
-        skipped = (~torch.stack(flags)).sum() if len(flags) > 1 else (~flags[0]).long()
-        self._skipped_on_device = skipped if self._skipped_on_device is None else self._skipped_on_device + skipped
         return finite
+
+    def _advance_steps(self, index: int, items: list[_PendingGroup], finite: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Count this step in every gradded member (one foreach op for the parameter group; a
+        skipped group's count stays) and return the group's shared step count, if it has one."""
+        steps = [item.group.steps for item in items]
+        if finite is None:
+            torch._foreach_add_(steps, 1)
+        else:  # bool into int64: no cast. alpha= picks the Tensor overload: without it the 0-dim
+            torch._foreach_add_(steps, finite, alpha=1)  # flag binds to the Scalar one, an .item() sync
+        self._host_steps[index] = self._host_steps.get(index, 0) + 1
+        for item in items:
+            if item.rows is None:
+                item.source.host_steps += 1
+        if index not in self._unshared_steps and not self._steps_still_shared(index, items):
+            self._unshared_steps.add(index)
+        return None if index in self._unshared_steps else items[0].group.steps[0]
+
+    def _steps_still_shared(self, index: int, items: list[_PendingGroup]) -> bool:
+        """Whether every stack of parameter group ``index`` has the same per-member step counts
+        (known on the host, no sync): each stack took part, fully gradded, in every step of the
+        group or in none (skips hit every stack of a group alike). Once lost it stays lost, until
+        a checkpoint load re-reads the counts (:meth:`_reset_shared_steps`)."""
+        count = self._host_steps[index]
+        return all(item.rows is None for item in items) and all(
+            group.host_steps in (0, count) for group in self.factor_groups() if group.param_group == index)
+
+    def _reset_shared_steps(self) -> None:
+        """After a load: a parameter group shares its step count iff all its members' counts are
+        equal (one host read per parameter group)."""
+        self._host_steps, self._unshared_steps = {}, set()
+        for index in range(len(self.param_groups)):
+            groups = [group for group in self.factor_groups() if group.param_group == index]
+            if not groups:
+                continue
+            low, high = torch.stack(torch.aminmax(torch.cat([group.steps for group in groups]))).tolist()
+            if low != high:
+                self._unshared_steps.add(index)
+            self._host_steps[index] = high
+            for group in groups:
+                group.host_steps = high
 
     @property
     def skipped_steps(self) -> int:
@@ -469,18 +595,26 @@ class KronOptimizer(torch.optim.Optimizer):
                 group.staleness(dim).copy_(self.factor_staleness(group.stats(dim)))
         self._staleness_current = True
 
-    def _finish(self, item: _PendingGroup) -> None:
-        group, hyper = item.group, item.hyper
-        direction = self._direction(group, item.grad, item.rotated, hyper)
+    def _finish(self, items: list[_PendingGroup]) -> None:
+        """Phase 2 for the stacks of one parameter group: directions, then one foreach update of
+        all their parameters."""
+        hyper = items[0].hyper
+        directions = self._directions(items)
         decay = hyper.weight_decay if hyper.decoupled else 0.0
         shrink = 1.0 - hyper.lr * decay
         if hyper.finite is not None:  # a skipped group's parameters stay exactly as they are
             if not self.masks_skipped_direction:  # where, not a product: 0/0 before a group's first step
-                direction = torch.where(hyper.finite, direction, 0.0)
-            shrink = hyper.keep(shrink, group.members[0].param) if decay else 1.0
-        group.apply_update(direction, hyper.lr, shrink)
-        if item.rows is not None:
-            item.source.absorb(group, item.rows)
+                directions = [torch.where(hyper.finite, direction, 0.0) for direction in directions]
+            shrink = hyper.keep(shrink, items[0].group.members[0].param) if decay else 1.0
+        apply_updates([item.group for item in items], directions, hyper.lr, shrink, self._compiled("update"))
+        for item in items:
+            if item.rows is not None:
+                item.source.absorb(item.group, item.rows)
+
+    def _compiled(self, name: str) -> Optional[Callable]:
+        """The ``torch.compile``d copy of a pure per-group function (``compile=True``), else None
+        (the caller runs the eager function)."""
+        return self._compiled_functions.get(name)
 
     # ----------------------------------------------------------------- the first refresh
     def _first_refresh(self, pending: list[_PendingGroup]) -> None:
@@ -640,6 +774,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self._expose_state_views(fresh)
         self.global_step, self.skipped_steps = meta["global_step"], meta["skipped_steps"]
         self._staleness_current = False  # recomputed from the loaded statistics when read
+        self._reset_shared_steps()
         if "scheduler" in meta:  # absent from checkpoints made before the scheduler was the one path
             self.own_scheduler.load_state_dict(meta["scheduler"])
 
