@@ -43,6 +43,13 @@ def check_positive_int(name: str, value: int, *, minimum: int = 1) -> int:
     return value
 
 
+def check_flag(name: str, value: bool) -> bool:
+    """``True`` or ``False`` (a string such as "false" from a config would otherwise be truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
     """One of a fixed set of strings."""
     choices = tuple(choices)

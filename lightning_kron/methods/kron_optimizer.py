@@ -33,6 +33,7 @@ from lightning_kron.engine.factor_group import (
     Member,
     apply_updates,
     gather_grads,
+    update_parameters,
 )
 from lightning_kron.engine.factor_info import FactorInfo
 from lightning_kron.engine.mode_products import unfold
@@ -42,6 +43,7 @@ from lightning_kron.engine.validation import (
     check_betas,
     check_choice,
     check_dtype,
+    check_flag,
     check_nonnegative,
     check_positive_int,
     check_unit_interval,
@@ -225,6 +227,9 @@ class KronOptimizer(torch.optim.Optimizer):
     #: Whether ``_direction`` itself returns 0 for a parameter group skipped this step (a non-finite
     #: gradient); otherwise ``_finish`` masks the direction, one more pass over the stack.
     masks_skipped_direction = False
+    #: The pure per-parameter-group functions that ``compile=True`` hands to ``torch.compile``, by
+    #: name (a method adds its direction, e.g. SOAP's ``"direction"``).
+    compilable: dict[str, Callable] = {"update": update_parameters}
 
     def __init__(
         self,
@@ -243,12 +248,14 @@ class KronOptimizer(torch.optim.Optimizer):
         statistics_dtype: Optional[torch.dtype] = None,
         rotation_dtype: Optional[torch.dtype] = None,
         statistics_product_dtype: Optional[torch.dtype] = None,
+        compile: bool = False,
     ) -> None:
         check_positive_int("max_precond_dim", max_precond_dim, minimum=0)
         check_positive_int("start_preconditioning_step", start_preconditioning_step)
         check_choice("solver", solver, SOLVERS)
         check_choice("orthonormalizer", orthonormalizer, tuple(ORTHONORMALIZERS))
         check_choice("nonfinite", nonfinite, ("skip", "raise"))
+        check_flag("compile", compile)
         refresh = check_policy(refresh if refresh is not None else FixedRefresh(every=10))
         statistics_dtype = check_dtype("statistics_dtype", statistics_dtype, (torch.float32, torch.float64))
         rotation_dtype = check_dtype("rotation_dtype", rotation_dtype,
@@ -277,7 +284,10 @@ class KronOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._host_steps: dict[int, int] = {}  # steps each parameter group took part in (host)
         self._unshared_steps: set[int] = set()  # parameter groups whose stacks' step counts differ
-        self._compiled_functions: dict[str, Callable] = {}
+        #: ``compile=True``: the :attr:`compilable` functions, compiled (never the whole ``step``:
+        #: Dynamo drops the attribute updates of an Optimizer subclass, e.g. ``global_step``)
+        self.compile = compile
+        self._compiled_functions = {name: torch.compile(function) for name, function in self.compilable.items()} if compile else {}
         groups, self._names = _split_named(params)
         self._groups: Optional[list[FactorGroup]] = None
         self._staleness_current = True  # every factor is still zero, and so is its staleness

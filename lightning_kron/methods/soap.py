@@ -71,7 +71,8 @@ def adam_in_eigenbasis(exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Ten
 class EigenvalueCorrectedOptimizer(KronOptimizer):
     """Shared implementation of :class:`SOAP` and :class:`EShampoo` (they differ in defaults)."""
 
-    masks_skipped_direction = True  # _direction returns exactly 0 for a skipped parameter group
+    masks_skipped_direction = True  # _directions returns exactly 0 for a skipped parameter group
+    compilable = {**KronOptimizer.compilable, "direction": adam_in_eigenbasis}
 
     def __init__(self, params: Any, lr: float, betas, eps: float, weight_decay: float, *,
                  shampoo_beta: Optional[float] = None, weight_decay_mode: str = "decoupled",

@@ -116,7 +116,9 @@ class RefreshScheduler:
         self.max_per_step = max_per_step if max_per_step is not None else getattr(policy, "max_per_step", None)
         self.total_steps = total_steps
         self.counters = RefreshCounters()
-        self._deferred: Optional[torch.Tensor] = None  # host bool mask over the flat factor order
+        #: host bool mask over the flat factor order of the factors due but not yet refreshed;
+        #: None when there are none
+        self._deferred: Optional[torch.Tensor] = None
         self._saved_deferred: Optional[tuple[int, list[int]]] = None
         self._layout_for: Optional[list[FactorGroup]] = None
         self._slots: list[_Slot] = []
@@ -238,7 +240,9 @@ class RefreshScheduler:
         reorthonormalize = self._reorthonormalization_due(slots) & chosen
         decision = due.to(torch.uint8) + chosen.to(torch.uint8) + _REORTHONORMALIZE * reorthonormalize.to(torch.uint8)
         codes = broadcast_from_first(decision).tolist()  # the one host sync of a checked step
-        self._deferred = torch.tensor([code % _REORTHONORMALIZE == _DEFERRED for code in codes], dtype=torch.bool)
+        deferred = [code % _REORTHONORMALIZE == _DEFERRED for code in codes]
+        # None when nothing waits: an ordinary step then asks a Python question, not a tensor one
+        self._deferred = torch.tensor(deferred, dtype=torch.bool) if any(deferred) else None
         chosen = [index for index, code in enumerate(codes) if code % _REORTHONORMALIZE == _CHOSEN]
         self.counters.checks += int(checking)
         due_to_reorthonormalize = {index for index, code in enumerate(codes) if code >= _REORTHONORMALIZE}
