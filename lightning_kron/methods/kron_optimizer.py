@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
@@ -37,7 +37,8 @@ from lightning_kron.engine.factor_group import (
 )
 from lightning_kron.engine.factor_info import FactorInfo
 from lightning_kron.engine.mode_products import unfold
-from lightning_kron.engine.solvers import ORTHONORMALIZERS
+from lightning_kron.engine.precision import cuda_matmul_precision
+from lightning_kron.engine.solvers import FALLBACK, ORTHONORMALIZERS
 from lightning_kron.engine.staleness import staleness
 from lightning_kron.engine.validation import (
     check_betas,
@@ -131,6 +132,18 @@ class StepHyperparameters:
         if key not in self._cache:  # once per parameter group and step, shared by its stacks
             self._cache[key] = make()
         return self._cache[key]
+
+
+@dataclass(frozen=True)
+class PendingFallback:
+    """Members of one refreshed stack and dim, and which of them the orthonormalizer solved (a
+    device bool per row): the others kept their basis until :meth:`KronOptimizer.refresh_fallbacks`."""
+
+    group: FactorGroup
+    dim: int
+    rows: list[int]
+    succeeded: torch.Tensor
+    request: RefreshRequest
 
 
 @dataclass
@@ -243,23 +256,23 @@ class KronOptimizer(torch.optim.Optimizer):
         start_preconditioning_step: int = 1,
         refresh: FixedRefresh | AdaptiveRefresh | None = None,
         solver: str = "qr",
-        orthonormalizer: str = "householder",
+        orthonormalizer: str = "auto",
         nonfinite: str = "skip",
         statistics_dtype: Optional[torch.dtype] = None,
-        rotation_dtype: Optional[torch.dtype] = None,
+        rotation_dtype: Union[str, torch.dtype, None] = "auto",
         statistics_product_dtype: Optional[torch.dtype] = None,
         compile: bool = False,
     ) -> None:
         check_positive_int("max_precond_dim", max_precond_dim, minimum=0)
         check_positive_int("start_preconditioning_step", start_preconditioning_step)
         check_choice("solver", solver, SOLVERS)
-        check_choice("orthonormalizer", orthonormalizer, tuple(ORTHONORMALIZERS))
+        check_choice("orthonormalizer", orthonormalizer, ("auto", *ORTHONORMALIZERS))
         check_choice("nonfinite", nonfinite, ("skip", "raise"))
         check_flag("compile", compile)
         refresh = check_policy(refresh if refresh is not None else FixedRefresh(every=10))
         statistics_dtype = check_dtype("statistics_dtype", statistics_dtype, (torch.float32, torch.float64))
         rotation_dtype = check_dtype("rotation_dtype", rotation_dtype,
-                                     (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+                                     (torch.float32, torch.float64, torch.bfloat16, torch.float16), modes=("auto", "tf32"))
         # no float16: squared gradients overflow it
         statistics_product_dtype = check_dtype("statistics_product_dtype", statistics_product_dtype,
                                                (torch.float32, torch.float64, torch.bfloat16))
@@ -363,10 +376,29 @@ class KronOptimizer(torch.optim.Optimizer):
                     buckets.setdefault(key, []).append(member)
         groups = []
         for (group_index, *_), members in buckets.items():
-            group = FactorGroup(members, self._state_dtype(members[0].param), group_index, self.rotation_dtype)
+            rotation_dtype, tf32 = self._rotation_for(members[0].param.device)
+            group = FactorGroup(members, self._state_dtype(members[0].param), group_index, rotation_dtype, tf32)
             self._init_state(group)
             groups.append(group)
         return groups
+
+    def _rotation_for(self, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
+        """``(rotation dtype, TF32 directions)`` of the stacks on ``device``. ``"tf32"`` rotates the
+        direction back on TF32 tensor cores, the one rotation whose TF32 rounding was measured to
+        leave the loss unchanged (``FactorGroup.rotate_out``); the gradient's rotation, the
+        statistics, the bases and the refresh stay IEEE fp32. ``"auto"``: that on CUDA, plain fp32
+        elsewhere (a CPU has no TF32; its emulation is slower than fp32)."""
+        option = self.rotation_dtype
+        if option == "auto":
+            option = "tf32" if device.type == "cuda" else None
+        return (None, True) if option == "tf32" else (option, False)
+
+    def _orthonormalizer_for(self, device: torch.device) -> str:
+        """``"auto"``: batched Cholesky-QR2 on CUDA (matmuls and a batched Cholesky, where
+        ``geqrf`` of a large matrix runs one matrix at a time), Householder QR elsewhere."""
+        if self.orthonormalizer != "auto":
+            return self.orthonormalizer
+        return "cholesky_qr2" if device.type == "cuda" else "householder"
 
     def _expose_state_views(self, groups: list[FactorGroup]) -> None:
         for group in groups:
@@ -445,17 +477,21 @@ class KronOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
+        """One step. On CUDA the statistics, the refresh and everything else run in IEEE fp32
+        whatever the process-wide TF32 setting is (the rotations alone may use TF32:
+        ``rotation_dtype``); the setting is restored on return."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         groups = self.factor_groups()
         self.global_step += 1
-        pending = self._gather_and_update_statistics(groups)
-        self._first_refresh(pending)
-        self._run_scheduler(pending)
-        for items in _by_param_group(pending).values():
-            self._finish(items)
+        with cuda_matmul_precision("ieee", any(group.device.type == "cuda" for group in groups)):
+            pending = self._gather_and_update_statistics(groups)
+            self._first_refresh(pending)
+            self._run_scheduler(pending)
+            for items in _by_param_group(pending).values():
+                self._finish(items)
         return loss
 
     def _run_scheduler(self, pending: list[_PendingGroup]) -> None:
@@ -632,7 +668,8 @@ class KronOptimizer(torch.optim.Optimizer):
         every later refresh."""
         if self.global_step != self.start_preconditioning_step:
             return
-        request = RefreshRequest(solver=self.initial_refresh_solver, orthonormalizer=self.orthonormalizer)
+        # Householder, not "auto": a one-time refresh gains nothing from a fallback's second pass
+        request = RefreshRequest(solver=self.initial_refresh_solver, orthonormalizer="householder")
         masked = [item for item in pending if item.hyper.finite is not None]
         flags = torch.stack([item.hyper.finite for item in masked]).tolist() if masked else []  # one sync, this step only
         skipped = {id(item) for item, flag in zip(masked, flags) if not flag}
@@ -642,10 +679,6 @@ class KronOptimizer(torch.optim.Optimizer):
             for dim in item.group.factored_dims:  # a first refresh is never due for re-orthonormalisation
                 refresh_factor(item.group, dim, None, request, _InFlightHooks(self, item), self.global_step,
                                reorthonormalize=[False] * len(item.group))
-
-    def _request(self, tolerance: float, max_iters: int, solver: Optional[str] = None) -> RefreshRequest:
-        return RefreshRequest(solver=solver or self.solver, orthonormalizer=self.orthonormalizer,
-                              tolerance=tolerance, max_iters=max_iters)
 
     # ----------------------------------------------------------------- the owner interface
     def _factor_index(self) -> list[tuple[str, FactorGroup, int, int]]:
@@ -719,23 +752,57 @@ class KronOptimizer(torch.optim.Optimizer):
             if wanted is None or name in wanted:
                 selected.setdefault((id(group), dim), []).append(row)
                 groups[id(group)] = group
-        for (group_id, dim), rows in selected.items():
-            self.refresh_rows(groups[group_id], dim, rows, tolerance=tolerance, max_iters=max_iters, solver=solver)
+        fallbacks = [self.refresh_rows(groups[group_id], dim, rows, tolerance=tolerance, max_iters=max_iters,
+                                       solver=solver, defer_fallback=True) for (group_id, dim), rows in selected.items()]
+        self.refresh_fallbacks(fallbacks)
         return sum(len(rows) for rows in selected.values())
 
     def refresh_rows(self, group: FactorGroup, dim: int, rows: list[int], *, tolerance: float = 0.0,
                      max_iters: int = 1, solver: Optional[str] = None,
-                     reorthonormalize: Optional[list[bool]] = None) -> None:
+                     reorthonormalize: Optional[list[bool]] = None, orthonormalizer: Optional[str] = None,
+                     defer_fallback: bool = False) -> Optional["PendingFallback"]:
         """Refresh factor ``dim`` of the members ``rows`` of one of :meth:`factor_groups`.
 
         The index-based form of :meth:`refresh_factors`, for owners that decide on the stacked
         staleness tensors directly (no name lookup per step) and then move the refreshed rows
         themselves (``lightning_kron.scheduling.ownership``). ``reorthonormalize``: which of
-        ``rows`` are due for re-orthonormalisation, when the owner already read it (else one host read).
+        ``rows`` are due for re-orthonormalisation, when the owner already read it (else one host
+        read). With Cholesky-QR2 the members it could not orthonormalise are refreshed again with
+        Householder (:meth:`refresh_fallbacks`, one host read); ``defer_fallback`` returns them
+        instead, so that a caller refreshing many stacks reads all their failures at once.
         """
         row_index = None if len(rows) == len(group) else torch.tensor(rows, device=group.device)
-        request = self._request(tolerance, max_iters, solver)
-        refresh_factor(group, dim, row_index, request, self, self.global_step, reorthonormalize)
+        request = RefreshRequest(solver=solver or self.solver, tolerance=tolerance, max_iters=max_iters,
+                                 orthonormalizer=orthonormalizer or self._orthonormalizer_for(group.device))
+        with cuda_matmul_precision("ieee", group.device.type == "cuda"):
+            succeeded = refresh_factor(group, dim, row_index, request, self, self.global_step, reorthonormalize)
+        if succeeded is None:
+            return None
+        pending = PendingFallback(group, dim, rows, succeeded, request)
+        if defer_fallback:
+            return pending
+        self.refresh_fallbacks([pending])
+        return None
+
+    def refresh_fallbacks(self, pending: Iterable[Optional["PendingFallback"]]) -> int:
+        """Refresh again, with the fallback orthonormalizer (Householder), the members of ``pending``
+        (from :meth:`refresh_rows`) whose Cholesky-QR2 failed: one host read of all their flags
+        (on a scheduler's refresh step the second and last host sync), nothing for the members that
+        succeeded. Returns how many were refreshed again."""
+        pending = [item for item in pending if item is not None]
+        if not pending:
+            return 0
+        flags = iter(torch.cat([item.succeeded for item in pending]).tolist())
+        count = 0
+        for item in pending:
+            failed = [row for row in item.rows if not next(flags)]
+            if failed:
+                self.refresh_rows(item.group, item.dim, failed, tolerance=item.request.tolerance,
+                                  max_iters=item.request.max_iters, solver=item.request.solver,
+                                  reorthonormalize=[False] * len(failed),
+                                  orthonormalizer=FALLBACK[item.request.orthonormalizer])
+                count += len(failed)
+        return count
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
