@@ -140,11 +140,17 @@ class SOAP(EigenvalueCorrectedOptimizer):
         shampoo_beta: EMA rate of the Kronecker statistics; ``None`` uses ``betas[1]``, 1 sums.
         refresh: ``FixedRefresh(every=10)`` (default, the SOAP paper) or ``AdaptiveRefresh``.
         solver: "qr" (warm power step, default) or "eigh" (exact).
-        orthonormalizer: "householder" (default) or "cholesky_qr2" (faster on GPUs).
+        orthonormalizer: "auto" (default: "cholesky_qr2" on CUDA, "householder" elsewhere),
+            "householder" or "cholesky_qr2" (batched, faster on GPUs; the members it cannot
+            orthonormalise are refreshed again with Householder).
         max_precond_dim: dims above this get no factor (or are split with ``split_large_dims``).
-        rotation_dtype: e.g. ``torch.bfloat16`` to run the rotations in bf16 matmuls: the
-            per-step ones (gradient in, direction out) and the moments' re-expression at a
-            refresh. Statistics, bases and the refresh's QR and ``Q P`` stay in fp32.
+        rotation_dtype: "auto" (default: "tf32" on CUDA, fp32 elsewhere); "tf32" rotates the
+            direction back on TF32 tensor cores (measured loss-neutral; everything else stays IEEE
+            fp32); ``torch.bfloat16`` runs every rotation in bf16 matmuls: the per-step ones
+            (gradient in, direction out) and the moments' re-expression at a refresh. Statistics,
+            bases and the refresh's QR and ``Q P`` stay in fp32.
+        compile: ``True`` compiles the per-group Adam and the parameter update with
+            ``torch.compile`` (meant for CUDA; equal to eager to float tolerance).
         statistics_product_dtype: ``torch.bfloat16`` runs the statistics' product ``G' G'^T``
             in bf16 too (accumulated into fp32): faster still, at a measured +0.6% final loss on
             the GPT recipe (docs/benchmarks.md, "Optimizer step cost").
