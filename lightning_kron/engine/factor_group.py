@@ -82,6 +82,8 @@ class FactorGroup:
         #: ``KronOptimizer._shared_step``): stacks of one parameter group with equal counts have
         #: equal per-member step counts, so they can share one bias correction
         self.host_steps = 0
+        #: the buffer whose slice :attr:`steps` is (see :func:`share_step_counts`), or None
+        self.step_buffer: Optional[torch.Tensor] = None
         self._low_bases: dict[int, tuple] = {}
         self._allocate_factors()
 
@@ -274,6 +276,20 @@ class FactorGroup:
         """Each member with views of its rows in every stacked tensor (for ``optimizer.state``)."""
         for row, member in enumerate(self.members):
             yield member, {key: tensor[row] for key, tensor in self.tensors.items()}
+
+
+def share_step_counts(groups: list[FactorGroup]) -> None:
+    """Store the per-member step counts of the groups of each (parameter group, device) in one
+    buffer, each group's ``step`` a view of its slice: a step that counts every member of a
+    parameter group is then one ``add_`` instead of one per group (a foreach add of a 0-dim tensor
+    to int64 tensors runs tensor by tensor on CUDA)."""
+    by_key: dict[tuple, list[FactorGroup]] = {}
+    for group in groups:
+        by_key.setdefault((group.param_group, group.device), []).append(group)
+    for members in by_key.values():
+        buffer = torch.cat([group.steps for group in members])
+        for group, view in zip(members, buffer.split([len(group) for group in members])):
+            group.tensors["step"], group.step_buffer = view, buffer
 
 
 def gather_grads(groups: list[FactorGroup], dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -33,6 +33,7 @@ from lightning_kron.engine.factor_group import (
     Member,
     apply_updates,
     gather_grads,
+    share_step_counts,
     update_parameters,
 )
 from lightning_kron.engine.factor_info import FactorInfo
@@ -188,6 +189,25 @@ def _by_param_group(pending: list[_PendingGroup]) -> dict[int, list[_PendingGrou
     for item in pending:
         by_group.setdefault(item.source.param_group, []).append(item)
     return by_group
+
+
+def _step_counters(items: list[_PendingGroup]) -> list[torch.Tensor]:
+    """The step counts to advance: the shared buffer of a parameter group (``share_step_counts``)
+    when every stack in it takes this step whole, else each stack's own counts."""
+    whole: dict[int, int] = {}
+    for item in items:
+        if item.rows is None and item.group.step_buffer is not None:
+            whole[id(item.group.step_buffer)] = whole.get(id(item.group.step_buffer), 0) + len(item.group)
+    counters, seen = [], set()
+    for item in items:
+        buffer = item.group.step_buffer
+        if item.rows is None and buffer is not None and whole[id(buffer)] == buffer.numel():
+            if id(buffer) not in seen:
+                seen.add(id(buffer))
+                counters.append(buffer)
+        else:
+            counters.append(item.group.steps)
+    return counters
 
 
 def _all_finite(values: torch.Tensor) -> torch.Tensor:
@@ -380,6 +400,7 @@ class KronOptimizer(torch.optim.Optimizer):
             group = FactorGroup(members, self._state_dtype(members[0].param), group_index, rotation_dtype, tf32)
             self._init_state(group)
             groups.append(group)
+        share_step_counts(groups)
         return groups
 
     def _rotation_for(self, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
@@ -579,11 +600,11 @@ class KronOptimizer(torch.optim.Optimizer):
     def _advance_steps(self, index: int, items: list[_PendingGroup], finite: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Count this step in every gradded member (one foreach op for the parameter group; a
         skipped group's count stays) and return the group's shared step count, if it has one."""
-        steps = [item.group.steps for item in items]
-        if finite is None:
-            torch._foreach_add_(steps, 1)
-        else:  # bool into int64: no cast. alpha= picks the Tensor overload: without it the 0-dim
-            torch._foreach_add_(steps, finite, alpha=1)  # flag binds to the Scalar one, an .item() sync
+        for counts in _step_counters(items):
+            if finite is None:
+                counts.add_(1)
+            else:  # bool into int64: no cast kernel
+                counts.add_(finite)
         self._host_steps[index] = self._host_steps.get(index, 0) + 1
         for item in items:
             if item.rows is None:
