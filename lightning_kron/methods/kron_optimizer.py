@@ -29,6 +29,7 @@ from lightning_kron.engine.blocking import factor_label, plan_blocks
 from lightning_kron.engine.factor_group import TELEMETRY_KEYS, FactorGroup, Member
 from lightning_kron.engine.factor_info import FactorInfo
 from lightning_kron.engine.mode_products import unfold
+from lightning_kron.engine.sharding import ShardLayout, all_ranks_finite, local_tensor, shard_layout
 from lightning_kron.engine.solvers import ORTHONORMALIZERS
 from lightning_kron.engine.staleness import staleness
 from lightning_kron.engine.validation import (
@@ -221,6 +222,9 @@ class KronOptimizer(torch.optim.Optimizer):
         self._skipped_on_device: Optional[torch.Tensor] = None
         self.skipped_steps = 0
         groups, self._names = _split_named(params)
+        #: Where the FSDP2-sharded parameters live (None when no parameter is a DTensor): each rank
+        #: then preconditions its own rows, and the step all-reduces its finite-gradient flags.
+        self.shard_layout: Optional[ShardLayout] = self._check_sharding(groups)
         self._groups: Optional[list[FactorGroup]] = None
         self._staleness_current = True  # every factor is still zero, and so is its staleness
         super().__init__(groups, defaults)
@@ -239,6 +243,8 @@ class KronOptimizer(torch.optim.Optimizer):
         plain, names = _split_named([param_group], first_group=len(self.param_groups))
         for key, name in names.items():
             self._names.setdefault(key, name)
+        if getattr(self, "_groups", None) is not None:  # the constructor checked its own groups already
+            self._check_sharding([*self.param_groups, plain[0]])
         super().add_param_group(plain[0])
         self._validate_group(self.param_groups[-1])
         if getattr(self, "_groups", None) is not None:
@@ -254,6 +260,12 @@ class KronOptimizer(torch.optim.Optimizer):
         check_choice("weight_decay_mode", group["weight_decay_mode"], ("decoupled", "l2"))
         if group["shampoo_beta"] is not None:
             check_unit_interval("shampoo_beta", group["shampoo_beta"], closed_right=True)
+
+    def _check_sharding(self, groups: list[dict]) -> Optional[ShardLayout]:
+        layout = shard_layout((self._names[id(param)], param) for group in groups for param in group["params"])
+        if getattr(self, "_groups", None) is not None and layout != self.shard_layout:
+            raise ValueError("a parameter group added later must be sharded like the optimizer's other parameters")
+        return layout
 
     def _hyperparameters(self, group: dict, finite: Optional[torch.Tensor] = None) -> StepHyperparameters:
         beta1, beta2 = group["betas"]
@@ -283,8 +295,11 @@ class KronOptimizer(torch.optim.Optimizer):
         indices = range(len(self.param_groups)) if group_indices is None else group_indices
         for group_index in indices:
             for param in self.param_groups[group_index]["params"]:
+                local_shape = tuple(local_tensor(param).shape)  # an FSDP2 shard is blocked on its own rows
+                if 0 in local_shape:  # an empty shard (fewer rows than ranks) has nothing to precondition
+                    continue
                 plan = plan_blocks(
-                    tuple(param.shape), max_precond_dim=self.max_precond_dim, merge_dims=self.merge_dims,
+                    local_shape, max_precond_dim=self.max_precond_dim, merge_dims=self.merge_dims,
                     split_large_dims=self.split_large_dims, precondition_1d=self.precondition_1d,
                 )
                 for number, block in enumerate(plan.blocks):
@@ -303,7 +318,20 @@ class KronOptimizer(torch.optim.Optimizer):
         for group in groups:
             for member, views in group.member_views():
                 entry = self.state[member.param]
-                entry.update({f"block{member.block_number}.{key}": view for key, view in views.items()})
+                entry.update({self._state_key(member.block_number, key): view for key, view in views.items()})
+        if self.shard_layout is not None:  # every sharded parameter has an entry, empty shards too
+            for param in {id(p): p for group in self.param_groups for p in group["params"]}.values():
+                self.state[param][self._state_key(None, "shard")] = self._shard_record(param)
+
+    def _state_key(self, block_number: Optional[int], key: str) -> str:
+        """``block{b}.{key}``; under FSDP2 prefixed with the rank (see ``ShardLayout.state_prefix``)."""
+        name = key if block_number is None else f"block{block_number}.{key}"
+        return name if self.shard_layout is None else self.shard_layout.state_prefix() + name
+
+    def _shard_record(self, param: torch.Tensor) -> torch.Tensor:
+        """``[rank, world size, local rows]`` of a sharded parameter: a resume checks it."""
+        rows = local_tensor(param).shape[0] if param.dim() else 1
+        return torch.tensor([self.shard_layout.rank, self.shard_layout.world_size, rows])
 
     # ----------------------------------------------------------------- hooks for subclasses
     def _init_state(self, group: FactorGroup) -> None:
@@ -425,15 +453,16 @@ class KronOptimizer(torch.optim.Optimizer):
     def _finite_param_groups(self, gathered) -> dict[int, torch.Tensor]:
         """Each parameter group's finite-gradient flag, on the device: one reduction per stack
         already gathered and no host sync (``nonfinite="raise"`` syncs once to raise). A group with
-        a NaN/Inf is skipped whole; the skips are counted on the device too."""
-        if not gathered:
+        a NaN/Inf is skipped whole; the skips are counted on the device too. Under FSDP2 the flags
+        are all-reduced, so every rank skips the same groups."""
+        if self.shard_layout is not None:
+            finite = self._finite_on_all_ranks(gathered)
+        elif not gathered:
             return {}
-        # min and max of g in one reduction (10x faster than max |g| on a CPU: no |g| stack): NaN
-        # and Inf both show up in them and, unlike a sum, nothing finite overflows
-        by_group: dict[int, list[torch.Tensor]] = {}
-        for source, _, _, grad in gathered:
-            by_group.setdefault(source.param_group, []).append(torch.stack(torch.aminmax(grad)).isfinite().all())
-        finite = {index: flags[0] if len(flags) == 1 else torch.stack(flags).all() for index, flags in by_group.items()}
+        else:
+            finite = self._local_finite_flags(gathered)
+        if not finite:
+            return {}
         flags = list(finite.values())
         all_finite = flags[0] if len(flags) == 1 else torch.stack(flags).all()
         if self.nonfinite == "raise":
@@ -443,6 +472,29 @@ class KronOptimizer(torch.optim.Optimizer):
         skipped = (~torch.stack(flags)).sum() if len(flags) > 1 else (~flags[0]).long()
         self._skipped_on_device = skipped if self._skipped_on_device is None else self._skipped_on_device + skipped
         return finite
+
+    @staticmethod
+    def _local_finite_flags(gathered) -> dict[int, torch.Tensor]:
+        # min and max of g in one reduction (10x faster than max |g| on a CPU: no |g| stack): NaN
+        # and Inf both show up in them and, unlike a sum, nothing finite overflows
+        by_group: dict[int, list[torch.Tensor]] = {}
+        for source, _, _, grad in gathered:
+            by_group.setdefault(source.param_group, []).append(torch.stack(torch.aminmax(grad)).isfinite().all())
+        return {index: flags[0] if len(flags) == 1 else torch.stack(flags).all() for index, flags in by_group.items()}
+
+    def _finite_on_all_ranks(self, gathered) -> dict[int, torch.Tensor]:
+        """One flag per parameter group that has a gradient on any rank, the same on every rank: a
+        rank that holds no rows of a group (empty shards) or no gradient contributes "finite", and
+        every rank joins the all-reduce, whatever it holds."""
+        local = self._local_finite_flags(gathered)
+        with_grads = [index for index, group in enumerate(self.param_groups)
+                      if any(param.grad is not None for param in group["params"])]
+        if not with_grads:
+            return {}
+        device = local_tensor(self.param_groups[with_grads[0]]["params"][0]).device
+        true = torch.ones((), dtype=torch.bool, device=device)
+        flags = all_ranks_finite(torch.stack([local.get(index, true) for index in with_grads]), self.shard_layout)
+        return dict(zip(with_grads, flags.unbind(0)))
 
     @property
     def skipped_steps(self) -> int:
@@ -513,15 +565,16 @@ class KronOptimizer(torch.optim.Optimizer):
                     index.append((f"{prefix}[{factor_label(dim, group.order)}]", group, row, dim))
         return index
 
-    @staticmethod
-    def block_name(member: Member) -> str:
-        """Readable name of one block: the parameter's name, plus ``.block{b}`` when it was split.
+    def block_name(self, member: Member) -> str:
+        """Readable name of one block: the parameter's name, plus ``.shard{r}`` for rank ``r``'s rows
+        under FSDP2 and ``.block{b}`` when it was split.
 
         Factor names are this plus ``[L]``/``[R]``/``[i]``; per-block telemetry (the approximation
-        probe, eigenvalue mis-scaling) uses it alone.
+        probe, eigenvalue mis-scaling) uses it alone. Names are unique over all ranks.
         """
+        name = member.name if self.shard_layout is None else self.shard_layout.shard_name(member.name)
         split = member.block.shape != member.view_shape
-        return f"{member.name}.block{member.block_number}" if split else member.name
+        return f"{name}.block{member.block_number}" if split else name
 
     def adopt_names(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Name parameters that were passed without names (e.g. ``model.parameters()``).
@@ -606,6 +659,7 @@ class KronOptimizer(torch.optim.Optimizer):
             "format": STATE_FORMAT, "optimizer": type(self).__name__,
             "global_step": self.global_step, "skipped_steps": self.skipped_steps,
             "scheduler": self.own_scheduler.state_dict(),  # deferred factors of its budget
+            "world_size": None if self.shard_layout is None else self.shard_layout.world_size,
         }
         return state
 
@@ -618,6 +672,7 @@ class KronOptimizer(torch.optim.Optimizer):
             raise ValueError(f"this state_dict was not saved by a lightning_kron optimizer; cannot load it into {mine}")
         if meta["optimizer"] != mine:
             raise ValueError(f"state_dict was saved by lightning_kron.{meta['optimizer']}, cannot load it into {mine}")
+        self._check_world_size(meta.get("world_size"))
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
@@ -643,14 +698,25 @@ class KronOptimizer(torch.optim.Optimizer):
         if "scheduler" in meta:  # absent from checkpoints made before the scheduler was the one path
             self.own_scheduler.load_state_dict(meta["scheduler"])
 
+    def _check_world_size(self, saved: Optional[int]) -> None:
+        """Under FSDP2 each rank's state covers its own rows: it only fits the same world size."""
+        current = None if self.shard_layout is None else self.shard_layout.world_size
+        if saved != current:
+            def describe(size):
+                return "unsharded" if size is None else f"sharded over {size} ranks"
+            raise ValueError(f"this state_dict was saved {describe(saved)} and cannot be loaded {describe(current)}: "
+                             "the Kronecker blocks follow the shard rows, so resume at the world size it was saved at")
+
     def _copy_plan(self, groups: list[FactorGroup], saved_key: dict[int, Any], saved_state: dict) -> list:
         plan = []
         for group in groups:
             for member, views in group.member_views():
                 saved = saved_state.get(saved_key[id(member.param)], {})
                 for key, view in views.items():
-                    name = f"block{member.block_number}.{key}"
+                    name = self._state_key(member.block_number, key)
                     value = saved.get(name)
+                    if value is None and key.startswith("deferred."):  # saved before the queue was state
+                        continue
                     if value is None or tuple(value.shape) != tuple(view.shape):
                         found = None if value is None else tuple(value.shape)
                         raise ValueError(f"state_dict does not match parameter {member.name!r}: {name} "
