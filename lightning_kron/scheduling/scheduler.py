@@ -51,6 +51,7 @@ import torch
 
 from lightning_kron.engine.basis_refresh import reorthonormalization_due
 from lightning_kron.engine.factor_group import FactorGroup
+from lightning_kron.engine.sharding import gather_over_shards
 from lightning_kron.engine.validation import check_positive_int
 from lightning_kron.scheduling.ownership import (
     OwnedRows,
@@ -331,14 +332,27 @@ class RefreshScheduler:
     def state_dict(self) -> dict[str, Any]:
         """Small: the counters. The deferred factors, needed for a bit-identical resume, are part
         of the optimizer's state (each factor's ``deferred`` flag), so they are saved with it, per
-        rank under FSDP2."""
+        rank under FSDP2.
+
+        Under FSDP2 each rank counts its own refreshes, and checkpoints keep one copy of this
+        state: every rank's counters are gathered into it (a collective, like every other part
+        of saving a sharded checkpoint), and each rank takes its own back on load.
+        """
         counters = {"checks": self.counters.checks, "refreshes": self.counters.refreshes, "seconds": self.counters.seconds}
-        return {"format": STATE_FORMAT, "counters": counters}
+        state = {"format": STATE_FORMAT, "counters": counters}
+        layout = getattr(self.optimizer, "shard_layout", None)
+        if layout is not None:
+            state["counters_by_rank"] = gather_over_shards(counters, layout)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") not in (1, STATE_FORMAT):
             raise ValueError(f"unknown RefreshScheduler state format {state.get('format')!r}")
-        self.counters = RefreshCounters(**{**asdict(RefreshCounters()), **state["counters"]})
+        counters = state["counters"]
+        layout = getattr(self.optimizer, "shard_layout", None)
+        if layout is not None and len(state.get("counters_by_rank", [])) == layout.world_size:
+            counters = state["counters_by_rank"][layout.rank]
+        self.counters = RefreshCounters(**{**asdict(RefreshCounters()), **counters})
         saved = state.get("deferred")  # format 1 kept the queue here: applied once the layout is known
         self._saved_deferred = None if saved is None else tuple(saved)
         self._layout_for = None
