@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_kron as lk
 
@@ -58,6 +59,19 @@ def _sharded(value: torch.Tensor, mesh, rank: int) -> torch.Tensor:
     return DTensor.from_local(_rows_of(value, rank).clone(), mesh, [Shard(0)], shape=value.shape, stride=value.stride())
 
 
+class Collectives(TorchDispatchMode):
+    """Records every collective dispatched (process-group ops and DTensor's functional ones)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("c10d", "_c10d_functional"):
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def _sharded_run(make, mesh, rank: int) -> dict[str, nn.Parameter]:
     params = {name: nn.Parameter(_sharded(value, mesh, rank)) for name, value in _full_values(-1).items()}
     optimizer = make(list(params.items()))
@@ -66,7 +80,10 @@ def _sharded_run(make, mesh, rank: int) -> dict[str, nn.Parameter]:
             if step == NAN_STEP and name == "uneven":
                 grad[-1, 0] = float("nan")  # lands in rank 1's rows only
             params[name].grad = _sharded(grad, mesh, rank)
-        optimizer.step()
+        with Collectives() as collectives:
+            optimizer.step()
+        # the finite flags' all-reduce is the step's only communication, refresh steps included
+        assert collectives.seen == ["allreduce_.default"], (step, collectives.seen)
     assert optimizer.skipped_steps == 1, optimizer.skipped_steps
     return params
 
