@@ -652,7 +652,9 @@ class KronOptimizer(torch.optim.Optimizer):
         param_groups. What belongs to the optimizer as a whole (the format, the class, the global
         and skipped step counts, its own scheduler's deferred factors) travels in the first
         parameter group under ``"lightning_kron"``: ``torch.distributed.checkpoint`` keeps only
-        ``state`` and ``param_groups`` (``get_optimizer_state_dict`` drops other top-level keys)."""
+        ``state`` and ``param_groups`` (``get_optimizer_state_dict`` drops other top-level keys).
+        Under FSDP2 it is a collective (the scheduler gathers every rank's counters): call it on
+        every rank, as ``get_optimizer_state_dict`` does."""
         self.update_staleness()
         state = super().state_dict()  # param_groups are fresh dicts: the live groups stay as they are
         state["param_groups"][0][META_KEY] = {
