@@ -80,6 +80,9 @@ class FactorGroup:
         #: factored dims refreshed at least once (host-side, so a refresh needs no sync to know
         #: whether it starts from the identity); shared with subsets, rebuilt on load
         self.refreshed_dims: set[int] = set()
+        #: whether any member's ``deferred`` flag may be set (host-side for the same reason: an
+        #: unchecked step then needs no read of the queue); kept by the scheduler, rebuilt on load
+        self.any_deferred = False
         self._low_bases: dict[int, tuple] = {}
         self._allocate_factors()
 

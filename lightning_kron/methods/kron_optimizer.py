@@ -688,8 +688,9 @@ class KronOptimizer(torch.optim.Optimizer):
         plan = self._copy_plan(fresh, saved_key, state_dict["state"])
         for target, source in plan:
             target.copy_(source)
-        for group in fresh:  # one host read per stack, on load only
+        for group in fresh:  # host reads per stack, on load only
             group.refreshed_dims = {dim for dim in group.factored_dims if bool(group.refreshes(dim).any())}
+            group.any_deferred = any(bool(group.deferred(dim).any()) for dim in group.factored_dims)
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({key: value for key, value in saved.items() if key not in ("params", META_KEY)})
         self._groups = fresh

@@ -163,10 +163,22 @@ class RefreshScheduler:
         groups = self.optimizer.factor_groups()
         return torch.cat([groups[s.group_index].deferred(s.dim) for s in slots])
 
-    def _store_deferred(self, slots: list[_Slot], deferred: torch.Tensor) -> None:
+    def _note_deferred(self, slots: list[_Slot], codes: list[int]) -> None:
+        """Store the queue of the decision just read into the groups' ``deferred`` flags, and keep
+        their host-side ``any_deferred`` in step. Stacks with nothing queued before or now are
+        left alone: without a budget no kernel runs here."""
         groups = self.optimizer.factor_groups()
-        for slot, part in zip(slots, deferred.split([s.count for s in slots])):
-            groups[slot.group_index].deferred(slot.dim).copy_(part)
+        had = {id(group) for group in groups if group.any_deferred}
+        queued = {}
+        for slot in slots:
+            flags = [code % _REORTHONORMALIZE == _DEFERRED for code in codes[slot.start: slot.start + slot.count]]
+            group = groups[slot.group_index]
+            if any(flags) or id(group) in had:
+                group.deferred(slot.dim).copy_(torch.tensor(flags, device=group.device))
+            queued[id(group)] = queued.get(id(group), False) or any(flags)
+        for group in groups:
+            group.any_deferred = queued.get(id(group), False)
+        self._any_deferred = any(queued.values())
 
     @property
     def needs_training_length(self) -> bool:
@@ -191,7 +203,7 @@ class RefreshScheduler:
                     start += len(group)
             self._layout_for = groups
             self._restore_deferred(start)
-            self._any_deferred = bool(self._slots) and bool(self._deferred_mask(self._slots).any())
+            self._any_deferred = any(groups[s.group_index].any_deferred for s in self._slots)
         return self._slots
 
     def _staleness(self, slots: list[_Slot]) -> torch.Tensor:
@@ -254,9 +266,8 @@ class RefreshScheduler:
         decision = due.to(torch.uint8) + chosen.to(torch.uint8) + _REORTHONORMALIZE * reorthonormalize.to(torch.uint8)
         if self._replicated():
             decision = broadcast_from_first(decision)
-        self._store_deferred(slots, decision % _REORTHONORMALIZE == _DEFERRED)
         codes = decision.tolist()  # the one host sync of a checked step
-        self._any_deferred = any(code % _REORTHONORMALIZE == _DEFERRED for code in codes)
+        self._note_deferred(slots, codes)
         chosen = [index for index, code in enumerate(codes) if code % _REORTHONORMALIZE == _CHOSEN]
         self.counters.checks += int(checking)
         due_to_reorthonormalize = {index for index, code in enumerate(codes) if code >= _REORTHONORMALIZE}
@@ -365,7 +376,8 @@ class RefreshScheduler:
         saved_count, indices = self._saved_deferred
         if saved_count != factor_count:
             raise ValueError(f"RefreshScheduler state is for {saved_count} factors, this optimizer has {factor_count}")
-        deferred = torch.zeros(factor_count, dtype=torch.bool)
-        deferred[indices] = True
-        self._store_deferred(self._slots, deferred)
+        codes = [0] * factor_count
+        for index in indices:
+            codes[index] = _DEFERRED
+        self._note_deferred(self._slots, codes)
         self._saved_deferred = None
