@@ -8,7 +8,8 @@ lives in ``FactorGroup.tensors`` as stacks with the member index first; the opti
 
 Each factored dim ``i`` owns ``basis.i`` (Q, ``[N, d, d]``) and ``stats.i`` (``B = Q^T L Q``: the
 factor stored in its own eigenbasis, which makes the staleness criterion free), plus telemetry:
-``staleness.i``, ``refreshes.i``, ``failures.i``, ``last_refresh.i``, ``refresh_seconds.i``.
+``staleness.i``, ``refreshes.i``, ``failures.i``, ``last_refresh.i``, ``refresh_seconds.i``, and
+``deferred.i`` (due for a refresh but still waiting for the scheduler's budget).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from lightning_kron.engine.blocking import Block
 from lightning_kron.engine.mode_products import rotate_in, rotate_mode, rotate_out
 from lightning_kron.engine.precision import cuda_matmul_precision, tf32_bmm
+from lightning_kron.engine.sharding import local_tensor
 
 TELEMETRY_KEYS = ("staleness", "refreshes", "failures", "last_refresh", "refresh_seconds")
 
@@ -35,7 +37,7 @@ def factor_key(name: str, dim: int) -> str:
 
 @dataclass(frozen=True)
 class Member:
-    """One block of one parameter inside a group."""
+    """One block of one parameter inside a group (of this rank's shard, for an FSDP2 DTensor)."""
 
     param: torch.Tensor
     name: str
@@ -46,16 +48,21 @@ class Member:
     def param_block(self) -> torch.Tensor:
         """The slice of the parameter that this block covers: a writable view when the parameter
         is contiguous, else a copy (channels-last convs) that :meth:`write_back` stores."""
-        return self.param.data.reshape(self.view_shape)[self.block.index]
+        return self.local_param().reshape(self.view_shape)[self.block.index]
+
+    def local_param(self) -> torch.Tensor:
+        """The values this rank updates: the whole parameter, or its local shard under FSDP2."""
+        return local_tensor(self.param.data)
 
     def write_back(self, block: torch.Tensor) -> None:
         """Store an updated copy from :meth:`param_block` (only needed for non-contiguous params)."""
-        whole = self.param.data.reshape(self.view_shape).clone()
+        local = self.local_param()
+        whole = local.reshape(self.view_shape).clone()
         whole[self.block.index] = block
-        self.param.data.copy_(whole.reshape(self.param.shape))
+        local.copy_(whole.reshape(local.shape))
 
     def grad_block(self) -> torch.Tensor:
-        return self.param.grad.reshape(self.view_shape)[self.block.index]
+        return local_tensor(self.param.grad).reshape(self.view_shape)[self.block.index]
 
 
 class FactorGroup:
@@ -84,6 +91,9 @@ class FactorGroup:
         self.host_steps = 0
         #: the buffer whose slice :attr:`steps` is (see :func:`share_step_counts`), or None
         self.step_buffer: Optional[torch.Tensor] = None
+        #: whether any member's ``deferred`` flag may be set (host-side for the same reason: an
+        #: unchecked step then needs no read of the queue); kept by the scheduler, rebuilt on load
+        self.any_deferred = False
         self._low_bases: dict[int, tuple] = {}
         self._allocate_factors()
 
@@ -100,6 +110,7 @@ class FactorGroup:
             for key in ("refreshes", "failures", "last_refresh"):
                 self.add_factor_tensor(key, dim, torch.zeros(count, dtype=torch.int64, device=self.device))
             self.add_factor_tensor("refresh_seconds", dim, torch.zeros(count, dtype=torch.float64, device=self.device))
+            self.add_factor_tensor("deferred", dim, torch.zeros(count, dtype=torch.bool, device=self.device))
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         """Register a stacked tensor (member index first) as part of this group's state."""
@@ -159,6 +170,11 @@ class FactorGroup:
     def refresh_seconds(self, dim: int) -> torch.Tensor:
         """Wall time spent refreshing each member, its share of batched calls (float64, ``[N]``)."""
         return self.factor_tensor("refresh_seconds", dim)
+
+    def deferred(self, dim: int) -> torch.Tensor:
+        """Which members are due for a refresh that the scheduler's budget postponed (bool, ``[N]``):
+        state, so a resume, and under FSDP2 each rank, keeps its own queue."""
+        return self.factor_tensor("deferred", dim)
 
     @property
     def steps(self) -> torch.Tensor:
@@ -325,7 +341,7 @@ def apply_updates(groups: list[FactorGroup], directions: list[torch.Tensor], lr:
         for member, row in zip(group.members, direction.unbind(0)):
             blocks.append(member.param_block())
             updates.append(row)
-            if not member.param.is_contiguous():
+            if not member.local_param().is_contiguous():
                 copies.append((member, blocks[-1]))
     for dtype, (blocks, updates) in by_dtype.items():
         factor = shrink.to(dtype) if isinstance(shrink, torch.Tensor) else shrink

@@ -39,6 +39,7 @@ from lightning_kron.engine.factor_group import (
 from lightning_kron.engine.factor_info import FactorInfo
 from lightning_kron.engine.mode_products import unfold
 from lightning_kron.engine.precision import cuda_matmul_precision
+from lightning_kron.engine.sharding import ShardLayout, all_ranks_finite, local_tensor, shard_layout
 from lightning_kron.engine.solvers import FALLBACK, ORTHONORMALIZERS
 from lightning_kron.engine.staleness import staleness
 from lightning_kron.engine.validation import (
@@ -113,11 +114,6 @@ class StepHyperparameters:
         if self.finite is None:
             return value
         return self._mask(("weight", value), lambda flag: flag * value, like)
-
-    @property
-    def skipped(self) -> torch.Tensor:
-        """``~finite``: masks the gradient buffer and counts the skip (needs ``finite``)."""
-        return self._cached(("skipped",), lambda: ~self.finite)
 
     def bias_correction(self, beta: float, group: FactorGroup, like: torch.Tensor) -> torch.Tensor:
         """``1 - beta^t`` for ``group``'s members (see :func:`bias_correction`): one 0-dim tensor
@@ -208,6 +204,10 @@ def _step_counters(items: list[_PendingGroup]) -> list[torch.Tensor]:
         else:
             counters.append(item.group.steps)
     return counters
+
+
+def _all_of(flags: list[torch.Tensor]) -> torch.Tensor:
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
 
 
 def _all_finite(values: torch.Tensor) -> torch.Tensor:
@@ -322,6 +322,9 @@ class KronOptimizer(torch.optim.Optimizer):
         self.compile = compile
         self._compiled_functions = {name: torch.compile(function) for name, function in self.compilable.items()} if compile else {}
         groups, self._names = _split_named(params)
+        #: Where the FSDP2-sharded parameters live (None when no parameter is a DTensor): each rank
+        #: then preconditions its own rows, and the step all-reduces its finite-gradient flags.
+        self.shard_layout: Optional[ShardLayout] = self._check_sharding(groups)
         self._groups: Optional[list[FactorGroup]] = None
         self._staleness_current = True  # every factor is still zero, and so is its staleness
         super().__init__(groups, defaults)
@@ -340,6 +343,8 @@ class KronOptimizer(torch.optim.Optimizer):
         plain, names = _split_named([param_group], first_group=len(self.param_groups))
         for key, name in names.items():
             self._names.setdefault(key, name)
+        if getattr(self, "_groups", None) is not None:  # the constructor checked its own groups already
+            self._check_sharding([*self.param_groups, plain[0]])
         super().add_param_group(plain[0])
         self._validate_group(self.param_groups[-1])
         if getattr(self, "_groups", None) is not None:
@@ -355,6 +360,12 @@ class KronOptimizer(torch.optim.Optimizer):
         check_choice("weight_decay_mode", group["weight_decay_mode"], ("decoupled", "l2"))
         if group["shampoo_beta"] is not None:
             check_unit_interval("shampoo_beta", group["shampoo_beta"], closed_right=True)
+
+    def _check_sharding(self, groups: list[dict]) -> Optional[ShardLayout]:
+        layout = shard_layout((self._names[id(param)], param) for group in groups for param in group["params"])
+        if getattr(self, "_groups", None) is not None and layout != self.shard_layout:
+            raise ValueError("a parameter group added later must be sharded like the optimizer's other parameters")
+        return layout
 
     def _hyperparameters(self, group: dict, finite: Optional[torch.Tensor] = None,
                          step: Optional[torch.Tensor] = None) -> StepHyperparameters:
@@ -385,8 +396,11 @@ class KronOptimizer(torch.optim.Optimizer):
         indices = range(len(self.param_groups)) if group_indices is None else group_indices
         for group_index in indices:
             for param in self.param_groups[group_index]["params"]:
+                local_shape = tuple(local_tensor(param).shape)  # an FSDP2 shard is blocked on its own rows
+                if 0 in local_shape:  # an empty shard (fewer rows than ranks) has nothing to precondition
+                    continue
                 plan = plan_blocks(
-                    tuple(param.shape), max_precond_dim=self.max_precond_dim, merge_dims=self.merge_dims,
+                    local_shape, max_precond_dim=self.max_precond_dim, merge_dims=self.merge_dims,
                     split_large_dims=self.split_large_dims, precondition_1d=self.precondition_1d,
                 )
                 for number, block in enumerate(plan.blocks):
@@ -425,7 +439,20 @@ class KronOptimizer(torch.optim.Optimizer):
         for group in groups:
             for member, views in group.member_views():
                 entry = self.state[member.param]
-                entry.update({f"block{member.block_number}.{key}": view for key, view in views.items()})
+                entry.update({self._state_key(member.block_number, key): view for key, view in views.items()})
+        if self.shard_layout is not None:  # every sharded parameter has an entry, empty shards too
+            for param in {id(p): p for group in self.param_groups for p in group["params"]}.values():
+                self.state[param][self._state_key(None, "shard")] = self._shard_record(param)
+
+    def _state_key(self, block_number: Optional[int], key: str) -> str:
+        """``block{b}.{key}``; under FSDP2 prefixed with the rank (see ``ShardLayout.state_prefix``)."""
+        name = key if block_number is None else f"block{block_number}.{key}"
+        return name if self.shard_layout is None else self.shard_layout.state_prefix() + name
+
+    def _shard_record(self, param: torch.Tensor) -> torch.Tensor:
+        """``[rank, world size, local rows]`` of a sharded parameter: a resume checks it."""
+        rows = local_tensor(param).shape[0] if param.dim() else 1
+        return torch.tensor([self.shard_layout.rank, self.shard_layout.world_size, rows])
 
     # ----------------------------------------------------------------- hooks for subclasses
     def _init_state(self, group: FactorGroup) -> None:
@@ -542,6 +569,7 @@ class KronOptimizer(torch.optim.Optimizer):
         #: this step's finite-gradient flag per parameter group (device bools; empty when none can
         #: be skipped): the scheduler refreshes no factor of a skipped group.
         self.step_finite = finite
+        skipped = self._count_skips(finite)
         for index, items in _by_param_group(pending).items():
             hyper = self._hyperparameters(self.param_groups[index], finite.get(index),
                                           self._advance_steps(index, items, finite.get(index)))
@@ -549,10 +577,8 @@ class KronOptimizer(torch.optim.Optimizer):
                 for item in items:
                     item.grad.add_(item.group.gather_params(), alpha=hyper.weight_decay)
             if hyper.finite is not None:  # a skipped group's gradient enters every update as 0
-                self._skipped_on_device = hyper.skipped.long() if self._skipped_on_device is None \
-                    else self._skipped_on_device.add_(hyper.skipped)
                 for buffer in buffers[index]:
-                    buffer.masked_fill_(hyper.skipped, 0.0)
+                    buffer.masked_fill_(skipped[index], 0.0)
             for item in items:
                 item.hyper = hyper
                 item.rotated_low = item.group.rotate_in(item.grad, keep_rotation_dtype=True)
@@ -585,17 +611,22 @@ class KronOptimizer(torch.optim.Optimizer):
     def _finite_param_groups(self, buffers: dict[int, list[torch.Tensor]]) -> dict[int, torch.Tensor]:
         """Each parameter group's finite-gradient flag, on the device: one reduction per gradient
         buffer and no host sync (``nonfinite="raise"`` syncs once to raise). A group with a NaN/Inf
-        is skipped whole; the skips are counted on the device too."""
-        finite = {}
-        for index, flats in buffers.items():
-            flags = [_all_finite(flat) for flat in flats]
-            finite[index] = flags[0] if len(flags) == 1 else torch.stack(flags).all()
+        is skipped whole. Under FSDP2 the flags are all-reduced, so every rank skips the same groups."""
+        local = {index: _all_of([_all_finite(flat) for flat in flats]) for index, flats in buffers.items()}
+        finite = self._finite_on_all_ranks(local) if self.shard_layout is not None else local
         if self.nonfinite == "raise":
-            flags = list(finite.values())
-            if flags and not bool(flags[0] if len(flags) == 1 else torch.stack(flags).all()):  # the one sync this mode pays
+            if finite and not bool(_all_of(list(finite.values()))):  # the one sync this mode pays
                 raise FloatingPointError("non-finite gradient (NaN or Inf); the step was not applied")
             return {}
         return finite
+
+    def _count_skips(self, finite: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """``~finite`` of every parameter group, added to the device-side skip counter (every flag,
+        so that under FSDP2 a rank without a group's rows counts its skip too)."""
+        skipped = {index: ~flag for index, flag in finite.items()}
+        for flag in skipped.values():
+            self._skipped_on_device = flag.long() if self._skipped_on_device is None else self._skipped_on_device.add_(flag)
+        return skipped
 
     def _advance_steps(self, index: int, items: list[_PendingGroup], finite: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Count this step in every gradded member (one foreach op for the parameter group; a
@@ -636,6 +667,19 @@ class KronOptimizer(torch.optim.Optimizer):
             self._host_steps[index] = high
             for group in groups:
                 group.host_steps = high
+
+    def _finite_on_all_ranks(self, local: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """One flag per parameter group that has a gradient on any rank, the same on every rank: a
+        rank that holds no rows of a group (empty shards) or no gradient contributes "finite", and
+        every rank joins the all-reduce, whatever it holds."""
+        with_grads = [index for index, group in enumerate(self.param_groups)
+                      if any(param.grad is not None for param in group["params"])]
+        if not with_grads:
+            return {}
+        device = local_tensor(self.param_groups[with_grads[0]]["params"][0]).device
+        true = torch.ones((), dtype=torch.bool, device=device)
+        flags = all_ranks_finite(torch.stack([local.get(index, true) for index in with_grads]), self.shard_layout)
+        return dict(zip(with_grads, flags.unbind(0)))
 
     @property
     def skipped_steps(self) -> int:
@@ -711,15 +755,16 @@ class KronOptimizer(torch.optim.Optimizer):
                     index.append((f"{prefix}[{factor_label(dim, group.order)}]", group, row, dim))
         return index
 
-    @staticmethod
-    def block_name(member: Member) -> str:
-        """Readable name of one block: the parameter's name, plus ``.block{b}`` when it was split.
+    def block_name(self, member: Member) -> str:
+        """Readable name of one block: the parameter's name, plus ``.shard{r}`` for rank ``r``'s rows
+        under FSDP2 and ``.block{b}`` when it was split.
 
         Factor names are this plus ``[L]``/``[R]``/``[i]``; per-block telemetry (the approximation
-        probe, eigenvalue mis-scaling) uses it alone.
+        probe, eigenvalue mis-scaling) uses it alone. Names are unique over all ranks.
         """
+        name = member.name if self.shard_layout is None else self.shard_layout.shard_name(member.name)
         split = member.block.shape != member.view_shape
-        return f"{member.name}.block{member.block_number}" if split else member.name
+        return f"{name}.block{member.block_number}" if split else name
 
     def adopt_names(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Name parameters that were passed without names (e.g. ``model.parameters()``).
@@ -831,13 +876,16 @@ class KronOptimizer(torch.optim.Optimizer):
         param_groups. What belongs to the optimizer as a whole (the format, the class, the global
         and skipped step counts, its own scheduler's deferred factors) travels in the first
         parameter group under ``"lightning_kron"``: ``torch.distributed.checkpoint`` keeps only
-        ``state`` and ``param_groups`` (``get_optimizer_state_dict`` drops other top-level keys)."""
+        ``state`` and ``param_groups`` (``get_optimizer_state_dict`` drops other top-level keys).
+        Under FSDP2 it is a collective (the scheduler gathers every rank's counters): call it on
+        every rank, as ``get_optimizer_state_dict`` does."""
         self.update_staleness()
         state = super().state_dict()  # param_groups are fresh dicts: the live groups stay as they are
         state["param_groups"][0][META_KEY] = {
             "format": STATE_FORMAT, "optimizer": type(self).__name__,
             "global_step": self.global_step, "skipped_steps": self.skipped_steps,
             "scheduler": self.own_scheduler.state_dict(),  # deferred factors of its budget
+            "world_size": None if self.shard_layout is None else self.shard_layout.world_size,
         }
         return state
 
@@ -850,6 +898,7 @@ class KronOptimizer(torch.optim.Optimizer):
             raise ValueError(f"this state_dict was not saved by a lightning_kron optimizer; cannot load it into {mine}")
         if meta["optimizer"] != mine:
             raise ValueError(f"state_dict was saved by lightning_kron.{meta['optimizer']}, cannot load it into {mine}")
+        self._check_world_size(meta.get("world_size"))
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
@@ -863,8 +912,9 @@ class KronOptimizer(torch.optim.Optimizer):
         plan = self._copy_plan(fresh, saved_key, state_dict["state"])
         for target, source in plan:
             target.copy_(source)
-        for group in fresh:  # one host read per stack, on load only
+        for group in fresh:  # host reads per stack, on load only
             group.refreshed_dims = {dim for dim in group.factored_dims if bool(group.refreshes(dim).any())}
+            group.any_deferred = any(bool(group.deferred(dim).any()) for dim in group.factored_dims)
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({key: value for key, value in saved.items() if key not in ("params", META_KEY)})
         self._groups = fresh
@@ -876,14 +926,25 @@ class KronOptimizer(torch.optim.Optimizer):
         if "scheduler" in meta:  # absent from checkpoints made before the scheduler was the one path
             self.own_scheduler.load_state_dict(meta["scheduler"])
 
+    def _check_world_size(self, saved: Optional[int]) -> None:
+        """Under FSDP2 each rank's state covers its own rows: it only fits the same world size."""
+        current = None if self.shard_layout is None else self.shard_layout.world_size
+        if saved != current:
+            def describe(size):
+                return "unsharded" if size is None else f"sharded over {size} ranks"
+            raise ValueError(f"this state_dict was saved {describe(saved)} and cannot be loaded {describe(current)}: "
+                             "the Kronecker blocks follow the shard rows, so resume at the world size it was saved at")
+
     def _copy_plan(self, groups: list[FactorGroup], saved_key: dict[int, Any], saved_state: dict) -> list:
         plan = []
         for group in groups:
             for member, views in group.member_views():
                 saved = saved_state.get(saved_key[id(member.param)], {})
                 for key, view in views.items():
-                    name = f"block{member.block_number}.{key}"
+                    name = self._state_key(member.block_number, key)
                     value = saved.get(name)
+                    if value is None and key.startswith("deferred."):  # saved before the queue was state
+                        continue
                     if value is None or tuple(value.shape) != tuple(view.shape):
                         found = None if value is None else tuple(value.shape)
                         raise ValueError(f"state_dict does not match parameter {member.name!r}: {name} "
