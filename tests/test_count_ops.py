@@ -61,12 +61,13 @@ def test_the_gpt2_small_layout_takes_at_most_150_launches():
     """GPT-2-small's stacks (an embedding too large for a factor on its vocabulary dim, a position
     embedding, four weight shapes, three vector shapes) on small sizes: the count depends on the
     stacks and their factored dims, not on their sizes or the number of layers, and equals the
-    count of the real GPT-2-small (``python -m scripts.count_ops --models gpt2-small``, 8 minutes:
-    docs/benchmarks.md) in seconds."""
+    count of the real GPT-2-small (69 both; the real one takes ``scripts/count_ops.py`` 10 minutes
+    on a CPU: docs/benchmarks.md) in seconds. 367 before the step ran per parameter group; issue
+    12 asked for at most 150."""
     shapes = gpt_parameter_shapes(1, 32, 5000, 16)  # vocabulary 5000 > max_precond_dim 4096, as 50304
     fixed = {"fixed": lambda p: lk.SOAP(p, refresh=lk.FixedRefresh(every=3), max_precond_dim=4096)}
     ordinary = count_ops.count_model(fixed, shapes, every=3)["fixed"]["ordinary"]
-    assert ordinary.host_syncs == 0 and ordinary.kernels <= 150
+    assert ordinary.host_syncs == 0 and ordinary.kernels <= 69
 
 
 def test_a_nonfinite_gradient_is_skipped_without_a_host_sync():
