@@ -314,12 +314,17 @@ class RefreshScheduler:
         elif self._saved_deferred is not None:
             deferred = list(self._saved_deferred)
         counters = {"checks": self.counters.checks, "refreshes": self.counters.refreshes, "seconds": self.counters.seconds}
-        return {"format": STATE_FORMAT, "deferred": deferred, "counters": counters}
+        state = {"format": STATE_FORMAT, "deferred": deferred, "counters": counters}
+        if callable(getattr(self.policy, "state_dict", None)):  # a policy that keeps state (RelativeRefresh)
+            state["policy"] = self.policy.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown RefreshScheduler state format {state.get('format')!r}")
         self.counters = RefreshCounters(**{**asdict(RefreshCounters()), **state["counters"]})
+        if "policy" in state and callable(getattr(self.policy, "load_state_dict", None)):
+            self.policy.load_state_dict(state["policy"])
         self._saved_deferred = None if state["deferred"] is None else tuple(state["deferred"])
         self._deferred = None
         self._layout_for = None  # apply the deferred mask against the (possibly new) layout

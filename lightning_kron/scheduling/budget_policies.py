@@ -1,0 +1,191 @@
+"""Refresh policies that do not need a tolerance tuned per model (docs/adaptive-refresh.md).
+
+An absolute staleness tolerance does not transfer between models: a factor whose gradient is
+mostly noise sits at a staleness plateau of about ``sqrt((1 - shampoo_beta) / 2)`` times its
+off-diagonal share, whatever its basis, so a tolerance below that plateau refreshes it every step
+and one above it never refreshes the factors that do drift. The policies here avoid the number:
+
+* :class:`BudgetRefresh` states *how many* refreshes to make in the units users know ("as many as
+  ``FixedRefresh(every=20)``"), front-loads them (basis accuracy matters most early: Purifying
+  Shampoo, arXiv 2506.03595, and the GPT sweep in docs/adaptive-refresh.md) and spends each one on
+  the most stale factor at that moment;
+* :class:`RelativeRefresh` compares each factor with *its own* drift: the staleness it had one
+  check after its last refresh.
+
+>>> import torch
+>>> policy = BudgetRefresh(every=2, front_load=1.0)
+>>> policy.select(torch.tensor([0.3, 0.1, 0.2, 0.0]), step=1).tolist()  # 4 factors / every=2: 2 per step
+[True, False, True, False]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from lightning_kron.engine.validation import check_positive_int, check_unit_interval
+
+
+def _most_stale(staleness: torch.Tensor, count: int, floor: float) -> torch.Tensor:
+    """Mask of the ``count`` most stale factors above ``floor`` (ties: the lower index first, so
+    every rank and every rerun picks the same ones); stays on the device, no host sync."""
+    chosen = torch.zeros_like(staleness, dtype=torch.bool)
+    count = min(count, staleness.numel())
+    if count <= 0:
+        return chosen
+    order = torch.sort(staleness, descending=True, stable=True).indices[:count]
+    chosen[order] = True
+    return chosen & (staleness > floor)
+
+
+def _finite_length(*lengths: Optional[float]) -> Optional[float]:
+    """The first known, finite training length (``inf``/``None``: unknown)."""
+    return next((float(n) for n in lengths if n is not None and math.isfinite(n) and n > 0), None)
+
+
+@dataclass(frozen=True)
+class BudgetRefresh:
+    """As many refreshes as ``FixedRefresh(every=every)`` over the run, front-loaded, each spent on
+    the factor that is most stale when it is spent.
+
+    Why a budget: the number of eigendecompositions is the cost a user plans for, and it is the one
+    quantity a tolerance cannot promise across models (``AdaptiveRefresh(0.05)`` made 6x the
+    refreshes of every=10 on an LSTM). A budget cannot overspend, and ranking by staleness needs
+    no threshold: the spectra's scale does not matter, only which factor is worst.
+
+    Budget accounting (stateless, so a resumed run decides exactly as an uninterrupted one): with
+    ``n`` factors, by step ``t`` at most ``floor(n * A(t))`` refreshes, where ``A`` is the
+    cumulative refreshes per factor: ``front_load`` times the average rate during the early phase,
+    then the lower rate that makes ``A(total_steps) = floor(total_steps / every)``, the whole
+    refreshes the fixed clock makes per factor (so over a run of 150 steps every=20's budget is 7
+    per factor, half of every=10's 14, not 7.5). A check spends
+    ``floor(n A(t)) - floor(n A(t - check_every))``; what a check cannot spend (factors at or
+    below ``tolerance``) is not carried over, so the total is an upper bound.
+
+    Args:
+        every: the fixed clock whose refresh count is the budget (20: half of SOAP's every=10).
+        front_load: how many times the average rate the early phase spends (1: an even spread).
+        early_fraction: the early phase as a fraction of ``total_steps``.
+        early_steps: the early phase in steps (overrides ``early_fraction``; needed for front-loading
+            when the length is unknown).
+        total_steps: the planned optimizer steps, when the owner knows them (``KronCallback`` and the
+            scheduler pass theirs to :meth:`select`). Unknown: the early phase is ``early_steps``
+            (none if unset) at ``front_load / every``, then ``1 / every``: the budget of every=k plus
+            the early extra.
+        tolerance: factors at or below this staleness are never refreshed; also the staleness a
+            refresh with ``max_iters > 1`` aims below.
+        check_every: steps between decisions (the budget is the same, spent in larger portions).
+        max_iters: warm-QR iterations per refresh (repeated while the factor is above ``tolerance``).
+    """
+
+    every: int = 20
+    front_load: float = 2.0
+    early_fraction: float = 0.25
+    early_steps: Optional[int] = None
+    total_steps: Optional[int] = None
+    tolerance: float = 0.0
+    check_every: int = 1
+    max_iters: int = 1
+
+    def __post_init__(self) -> None:
+        check_positive_int("every", self.every)
+        check_positive_int("check_every", self.check_every)
+        check_positive_int("max_iters", self.max_iters)
+        check_unit_interval("early_fraction", self.early_fraction, closed_right=True)
+        check_unit_interval("tolerance", self.tolerance)
+        if self.early_steps is not None:
+            check_positive_int("early_steps", self.early_steps, minimum=0)
+        if self.total_steps is not None:
+            check_positive_int("total_steps", self.total_steps)
+        if not isinstance(self.front_load, (int, float)) or not 1.0 <= self.front_load:
+            raise ValueError(f"front_load must be a number >= 1, got {self.front_load!r}")
+        if self.front_load * self.early_fraction > 1.0 and self.early_steps is None:
+            raise ValueError(f"front_load * early_fraction must be <= 1 (the early phase cannot spend more than the "
+                             f"whole budget), got {self.front_load} * {self.early_fraction}")
+
+    def checks_at(self, step: int) -> bool:
+        return step % self.check_every == 0
+
+    def tolerance_at(self, step: int, total_steps: Optional[float] = None) -> float:
+        return self.tolerance
+
+    def allowance(self, step: int, total_steps: Optional[float] = None) -> float:
+        """Cumulative refreshes per factor allowed by ``step`` (``A(t)`` of the class docstring)."""
+        length = _finite_length(total_steps, self.total_steps)
+        if length is None:
+            base = 1.0 / self.every
+            early = self.early_steps or 0
+            return self.front_load * base * min(step, early) + base * max(0, step - early)
+        base = math.floor(length / self.every) / length  # the clock's whole refreshes per factor, no more
+        early = min(self.early_steps if self.early_steps is not None else self.early_fraction * length, length)
+        early_rate = self.front_load * base
+        if early >= length:
+            return early_rate * step
+        late_rate = max(0.0, (length * base - early * early_rate) / (length - early))
+        return early_rate * min(step, early) + late_rate * max(0.0, step - early)
+
+    def budget_at(self, step: int, factors: int, total_steps: Optional[float] = None) -> int:
+        """How many refreshes a check at ``step`` may spend over ``factors`` factors."""
+        now = math.floor(factors * self.allowance(step, total_steps) + 1e-9)
+        before = math.floor(factors * self.allowance(max(0, step - self.check_every), total_steps) + 1e-9)
+        return now - before
+
+    def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None) -> torch.Tensor:
+        """The ``budget_at(step)`` most stale factors above ``tolerance``."""
+        return _most_stale(staleness, self.budget_at(step, staleness.numel(), total_steps), self.tolerance)
+
+
+class RelativeRefresh:
+    """Refresh a factor when its staleness exceeds ``ratio`` times its own drift over one check
+    right after its last refresh (and ``floor``).
+
+    Why relative: the drift one EMA step causes is about ``(1 - shampoo_beta)`` times the factor's
+    off-diagonal gradient share, which differs by orders of magnitude between factors and models;
+    measuring it per factor replaces the one absolute tolerance that did not transfer. A factor whose
+    staleness is pure EMA noise saturates below ``ratio`` times its first-check value (the plateau is
+    about ``1 / sqrt(2 (1 - shampoo_beta))`` times it, 3.2x at 0.95) and is left alone.
+
+    State (checkpointed through the scheduler): each factor's reference drift and which factors the
+    last check chose (their next staleness becomes their reference).
+    """
+
+    def __init__(self, ratio: float = 8.0, floor: float = 0.02, check_every: int = 1, max_iters: int = 1) -> None:
+        if not isinstance(ratio, (int, float)) or not ratio > 1:
+            raise ValueError(f"ratio must be a number > 1, got {ratio!r}")
+        check_unit_interval("floor", floor)
+        check_positive_int("check_every", check_every)
+        check_positive_int("max_iters", max_iters)
+        self.ratio, self.floor, self.check_every, self.max_iters = float(ratio), float(floor), check_every, max_iters
+        self._reference: Optional[torch.Tensor] = None
+        self._chosen: Optional[torch.Tensor] = None
+
+    def __repr__(self) -> str:
+        return f"RelativeRefresh(ratio={self.ratio}, floor={self.floor}, check_every={self.check_every}, max_iters={self.max_iters})"
+
+    def checks_at(self, step: int) -> bool:
+        return step % self.check_every == 0
+
+    def tolerance_at(self, step: int, total_steps: Optional[float] = None) -> float:
+        return self.floor
+
+    def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None) -> torch.Tensor:
+        """Factors above ``max(floor, ratio * reference)``; the reference of a factor chosen at the
+        last check (or never seen) is its staleness now."""
+        if self._reference is None or self._reference.shape != staleness.shape:
+            self._reference = staleness.clone()
+            self._chosen = torch.zeros_like(staleness, dtype=torch.bool)
+        self._reference = torch.where(self._chosen.to(staleness.device), staleness, self._reference.to(staleness.device))
+        threshold = (self.ratio * self._reference).clamp_min(self.floor)
+        self._chosen = staleness > threshold
+        return self._chosen
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": None if self._reference is None else self._reference.cpu().tolist(),
+                "chosen": None if self._chosen is None else self._chosen.cpu().tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._reference = None if state["reference"] is None else torch.tensor(state["reference"])
+        self._chosen = None if state["chosen"] is None else torch.tensor(state["chosen"], dtype=torch.bool)
