@@ -256,7 +256,8 @@ class Row:
     loss_change: float  # mean over seeds of (loss / every10 loss of the same seed - 1)
     spread: float  # max - min over seeds of that change
     seeds: int
-    per_seed: list = field(default_factory=list)
+    per_seed: list = field(default_factory=list)  # loss changes vs every=10, one per seed
+    losses: list = field(default_factory=list)  # final val losses, one per seed
 
 
 def summarize(records: list[dict]) -> list[Row]:
@@ -273,7 +274,7 @@ def summarize(records: list[dict]) -> list[Row]:
         rows.append(Row(model, schedule, statistics.mean(r["refreshes"] for r in runs),
                         sum(r["refreshes"] for r in runs) / max(1, sum(b["refreshes"] for b in base)),
                         statistics.mean(r["val_loss"] for r in runs), statistics.mean(changes),
-                        max(changes) - min(changes), len(runs), changes))
+                        max(changes) - min(changes), len(runs), changes, [r["val_loss"] for r in runs]))
     return rows
 
 
@@ -286,10 +287,10 @@ def _order(pair: tuple[str, str]) -> tuple:
 def markdown_tables(rows: list[Row]) -> str:
     """Per model: every schedule's refreshes and loss relative to every=10; then a summary per
     schedule over models (mean and worst loss change, mean refresh ratio)."""
-    lines = ["| model | schedule | refreshes (mean) | x every=10 | final val loss (mean) | vs every=10 | spread over seeds |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r.model} | {r.schedule} | {r.refreshes:.0f} | {r.refresh_ratio:.2f}x | {r.loss:.4f} | "
-              f"{100 * r.loss_change:+.2f}% | {100 * r.spread:.2f}% |" for r in rows]
+    lines = ["| model | schedule | seeds | refreshes (mean) | x every=10 | final val loss (mean) | vs every=10 (mean) | "
+             "spread over seeds | worst seed |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r.model} | {r.schedule} | {r.seeds} | {r.refreshes:.0f} | {r.refresh_ratio:.2f}x | {r.loss:.4f} | "
+              f"{100 * r.loss_change:+.2f}% | {100 * r.spread:.2f}% | {100 * max(r.per_seed):+.2f}% |" for r in rows]
     summary = ["| schedule | models | refreshes x every=10 (mean) | worst refresh ratio | loss vs every=10 (mean over models) | worst model |",
                "|---|---:|---:|---:|---:|---:|"]
     for schedule in dict.fromkeys(r.schedule for r in rows):
@@ -302,7 +303,8 @@ def markdown_tables(rows: list[Row]) -> str:
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    """Loss change vs refresh ratio, one panel per model, one marker per schedule."""
+    """Final validation loss (mean over seeds, bars: min to max) against total refreshes, one panel
+    per model, one marker per schedule; the dashed line is every=10's loss."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -318,14 +320,15 @@ def plot(rows: list[Row], path: Path) -> None:
         for index, name in enumerate(names):
             row = next((r for r in rows if r.model == model and r.schedule == name), None)
             if row is not None:
-                axis.scatter(row.refresh_ratio, 100 * row.loss_change, marker=markers[index % len(markers)],
-                             label=name, s=40)
-        axis.axhline(0, color="grey", lw=0.5)
-        axis.axvline(0.5, color="grey", lw=0.5, ls="--")
+                bars = [[row.loss - min(row.losses)], [max(row.losses) - row.loss]]
+                axis.errorbar(max(row.refreshes, 1), row.loss, yerr=bars, fmt=markers[index % len(markers)],
+                              label=name, capsize=2, ms=6)
+            if name == "every10" and row is not None:
+                axis.axhline(row.loss, color="grey", lw=0.6, ls="--")
         axis.set_xscale("log")
         axis.set_title(model)
-        axis.set_xlabel("refreshes / every=10's")
-        axis.set_ylabel("final val loss vs every=10 (%)")
+        axis.set_xlabel("total refreshes (log)")
+        axis.set_ylabel("final val loss")
     for axis in list(axes.flat)[len(models):]:
         axis.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()

@@ -39,7 +39,7 @@ def test_the_summary_is_relative_to_every10_on_the_same_seeds():
     assert rows["every20"].refresh_ratio == pytest.approx(0.5)
     assert rows["every20"].loss_change == pytest.approx(0.05) and rows["every20"].spread == pytest.approx(0.1)
     table = study.markdown_tables(list(rows.values()))
-    assert "| m | every20 | 50 | 0.50x | 3.1000 | +5.00% | 10.00% |" in table
+    assert "| m | every20 | 2 | 50 | 0.50x | 3.1000 | +5.00% | 10.00% | +10.00% |" in table
 
 
 def test_the_report_replaces_only_its_own_section(tmp_path):
