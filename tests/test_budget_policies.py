@@ -27,19 +27,24 @@ def test_budget_breaks_ties_by_position_and_skips_factors_at_the_tolerance():
 
 
 # ----------------------------------------------------------------- BudgetRefresh: accounting
-@pytest.mark.parametrize("check_every, length", [(1, 120), (3, 120), (1, 150)])
+@pytest.mark.parametrize("check_every, length", [(1, 121), (3, 121), (1, 150), (1, 200)])
 def test_budget_spends_exactly_the_fixed_clocks_count_over_a_known_length(check_every, length):
+    """The scheduler decides steps 1 .. length - 1; there the clock makes (length - 1) // 20 whole
+    refreshes per factor (6 at 121 steps, 7 at 150, 9 at 200), and so does the budget."""
     policy = BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=length, check_every=check_every)
     factors = 13
-    spent = sum(policy.budget_at(step, factors) for step in range(1, length + 1) if policy.checks_at(step))
-    assert spent == factors * (length // 20)  # whole refreshes of the clock per factor: 6 at 120 steps, 7 at 150
+    spent = sum(policy.budget_at(step, factors) for step in range(1, length) if policy.checks_at(step))
+    whole = factors * ((length - 1) // 20)
+    assert whole - factors < spent <= whole  # A reaches it at step `length`, one past the last decided step
+    clock = lk.FixedRefresh(every=10)
+    assert 2 * spent <= factors * sum(clock.checks_at(step) for step in range(1, length))  # at most half of every=10
 
 
 def test_budget_is_front_loaded():
-    policy = BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=200)
+    policy = BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=201)
     early = sum(policy.budget_at(step, 10) for step in range(1, 51))
-    late = sum(policy.budget_at(step, 10) for step in range(51, 201))
-    assert early == 2 * 10 * 50 // 20  # twice every=20's rate in the first quarter
+    late = sum(policy.budget_at(step, 10) for step in range(51, 202))
+    assert early == 49  # twice the average rate (10 per factor over 201 steps) in the first quarter: 49.75
     assert early + late == 10 * 200 // 20 and late < 3 * early
 
 
@@ -53,13 +58,13 @@ def test_budget_with_an_unknown_length_runs_at_the_clocks_rate_after_its_early_s
 def test_budget_drives_the_optimizer_and_the_scheduler_passes_the_length():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    optimizer = lk.SOAP(model.named_parameters(), lr=1e-2, refresh=BudgetRefresh(every=5, total_steps=40))
+    optimizer = lk.SOAP(model.named_parameters(), lr=1e-2, refresh=BudgetRefresh(every=5, total_steps=41))
     for _ in range(41):  # the exact first refresh, then 40 scheduled steps
         optimizer.zero_grad()
         model(torch.randn(16, 6)).square().mean().backward()
         optimizer.step()
     factors = len(optimizer.factors())
-    assert optimizer.scheduler.counters.refreshes == factors * 40 // 5
+    assert factors * 40 // 5 - factors < optimizer.scheduler.counters.refreshes <= factors * 40 // 5
 
 
 # ----------------------------------------------------------------- RelativeRefresh
@@ -138,3 +143,15 @@ def test_invalid_hyperparameters_fail_at_construction_with_one_line(make, messag
     with pytest.raises(ValueError, match=message) as error:
         make()
     assert "\n" not in str(error.value)
+
+
+def test_the_callbacks_default_is_the_budget_front_loaded_over_the_trainers_length():
+    from callback_helpers import TinyRegression, fit
+
+    callback = lk.KronCallback()
+    trainer = fit(TinyRegression(), [callback], max_epochs=5)  # 8 batches a epoch: 40 steps
+    assert isinstance(callback.scheduler.policy, BudgetRefresh) and callback.scheduler.total_steps == 40
+    factors = len(callback.optimizer.factors())
+    assert trainer.global_step == 40
+    # every=20's whole count on the 39 decided steps: 1 per factor, as FixedRefresh(every=20) makes
+    assert 0 < callback.scheduler.counters.refreshes <= factors

@@ -59,9 +59,10 @@ class BudgetRefresh:
     Budget accounting (stateless, so a resumed run decides exactly as an uninterrupted one): with
     ``n`` factors, by step ``t`` at most ``floor(n * A(t))`` refreshes, where ``A`` is the
     cumulative refreshes per factor: ``front_load`` times the average rate during the early phase,
-    then the lower rate that makes ``A(total_steps) = floor(total_steps / every)``, the whole
-    refreshes the fixed clock makes per factor (so over a run of 150 steps every=20's budget is 7
-    per factor, half of every=10's 14, not 7.5). A check spends
+    then the lower rate that makes ``A(total_steps) = floor((total_steps - 1) / every)``: the
+    whole refreshes the fixed clock makes per factor on the steps the scheduler decides, 1 to
+    ``total_steps - 1`` (step 0 is the optimizer's exact first refresh). Over 200 steps every=20's
+    budget is at most 9 per factor, never more than half of every=10's 19. A check spends
     ``floor(n A(t)) - floor(n A(t - check_every))``; what a check cannot spend (factors at or
     below ``tolerance``) is not carried over, so the total is an upper bound.
 
@@ -119,7 +120,9 @@ class BudgetRefresh:
             base = 1.0 / self.every
             early = self.early_steps or 0
             return self.front_load * base * min(step, early) + base * max(0, step - early)
-        base = math.floor(length / self.every) / length  # the clock's whole refreshes per factor, no more
+        # the scheduler decides steps 1 .. total_steps - 1 (step 0 is the optimizer's exact refresh),
+        # where the clock makes floor((total_steps - 1) / every) whole refreshes per factor
+        base = math.floor((length - 1) / self.every) / length
         early = min(self.early_steps if self.early_steps is not None else self.early_fraction * length, length)
         early_rate = self.front_load * base
         if early >= length:
