@@ -291,14 +291,17 @@ def markdown_tables(rows: list[Row]) -> str:
              "spread over seeds | worst seed |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r.model} | {r.schedule} | {r.seeds} | {r.refreshes:.0f} | {r.refresh_ratio:.2f}x | {r.loss:.4f} | "
               f"{100 * r.loss_change:+.2f}% | {100 * r.spread:.2f}% | {100 * max(r.per_seed):+.2f}% |" for r in rows]
-    summary = ["| schedule | models | refreshes x every=10 (mean) | worst refresh ratio | loss vs every=10 (mean over models) | worst model |",
-               "|---|---:|---:|---:|---:|---:|"]
+    summary = ["| schedule | models | seeds per model | refreshes x every=10 (mean) | worst refresh ratio | "
+               "loss vs every=10 (mean over models) | worst model (its mean) | worst seed |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for schedule in dict.fromkeys(r.schedule for r in rows):
         mine = [r for r in rows if r.schedule == schedule]
         worst = max(mine, key=lambda r: r.loss_change)
-        summary.append(f"| {schedule} | {len(mine)} | {statistics.mean(r.refresh_ratio for r in mine):.2f}x | "
+        seed = max(mine, key=lambda r: max(r.per_seed))
+        seeds = "-".join(sorted({str(r.seeds) for r in mine}))
+        summary.append(f"| {schedule} | {len(mine)} | {seeds} | {statistics.mean(r.refresh_ratio for r in mine):.2f}x | "
                        f"{max(r.refresh_ratio for r in mine):.2f}x | {100 * statistics.mean(r.loss_change for r in mine):+.2f}% | "
-                       f"{100 * worst.loss_change:+.2f}% ({worst.model}) |")
+                       f"{100 * worst.loss_change:+.2f}% ({worst.model}) | {100 * max(seed.per_seed):+.2f}% ({seed.model}) |")
     return "\n".join(summary) + "\n\n" + "\n".join(lines)
 
 
