@@ -1,5 +1,6 @@
-"""BudgetRefresh and RelativeRefresh: selection on constructed staleness, budget accounting,
-checkpoint round trips and refusals at construction."""
+"""BudgetRefresh (the default) and the study's RelativeRefresh (a policy that keeps state):
+selection on constructed staleness, budget accounting, checkpoint round trips and refusals at
+construction."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 from torch import nn
 
 import lightning_kron as lk
-from lightning_kron.scheduling.budget_policies import BudgetRefresh, RelativeRefresh
+from lightning_kron.scheduling.budget_policies import BudgetRefresh
+from scripts.refresh_study import RelativeRefresh
 
 
 # ----------------------------------------------------------------- BudgetRefresh: selection

@@ -1,16 +1,16 @@
-"""Refresh policies that do not need a tolerance tuned per model (docs/adaptive-refresh.md).
+"""A refresh policy that needs no tolerance tuned per model (docs/adaptive-refresh.md).
 
 An absolute staleness tolerance does not transfer between models: a factor whose gradient is
 mostly noise sits at a staleness plateau of about ``sqrt((1 - shampoo_beta) / 2)`` times its
 off-diagonal share, whatever its basis, so a tolerance below that plateau refreshes it every step
-and one above it never refreshes the factors that do drift. The policies here avoid the number:
-
-* :class:`BudgetRefresh` states *how many* refreshes to make in the units users know ("as many as
-  ``FixedRefresh(every=20)``"), front-loads them (basis accuracy matters most early: Purifying
-  Shampoo, arXiv 2506.03595, and the GPT sweep in docs/adaptive-refresh.md) and spends each one on
-  the most stale factor at that moment;
-* :class:`RelativeRefresh` compares each factor with *its own* drift: the staleness it had one
-  check after its last refresh.
+and one above it never refreshes the factors that do drift. :class:`BudgetRefresh` avoids the number:
+it states *how many* refreshes to make in the units users know ("as many as
+``FixedRefresh(every=20)``"), front-loads them (basis accuracy matters most early: Purifying
+Shampoo, arXiv 2506.03595, and the GPT sweep in docs/adaptive-refresh.md) and spends each one on
+the most stale factor at that moment. It is the default of SOAP and EShampoo, chosen by
+``scripts/refresh_study.py`` over the other candidates (a tolerance relative to each factor's own
+drift, the paper's periodic check with several QR iterations, the GPT-tuned tolerance schedule),
+whose figures are in docs/adaptive-refresh.md.
 
 >>> import torch
 >>> policy = BudgetRefresh(every=2, front_load=1.0)
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -139,56 +139,3 @@ class BudgetRefresh:
     def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None) -> torch.Tensor:
         """The ``budget_at(step)`` most stale factors above ``tolerance``."""
         return _most_stale(staleness, self.budget_at(step, staleness.numel(), total_steps), self.tolerance)
-
-
-class RelativeRefresh:
-    """Refresh a factor when its staleness exceeds ``ratio`` times its own drift over one check
-    right after its last refresh (and ``floor``).
-
-    Why relative: the drift one EMA step causes is about ``(1 - shampoo_beta)`` times the factor's
-    off-diagonal gradient share, which differs by orders of magnitude between factors and models;
-    measuring it per factor replaces the one absolute tolerance that did not transfer. A factor whose
-    staleness is pure EMA noise saturates below ``ratio`` times its first-check value (the plateau is
-    about ``1 / sqrt(2 (1 - shampoo_beta))`` times it, 3.2x at 0.95) and is left alone.
-
-    State (checkpointed through the scheduler): each factor's reference drift and which factors the
-    last check chose (their next staleness becomes their reference).
-    """
-
-    def __init__(self, ratio: float = 8.0, floor: float = 0.02, check_every: int = 1, max_iters: int = 1) -> None:
-        if not isinstance(ratio, (int, float)) or not ratio > 1:
-            raise ValueError(f"ratio must be a number > 1, got {ratio!r}")
-        check_unit_interval("floor", floor)
-        check_positive_int("check_every", check_every)
-        check_positive_int("max_iters", max_iters)
-        self.ratio, self.floor, self.check_every, self.max_iters = float(ratio), float(floor), check_every, max_iters
-        self._reference: Optional[torch.Tensor] = None
-        self._chosen: Optional[torch.Tensor] = None
-
-    def __repr__(self) -> str:
-        return f"RelativeRefresh(ratio={self.ratio}, floor={self.floor}, check_every={self.check_every}, max_iters={self.max_iters})"
-
-    def checks_at(self, step: int) -> bool:
-        return step % self.check_every == 0
-
-    def tolerance_at(self, step: int, total_steps: Optional[float] = None) -> float:
-        return self.floor
-
-    def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None) -> torch.Tensor:
-        """Factors above ``max(floor, ratio * reference)``; the reference of a factor chosen at the
-        last check (or never seen) is its staleness now."""
-        if self._reference is None or self._reference.shape != staleness.shape:
-            self._reference = staleness.clone()
-            self._chosen = torch.zeros_like(staleness, dtype=torch.bool)
-        self._reference = torch.where(self._chosen.to(staleness.device), staleness, self._reference.to(staleness.device))
-        threshold = (self.ratio * self._reference).clamp_min(self.floor)
-        self._chosen = staleness > threshold
-        return self._chosen
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"reference": None if self._reference is None else self._reference.cpu().tolist(),
-                "chosen": None if self._chosen is None else self._chosen.cpu().tolist()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._reference = None if state["reference"] is None else torch.tensor(state["reference"])
-        self._chosen = None if state["chosen"] is None else torch.tensor(state["chosen"], dtype=torch.bool)

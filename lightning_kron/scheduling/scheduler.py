@@ -315,7 +315,7 @@ class RefreshScheduler:
             deferred = list(self._saved_deferred)
         counters = {"checks": self.counters.checks, "refreshes": self.counters.refreshes, "seconds": self.counters.seconds}
         state = {"format": STATE_FORMAT, "deferred": deferred, "counters": counters}
-        if callable(getattr(self.policy, "state_dict", None)):  # a policy that keeps state (RelativeRefresh)
+        if callable(getattr(self.policy, "state_dict", None)):  # a policy that keeps state (the study's RelativeRefresh)
             state["policy"] = self.policy.state_dict()
         return state
 
