@@ -326,10 +326,13 @@ class RefreshScheduler:
         for (group_index, row), dims in mine:
             for dim in dims:
                 by_stack.setdefault((group_index, dim), []).append(row)
-        for (group_index, dim), rows in sorted(by_stack.items()):
+        fallbacks = [
             self.optimizer.refresh_rows(groups[group_index], dim, rows, tolerance=tolerance,
                                         max_iters=getattr(self.policy, "max_iters", 1),
-                                        reorthonormalize=[(group_index, row, dim) in flagged for row in rows])
+                                        reorthonormalize=[(group_index, row, dim) in flagged for row in rows],
+                                        defer_fallback=True)
+            for (group_index, dim), rows in sorted(by_stack.items())]
+        self.optimizer.refresh_fallbacks(fallbacks)  # Cholesky-QR2's failures: one host read for all
 
     @staticmethod
     def _pieces(owners: dict[tuple[int, int], int], groups: list[FactorGroup]) -> list[OwnedRows]:
