@@ -69,8 +69,11 @@ class KronCallback(Callback):
     Args:
         method: ``"soap"``, ``"eshampoo"``, ``"shampoo"`` or ``"kradagrad"``; ``None`` means
             ``"soap"`` when replacing Adam, and "whatever the module returned" when taking over.
-        refresh: ``AdaptiveRefresh(tolerance=..., check_every=...)`` or ``FixedRefresh(every=...)``;
-            ``None`` keeps the optimizer's own policy (SOAP: every 10 steps; EShampoo: adaptive 0.05).
+        refresh: ``BudgetRefresh(every=...)``, ``AdaptiveRefresh(tolerance=..., check_every=...)``,
+            ``FixedRefresh(every=...)`` or any ``RefreshPolicy``; ``None`` keeps the optimizer's own
+            (SOAP and EShampoo: ``BudgetRefresh()``, every=20's count of refreshes on the most stale
+            factors, which the callback front-loads over the Trainer's planned steps; chosen by the
+            six-model study of docs/adaptive-refresh.md).
         tolerance_schedule: e.g. ``TighterEarly(early_tolerance=0.01, early_fraction=0.1)``: a tighter
             tolerance early in training, when basis accuracy matters most (needs AdaptiveRefresh).
         max_refreshes_per_step: at most this many factor refreshes per optimizer step (over all
@@ -180,8 +183,8 @@ class KronCallback(Callback):
         self.optimizer = self._install_optimizer(trainer, pl_module)
         self.scheduler = RefreshScheduler(self.optimizer, self.refresh, tolerance_schedule=self.tolerance_schedule,
                                           max_per_step=self.max_refreshes_per_step)
-        if self.scheduler.needs_training_length:
-            self.scheduler.total_steps = trainer.estimated_stepping_batches
+        # the planned length (inf when unknown): fraction-based schedules and BudgetRefresh use it
+        self.scheduler.total_steps = trainer.estimated_stepping_batches
         self.scheduler.tolerance_at(0)  # a schedule that cannot work with this trainer fails now, not mid-run
         if self._held_state is not None:  # restored before the optimizer existed (resume)
             self.scheduler.load_state_dict(self._held_state)

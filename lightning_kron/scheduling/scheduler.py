@@ -357,6 +357,8 @@ class RefreshScheduler:
         layout = getattr(self.optimizer, "shard_layout", None)
         if layout is not None:
             state["counters_by_rank"] = gather_over_shards(counters, layout)
+        if callable(getattr(self.policy, "state_dict", None)):  # a policy that keeps state (the study's RelativeRefresh)
+            state["policy"] = self.policy.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -367,6 +369,8 @@ class RefreshScheduler:
         if layout is not None and len(state.get("counters_by_rank", [])) == layout.world_size:
             counters = state["counters_by_rank"][layout.rank]
         self.counters = RefreshCounters(**{**asdict(RefreshCounters()), **counters})
+        if "policy" in state and callable(getattr(self.policy, "load_state_dict", None)):
+            self.policy.load_state_dict(state["policy"])
         saved = state.get("deferred")  # format 1 kept the queue here: applied once the layout is known
         self._saved_deferred = None if saved is None else tuple(saved)
         self._layout_for = None
