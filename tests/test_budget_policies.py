@@ -126,6 +126,7 @@ def test_budget_keeps_no_state_and_a_resumed_run_is_bit_identical():
     _train(None, 18, model, generator, optimizer=resumed)
     for a, b in zip(reference_model.parameters(), model.parameters()):
         assert torch.equal(a, b)
+    assert resumed.own_scheduler.counters.refreshes == reference.own_scheduler.counters.refreshes
 
 
 # ----------------------------------------------------------------- refusals

@@ -15,20 +15,28 @@ def _orthogonal(size: int, generator: torch.Generator) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))
 
 
-def _adamw_and_identity_soap(make_model, steps: int, out_features: int, drop_grads=lambda model, step: None):
-    """Train a model with AdamW and a copy with SOAP whose bases stay the identity; assert they agree."""
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=3e-3, betas=(0.9, 0.98), eps=1e-7, weight_decay=0.1)
+
+
+def _adamw_and_identity_soap(make_model, steps: int, out_features: int, drop_grads=lambda model, step: None,
+                             torch_optimizer=_adamw, after_step=lambda params: None, **soap_options):
+    """Train a model with a torch optimizer (AdamW; ``after_step`` runs after each of its steps) and
+    a copy with SOAP whose bases stay the identity; assert they agree."""
     reference, candidate = make_model(), make_model()
     candidate.load_state_dict(reference.state_dict())
-    adamw = torch.optim.AdamW(reference.parameters(), lr=3e-3, betas=(0.9, 0.98), eps=1e-7, weight_decay=0.1)
+    torch_optimizer = torch_optimizer(reference.parameters())
     soap = lk.SOAP(candidate.parameters(), lr=3e-3, betas=(0.9, 0.98), eps=1e-7, weight_decay=0.1,
-                   start_preconditioning_step=10**9)
+                   start_preconditioning_step=10**9, **soap_options)
     inputs, targets = torch.randn(32, 7), torch.randn(32, out_features)
     for step in range(steps):
-        for model, optimizer in ((reference, adamw), (candidate, soap)):
+        for model, optimizer in ((reference, torch_optimizer), (candidate, soap)):
             optimizer.zero_grad()
             (model(inputs) - targets).square().mean().backward()
             drop_grads(model, step)
             optimizer.step()
+        with torch.no_grad():
+            after_step(list(reference.parameters()))
     for a, b in zip(reference.parameters(), candidate.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -50,6 +58,18 @@ def test_identity_bases_reproduce_adamw_when_a_layer_misses_steps():
     torch.manual_seed(4)
     _adamw_and_identity_soap(lambda: nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)),
                              20, 6, drop_grads)
+
+
+def test_decay_after_the_update_is_adam_then_decay():
+    """``weight_decay_mode="decoupled_after_update"`` (the SOAP reference's order) decays the
+    updated weights: W <- (W - lr D)(1 - lr wd)."""
+    def decay(params):
+        torch._foreach_mul_(params, 1.0 - 3e-3 * 0.1)
+
+    torch.manual_seed(3)
+    _adamw_and_identity_soap(lambda: nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)), 40, 3,
+                             torch_optimizer=lambda params: torch.optim.Adam(params, lr=3e-3, betas=(0.9, 0.98), eps=1e-7),
+                             after_step=decay, weight_decay_mode="decoupled_after_update")
 
 
 def test_kronecker_covariance_is_recovered():

@@ -162,6 +162,7 @@ def test_nonfinite_gradient_can_raise(make_optimizer):
     ({"weight_decay_mode": "l1"}, "weight_decay_mode"),
     ({"start_preconditioning_step": 0}, "start_preconditioning_step"),
     ({"nonfinite": "ignore"}, "nonfinite"),
+    ({"refresh_timing": "later"}, "refresh_timing"),
     ({"statistics_product_dtype": torch.float16}, "statistics_product_dtype"),
     ({"rotation_dtype": "bfloat61"}, "rotation_dtype"),
     ({"statistics_dtype": torch.bfloat16}, "statistics_dtype"),

@@ -178,7 +178,8 @@ class FactorGroup:
 
     @property
     def steps(self) -> torch.Tensor:
-        """Statistics updates each member has had (int64, ``[N]``: exact past 2^24)."""
+        """Statistics updates each member has had (int64, ``[N]``: exact past 2^24); for SOAP with
+        ``update_at_start=False`` its moment updates, one fewer."""
         return self.tensors["step"]
 
     @staticmethod

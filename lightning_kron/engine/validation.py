@@ -7,7 +7,7 @@ construction with a message the user can act on instead of surfacing as NaNs lat
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Union
+from typing import Iterable, Union
 
 import torch
 

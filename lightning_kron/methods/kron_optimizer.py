@@ -58,6 +58,10 @@ from lightning_kron.scheduling.policies import (
 )
 from lightning_kron.scheduling.scheduler import RefreshScheduler
 
+REFRESH_TIMINGS = ("in_step", "after_step")
+#: "decoupled": W <- W (1 - lr wd) - lr D, on the pre-update weights as torch.optim.AdamW;
+#: "decoupled_after_update": W <- (W - lr D)(1 - lr wd), the SOAP reference's order; "l2": wd W into G.
+WEIGHT_DECAY_MODES = ("decoupled", "l2", "decoupled_after_update")
 STATE_FORMAT = 2  # 2: the optimizer-wide entry moved from the top level into param_groups[0]
 META_KEY = "lightning_kron"
 _GENERATED_NAME = re.compile(r"group\d+\.param\d+")  # what _split_named calls an unnamed parameter
@@ -99,6 +103,7 @@ class StepHyperparameters:
     weight_decay: float
     decoupled: bool
     shampoo_beta: float
+    decay_after_update: bool = False
     finite: Optional[torch.Tensor] = None
     step: Optional[torch.Tensor] = None
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
@@ -282,8 +287,10 @@ class KronOptimizer(torch.optim.Optimizer):
         rotation_dtype: Union[str, torch.dtype, None] = "auto",
         statistics_product_dtype: Optional[torch.dtype] = None,
         compile: bool = False,
+        refresh_timing: str = "in_step",
     ) -> None:
         check_positive_int("max_precond_dim", max_precond_dim, minimum=0)
+        check_choice("refresh_timing", refresh_timing, REFRESH_TIMINGS)
         check_positive_int("start_preconditioning_step", start_preconditioning_step)
         check_choice("solver", solver, SOLVERS)
         check_choice("orthonormalizer", orthonormalizer, ("auto", *ORTHONORMALIZERS))
@@ -308,6 +315,7 @@ class KronOptimizer(torch.optim.Optimizer):
         self.statistics_dtype = statistics_dtype
         self.rotation_dtype = rotation_dtype
         self.statistics_product_dtype = statistics_product_dtype
+        self.refresh_timing = refresh_timing
         #: The RefreshScheduler in charge: :attr:`own_scheduler`, or an owner's while attached. Its
         #: ``in_step()`` runs inside ``step`` after the statistics update (``_run_scheduler``).
         self.scheduler: Optional[RefreshScheduler] = None
@@ -357,7 +365,7 @@ class KronOptimizer(torch.optim.Optimizer):
         check_betas(group["betas"])
         check_nonnegative("eps", group["eps"])
         check_nonnegative("weight_decay", group["weight_decay"])
-        check_choice("weight_decay_mode", group["weight_decay_mode"], ("decoupled", "l2"))
+        check_choice("weight_decay_mode", group["weight_decay_mode"], WEIGHT_DECAY_MODES)
         if group["shampoo_beta"] is not None:
             check_unit_interval("shampoo_beta", group["shampoo_beta"], closed_right=True)
 
@@ -373,8 +381,9 @@ class KronOptimizer(torch.optim.Optimizer):
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
         return StepHyperparameters(
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], decoupled=group["weight_decay_mode"] == "decoupled",
+            weight_decay=group["weight_decay"], decoupled=group["weight_decay_mode"] != "l2",
             shampoo_beta=shampoo_beta, finite=finite, step=step,
+            decay_after_update=group["weight_decay_mode"] == "decoupled_after_update",
         )
 
     # ----------------------------------------------------------------- grouping
@@ -551,9 +560,11 @@ class KronOptimizer(torch.optim.Optimizer):
         the groups it refreshed are rotated again from scratch: simpler than carrying each
         rotation over, and identical on every DDP rank whoever computed the refresh. Steps where some
         stack is only partly gradded (a copy of its rows is in flight) leave the scheduler to its
-        post-step hook instead.
+        post-step hook instead, and so does every step with ``refresh_timing="after_step"`` (the SOAP
+        reference's order: the step is taken in the old bases, then the refreshed factors include
+        this step's gradient and the moments are carried into the new bases).
         """
-        if self.scheduler is None or any(item.rows is not None for item in pending):
+        if self.refresh_timing == "after_step" or self.scheduler is None or any(item.rows is not None for item in pending):
             return
         refreshed = {id(group) for group in self.scheduler.in_step()}
         for item in pending:
@@ -713,11 +724,13 @@ class KronOptimizer(torch.optim.Optimizer):
         directions = self._directions(items)
         decay = hyper.weight_decay if hyper.decoupled else 0.0
         shrink = 1.0 - hyper.lr * decay
+        # decaying the updated weights, (W - lr D) s, is W s - (lr s) D: the same update, a shorter step
+        lr = hyper.lr * shrink if hyper.decay_after_update else hyper.lr
         if hyper.finite is not None:  # a skipped group's parameters stay exactly as they are
             if not self.masks_skipped_direction:  # where, not a product: 0/0 before a group's first step
                 directions = [torch.where(hyper.finite, direction, 0.0) for direction in directions]
             shrink = hyper.keep(shrink, items[0].group.members[0].param) if decay else 1.0
-        apply_updates([item.group for item in items], directions, hyper.lr, shrink, self._compiled("update"))
+        apply_updates([item.group for item in items], directions, lr, shrink, self._compiled("update"))
         for item in items:
             if item.rows is not None:
                 item.source.absorb(item.group, item.rows)

@@ -27,11 +27,21 @@ import torch
 
 from lightning_kron.engine.basis_change import permute_buffer, rotate_buffer
 from lightning_kron.engine.factor_group import FactorGroup
-from lightning_kron.engine.validation import check_choice
+from lightning_kron.engine.validation import check_choice, check_flag
 from lightning_kron.methods.kron_optimizer import KronOptimizer, StepHyperparameters
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
+from lightning_kron.scheduling.policies import FixedRefresh
 
 SECOND_MOMENT_ON_REFRESH = ("keep", "rotate")
+#: ``SOAP(params, lr, betas, eps, weight_decay, **REFERENCE_OPTIONS)`` computes the trajectory of the
+#: SOAP authors' code (as ported by ``pytorch_optimizer.SOAP``, at its defaults) to float round-off
+#: (tests/test_reference_parity.py); each entry undoes one deliberate deviation (docs/algorithms.md,
+#: "Deviations from the reference SOAP"). Override ``refresh`` for another precondition_frequency.
+REFERENCE_OPTIONS = dict(
+    merge_dims=False, max_precond_dim=10000, second_moment_on_refresh="keep", refresh_timing="after_step",
+    update_at_start=False, bias_corrected_eps=False, weight_decay_mode="decoupled_after_update",
+    refresh=FixedRefresh(every=10), solver="qr",
+)
 Coefficient = Union[float, torch.Tensor, list]
 
 
@@ -76,9 +86,14 @@ class EigenvalueCorrectedOptimizer(KronOptimizer):
 
     def __init__(self, params: Any, lr: float, betas, eps: float, weight_decay: float, *,
                  shampoo_beta: Optional[float] = None, weight_decay_mode: str = "decoupled",
-                 second_moment_on_refresh: str = "rotate", **options: Any) -> None:
+                 second_moment_on_refresh: str = "rotate", update_at_start: bool = True,
+                 bias_corrected_eps: bool = True, **options: Any) -> None:
         check_choice("second_moment_on_refresh", second_moment_on_refresh, SECOND_MOMENT_ON_REFRESH)
+        check_flag("update_at_start", update_at_start)
+        check_flag("bias_corrected_eps", bias_corrected_eps)
         self.second_moment_on_refresh = second_moment_on_refresh
+        self.update_at_start = update_at_start
+        self.bias_corrected_eps = bias_corrected_eps
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         weight_decay_mode=weight_decay_mode, shampoo_beta=shampoo_beta)
         super().__init__(params, defaults, **options)
@@ -101,10 +116,10 @@ class EigenvalueCorrectedOptimizer(KronOptimizer):
             hyper.keep(hyper.beta2, like), 1.0 - hyper.beta2, eps, scale)
         return [item.group.rotate_out(step, keep_rotation_dtype=True) for item, step in zip(items, normalized)]
 
-    @staticmethod
-    def _bias_corrections(items, hyper: StepHyperparameters):
+    def _bias_corrections(self, items, hyper: StepHyperparameters):
         """Adam's ``M/c1 / (sqrt(V/c2) + eps)`` as ``s M / (sqrt(V) + e)`` with ``e = eps sqrt(c2)``
-        and ``s = sqrt(c2) / c1`` (0 for a skipped group, whose direction is then exactly 0):
+        (``e = eps`` with ``bias_corrected_eps=False``, the reference's placement) and
+        ``s = sqrt(c2) / c1`` (0 for a skipped group, whose direction is then exactly 0):
         0-dim tensors shared by the parameter group when its stacks share the step count (the
         usual case), else one per-member tensor per stack."""
         def per(group):
@@ -113,11 +128,25 @@ class EigenvalueCorrectedOptimizer(KronOptimizer):
             scale = root / hyper.bias_correction(hyper.beta1, group, like)
             if hyper.finite is not None:
                 scale.mul_(hyper.finite)
-            return root.mul_(hyper.eps), scale
+            eps = root.mul_(hyper.eps) if self.bias_corrected_eps else torch.full_like(root, hyper.eps)
+            return eps, scale
         if hyper.step is not None:
             return per(items[0].group)
         pairs = [per(item.group) for item in items]
         return [eps for eps, _ in pairs], [scale for _, scale in pairs]
+
+    def _finish(self, items) -> None:
+        """With ``update_at_start=False`` the step at ``start_preconditioning_step`` ends here: its
+        gradient went into the statistics and the exact first bases only (the SOAP reference's first
+        step). Its step count is taken back, so Adam's bias correction counts the moment updates."""
+        if self.update_at_start or self.global_step != self.start_preconditioning_step:
+            super()._finish(items)
+            return
+        for item in items:
+            taken = 1 if item.hyper.finite is None else item.hyper.finite.long()
+            item.group.steps.sub_(taken)
+            if item.rows is not None:
+                item.source.absorb(item.group, item.rows)
 
     def permute_rows(self, group, rows, dim, order) -> None:
         if self.second_moment_on_refresh == "keep":
@@ -164,6 +193,13 @@ class SOAP(EigenvalueCorrectedOptimizer):
             the GPT recipe (docs/benchmarks.md, "Optimizer step cost").
         merge_dims, precondition_1d, start_preconditioning_step, statistics_dtype, nonfinite,
         second_moment_on_refresh ("keep" or "rotate"): see docs/algorithms.md §2.
+        update_at_start: False makes the step at ``start_preconditioning_step`` only set the
+            statistics and the exact bases, with no moment or parameter update (the reference).
+        bias_corrected_eps: False adds ``eps`` to the raw ``sqrt(V)``, with the bias correction
+            in the step size (the reference; default: to ``sqrt(V / c2)``, as AdamW).
+        refresh_timing ("in_step" or "after_step"), weight_decay_mode ("decoupled", "l2" or
+            "decoupled_after_update"): see docs/optimizers.md. :data:`REFERENCE_OPTIONS` sets all
+            of them to the SOAP reference code's choices.
 
     >>> import torch
     >>> model = torch.nn.Linear(8, 4)
