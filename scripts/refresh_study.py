@@ -36,6 +36,7 @@ import lightning_kron as lk
 from lightning_kron.engine.validation import check_positive_int, check_unit_interval
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from recipes.optimizers import OptimizerConfig, configure_optimization
+from scripts.small_models import make_task
 
 
 @dataclass
@@ -165,6 +166,20 @@ register(StudyModel("vit", _vision("vit"), 150, 3e-3, 15, "vision recipe, ViT ti
 register(StudyModel("resnet", _vision("resnet"), 150, 3e-3, 15, "vision recipe, ResNet tiny, digits at 16x16, batch 64"))
 register(StudyModel("lstm", _lstm, 150, 1e-2, 15, "held out: byte LSTM LM (64/128) on the stdlib text, context 64"))
 register(StudyModel("mlp", _mlp, 200, 3e-3, 20, "held out: 7-layer MLP (width 128) on a noisy random teacher"))
+
+
+def _small(name: str) -> Callable[[int], Task]:
+    """A model of scripts/small_models.py (the issue's held-out CNN, LSTM and MLP) as a study task."""
+    def build(seed: int) -> Task:
+        small = make_task(name, seed)
+        return Task(small.model, (small.batch(step) for step in itertools.count()), [small.validation], small.loss)
+    return build
+
+
+for _name, _note in (("cnn", "held out (issue): CNN 16x1x3x3 + 32x16x3x3 on digits 8x8"),
+                     ("lstm", "held out (issue): byte LSTM LM (32/64) on the stdlib text"),
+                     ("mlp", "held out (issue): 5-layer tanh MLP on an ill-conditioned teacher")):
+    register(StudyModel(f"small-{_name}", _small(_name), 300, 3e-3, 30, _note, weight_decay=0.0))
 
 
 # ----------------------------------------------------------------- the schedules
