@@ -46,9 +46,12 @@ DEFAULT_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
 }
 
 
+REFRESH_SCHEDULES = ("fixed", "budget", "adaptive")
+
+
 def method_and_refresh(name: str) -> tuple[Optional[MethodSpec], Optional[str]]:
     """The registry entry behind a recipe optimizer name (None for AdamW) and the refresh the recipe
-    gives it: ``"fixed"``, ``"adaptive"`` or None (the class's own default)."""
+    gives it: ``"fixed"``, ``"budget"``, ``"adaptive"`` or None (the class's own default)."""
     if name == "adamw":
         return None, None
     method, refresh = RECIPE_VARIANTS.get(name, (name, None))
@@ -61,14 +64,21 @@ class OptimizerConfig:
     """What to optimize with; validated on construction so a typo fails before training starts.
 
     Args:
-        name: one of ``adamw``, ``soap`` (refresh every ``refresh_every`` steps), ``soap_adaptive``
-            (refresh a factor when its staleness exceeds ``tolerance``), ``eshampoo``, ``shampoo``
-            (Adam-grafted root-inverse Shampoo) or ``kradagrad``.
+        name: one of ``adamw``, ``soap`` (the refresh budget of every=``refresh_budget_every``,
+            front-loaded, spent on the most stale factors), ``soap_adaptive`` (refresh a factor when
+            its staleness exceeds ``tolerance``), ``eshampoo``, ``shampoo`` (Adam-grafted root-inverse
+            Shampoo, refresh every ``refresh_every`` steps) or ``kradagrad``.
         lr, betas: ``None`` takes the per-optimizer default in ``DEFAULT_HYPERPARAMETERS``.
         weight_decay: decoupled (AdamW-style) decay of weight matrices.
         decay_embeddings, decay_norms_and_biases: also decay those (off by default).
         warmup_steps, min_lr_ratio: the warm-up + cosine schedule (see :mod:`recipes.schedule`).
-        refresh_every: eigenbasis refresh period of ``soap`` and ``shampoo``.
+        refresh_schedule: ``"fixed"`` (every ``refresh_every`` steps), ``"budget"``
+            (:class:`~lightning_kron.BudgetRefresh`: as many refreshes as every=``refresh_budget_every``,
+            front-loaded, most stale factors first; chosen by scripts/refresh_study.py across six
+            models, docs/adaptive-refresh.md) or ``"adaptive"``; ``None``: the method's own
+            (``recipe_refresh`` in the method registry: ``budget`` for soap and eshampoo).
+        refresh_every: eigenbasis refresh period of the fixed schedule (``shampoo``'s default).
+        refresh_budget_every: the fixed clock whose refresh count the budget schedule spends.
         tolerance: staleness threshold of ``soap_adaptive`` and ``eshampoo``.
         check_every: how often (steps) those two compare staleness with ``tolerance``.
         early_tolerance, early_fraction: when set, ``tolerance`` is replaced by ``early_tolerance``
@@ -89,7 +99,9 @@ class OptimizerConfig:
     decay_norms_and_biases: bool = False
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
+    refresh_schedule: Optional[Literal[REFRESH_SCHEDULES]] = None
     refresh_every: int = 10
+    refresh_budget_every: int = 20
     tolerance: float = 0.05
     check_every: int = 1
     early_tolerance: Optional[float] = None
@@ -109,7 +121,9 @@ class OptimizerConfig:
         for option in ("weight_decay", "warmup_steps"):
             if getattr(self, option) < 0:
                 raise refuse(f"optimizer.{option}", getattr(self, option), "a number >= 0")
-        for option in ("refresh_every", "check_every", "max_iters"):
+        if self.refresh_schedule is not None and self.refresh_schedule not in REFRESH_SCHEDULES:
+            raise refuse("optimizer.refresh_schedule", self.refresh_schedule, f"one of {', '.join(REFRESH_SCHEDULES)} or null")
+        for option in ("refresh_every", "refresh_budget_every", "check_every", "max_iters"):
             if getattr(self, option) < 1:
                 raise refuse(f"optimizer.{option}", getattr(self, option), "an integer >= 1")
         if self.max_refreshes_per_step is not None and self.max_refreshes_per_step < 1:
@@ -234,9 +248,15 @@ def _tolerance_schedule(config: OptimizerConfig, total_steps: Optional[float]):
     return lk.TighterEarly(early_tolerance=config.early_tolerance, early_steps=int(config.early_fraction * total_steps))
 
 
+def _known_length(total_steps: Optional[float]) -> Optional[int]:
+    """The planned steps as BudgetRefresh takes them: a positive int, or None when unknown (inf)."""
+    return int(total_steps) if total_steps is not None and math.isfinite(total_steps) and total_steps >= 1 else None
+
+
 def _construct(config: OptimizerConfig, groups: list[dict], total_steps: Optional[float] = None) -> torch.optim.Optimizer:
     lr, betas, options = config.resolved_lr, config.resolved_betas, config.options
     spec, refresh = method_and_refresh(config.name)
+    refresh = config.refresh_schedule or refresh
     if spec is None:
         if not _torch_takes_parameter_names():
             groups = [{**group, "params": [param for _, param in group["params"]]} for group in groups]
@@ -245,6 +265,8 @@ def _construct(config: OptimizerConfig, groups: list[dict], total_steps: Optiona
     settings = {"lr": lr, "betas": betas, spec.adam_eps_option: config.eps}
     if refresh == "fixed":
         settings["refresh"] = lk.FixedRefresh(every=config.refresh_every)
+    elif refresh == "budget":
+        settings["refresh"] = lk.BudgetRefresh(every=config.refresh_budget_every, total_steps=_known_length(total_steps))
     elif refresh == "adaptive":
         settings["refresh"] = lk.AdaptiveRefresh(tolerance=config.tolerance, check_every=config.check_every,
                                                  max_iters=config.max_iters, max_per_step=config.max_refreshes_per_step,

@@ -11,12 +11,20 @@ A ``TorchDispatchMode`` sees every ATen op a step dispatches. Counted per step:
 - bytes: the sizes of every computing op's tensor inputs and outputs (an upper bound on the memory
   traffic, since a fused kernel would not write its temporaries).
 
-The counts depend on the shapes and the code path only, not on the machine or its load, so a test
-can hold them (``tests/test_count_ops.py``). Two steps are counted per candidate: an ordinary one
-(the second step; no refresh at every=10) and the refresh step of ``FixedRefresh(every)``.
+Profiler markers (``torch.optim`` wraps ``step`` in a ``record_function``) launch nothing and are
+not counted. The counts depend on the shapes and the code path only, not on the machine or its
+load, so a test can hold them (``tests/test_count_ops.py``). Two steps are counted per candidate:
+the refresh step of ``FixedRefresh(every)`` (step ``every + 1``) and the ordinary step after it
+(``every + 2``: what every later step between refreshes runs, the scheduler's state included).
+
+``compile=True`` rows: under a dispatch mode Dynamo runs a compiled function eagerly, so the
+compiled functions run outside the counter and add what Inductor generated for them
+(:class:`CompiledCall`). On a CPU Inductor emits one C++ loop nest per tensor of a foreach list
+(calls, not launches); on CUDA it fuses a foreach list horizontally, so there the compiled count
+is lower than the CPU one.
 
     python -m scripts.count_ops --models gpt-mini
-    python -m scripts.count_ops --models gpt2-small --max-precond-dim 4096   # ~2 minutes on a CPU
+    python -m scripts.count_ops --models gpt2-small --only "soap fixed" fused   # ~10 minutes a SOAP row on a CPU
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+import torch._inductor.metrics as inductor_metrics
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from tqdm import tqdm
 
 import lightning_kron as lk
@@ -44,6 +53,8 @@ _SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "e
              "unique_consecutive", "repeat_interleave", "item"}
 _MATMULS = {"mm", "bmm", "addmm", "baddbmm", "addbmm"}
 _HOST_READS = ("tolist", "cpu", "numpy")
+_MARKERS = {"_record_function_enter", "_record_function_enter_new", "_record_function_exit"}
+_ACTIVE: list["OpCounter"] = []  # the counter a CompiledCall reports to
 
 
 @dataclass
@@ -90,7 +101,7 @@ class OpCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in _SYNC_OPS or (name == "index" and any(t.dtype == torch.bool for t in _tensors(args[1:]))):
             self.counts.host_syncs += 1
-        if func.is_view or name in ("detach", "alias", "lift_fresh"):
+        if func.is_view or name in ("detach", "alias", "lift_fresh") or name in _MARKERS:
             return out
         self.counts.kernels += 1
         self.by_op[name] = self.by_op.get(name, 0) + 1
@@ -99,6 +110,14 @@ class OpCounter(TorchDispatchMode):
         moved = sum(t.numel() * t.element_size() for t in _tensors(args) + _tensors(kwargs) + _tensors(out))
         self.counts.gigabytes += moved / 1e9
         return out
+
+    def __enter__(self):
+        _ACTIVE.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE.remove(self)
+        return super().__exit__(*exc)
 
     @contextmanager
     def host_reads(self):
@@ -120,6 +139,56 @@ class OpCounter(TorchDispatchMode):
                 setattr(torch.Tensor, name, original)
 
 
+def _signature(value):
+    """What Dynamo guards on, roughly: tensor shapes, strides and dtypes, and the argument types."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.stride(), value.dtype)
+    if isinstance(value, (list, tuple)):
+        return tuple(_signature(item) for item in value)
+    return type(value)
+
+
+class CompiledCall:
+    """A ``torch.compile``d function of a ``compile=True`` optimizer, counted.
+
+    Called under an :class:`OpCounter`, it runs outside the dispatch mode and adds to the counter
+    the kernels Inductor generated for its input signature (a graph without control flow runs each
+    of them once per call; our compiled functions are pointwise, so they call no extern kernel),
+    and as bytes its tensor inputs and outputs, the inputs it wrote counted twice: what one fused
+    pass moves.
+    """
+
+    def __init__(self, function: Callable) -> None:
+        self.function = function
+        self.kernels: dict = {}
+
+    def __call__(self, *args):
+        key, before = _signature(args), inductor_metrics.generated_kernel_count
+        inputs = _tensors(args)
+        versions = [t._version for t in inputs]
+        with _disable_current_modes():
+            out = self.function(*args)
+        generated = inductor_metrics.generated_kernel_count - before
+        if generated or key not in self.kernels:  # compiled (or recompiled) by this call
+            self.kernels[key] = generated
+        if _ACTIVE:
+            written = [t for t, version in zip(inputs, versions) if t._version != version]
+            counter = _ACTIVE[-1]
+            counter.counts.kernels += self.kernels[key]
+            counter.by_op["compiled"] = counter.by_op.get("compiled", 0) + self.kernels[key]
+            counter.counts.gigabytes += sum(t.numel() * t.element_size() for t in inputs + written + _tensors(out)) / 1e9
+        return out
+
+
+def count_compiled(optimizer) -> None:
+    """Wrap the compiled functions of a ``compile=True`` optimizer in :class:`CompiledCall`s.
+    Call it before the optimizer's first step (with Dynamo reset), so that each graph is compiled
+    under the wrapper and its kernels are seen."""
+    functions = getattr(optimizer, "_compiled_functions", {})
+    for name, function in functions.items():
+        functions[name] = CompiledCall(function)
+
+
 def count_step(candidate: Candidate, gradients: list[torch.Tensor]) -> tuple[Counts, dict[str, int]]:
     """The counts of one ``candidate.step``."""
     counter = OpCounter()
@@ -134,22 +203,26 @@ def candidates(max_precond_dim: int, every: int) -> dict[str, Callable]:
         "torch AdamW (foreach)": lambda p: torch.optim.AdamW([t for _, t in p], lr=1e-3, foreach=True),
         "torch AdamW (fused)": lambda p: torch.optim.AdamW([t for _, t in p], lr=1e-3, fused=True),
         f"SOAP fixed every={every}": lambda p: lk.SOAP(p, refresh=lk.FixedRefresh(every=every), **common),
+        f"SOAP fixed every={every}, compile=True": lambda p: lk.SOAP(
+            p, refresh=lk.FixedRefresh(every=every), compile=True, **common),
         "SOAP adaptive tol=0.05": lambda p: lk.SOAP(p, refresh=lk.AdaptiveRefresh(tolerance=0.05), **common),
     }
     return {**rows, **rival_rows(max_precond_dim, every, heavyball=False)}  # HeavyBall compiles its step
 
 
 def count_model(rows: dict[str, Callable], shapes, every: int) -> dict[str, dict[str, Counts]]:
-    """``{row: {"ordinary": counts, "refresh": counts}}``: steps 2 and ``every + 1``."""
+    """``{row: {"ordinary": counts, "refresh": counts}}``: steps ``every + 2`` and ``every + 1``."""
     grads = gradient_sets(shapes, torch.device("cpu"))
     results = {}
     for name, factory in tqdm(rows.items(), desc="candidates", file=sys.stderr):
+        torch._dynamo.reset()  # a compile=True row compiles its graphs under count_compiled
         candidate = Candidate(factory, shapes, torch.device("cpu"))
+        count_compiled(candidate.optimizer)
         results[name] = {}
-        for step in range(1, every + 2):
+        for step in range(1, every + 3):
             gradients = grads[step % len(grads)]
-            if step in (2, every + 1):
-                results[name]["ordinary" if step == 2 else "refresh"] = count_step(candidate, gradients)[0]
+            if step in (every + 1, every + 2):
+                results[name]["refresh" if step == every + 1 else "ordinary"] = count_step(candidate, gradients)[0]
             else:
                 candidate.step(gradients)
     return results
@@ -175,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         print("| optimizer | step | kernels | host syncs | matmul GFLOP | GB touched |")
         print("|---|---|---:|---:|---:|---:|")
         for name, steps in results.items():
-            for kind, counts in steps.items():
+            for kind in ("ordinary", "refresh"):
+                counts = steps[kind]
                 print(f"| {name} | {kind} | {counts.kernels} | {counts.host_syncs} | "
                       f"{counts.matmul_gflops:.2f} | {counts.gigabytes:.2f} |")
 

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 from callback_helpers import TinyRegression, fit, loader, make_net, parameters_of
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_kron import (
@@ -169,10 +169,19 @@ def test_take_over_refuses_a_different_method_and_unused_options():
 
 
 @pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy])
-def test_sharded_strategies_are_refused_at_setup(strategy):
+def test_fsdp1_and_deepspeed_are_refused_at_setup_by_name(strategy):
     trainer = types.SimpleNamespace(strategy=object.__new__(strategy))
-    with pytest.raises(MisconfigurationException, match="strategy='ddp'"):
+    with pytest.raises(MisconfigurationException, match=f"does not support {strategy.__name__}.*ModelParallelStrategy"):
         KronCallback().setup(trainer, None, "fit")
+
+
+def test_tensor_parallelism_is_refused_at_setup():
+    strategy = object.__new__(ModelParallelStrategy)
+    strategy._tensor_parallel_size = 2
+    with pytest.raises(MisconfigurationException, match="tensor_parallel_size=1 .*got tensor_parallel_size=2"):
+        KronCallback().setup(types.SimpleNamespace(strategy=strategy), None, "fit")
+    strategy._tensor_parallel_size = 1  # FSDP2 data parallel: accepted
+    KronCallback().setup(types.SimpleNamespace(strategy=strategy), None, "fit")
 
 
 @pytest.mark.parametrize("arguments, message", [

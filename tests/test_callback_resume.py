@@ -11,8 +11,8 @@ from lightning_kron.scheduling.scheduler import RefreshScheduler
 
 def make_callback() -> KronCallback:
     # every 5 steps (optimizer steps 6, 11, 16, 21) all 6 factors are due and a budget of 2 spreads
-    # them over 3 steps: the cut after step 16 leaves 4 deferred factors that only the restored
-    # callback state knows about
+    # them over 3 steps: the cut after step 16 leaves 4 deferred factors, which the restored
+    # optimizer state holds
     return KronCallback(refresh=FixedRefresh(every=5), max_refreshes_per_step=2)
 
 

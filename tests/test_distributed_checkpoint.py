@@ -8,6 +8,7 @@ and loading maps saved entries by position, whatever their keys.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
@@ -70,3 +71,13 @@ def test_dcp_save_and_load_continue_bit_identically(tmp_path):
     _steps(resumed_model, resumed, 4, 5)
     for a, b in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_sharded_state_is_refused_by_an_unsharded_optimizer():
+    """Under FSDP2 each rank's state covers its own rows; the world size is part of the state."""
+    model = _model()
+    optimizer = lk.SOAP(model.named_parameters())
+    state = optimizer.state_dict()
+    state["param_groups"][0]["lightning_kron"]["world_size"] = 2
+    with pytest.raises(ValueError, match="saved sharded over 2 ranks and cannot be loaded unsharded"):
+        optimizer.load_state_dict(state)

@@ -106,7 +106,7 @@ def test_qr_refresh_keeps_every_eigenvalue_of_a_graded_inverse_factor_in_fp32():
     """Why KrADagrad refreshes with "qr": X's small eigenvalues (L's large ones) must survive. A QR
     step of a stored B spanning 1e10 keeps each eigenvalue to ~1e-6 relative in fp32 (an eigh of the
     same B was measured 30% to 7000x off below ~1e-7 of the largest; not asserted, LAPACK's)."""
-    from lightning_kron.engine.solvers import householder_qr, qr_step_in_basis
+    from lightning_kron.engine.solvers import ORTHONORMALIZERS, qr_step_in_basis
 
     generator = torch.Generator().manual_seed(4)
     values = torch.logspace(0, -10, 48, dtype=torch.float64)
@@ -117,7 +117,7 @@ def test_qr_refresh_keeps_every_eigenvalue_of_a_graded_inverse_factor_in_fp32():
     truth = torch.linalg.eigvalsh(stats[0]).flip(0)
     refreshed = stats.float()
     for _ in range(3):
-        _, refreshed, ok = qr_step_in_basis(refreshed, householder_qr)
+        _, refreshed, ok = qr_step_in_basis(refreshed, ORTHONORMALIZERS["householder"])
     assert bool(ok.all())
     assert ((refreshed[0].diagonal().double() - truth).abs() / truth).max() < 1e-4
 

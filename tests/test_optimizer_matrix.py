@@ -166,6 +166,7 @@ def test_nonfinite_gradient_can_raise(make_optimizer):
     ({"statistics_product_dtype": torch.float16}, "statistics_product_dtype"),
     ({"rotation_dtype": "bfloat61"}, "rotation_dtype"),
     ({"statistics_dtype": torch.bfloat16}, "statistics_dtype"),
+    ({"compile": "false"}, "compile must be True or False"),
 ])
 def test_invalid_hyperparameters_fail_at_construction(make_optimizer, bad, match):
     with pytest.raises(ValueError, match=match):

@@ -64,10 +64,21 @@ def test_each_name_builds_its_optimizer_with_readable_factor_names(name, expecte
 
 def test_refresh_options_reach_the_policy():
     network = torch.nn.Linear(4, 4)
-    fixed = build_optimizer(OptimizerConfig(name="soap", refresh_every=7), network)
+    fixed = build_optimizer(OptimizerConfig(name="soap", refresh_schedule="fixed", refresh_every=7), network)
     adaptive = build_optimizer(OptimizerConfig(name="soap_adaptive", tolerance=0.2, check_every=5, max_refreshes_per_step=3), network)
     assert fixed.refresh == lightning_kron.FixedRefresh(every=7)
     assert adaptive.refresh == lightning_kron.AdaptiveRefresh(tolerance=0.2, check_every=5, max_per_step=3)
+
+
+def test_soap_and_eshampoo_default_to_the_front_loaded_budget_over_the_runs_length():
+    network = torch.nn.Linear(4, 4)
+    for name in ("soap", "eshampoo"):
+        optimizer = build_optimizer(OptimizerConfig(name=name, refresh_budget_every=25), network, total_steps=300)
+        assert optimizer.refresh == lightning_kron.BudgetRefresh(every=25, total_steps=300)
+    unknown = build_optimizer(OptimizerConfig(name="soap"), network, total_steps=float("inf"))
+    assert unknown.refresh == lightning_kron.BudgetRefresh(every=20)
+    with pytest.raises(ValueError, match="optimizer.refresh_schedule: got 'sometimes'"):
+        OptimizerConfig(name="soap", refresh_schedule="sometimes")
 
 
 def test_bad_names_and_options_fail_at_construction():

@@ -9,6 +9,7 @@ from torch import nn
 import lightning_kron as lk
 from lightning_kron.engine import solvers
 from lightning_kron.engine.staleness import staleness
+from scripts import count_ops
 from tests.conftest import set_grads
 
 
@@ -197,7 +198,7 @@ def test_eigh_falls_back_member_by_member(monkeypatch):
 
 
 @pytest.mark.parametrize("solve", [solvers.eigh_in_basis,
-                                   lambda stats: solvers.qr_step_in_basis(stats, solvers.householder_qr)])
+                                   lambda stats: solvers.qr_step_in_basis(stats, solvers.ORTHONORMALIZERS["householder"])])
 def test_nonfinite_factor_gets_the_identity_rotation(solve):
     factors = torch.diag(torch.tensor([3.0, 2.0, 1.0])).repeat(2, 1, 1)
     factors[1, 0, 0] = float("nan")
@@ -206,13 +207,51 @@ def test_nonfinite_factor_gets_the_identity_rotation(solve):
     assert torch.equal(rotations[1], torch.eye(3)) and torch.isfinite(rotations[0]).all()
 
 
-def test_cholesky_qr2_falls_back_to_householder_on_rank_deficiency():
-    y = torch.randn(2, 5, 5, dtype=torch.float64)
-    y[1, :, 0] = 0.0  # singular Gram matrix: Cholesky fails for member 1
-    q, r = solvers.cholesky_qr2(y)
-    assert torch.isfinite(q).all()
-    torch.testing.assert_close(q[0].T @ q[0], torch.eye(5, dtype=torch.float64))
-    torch.testing.assert_close(q @ r, y)
+def test_cholesky_qr2_flags_the_members_it_cannot_orthonormalise_without_a_host_sync():
+    """A singular member fails its Cholesky; a badly conditioned one (cond 1e7, far above fp32's
+    u^-1/2 = 3e3, and not a mere column scaling, which Cholesky absorbs) passes it with a Q far from
+    orthogonal, caught by the Gram check of round two."""
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randn(3, 5, 5, dtype=torch.float64, generator=generator)
+    y[1, :, 0] = 0.0
+    u, v = (torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=generator))[0] for _ in range(2))
+    y[2] = u @ torch.diag(torch.logspace(0, -7, 5, dtype=torch.float64)) @ v
+    counter = count_ops.OpCounter()
+    with counter, counter.host_reads():
+        q, r, solved = solvers.cholesky_qr2(y.float())
+    assert counter.counts.host_syncs == 0
+    assert solved.tolist() == [True, False, False]
+    torch.testing.assert_close(q[0].T @ q[0], torch.eye(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(q[0] @ r[0], y[0].float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("orthonormalizer", ["cholesky_qr2", "householder"])
+def test_a_failed_cholesky_refresh_falls_back_to_householder_with_one_more_host_read(orthonormalizer):
+    """A factor whose Cholesky-QR2 fails (a zero input feature makes L singular) is refreshed again
+    with Householder: same basis as a Householder run, the failure counted, and the refresh step
+    reads the host once for the decision and once for all of Cholesky's failures."""
+    def run(orthonormalizer):
+        torch.manual_seed(0)
+        model = nn.Linear(6, 4)
+        optimizer = lk.SOAP(model.parameters(), refresh=lk.FixedRefresh(every=2), orthonormalizer=orthonormalizer)
+        syncs = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            inputs = torch.randn(16, 6)
+            inputs[:, 0] = 0.0
+            model(inputs).square().mean().backward()
+            counter = count_ops.OpCounter()
+            with counter, counter.host_reads():
+                optimizer.step()
+            syncs.append(counter.counts.host_syncs)
+        return optimizer, syncs
+
+    optimizer, syncs = run(orthonormalizer)
+    reference, _ = run("householder")
+    weight = optimizer.state[next(iter(optimizer.state))]
+    torch.testing.assert_close(weight["block0.basis.1"], reference.state[next(iter(reference.state))]["block0.basis.1"])
+    failures = int(weight["block0.failures.1"])
+    assert (failures, syncs[2]) == ((1, 2) if orthonormalizer == "cholesky_qr2" else (0, 1))
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -111,7 +111,8 @@ def test_the_optimizers_budget_defers_and_resumes_bit_identically():
     state = optimizer.state_dict()
     resumed = lk.SOAP(model.named_parameters(), lr=1e-2, refresh=policy)
     resumed.load_state_dict(state)
-    assert resumed.scheduler.state_dict()["deferred"] == optimizer.scheduler.state_dict()["deferred"]
+    assert optimizer.scheduler.deferred_count > 0  # the queue travels in the optimizer's state
+    assert resumed.scheduler.deferred_count == optimizer.scheduler.deferred_count
     generator = torch.Generator().manual_seed(1)
     for _ in range(6):  # replay the data stream to where the interrupted run stopped
         torch.randn(16, 6, generator=generator)

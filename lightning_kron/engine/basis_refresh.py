@@ -24,6 +24,7 @@ import torch
 
 from lightning_kron.engine.factor_group import FactorGroup
 from lightning_kron.engine.solvers import (
+    FALLBACK,
     ORTHONORMALIZERS,
     descending_diagonal_order,
     eigh_in_basis,
@@ -101,8 +102,12 @@ def refresh_factor(
     hooks: BasisChangeHooks,
     step: int,
     reorthonormalize: Optional[Sequence[bool]] = None,
-) -> None:
+) -> Optional[torch.Tensor]:
     """Recompute ``basis.dim`` (and re-express ``stats.dim``) for ``rows`` of ``group``.
+
+    Returns, for an orthonormalizer with a fallback (Cholesky-QR2), which of the refreshed members
+    succeeded (a bool per row, on the device; the others kept their basis and are counted as
+    failures, to be refreshed again with the fallback), else None.
 
     No host sync when the caller says which rows are due for re-orthonormalisation
     (``reorthonormalize``, one flag per refreshed row, from :func:`reorthonormalization_due`):
@@ -124,6 +129,8 @@ def refresh_factor(
     basis = _reorthonormalize(basis, reorthonormalize)
     _store(group, dim, rows, basis, stats, ~ok, step, time.perf_counter() - started, hooks.factor_staleness(stats))
     hooks.after_refresh(group, rows, dim)
+    exact = request.solver == "eigh" or never_refreshed
+    return None if exact or request.orthonormalizer not in FALLBACK else ok
 
 
 def reorthonormalization_due(refreshes: torch.Tensor) -> torch.Tensor:

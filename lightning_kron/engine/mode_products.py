@@ -9,21 +9,22 @@ the back, so after k rounds the dims are in their original order again without a
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 Bases = Sequence[Optional[torch.Tensor]]
+BatchedMatmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # torch.bmm, or an emulation of TF32
 
 
-def _apply(x: torch.Tensor, bases: Bases, transpose_basis: bool) -> torch.Tensor:
+def _apply(x: torch.Tensor, bases: Bases, transpose_basis: bool, bmm: BatchedMatmul = torch.bmm) -> torch.Tensor:
     if all(basis is None for basis in bases):
         return x
     count, dims = x.shape[0], x.shape[1:]
     for basis, size in zip(bases, dims):
         x = x.reshape(count, size, -1).transpose(1, 2)
         if basis is not None:
-            x = torch.bmm(x, basis.mT if transpose_basis else basis)
+            x = bmm(x, basis.mT if transpose_basis else basis)
     return x.reshape(count, *dims)
 
 
@@ -32,9 +33,10 @@ def rotate_in(x: torch.Tensor, bases: Bases) -> torch.Tensor:
     return _apply(x, bases, transpose_basis=False)
 
 
-def rotate_out(x: torch.Tensor, bases: Bases) -> torch.Tensor:
-    """Back to parameter coordinates: ``x x_i Q_i`` for every factored dim."""
-    return _apply(x, bases, transpose_basis=True)
+def rotate_out(x: torch.Tensor, bases: Bases, bmm: BatchedMatmul = torch.bmm) -> torch.Tensor:
+    """Back to parameter coordinates: ``x x_i Q_i`` for every factored dim (``bmm``: e.g. an
+    emulation of TF32 tensor cores)."""
+    return _apply(x, bases, transpose_basis=True, bmm=bmm)
 
 
 def rotate_mode(x: torch.Tensor, dim: int, matrix: torch.Tensor) -> torch.Tensor:

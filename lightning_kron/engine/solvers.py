@@ -9,8 +9,10 @@ Every factor is stored as ``B = Q^T L Q``. A refresh therefore never forms ``L``
   which ``P^T B P = R P``: literally one step of the QR algorithm, whose termination test (the
   off-diagonal mass of B) is the staleness criterion. This avoids the 4 d^3 of forming ``L Q`` and
   the rotation ``Q_old^T Q_new`` and of re-expressing B. ``orth`` is Householder QR or Cholesky-QR2
-  (two rounds of ``R = chol(Y^T Y); Y <- Y R^-1``, mostly matmuls, much faster on a GPU); members
-  whose Cholesky fails (a rank-deficient B early in training) use Householder.
+  (two rounds of ``R = chol(Y^T Y); Y <- Y R^-1``, mostly matmuls, much faster on a GPU). Cholesky-QR2
+  reports the members it could not orthonormalise (a rank-deficient or badly conditioned B) on the
+  device; they keep their basis, and the optimizer refreshes just those again with Householder
+  after one host read for the whole refresh step (``KronOptimizer.refresh_fallbacks``).
 
 Failure handling: a batched call that raises or returns non-finite values is retried member by
 member with growing diagonal damping, then in fp64; a member that still fails gets the identity
@@ -19,12 +21,17 @@ rotation (it keeps its old basis) and is reported in the ``ok`` mask so the call
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 DAMPING_STEPS = (1e-6, 1e-4)
-Orthonormalizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: ``y -> (q, r, solved)``: ``solved`` (a per-member bool on the device, or None when the method
+#: cannot fail short of non-finite values) marks the members whose ``q`` can be trusted
+Orthonormalizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
+#: the orthonormalizer a failed member is refreshed again with
+FALLBACK = {"cholesky_qr2": "householder"}
+CHOLESKY_QR2_GRAM_TOLERANCE = 0.5  # ||Q1^T Q1 - I||_F after round one: round two repairs less
 
 
 def _finite_per_member(x: torch.Tensor) -> torch.Tensor:
@@ -103,23 +110,33 @@ def householder_qr(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q * signs.unsqueeze(-2), r * signs.unsqueeze(-1)
 
 
-def cholesky_qr2(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cholesky-QR2; members whose Cholesky fails or goes non-finite use Householder instead."""
+def cholesky_qr2(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched Cholesky-QR2 with no host sync: ``(q, r, solved)``.
+
+    ``solved`` is False for a member whose Cholesky failed (``cholesky_ex`` reports it on the
+    device), whose result is not finite, or whose first round left ``Q1`` too far from orthogonal
+    (``||Q1^T Q1 - I||_F >= 0.5``, read off the Gram matrix that round two forms anyway): round two
+    brings Q to orthogonality only when ``cond(Y)`` is below about ``u^(-1/2)``, which that Gram
+    measures. Such members' ``q`` is garbage; the caller must not use it.
+    """
     q, r = y, _eye_like(y)
-    failed = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
-    for _ in range(2):
-        upper, info = torch.linalg.cholesky_ex(q.mT @ q, upper=True)
-        failed |= info != 0
+    solved = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+    for round_ in range(2):
+        gram = q.mT @ q
+        if round_ == 1:
+            solved &= torch.linalg.matrix_norm(gram - _eye_like(gram)) < CHOLESKY_QR2_GRAM_TOLERANCE
+        upper, info = torch.linalg.cholesky_ex(gram, upper=True)
+        solved &= info == 0
         q = torch.linalg.solve_triangular(upper, q, upper=True, left=False)
         r = upper @ r
-    failed |= ~(_finite_per_member(q) & _finite_per_member(r))
-    if bool(failed.any()):
-        q, r = q.clone(), r.clone()
-        q[failed], r[failed] = householder_qr(y[failed])
-    return q, r
+    return q, r, solved & _finite_per_member(q) & _finite_per_member(r)
 
 
-ORTHONORMALIZERS: dict[str, Orthonormalizer] = {"householder": householder_qr, "cholesky_qr2": cholesky_qr2}
+def _householder(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    return (*householder_qr(y), None)
+
+
+ORTHONORMALIZERS: dict[str, Orthonormalizer] = {"householder": _householder, "cholesky_qr2": cholesky_qr2}
 
 
 def qr_step_in_basis(stats: torch.Tensor, orth: Orthonormalizer,
@@ -134,9 +151,11 @@ def qr_step_in_basis(stats: torch.Tensor, orth: Orthonormalizer,
     ``B Pi = (Pi^T B)^T`` costs one row copy instead of two gathers (and a third to unsort P).
     """
     try:
-        rotation, upper = orth(stats if order is None else rows_in_order(stats, order).mT)
+        rotation, upper, solved = orth(stats if order is None else rows_in_order(stats, order).mT)
         new_stats = symmetric_product_of_upper(upper, rotation if order is None else rows_in_order(rotation, order))
         ok = _finite_per_member(rotation) & _finite_per_member(new_stats)
+        if solved is not None:
+            ok &= solved
     except RuntimeError:
         rotation, new_stats = _eye_like(stats), stats
         ok = torch.zeros(stats.shape[0], dtype=torch.bool, device=stats.device)

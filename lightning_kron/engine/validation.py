@@ -7,7 +7,7 @@ construction with a message the user can act on instead of surfacing as NaNs lat
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Union
+from typing import Iterable, Union
 
 import torch
 
@@ -44,7 +44,7 @@ def check_positive_int(name: str, value: int, *, minimum: int = 1) -> int:
 
 
 def check_flag(name: str, value: bool) -> bool:
-    """A bool (``0``, ``"no"`` or ``None`` would otherwise pass silently as a truth value)."""
+    """``True`` or ``False`` (a string such as "false" from a config would otherwise be truthy)."""
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
@@ -58,13 +58,17 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
     return value
 
 
-def check_dtype(name: str, value: Union[None, str, torch.dtype], allowed: Iterable[torch.dtype]) -> Optional[torch.dtype]:
-    """``None`` or one of ``allowed``, given as a ``torch.dtype`` or by name ("bfloat16",
-    "torch.bfloat16", "bf16"), so YAML and command-line configs can set it.
+def check_dtype(name: str, value: Union[None, str, torch.dtype], allowed: Iterable[torch.dtype],
+                modes: tuple[str, ...] = ()) -> Union[None, str, torch.dtype]:
+    """``None``, one of ``allowed``, given as a ``torch.dtype`` or by name ("bfloat16",
+    "torch.bfloat16", "bf16"), so YAML and command-line configs can set it, or one of the named
+    ``modes`` (returned as given).
 
     >>> check_dtype("rotation_dtype", "bf16", (torch.bfloat16,))
     torch.bfloat16
     """
+    if value in modes:
+        return value
     allowed = tuple(allowed)
     resolved = value
     if isinstance(value, str):
@@ -72,6 +76,6 @@ def check_dtype(name: str, value: Union[None, str, torch.dtype], allowed: Iterab
         attribute = value.removeprefix("torch.")
         resolved = getattr(torch, short.get(attribute, attribute), None)
     if value is not None and resolved not in allowed:
-        names = ", ".join(str(dtype) for dtype in allowed)
+        names = ", ".join([repr(mode) for mode in modes] + [str(dtype) for dtype in allowed])
         raise ValueError(f"{name} must be None or one of {names}, got {value!r}")
     return resolved

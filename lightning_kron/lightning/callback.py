@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import (
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_kron.engine.sharding import gather_over_shards
 from lightning_kron.engine.validation import check_positive_int
 from lightning_kron.lightning.adam_conversion import (
     check_options,
@@ -32,6 +33,7 @@ from lightning_kron.lightning.adam_conversion import (
 )
 from lightning_kron.lightning.approximation_probe import ApproximationProbe
 from lightning_kron.lightning.metrics import (
+    ModelTelemetry,
     eigenvalue_misscaling,
     factor_metrics,
     rank_metrics,
@@ -67,8 +69,11 @@ class KronCallback(Callback):
     Args:
         method: ``"soap"``, ``"eshampoo"``, ``"shampoo"`` or ``"kradagrad"``; ``None`` means
             ``"soap"`` when replacing Adam, and "whatever the module returned" when taking over.
-        refresh: ``AdaptiveRefresh(tolerance=..., check_every=...)`` or ``FixedRefresh(every=...)``;
-            ``None`` keeps the optimizer's own policy (SOAP: every 10 steps; EShampoo: adaptive 0.05).
+        refresh: ``BudgetRefresh(every=...)``, ``AdaptiveRefresh(tolerance=..., check_every=...)``,
+            ``FixedRefresh(every=...)`` or any ``RefreshPolicy``; ``None`` keeps the optimizer's own
+            (SOAP and EShampoo: ``BudgetRefresh()``, every=20's count of refreshes on the most stale
+            factors, which the callback front-loads over the Trainer's planned steps; chosen by the
+            six-model study of docs/adaptive-refresh.md).
         tolerance_schedule: e.g. ``TighterEarly(early_tolerance=0.01, early_fraction=0.1)``: a tighter
             tolerance early in training, when basis accuracy matters most (needs AdaptiveRefresh).
         max_refreshes_per_step: at most this many factor refreshes per optimizer step (over all
@@ -81,10 +86,15 @@ class KronCallback(Callback):
             the dict form is for LightningCLI/YAML configs, which cannot pass ``**options``. Its lr,
             betas, weight decay and (for SOAP/EShampoo) eps come from the module's own optimizer.
 
+    Sharded training: under ``ModelParallelStrategy`` with ``tensor_parallel_size=1`` and a module
+    that applies FSDP2's ``fully_shard`` in ``configure_model``, each rank preconditions, refreshes
+    and checkpoints the rows of its own shards (``max_refreshes_per_step`` is then a budget per
+    rank), and the logged telemetry is gathered from every rank (docs/scaling-out.md).
+
     Raises:
         ValueError: for a bad argument, here; MisconfigurationException at ``setup``/``on_fit_start``
-            for setups it does not support (FSDP, DeepSpeed, model parallel; several optimizers; an
-            optimizer other than Adam/AdamW or a lightning_kron one).
+            for setups it does not support (FSDP1's FSDPStrategy, DeepSpeed, tensor parallelism;
+            several optimizers; an optimizer other than Adam/AdamW or a lightning_kron one).
 
     Example::
 
@@ -152,10 +162,20 @@ class KronCallback(Callback):
     # ----------------------------------------------------------------- refusals and setup
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage == "fit" and isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
             raise MisconfigurationException(
-                f"KronCallback does not support sharded training ({type(trainer.strategy).__name__}) yet: the "
-                "Kronecker factors need whole parameters. Use strategy='ddp' (or 'ddp_spawn') instead."
+                f"KronCallback does not support {type(strategy).__name__}: its flat-parameter sharding cuts the "
+                "Kronecker factors' matrices apart. Use strategy='ddp', or ModelParallelStrategy("
+                "tensor_parallel_size=1) with FSDP2's fully_shard in configure_model."
+            )
+        if isinstance(strategy, ModelParallelStrategy) and getattr(strategy, "_tensor_parallel_size", 1) not in (1, "auto"):
+            raise MisconfigurationException(
+                f"KronCallback supports ModelParallelStrategy with tensor_parallel_size=1 (FSDP2 data parallel), "
+                f"got tensor_parallel_size={strategy._tensor_parallel_size}: tensor parallelism splits a matrix "
+                "over ranks, so its Kronecker factors would span devices."
             )
 
     @override
@@ -163,8 +183,8 @@ class KronCallback(Callback):
         self.optimizer = self._install_optimizer(trainer, pl_module)
         self.scheduler = RefreshScheduler(self.optimizer, self.refresh, tolerance_schedule=self.tolerance_schedule,
                                           max_per_step=self.max_refreshes_per_step)
-        if self.scheduler.needs_training_length:
-            self.scheduler.total_steps = trainer.estimated_stepping_batches
+        # the planned length (inf when unknown): fraction-based schedules and BudgetRefresh use it
+        self.scheduler.total_steps = trainer.estimated_stepping_batches
         self.scheduler.tolerance_at(0)  # a schedule that cannot work with this trainer fails now, not mid-run
         if self._held_state is not None:  # restored before the optimizer existed (resume)
             self.scheduler.load_state_dict(self._held_state)
@@ -231,18 +251,19 @@ class KronCallback(Callback):
             return
         counters = self.scheduler.counters
         per_rank = gather_from_all([counters.computed_here, counters.seconds_here])  # collective: every rank
+        telemetry = self._telemetry()  # a collective too under FSDP2
         before, step_before = self._window
-        self._window = (replace(counters), self.optimizer.global_step)
+        self._window = (replace(telemetry.counters), self.optimizer.global_step)
         if not trainer.is_global_zero:
             return
-        infos = self.optimizer.factors()
+        infos = telemetry.infos
         metrics = factor_metrics(infos)
         metrics.update(summary_metrics(infos, self.optimizer.skipped_steps))
         relative = self.optimizer.global_step - self.optimizer.start_preconditioning_step
-        metrics.update(refresh_metrics(counters, before, self.optimizer.global_step - step_before, len(infos),
-                                       self.scheduler.tolerance_at(max(relative, 0)), self.scheduler.deferred_count))
+        metrics.update(refresh_metrics(telemetry.counters, before, self.optimizer.global_step - step_before, len(infos),
+                                       self.scheduler.tolerance_at(max(relative, 0)), telemetry.deferred))
         metrics.update(rank_metrics(per_rank))
-        metrics.update(eigenvalue_misscaling(self.optimizer))
+        metrics.update(telemetry.misscaling)
         if self.probe is not None:
             metrics.update(self.probe.errors())
         for logger in trainer.loggers:
@@ -252,6 +273,13 @@ class KronCallback(Callback):
             self.history.record(trainer.global_step, {info.name: info.staleness for info in infos})
             self._logs += 1
             self._log_views(trainer, with_table=self._logs % WANDB_TABLE_EVERY_N_LOGS == 0)
+
+    def _telemetry(self) -> ModelTelemetry:
+        """This process's figures; under FSDP2 every rank's, combined, so they describe the whole model."""
+        local = ModelTelemetry(self.optimizer.factors(), eigenvalue_misscaling(self.optimizer),
+                               replace(self.scheduler.counters), self.scheduler.deferred_count)
+        layout = self.optimizer.shard_layout
+        return local if layout is None else ModelTelemetry.combine(gather_over_shards(local, layout))
 
     def _log_views(self, trainer: "pl.Trainer", with_table: bool) -> None:
         payload = staleness_payload(self.history, with_table=with_table)
@@ -280,5 +308,10 @@ class KronCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Lightning restores callbacks before ``configure_optimizers``: hold the state until
-        ``on_fit_start`` has an optimizer to schedule."""
-        self._held_state = state_dict.get("scheduler")
+        ``on_fit_start`` has an optimizer to schedule. Strategies that restore after setup
+        (``ModelParallelStrategy``) call this once the scheduler exists: applied at once."""
+        held = state_dict.get("scheduler")
+        if self.scheduler is not None and held is not None:
+            self.scheduler.load_state_dict(held)
+        else:
+            self._held_state = held

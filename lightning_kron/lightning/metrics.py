@@ -24,6 +24,7 @@ gradient covariance is a Kronecker product, large when Shampoo's eigenvalues are
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -32,6 +33,30 @@ from lightning_kron.engine.factor_info import FactorInfo
 from lightning_kron.scheduling.scheduler import RefreshCounters
 
 PREFIX = "kron"
+
+
+@dataclass(frozen=True)
+class ModelTelemetry:
+    """What one log reads from the optimizer and its scheduler: per-factor infos, per-block
+    mis-scaling, the refresh counters and the budget's queue length."""
+
+    infos: list[FactorInfo]
+    misscaling: dict[str, float]
+    counters: RefreshCounters
+    deferred: int
+
+    @classmethod
+    def combine(cls, parts: Sequence["ModelTelemetry"]) -> "ModelTelemetry":
+        """The whole model from every FSDP2 rank's part: its factors (names carry the shard, so they
+        do not collide), and the refresh work summed over ranks."""
+        counters = RefreshCounters(
+            checks=parts[0].counters.checks,  # every rank checks at the same steps
+            refreshes=sum(part.counters.refreshes for part in parts),
+            seconds=sum(part.counters.seconds for part in parts),
+        )
+        misscaling = {key: value for part in parts for key, value in part.misscaling.items()}
+        return cls([info for part in parts for info in part.infos], misscaling, counters,
+                   sum(part.deferred for part in parts))
 
 
 def factor_metrics(infos: Sequence[FactorInfo]) -> dict[str, float]:

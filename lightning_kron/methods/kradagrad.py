@@ -117,7 +117,7 @@ from lightning_kron.methods.inverse_factor_update import (
     krad_update,
     positive_definite,
 )
-from lightning_kron.methods.kron_optimizer import StepHyperparameters, bias_correction
+from lightning_kron.methods.kron_optimizer import StepHyperparameters
 from lightning_kron.methods.root_preconditioner import (
     RootPreconditionedOptimizer,
     scale_modes,
@@ -218,8 +218,12 @@ class KrADagrad(RootPreconditionedOptimizer):
         normaliser = math.sqrt(math.prod(group.shape[j] for j in others))
         return unfold(scale_modes(rotated, halves), dim) / normaliser
 
-    def _update_statistics(self, group: FactorGroup, rotated: torch.Tensor, hyper: StepHyperparameters,
-                           rotated_low: Optional[torch.Tensor] = None) -> None:
+    def _update_statistics(self, items, hyper: StepHyperparameters) -> None:
+        """KrADagrad's downdates are per stack (each has its own positive-definiteness check)."""
+        for item in items:
+            self._update_stack_statistics(item.group, item.rotated, hyper)
+
+    def _update_stack_statistics(self, group: FactorGroup, rotated: torch.Tensor, hyper: StepHyperparameters) -> None:
         if not group.factored_dims:
             self._accumulate_diagonal(group, rotated, hyper)
         for dim in self._dims_this_step(group):
@@ -302,13 +306,13 @@ class KrADagrad(RootPreconditionedOptimizer):
             if self.variant == "alternating":  # the step bound (module docstring)
                 quadratic = direction.float().square().flatten(1).sum(1)  # m^T (X_k x ... x X_1) m, per member
                 if hyper.shampoo_beta < 1:  # the root is of the bias-corrected EMA: m enters it with this weight
-                    quadratic = quadratic * (1.0 - hyper.shampoo_beta) / bias_correction(hyper.shampoo_beta, group.steps, quadratic)
+                    quadratic = quadratic * (1.0 - hyper.shampoo_beta) / hyper.bias_correction(hyper.shampoo_beta, group, quadratic)
                 shrink = (1.0 + quadratic).rsqrt().to(direction.dtype)
                 direction = direction * shrink.reshape(-1, *[1] * (direction.dim() - 1))
             return direction
         squares = group.tensors["diagonal_sq"]
         if hyper.shampoo_beta < 1:
-            squares = squares / bias_correction(hyper.shampoo_beta, group.steps, squares)
+            squares = squares / hyper.bias_correction(hyper.shampoo_beta, group, squares)
         if self.damping == "relative":  # eps times the mean of v, as tr(L) / d for a factor
             mean = squares.flatten(1).mean(1).reshape(-1, *[1] * (squares.dim() - 1))
             return momentum * (squares + hyper.eps * mean).clamp_min(torch.finfo(squares.dtype).tiny).rsqrt()

@@ -18,23 +18,35 @@ A step runs in two phases so the refresh decision for *all* factors costs one ho
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
 from lightning_kron.engine.basis_refresh import SOLVERS, RefreshRequest, refresh_factor
 from lightning_kron.engine.blocking import factor_label, plan_blocks
-from lightning_kron.engine.factor_group import TELEMETRY_KEYS, FactorGroup, Member
+from lightning_kron.engine.factor_group import (
+    TELEMETRY_KEYS,
+    FactorGroup,
+    Member,
+    apply_updates,
+    gather_grads,
+    share_step_counts,
+    update_parameters,
+)
 from lightning_kron.engine.factor_info import FactorInfo
 from lightning_kron.engine.mode_products import unfold
-from lightning_kron.engine.solvers import ORTHONORMALIZERS
+from lightning_kron.engine.precision import cuda_matmul_precision
+from lightning_kron.engine.sharding import ShardLayout, all_ranks_finite, local_tensor, shard_layout
+from lightning_kron.engine.solvers import FALLBACK, ORTHONORMALIZERS
 from lightning_kron.engine.staleness import staleness
 from lightning_kron.engine.validation import (
     check_betas,
     check_choice,
     check_dtype,
+    check_flag,
     check_nonnegative,
     check_positive_int,
     check_unit_interval,
@@ -56,10 +68,16 @@ _GENERATED_NAME = re.compile(r"group\d+\.param\d+")  # what _split_named calls a
 
 
 def bias_correction(beta: float, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``1 - beta^t`` per member (``step``: the group's per-member step counts), shaped to
-    broadcast over a ``[N, ...]`` stack like ``like``; shared by every method's EMAs."""
-    correction = (1.0 - torch.pow(beta, step.double())).to(like.dtype)
-    return correction.reshape(-1, *([1] * (like.dim() - 1)))
+    """``1 - beta^t`` (computed in fp64, returned in ``like``'s dtype), shared by every method's EMAs.
+
+    ``step`` is either one 0-d count shared by every member (it broadcasts over any stack) or the
+    per-member counts ``[N]``, shaped here to broadcast over a ``[N, ...]`` stack like ``like``.
+    Clamped to the smallest normal number: a group skipped before its first step has ``t = 0``,
+    whose correction 0 would turn its zero moments into 0/0 = NaN (no real step count is affected:
+    ``1 - beta^t >= 1 - beta`` for ``t >= 1``).
+    """
+    correction = (1.0 - torch.pow(beta, step.double())).to(like.dtype).clamp_min_(torch.finfo(like.dtype).tiny)
+    return correction if step.dim() == 0 else correction.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 @dataclass(frozen=True)
@@ -70,6 +88,12 @@ class StepHyperparameters:
     needs masking). It is never read on the host: a skipped group's updates are made with
     coefficients that leave every buffer as it was (:meth:`keep`, :meth:`weight`), so the step
     needs no host sync to skip it.
+
+    ``step`` is the parameter group's step count, a 0-dim view of the device counter, when every
+    stack of the group has taken the same steps (None otherwise): the bias corrections are then
+    computed once per parameter group and step (:meth:`bias_correction`) instead of once per stack.
+    It stays on the device because a skipped step does not count, and whether one was skipped is
+    known only there.
     """
 
     lr: float
@@ -81,34 +105,62 @@ class StepHyperparameters:
     shampoo_beta: float
     decay_after_update: bool = False
     finite: Optional[torch.Tensor] = None
-    _masks: dict = field(default_factory=dict, compare=False, repr=False)
+    step: Optional[torch.Tensor] = None
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def keep(self, beta: float, like: torch.Tensor):
         """What an update ``x <- beta x + ...`` multiplies ``x`` by: ``beta``, or 1 if skipped."""
         if self.finite is None:
             return beta
-        return self._mask(("keep", beta, like.dtype), lambda flag: 1.0 - flag * (1.0 - beta), like)
+        return self._mask(("keep", beta), lambda flag: 1.0 - flag * (1.0 - beta), like)
 
     def weight(self, value: float, like: torch.Tensor):
         """``value``, or 0 if skipped: the weight of the new gradient in an update."""
         if self.finite is None:
             return value
-        return self._mask(("weight", value, like.dtype), lambda flag: flag * value, like)
+        return self._mask(("weight", value), lambda flag: flag * value, like)
+
+    def bias_correction(self, beta: float, group: FactorGroup, like: torch.Tensor) -> torch.Tensor:
+        """``1 - beta^t`` for ``group``'s members (see :func:`bias_correction`): one 0-dim tensor
+        shared by the whole parameter group when it has a shared :attr:`step`, else per member."""
+        if self.step is None:
+            return bias_correction(beta, group.steps, like)
+        return self._cached(("correction", beta, like.dtype), lambda: bias_correction(beta, self.step, like))
 
     def _mask(self, key, make, like: torch.Tensor) -> torch.Tensor:
-        if key not in self._masks:  # once per parameter group and step, shared by its stacks
-            self._masks[key] = make(self.finite.to(like.dtype))
-        return self._masks[key]
+        return self._cached(key + (like.dtype,), lambda: make(self.finite.to(like.dtype)))
+
+    def _cached(self, key, make):
+        if key not in self._cache:  # once per parameter group and step, shared by its stacks
+            self._cache[key] = make()
+        return self._cache[key]
+
+
+@dataclass(frozen=True)
+class PendingFallback:
+    """Members of one refreshed stack and dim, and which of them the orthonormalizer solved (a
+    device bool per row): the others kept their basis until :meth:`KronOptimizer.refresh_fallbacks`."""
+
+    group: FactorGroup
+    dim: int
+    rows: list[int]
+    succeeded: torch.Tensor
+    request: RefreshRequest
 
 
 @dataclass
 class _PendingGroup:
+    """One stack's part of a step: its gradient (a view of the parameter group's gradient buffer),
+    then that gradient in the eigenbases (``rotated_low``: as the rotation produced it, in
+    ``rotation_dtype``), and the hyperparameters of its parameter group."""
+
     group: FactorGroup
     source: FactorGroup
     rows: Optional[list[int]]
-    grad: torch.Tensor
-    rotated: torch.Tensor
-    hyper: StepHyperparameters
+    grad: Optional[torch.Tensor] = None
+    rotated: Optional[torch.Tensor] = None
+    rotated_low: Optional[torch.Tensor] = None
+    hyper: Optional[StepHyperparameters] = None
 
 
 class _InFlightHooks:
@@ -131,6 +183,44 @@ class _InFlightHooks:
 
     def factor_staleness(self, stats: torch.Tensor) -> torch.Tensor:
         return self.optimizer.factor_staleness(stats)
+
+
+def _by_param_group(pending: list[_PendingGroup]) -> dict[int, list[_PendingGroup]]:
+    by_group: dict[int, list[_PendingGroup]] = {}
+    for item in pending:
+        by_group.setdefault(item.source.param_group, []).append(item)
+    return by_group
+
+
+def _step_counters(items: list[_PendingGroup]) -> list[torch.Tensor]:
+    """The step counts to advance: the shared buffer of a parameter group (``share_step_counts``)
+    when every stack in it takes this step whole, else each stack's own counts."""
+    whole: dict[int, int] = {}
+    for item in items:
+        if item.rows is None and item.group.step_buffer is not None:
+            whole[id(item.group.step_buffer)] = whole.get(id(item.group.step_buffer), 0) + len(item.group)
+    counters, seen = [], set()
+    for item in items:
+        buffer = item.group.step_buffer
+        if item.rows is None and buffer is not None and whole[id(buffer)] == buffer.numel():
+            if id(buffer) not in seen:
+                seen.add(id(buffer))
+                counters.append(buffer)
+        else:
+            counters.append(item.group.steps)
+    return counters
+
+
+def _all_of(flags: list[torch.Tensor]) -> torch.Tensor:
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
+
+
+def _all_finite(values: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: no NaN or Inf in ``values``. Its min and max in one reduction (10x faster than
+    max |g| on a CPU: no |g| temporary): NaN and -Inf/+Inf show up in them and fail a comparison,
+    and unlike a sum nothing finite overflows."""
+    low, high = torch.aminmax(values)
+    return (low > -math.inf) & (high < math.inf)
 
 
 def _replace_rows(stack: torch.Tensor, rows, transform) -> torch.Tensor:
@@ -175,6 +265,9 @@ class KronOptimizer(torch.optim.Optimizer):
     #: Whether ``_direction`` itself returns 0 for a parameter group skipped this step (a non-finite
     #: gradient); otherwise ``_finish`` masks the direction, one more pass over the stack.
     masks_skipped_direction = False
+    #: The pure per-parameter-group functions that ``compile=True`` hands to ``torch.compile``, by
+    #: name (a method adds its direction, e.g. SOAP's ``"direction"``).
+    compilable: dict[str, Callable] = {"update": update_parameters}
 
     def __init__(
         self,
@@ -188,23 +281,25 @@ class KronOptimizer(torch.optim.Optimizer):
         start_preconditioning_step: int = 1,
         refresh: FixedRefresh | AdaptiveRefresh | None = None,
         solver: str = "qr",
-        orthonormalizer: str = "householder",
+        orthonormalizer: str = "auto",
         nonfinite: str = "skip",
         statistics_dtype: Optional[torch.dtype] = None,
-        rotation_dtype: Optional[torch.dtype] = None,
+        rotation_dtype: Union[str, torch.dtype, None] = "auto",
         statistics_product_dtype: Optional[torch.dtype] = None,
+        compile: bool = False,
         refresh_timing: str = "in_step",
     ) -> None:
         check_positive_int("max_precond_dim", max_precond_dim, minimum=0)
         check_choice("refresh_timing", refresh_timing, REFRESH_TIMINGS)
         check_positive_int("start_preconditioning_step", start_preconditioning_step)
         check_choice("solver", solver, SOLVERS)
-        check_choice("orthonormalizer", orthonormalizer, tuple(ORTHONORMALIZERS))
+        check_choice("orthonormalizer", orthonormalizer, ("auto", *ORTHONORMALIZERS))
         check_choice("nonfinite", nonfinite, ("skip", "raise"))
+        check_flag("compile", compile)
         refresh = check_policy(refresh if refresh is not None else FixedRefresh(every=10))
         statistics_dtype = check_dtype("statistics_dtype", statistics_dtype, (torch.float32, torch.float64))
         rotation_dtype = check_dtype("rotation_dtype", rotation_dtype,
-                                     (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+                                     (torch.float32, torch.float64, torch.bfloat16, torch.float16), modes=("auto", "tf32"))
         # no float16: squared gradients overflow it
         statistics_product_dtype = check_dtype("statistics_product_dtype", statistics_product_dtype,
                                                (torch.float32, torch.float64, torch.bfloat16))
@@ -229,7 +324,16 @@ class KronOptimizer(torch.optim.Optimizer):
         self.global_step = 0
         self._skipped_on_device: Optional[torch.Tensor] = None
         self.skipped_steps = 0
+        self._host_steps: dict[int, int] = {}  # steps each parameter group took part in (host)
+        self._unshared_steps: set[int] = set()  # parameter groups whose stacks' step counts differ
+        #: ``compile=True``: the :attr:`compilable` functions, compiled (never the whole ``step``:
+        #: Dynamo drops the attribute updates of an Optimizer subclass, e.g. ``global_step``)
+        self.compile = compile
+        self._compiled_functions = {name: torch.compile(function) for name, function in self.compilable.items()} if compile else {}
         groups, self._names = _split_named(params)
+        #: Where the FSDP2-sharded parameters live (None when no parameter is a DTensor): each rank
+        #: then preconditions its own rows, and the step all-reduces its finite-gradient flags.
+        self.shard_layout: Optional[ShardLayout] = self._check_sharding(groups)
         self._groups: Optional[list[FactorGroup]] = None
         self._staleness_current = True  # every factor is still zero, and so is its staleness
         super().__init__(groups, defaults)
@@ -248,6 +352,8 @@ class KronOptimizer(torch.optim.Optimizer):
         plain, names = _split_named([param_group], first_group=len(self.param_groups))
         for key, name in names.items():
             self._names.setdefault(key, name)
+        if getattr(self, "_groups", None) is not None:  # the constructor checked its own groups already
+            self._check_sharding([*self.param_groups, plain[0]])
         super().add_param_group(plain[0])
         self._validate_group(self.param_groups[-1])
         if getattr(self, "_groups", None) is not None:
@@ -264,13 +370,20 @@ class KronOptimizer(torch.optim.Optimizer):
         if group["shampoo_beta"] is not None:
             check_unit_interval("shampoo_beta", group["shampoo_beta"], closed_right=True)
 
-    def _hyperparameters(self, group: dict, finite: Optional[torch.Tensor] = None) -> StepHyperparameters:
+    def _check_sharding(self, groups: list[dict]) -> Optional[ShardLayout]:
+        layout = shard_layout((self._names[id(param)], param) for group in groups for param in group["params"])
+        if getattr(self, "_groups", None) is not None and layout != self.shard_layout:
+            raise ValueError("a parameter group added later must be sharded like the optimizer's other parameters")
+        return layout
+
+    def _hyperparameters(self, group: dict, finite: Optional[torch.Tensor] = None,
+                         step: Optional[torch.Tensor] = None) -> StepHyperparameters:
         beta1, beta2 = group["betas"]
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
         return StepHyperparameters(
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=group["weight_decay_mode"] != "l2",
-            shampoo_beta=shampoo_beta, finite=finite,
+            shampoo_beta=shampoo_beta, finite=finite, step=step,
             decay_after_update=group["weight_decay_mode"] == "decoupled_after_update",
         )
 
@@ -293,8 +406,11 @@ class KronOptimizer(torch.optim.Optimizer):
         indices = range(len(self.param_groups)) if group_indices is None else group_indices
         for group_index in indices:
             for param in self.param_groups[group_index]["params"]:
+                local_shape = tuple(local_tensor(param).shape)  # an FSDP2 shard is blocked on its own rows
+                if 0 in local_shape:  # an empty shard (fewer rows than ranks) has nothing to precondition
+                    continue
                 plan = plan_blocks(
-                    tuple(param.shape), max_precond_dim=self.max_precond_dim, merge_dims=self.merge_dims,
+                    local_shape, max_precond_dim=self.max_precond_dim, merge_dims=self.merge_dims,
                     split_large_dims=self.split_large_dims, precondition_1d=self.precondition_1d,
                 )
                 for number, block in enumerate(plan.blocks):
@@ -304,50 +420,100 @@ class KronOptimizer(torch.optim.Optimizer):
                     buckets.setdefault(key, []).append(member)
         groups = []
         for (group_index, *_), members in buckets.items():
-            group = FactorGroup(members, self._state_dtype(members[0].param), group_index, self.rotation_dtype)
+            rotation_dtype, tf32 = self._rotation_for(members[0].param.device)
+            group = FactorGroup(members, self._state_dtype(members[0].param), group_index, rotation_dtype, tf32)
             self._init_state(group)
             groups.append(group)
+        share_step_counts(groups)
         return groups
+
+    def _rotation_for(self, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
+        """``(rotation dtype, TF32 directions)`` of the stacks on ``device``. ``"tf32"`` rotates the
+        direction back on TF32 tensor cores, the one rotation whose TF32 rounding was measured to
+        leave the loss unchanged (``FactorGroup.rotate_out``); the gradient's rotation, the
+        statistics, the bases and the refresh stay IEEE fp32. ``"auto"``: that on CUDA, plain fp32
+        elsewhere (a CPU has no TF32; its emulation is slower than fp32)."""
+        option = self.rotation_dtype
+        if option == "auto":
+            option = "tf32" if device.type == "cuda" else None
+        return (None, True) if option == "tf32" else (option, False)
+
+    def _orthonormalizer_for(self, device: torch.device) -> str:
+        """``"auto"``: batched Cholesky-QR2 on CUDA (matmuls and a batched Cholesky, where
+        ``geqrf`` of a large matrix runs one matrix at a time), Householder QR elsewhere."""
+        if self.orthonormalizer != "auto":
+            return self.orthonormalizer
+        return "cholesky_qr2" if device.type == "cuda" else "householder"
 
     def _expose_state_views(self, groups: list[FactorGroup]) -> None:
         for group in groups:
             for member, views in group.member_views():
                 entry = self.state[member.param]
-                entry.update({f"block{member.block_number}.{key}": view for key, view in views.items()})
+                entry.update({self._state_key(member.block_number, key): view for key, view in views.items()})
+        if self.shard_layout is not None:  # every sharded parameter has an entry, empty shards too
+            for param in {id(p): p for group in self.param_groups for p in group["params"]}.values():
+                self.state[param][self._state_key(None, "shard")] = self._shard_record(param)
+
+    def _state_key(self, block_number: Optional[int], key: str) -> str:
+        """``block{b}.{key}``; under FSDP2 prefixed with the rank (see ``ShardLayout.state_prefix``)."""
+        name = key if block_number is None else f"block{block_number}.{key}"
+        return name if self.shard_layout is None else self.shard_layout.state_prefix() + name
+
+    def _shard_record(self, param: torch.Tensor) -> torch.Tensor:
+        """``[rank, world size, local rows]`` of a sharded parameter: a resume checks it."""
+        rows = local_tensor(param).shape[0] if param.dim() else 1
+        return torch.tensor([self.shard_layout.rank, self.shard_layout.world_size, rows])
 
     # ----------------------------------------------------------------- hooks for subclasses
     def _init_state(self, group: FactorGroup) -> None:
         """Register method-specific stacked buffers with ``group.add``."""
 
-    def _update_statistics(self, group: FactorGroup, rotated: torch.Tensor, hyper: StepHyperparameters,
-                           rotated_low: Optional[torch.Tensor] = None) -> None:
-        """Default: EMA of ``unfold_i(G') unfold_i(G')^T`` into each ``B_i = Q_i^T L_i Q_i``.
+    def _update_statistics(self, items: list[_PendingGroup], hyper: StepHyperparameters) -> None:
+        """Default: EMA of ``unfold_i(G') unfold_i(G')^T`` into each ``B_i = Q_i^T L_i Q_i``, for
+        the stacks of one parameter group (``item.rotated`` is ``G'``).
 
         ``G'`` is the gradient in the current bases; because the other modes' bases are orthogonal,
         that product equals ``Q_i^T (G_i G_i^T) Q_i``, so B stays the factor in its own eigenbasis.
-        ``shampoo_beta = 1`` makes it AdaGrad's running sum. ``statistics_product_dtype=bf16`` runs
-        the product in bf16 (5x faster on a CPU with AVX512-BF16; B still accumulates in fp32):
-        measured +0.6% final loss on the GPT recipe, so it is opt-in and separate from
-        ``rotation_dtype`` (+0.1% there). ``rotated_low`` is ``rotated`` as the rotation produced
-        it, in ``rotation_dtype``: with bf16 rotations the bf16 product needs no cast.
+        ``shampoo_beta = 1`` makes it AdaGrad's running sum. With a skip mask the decay of every B
+        of the parameter group is one foreach op (a skipped group keeps B: its ``G'`` is 0).
         """
         beta = hyper.shampoo_beta
         keep, add = (1.0, 1.0) if beta == 1.0 else (beta, 1.0 - beta)
-        masked = hyper.finite is not None and keep != 1.0  # a skipped group keeps B (its G' is 0)
+        if hyper.finite is not None and keep != 1.0:
+            stats = [item.group.stats(dim) for item in items for dim in item.group.factored_dims]
+            if stats:
+                torch._foreach_mul_(stats, hyper.keep(beta, stats[0]))
+            keep = 1.0
+        for item in items:
+            self._accumulate_statistics(item, keep, add)
+
+    def _accumulate_statistics(self, item: _PendingGroup, keep: float, add: float) -> None:
+        """``B_i <- keep B_i + add unfold_i(G') unfold_i(G')^T`` for one stack.
+
+        ``statistics_product_dtype=bf16`` runs the product in bf16 (5x faster on a CPU with
+        AVX512-BF16; B still accumulates in fp32): measured +0.6% final loss on the GPT recipe, so
+        it is opt-in and separate from ``rotation_dtype`` (+0.1% there). With bf16 rotations the
+        bf16 product reads ``item.rotated_low`` and needs no cast.
+        """
+        group, rotated, low = item.group, item.rotated, None
         product_dtype = self.statistics_product_dtype
-        low = None
         if product_dtype not in (None, group.state_dtype):
-            low = rotated_low if rotated_low is not None and rotated_low.dtype == product_dtype else rotated.to(product_dtype)
+            low = item.rotated_low if item.rotated_low is not None and item.rotated_low.dtype == product_dtype \
+                else rotated.to(product_dtype)
         for dim in group.factored_dims:
             stats = group.stats(dim)
-            if masked:
-                stats.mul_(hyper.keep(beta, stats))
             if low is None:
                 unfolded = unfold(rotated, dim)
-                stats.baddbmm_(unfolded, unfolded.mT, beta=1.0 if masked else keep, alpha=add)
+                stats.baddbmm_(unfolded, unfolded.mT, beta=keep, alpha=add)
             else:  # the product in low precision, accumulated into the full-precision statistics
                 unfolded = unfold(low, dim)
-                (stats if masked else stats.mul_(keep)).add_(torch.bmm(unfolded, unfolded.mT), alpha=add)
+                (stats if keep == 1.0 else stats.mul_(keep)).add_(torch.bmm(unfolded, unfolded.mT), alpha=add)
+
+    def _directions(self, items: list[_PendingGroup]) -> list[torch.Tensor]:
+        """The directions of the stacks of one parameter group. Default: :meth:`_direction` per
+        stack; a method whose direction is elementwise across stacks overrides this with foreach
+        ops (SOAP)."""
+        return [self._direction(item.group, item.grad, item.rotated, item.hyper) for item in items]
 
     def _direction(self, group: FactorGroup, grad: torch.Tensor, rotated: torch.Tensor, hyper: StepHyperparameters) -> torch.Tensor:
         raise NotImplementedError
@@ -369,17 +535,21 @@ class KronOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
+        """One step. On CUDA the statistics, the refresh and everything else run in IEEE fp32
+        whatever the process-wide TF32 setting is (the rotations alone may use TF32:
+        ``rotation_dtype``); the setting is restored on return."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         groups = self.factor_groups()
         self.global_step += 1
-        pending = self._gather_and_update_statistics(groups)
-        self._first_refresh(pending)
-        self._run_scheduler(pending)
-        for item in pending:
-            self._finish(item)
+        with cuda_matmul_precision("ieee", any(group.device.type == "cuda" for group in groups)):
+            pending = self._gather_and_update_statistics(groups)
+            self._first_refresh(pending)
+            self._run_scheduler(pending)
+            for items in _by_param_group(pending).values():
+                self._finish(items)
         return loss
 
     def _run_scheduler(self, pending: list[_PendingGroup]) -> None:
@@ -406,58 +576,125 @@ class KronOptimizer(torch.optim.Optimizer):
                 item.rotated = item.group.rotate_in(item.grad)
 
     def _gather_and_update_statistics(self, groups: list[FactorGroup]) -> list[_PendingGroup]:
-        gathered = []
+        """Phase 1 of the step, per parameter group: gather the gradients into one buffer, check
+        and mask them on the device, count the step, rotate each stack's gradient into its bases
+        and update the factor statistics."""
+        pending, buffers = self._gather(groups)
+        finite = self._finite_param_groups(buffers)
+        #: this step's finite-gradient flag per parameter group (device bools; empty when none can
+        #: be skipped): the scheduler refreshes no factor of a skipped group.
+        self.step_finite = finite
+        skipped = self._count_skips(finite)
+        for index, items in _by_param_group(pending).items():
+            hyper = self._hyperparameters(self.param_groups[index], finite.get(index),
+                                          self._advance_steps(index, items, finite.get(index)))
+            if hyper.weight_decay and not hyper.decoupled:
+                for item in items:
+                    item.grad.add_(item.group.gather_params(), alpha=hyper.weight_decay)
+            if hyper.finite is not None:  # a skipped group's gradient enters every update as 0
+                for buffer in buffers[index]:
+                    buffer.masked_fill_(skipped[index], 0.0)
+            for item in items:
+                item.hyper = hyper
+                item.rotated_low = item.group.rotate_in(item.grad, keep_rotation_dtype=True)
+                item.rotated = item.rotated_low.to(item.group.state_dtype)  # no copy without a rotation_dtype
+            self._update_statistics(items, hyper)
+        self._staleness_current = False
+        return pending
+
+    def _gather(self, groups: list[FactorGroup]) -> tuple[list[_PendingGroup], dict[int, list[torch.Tensor]]]:
+        """Every stack with a gradient (a partly gradded one as a copy of its gradded rows), with its
+        gradient as a view of one buffer per parameter group (and parameter dtype and device)."""
+        pending, buckets = [], {}
         for source in groups:
             present = source.has_grads()
             if not any(present):
                 continue
             rows = None if all(present) else [row for row, ok in enumerate(present) if ok]
-            group = source if rows is None else source.subset(rows)
-            gathered.append((source, rows, group, group.gather_grads()))
-        finite = self._finite_param_groups(gathered)
-        #: this step's finite-gradient flag per parameter group (device bools; empty when none can
-        #: be skipped): the scheduler refreshes no factor of a skipped group.
-        self.step_finite = finite
-        hypers = {index: self._hyperparameters(self.param_groups[index], finite.get(index))
-                  for index in {source.param_group for source, *_ in gathered}}
-        pending = []
-        for source, rows, group, grad in gathered:
-            hyper = hypers[source.param_group]
-            if hyper.weight_decay and not hyper.decoupled:
-                grad.add_(group.gather_params(), alpha=hyper.weight_decay)
-            if hyper.finite is not None:  # a skipped group's gradient enters every update as 0
-                grad = torch.where(hyper.finite, grad, 0.0)
-                group.steps.add_(hyper.finite)  # bool into int64: no cast kernel
-            else:
-                group.steps.add_(1)
-            rotated_low = group.rotate_in(grad, keep_rotation_dtype=True)
-            rotated = rotated_low.to(group.state_dtype)  # no copy without a rotation_dtype
-            self._update_statistics(group, rotated, hyper, rotated_low)
-            self._staleness_current = False
-            pending.append(_PendingGroup(group, source, rows, grad, rotated, hyper))
-        return pending
+            item = _PendingGroup(source if rows is None else source.subset(rows), source, rows)
+            param = source.members[0].param
+            buckets.setdefault((source.param_group, param.dtype, param.device), []).append(item)
+            pending.append(item)
+        buffers: dict[int, list[torch.Tensor]] = {}
+        for (index, *_), items in buckets.items():
+            buffer, grads = gather_grads([item.group for item in items], items[0].group.state_dtype)
+            for item, grad in zip(items, grads):
+                item.grad = grad
+            buffers.setdefault(index, []).append(buffer)
+        return pending, buffers
 
-    def _finite_param_groups(self, gathered) -> dict[int, torch.Tensor]:
-        """Each parameter group's finite-gradient flag, on the device: one reduction per stack
-        already gathered and no host sync (``nonfinite="raise"`` syncs once to raise). A group with
-        a NaN/Inf is skipped whole; the skips are counted on the device too."""
-        if not gathered:
-            return {}
-        # min and max of g in one reduction (10x faster than max |g| on a CPU: no |g| stack): NaN
-        # and Inf both show up in them and, unlike a sum, nothing finite overflows
-        by_group: dict[int, list[torch.Tensor]] = {}
-        for source, _, _, grad in gathered:
-            by_group.setdefault(source.param_group, []).append(torch.stack(torch.aminmax(grad)).isfinite().all())
-        finite = {index: flags[0] if len(flags) == 1 else torch.stack(flags).all() for index, flags in by_group.items()}
-        flags = list(finite.values())
-        all_finite = flags[0] if len(flags) == 1 else torch.stack(flags).all()
+    def _finite_param_groups(self, buffers: dict[int, list[torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """Each parameter group's finite-gradient flag, on the device: one reduction per gradient
+        buffer and no host sync (``nonfinite="raise"`` syncs once to raise). A group with a NaN/Inf
+        is skipped whole. Under FSDP2 the flags are all-reduced, so every rank skips the same groups."""
+        local = {index: _all_of([_all_finite(flat) for flat in flats]) for index, flats in buffers.items()}
+        finite = self._finite_on_all_ranks(local) if self.shard_layout is not None else local
         if self.nonfinite == "raise":
-            if not bool(all_finite):  # the one sync this mode pays
+            if finite and not bool(_all_of(list(finite.values()))):  # the one sync this mode pays
                 raise FloatingPointError("non-finite gradient (NaN or Inf); the step was not applied")
             return {}
-        skipped = (~torch.stack(flags)).sum() if len(flags) > 1 else (~flags[0]).long()
-        self._skipped_on_device = skipped if self._skipped_on_device is None else self._skipped_on_device + skipped
         return finite
+
+    def _count_skips(self, finite: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """``~finite`` of every parameter group, added to the device-side skip counter (every flag,
+        so that under FSDP2 a rank without a group's rows counts its skip too)."""
+        skipped = {index: ~flag for index, flag in finite.items()}
+        for flag in skipped.values():
+            self._skipped_on_device = flag.long() if self._skipped_on_device is None else self._skipped_on_device.add_(flag)
+        return skipped
+
+    def _advance_steps(self, index: int, items: list[_PendingGroup], finite: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Count this step in every gradded member (one foreach op for the parameter group; a
+        skipped group's count stays) and return the group's shared step count, if it has one."""
+        for counts in _step_counters(items):
+            if finite is None:
+                counts.add_(1)
+            else:  # bool into int64: no cast kernel
+                counts.add_(finite)
+        self._host_steps[index] = self._host_steps.get(index, 0) + 1
+        for item in items:
+            if item.rows is None:
+                item.source.host_steps += 1
+        if index not in self._unshared_steps and not self._steps_still_shared(index, items):
+            self._unshared_steps.add(index)
+        return None if index in self._unshared_steps else items[0].group.steps[0]
+
+    def _steps_still_shared(self, index: int, items: list[_PendingGroup]) -> bool:
+        """Whether every stack of parameter group ``index`` has the same per-member step counts
+        (known on the host, no sync): each stack took part, fully gradded, in every step of the
+        group or in none (skips hit every stack of a group alike). Once lost it stays lost, until
+        a checkpoint load re-reads the counts (:meth:`_reset_shared_steps`)."""
+        count = self._host_steps[index]
+        return all(item.rows is None for item in items) and all(
+            group.host_steps in (0, count) for group in self.factor_groups() if group.param_group == index)
+
+    def _reset_shared_steps(self) -> None:
+        """After a load: a parameter group shares its step count iff all its members' counts are
+        equal (one host read per parameter group)."""
+        self._host_steps, self._unshared_steps = {}, set()
+        for index in range(len(self.param_groups)):
+            groups = [group for group in self.factor_groups() if group.param_group == index]
+            if not groups:
+                continue
+            low, high = torch.stack(torch.aminmax(torch.cat([group.steps for group in groups]))).tolist()
+            if low != high:
+                self._unshared_steps.add(index)
+            self._host_steps[index] = high
+            for group in groups:
+                group.host_steps = high
+
+    def _finite_on_all_ranks(self, local: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """One flag per parameter group that has a gradient on any rank, the same on every rank: a
+        rank that holds no rows of a group (empty shards) or no gradient contributes "finite", and
+        every rank joins the all-reduce, whatever it holds."""
+        with_grads = [index for index, group in enumerate(self.param_groups)
+                      if any(param.grad is not None for param in group["params"])]
+        if not with_grads:
+            return {}
+        device = local_tensor(self.param_groups[with_grads[0]]["params"][0]).device
+        true = torch.ones((), dtype=torch.bool, device=device)
+        flags = all_ranks_finite(torch.stack([local.get(index, true) for index in with_grads]), self.shard_layout)
+        return dict(zip(with_grads, flags.unbind(0)))
 
     @property
     def skipped_steps(self) -> int:
@@ -484,20 +721,28 @@ class KronOptimizer(torch.optim.Optimizer):
                 group.staleness(dim).copy_(self.factor_staleness(group.stats(dim)))
         self._staleness_current = True
 
-    def _finish(self, item: _PendingGroup) -> None:
-        group, hyper = item.group, item.hyper
-        direction = self._direction(group, item.grad, item.rotated, hyper)
+    def _finish(self, items: list[_PendingGroup]) -> None:
+        """Phase 2 for the stacks of one parameter group: directions, then one foreach update of
+        all their parameters."""
+        hyper = items[0].hyper
+        directions = self._directions(items)
         decay = hyper.weight_decay if hyper.decoupled else 0.0
         shrink = 1.0 - hyper.lr * decay
         # decaying the updated weights, (W - lr D) s, is W s - (lr s) D: the same update, a shorter step
         lr = hyper.lr * shrink if hyper.decay_after_update else hyper.lr
         if hyper.finite is not None:  # a skipped group's parameters stay exactly as they are
             if not self.masks_skipped_direction:  # where, not a product: 0/0 before a group's first step
-                direction = torch.where(hyper.finite, direction, 0.0)
-            shrink = hyper.keep(shrink, group.members[0].param) if decay else 1.0
-        group.apply_update(direction, lr, shrink)
-        if item.rows is not None:
-            item.source.absorb(group, item.rows)
+                directions = [torch.where(hyper.finite, direction, 0.0) for direction in directions]
+            shrink = hyper.keep(shrink, items[0].group.members[0].param) if decay else 1.0
+        apply_updates([item.group for item in items], directions, lr, shrink, self._compiled("update"))
+        for item in items:
+            if item.rows is not None:
+                item.source.absorb(item.group, item.rows)
+
+    def _compiled(self, name: str) -> Optional[Callable]:
+        """The ``torch.compile``d copy of a pure per-group function (``compile=True``), else None
+        (the caller runs the eager function)."""
+        return self._compiled_functions.get(name)
 
     # ----------------------------------------------------------------- the first refresh
     def _first_refresh(self, pending: list[_PendingGroup]) -> None:
@@ -505,7 +750,8 @@ class KronOptimizer(torch.optim.Optimizer):
         every later refresh."""
         if self.global_step != self.start_preconditioning_step:
             return
-        request = RefreshRequest(solver=self.initial_refresh_solver, orthonormalizer=self.orthonormalizer)
+        # Householder, not "auto": a one-time refresh gains nothing from a fallback's second pass
+        request = RefreshRequest(solver=self.initial_refresh_solver, orthonormalizer="householder")
         masked = [item for item in pending if item.hyper.finite is not None]
         flags = torch.stack([item.hyper.finite for item in masked]).tolist() if masked else []  # one sync, this step only
         skipped = {id(item) for item, flag in zip(masked, flags) if not flag}
@@ -515,10 +761,6 @@ class KronOptimizer(torch.optim.Optimizer):
             for dim in item.group.factored_dims:  # a first refresh is never due for re-orthonormalisation
                 refresh_factor(item.group, dim, None, request, _InFlightHooks(self, item), self.global_step,
                                reorthonormalize=[False] * len(item.group))
-
-    def _request(self, tolerance: float, max_iters: int, solver: Optional[str] = None) -> RefreshRequest:
-        return RefreshRequest(solver=solver or self.solver, orthonormalizer=self.orthonormalizer,
-                              tolerance=tolerance, max_iters=max_iters)
 
     # ----------------------------------------------------------------- the owner interface
     def _factor_index(self) -> list[tuple[str, FactorGroup, int, int]]:
@@ -530,15 +772,16 @@ class KronOptimizer(torch.optim.Optimizer):
                     index.append((f"{prefix}[{factor_label(dim, group.order)}]", group, row, dim))
         return index
 
-    @staticmethod
-    def block_name(member: Member) -> str:
-        """Readable name of one block: the parameter's name, plus ``.block{b}`` when it was split.
+    def block_name(self, member: Member) -> str:
+        """Readable name of one block: the parameter's name, plus ``.shard{r}`` for rank ``r``'s rows
+        under FSDP2 and ``.block{b}`` when it was split.
 
         Factor names are this plus ``[L]``/``[R]``/``[i]``; per-block telemetry (the approximation
-        probe, eigenvalue mis-scaling) uses it alone.
+        probe, eigenvalue mis-scaling) uses it alone. Names are unique over all ranks.
         """
+        name = member.name if self.shard_layout is None else self.shard_layout.shard_name(member.name)
         split = member.block.shape != member.view_shape
-        return f"{member.name}.block{member.block_number}" if split else member.name
+        return f"{name}.block{member.block_number}" if split else name
 
     def adopt_names(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Name parameters that were passed without names (e.g. ``model.parameters()``).
@@ -592,23 +835,57 @@ class KronOptimizer(torch.optim.Optimizer):
             if wanted is None or name in wanted:
                 selected.setdefault((id(group), dim), []).append(row)
                 groups[id(group)] = group
-        for (group_id, dim), rows in selected.items():
-            self.refresh_rows(groups[group_id], dim, rows, tolerance=tolerance, max_iters=max_iters, solver=solver)
+        fallbacks = [self.refresh_rows(groups[group_id], dim, rows, tolerance=tolerance, max_iters=max_iters,
+                                       solver=solver, defer_fallback=True) for (group_id, dim), rows in selected.items()]
+        self.refresh_fallbacks(fallbacks)
         return sum(len(rows) for rows in selected.values())
 
     def refresh_rows(self, group: FactorGroup, dim: int, rows: list[int], *, tolerance: float = 0.0,
                      max_iters: int = 1, solver: Optional[str] = None,
-                     reorthonormalize: Optional[list[bool]] = None) -> None:
+                     reorthonormalize: Optional[list[bool]] = None, orthonormalizer: Optional[str] = None,
+                     defer_fallback: bool = False) -> Optional["PendingFallback"]:
         """Refresh factor ``dim`` of the members ``rows`` of one of :meth:`factor_groups`.
 
         The index-based form of :meth:`refresh_factors`, for owners that decide on the stacked
         staleness tensors directly (no name lookup per step) and then move the refreshed rows
         themselves (``lightning_kron.scheduling.ownership``). ``reorthonormalize``: which of
-        ``rows`` are due for re-orthonormalisation, when the owner already read it (else one host read).
+        ``rows`` are due for re-orthonormalisation, when the owner already read it (else one host
+        read). With Cholesky-QR2 the members it could not orthonormalise are refreshed again with
+        Householder (:meth:`refresh_fallbacks`, one host read); ``defer_fallback`` returns them
+        instead, so that a caller refreshing many stacks reads all their failures at once.
         """
         row_index = None if len(rows) == len(group) else torch.tensor(rows, device=group.device)
-        request = self._request(tolerance, max_iters, solver)
-        refresh_factor(group, dim, row_index, request, self, self.global_step, reorthonormalize)
+        request = RefreshRequest(solver=solver or self.solver, tolerance=tolerance, max_iters=max_iters,
+                                 orthonormalizer=orthonormalizer or self._orthonormalizer_for(group.device))
+        with cuda_matmul_precision("ieee", group.device.type == "cuda"):
+            succeeded = refresh_factor(group, dim, row_index, request, self, self.global_step, reorthonormalize)
+        if succeeded is None:
+            return None
+        pending = PendingFallback(group, dim, rows, succeeded, request)
+        if defer_fallback:
+            return pending
+        self.refresh_fallbacks([pending])
+        return None
+
+    def refresh_fallbacks(self, pending: Iterable[Optional["PendingFallback"]]) -> int:
+        """Refresh again, with the fallback orthonormalizer (Householder), the members of ``pending``
+        (from :meth:`refresh_rows`) whose Cholesky-QR2 failed: one host read of all their flags
+        (on a scheduler's refresh step the second and last host sync), nothing for the members that
+        succeeded. Returns how many were refreshed again."""
+        pending = [item for item in pending if item is not None]
+        if not pending:
+            return 0
+        flags = iter(torch.cat([item.succeeded for item in pending]).tolist())
+        count = 0
+        for item in pending:
+            failed = [row for row in item.rows if not next(flags)]
+            if failed:
+                self.refresh_rows(item.group, item.dim, failed, tolerance=item.request.tolerance,
+                                  max_iters=item.request.max_iters, solver=item.request.solver,
+                                  reorthonormalize=[False] * len(failed),
+                                  orthonormalizer=FALLBACK[item.request.orthonormalizer])
+                count += len(failed)
+        return count
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -616,13 +893,16 @@ class KronOptimizer(torch.optim.Optimizer):
         param_groups. What belongs to the optimizer as a whole (the format, the class, the global
         and skipped step counts, its own scheduler's deferred factors) travels in the first
         parameter group under ``"lightning_kron"``: ``torch.distributed.checkpoint`` keeps only
-        ``state`` and ``param_groups`` (``get_optimizer_state_dict`` drops other top-level keys)."""
+        ``state`` and ``param_groups`` (``get_optimizer_state_dict`` drops other top-level keys).
+        Under FSDP2 it is a collective (the scheduler gathers every rank's counters): call it on
+        every rank, as ``get_optimizer_state_dict`` does."""
         self.update_staleness()
         state = super().state_dict()  # param_groups are fresh dicts: the live groups stay as they are
         state["param_groups"][0][META_KEY] = {
             "format": STATE_FORMAT, "optimizer": type(self).__name__,
             "global_step": self.global_step, "skipped_steps": self.skipped_steps,
             "scheduler": self.own_scheduler.state_dict(),  # deferred factors of its budget
+            "world_size": None if self.shard_layout is None else self.shard_layout.world_size,
         }
         return state
 
@@ -635,6 +915,7 @@ class KronOptimizer(torch.optim.Optimizer):
             raise ValueError(f"this state_dict was not saved by a lightning_kron optimizer; cannot load it into {mine}")
         if meta["optimizer"] != mine:
             raise ValueError(f"state_dict was saved by lightning_kron.{meta['optimizer']}, cannot load it into {mine}")
+        self._check_world_size(meta.get("world_size"))
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
@@ -648,8 +929,9 @@ class KronOptimizer(torch.optim.Optimizer):
         plan = self._copy_plan(fresh, saved_key, state_dict["state"])
         for target, source in plan:
             target.copy_(source)
-        for group in fresh:  # one host read per stack, on load only
+        for group in fresh:  # host reads per stack, on load only
             group.refreshed_dims = {dim for dim in group.factored_dims if bool(group.refreshes(dim).any())}
+            group.any_deferred = any(bool(group.deferred(dim).any()) for dim in group.factored_dims)
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({key: value for key, value in saved.items() if key not in ("params", META_KEY)})
         self._groups = fresh
@@ -657,8 +939,18 @@ class KronOptimizer(torch.optim.Optimizer):
         self._expose_state_views(fresh)
         self.global_step, self.skipped_steps = meta["global_step"], meta["skipped_steps"]
         self._staleness_current = False  # recomputed from the loaded statistics when read
+        self._reset_shared_steps()
         if "scheduler" in meta:  # absent from checkpoints made before the scheduler was the one path
             self.own_scheduler.load_state_dict(meta["scheduler"])
+
+    def _check_world_size(self, saved: Optional[int]) -> None:
+        """Under FSDP2 each rank's state covers its own rows: it only fits the same world size."""
+        current = None if self.shard_layout is None else self.shard_layout.world_size
+        if saved != current:
+            def describe(size):
+                return "unsharded" if size is None else f"sharded over {size} ranks"
+            raise ValueError(f"this state_dict was saved {describe(saved)} and cannot be loaded {describe(current)}: "
+                             "the Kronecker blocks follow the shard rows, so resume at the world size it was saved at")
 
     def _copy_plan(self, groups: list[FactorGroup], saved_key: dict[int, Any], saved_state: dict) -> list:
         plan = []
@@ -666,8 +958,10 @@ class KronOptimizer(torch.optim.Optimizer):
             for member, views in group.member_views():
                 saved = saved_state.get(saved_key[id(member.param)], {})
                 for key, view in views.items():
-                    name = f"block{member.block_number}.{key}"
+                    name = self._state_key(member.block_number, key)
                     value = saved.get(name)
+                    if value is None and key.startswith("deferred."):  # saved before the queue was state
+                        continue
                     if value is None or tuple(value.shape) != tuple(view.shape):
                         found = None if value is None else tuple(value.shape)
                         raise ValueError(f"state_dict does not match parameter {member.name!r}: {name} "

@@ -22,7 +22,7 @@ import torch
 from lightning_kron.methods.kradagrad import KrADagrad
 from lightning_kron.methods.shampoo import Shampoo
 from lightning_kron.methods.soap import SOAP, EShampoo
-from lightning_kron.scheduling.policies import AdaptiveRefresh
+from lightning_kron.scheduling.policies import AdaptiveRefresh, FixedRefresh
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,10 @@ class MethodSpec:
             AdamW's learning rate carries over); the user's ``optimizer_options`` win.
         lr, betas: the recipes' defaults when a config leaves them unset (``None``: the class's own).
         recipe_refresh: the refresh the recipes give it unless told otherwise: ``"fixed"`` (every
-            ``refresh_every`` steps), ``"adaptive"`` (staleness above ``tolerance``) or ``None``
-            (the class's own default).
+            ``refresh_every`` steps), ``"budget"`` (``BudgetRefresh``: every=``refresh_budget_every``'s
+            count, front-loaded over the run's known length, most stale factors first; the default
+            chosen by scripts/refresh_study.py, docs/adaptive-refresh.md), ``"adaptive"`` (staleness
+            above ``tolerance``) or ``None`` (the class's own default).
         variants: named option sets that the shared test matrix and the benchmarks run.
     """
 
@@ -70,10 +72,11 @@ class MethodSpec:
 
 
 METHODS: Mapping[str, MethodSpec] = MappingProxyType({spec.name: spec for spec in (
-    MethodSpec("soap", "SOAP", SOAP, lr=3e-3, betas=(0.95, 0.95), recipe_refresh="fixed", variants={
-        "fixed": Variant(), "adaptive": Variant({"refresh": AdaptiveRefresh(tolerance=0.05)}),
+    MethodSpec("soap", "SOAP", SOAP, lr=3e-3, betas=(0.95, 0.95), recipe_refresh="budget", variants={
+        "budget": Variant(), "fixed": Variant({"refresh": FixedRefresh(every=10)}),
+        "adaptive": Variant({"refresh": AdaptiveRefresh(tolerance=0.05)}),
     }),
-    MethodSpec("eshampoo", "EShampoo", EShampoo, lr=1e-3, betas=(0.9, 0.999), recipe_refresh="adaptive"),
+    MethodSpec("eshampoo", "EShampoo", EShampoo, lr=1e-3, betas=(0.9, 0.999), recipe_refresh="budget"),
     MethodSpec("shampoo", "Shampoo + Adam graft", Shampoo, adam_eps_option="graft_eps",
                lr=1e-3, betas=(0.9, 0.999), recipe_refresh="fixed",
                variants={"adam_graft": Variant({"graft": "adam"})}),

@@ -21,11 +21,7 @@ import torch
 from lightning_kron.engine.factor_group import FactorGroup
 from lightning_kron.engine.validation import check_choice, check_nonnegative
 from lightning_kron.methods.grafting import GRAFTS, graft_direction, graft_norm
-from lightning_kron.methods.kron_optimizer import (
-    KronOptimizer,
-    StepHyperparameters,
-    bias_correction,
-)
+from lightning_kron.methods.kron_optimizer import KronOptimizer, StepHyperparameters
 
 
 def scale_modes(rotated: torch.Tensor, scales: Mapping[int, torch.Tensor]) -> torch.Tensor:
@@ -87,12 +83,11 @@ class RootPreconditionedOptimizer(KronOptimizer):
                    hyper: StepHyperparameters) -> torch.Tensor:
         exp_avg = group.tensors["exp_avg"]
         exp_avg.lerp_(grad, hyper.weight(1.0 - hyper.beta1, exp_avg))
-        step = group.steps
-        momentum = exp_avg / bias_correction(hyper.beta1, step, exp_avg)
+        momentum = exp_avg / hyper.bias_correction(hyper.beta1, group, exp_avg)
         direction = self._preconditioned(group, momentum, hyper)
         if self.graft == "none":
             return direction
         reference = graft_direction(self.graft, momentum, grad, group.tensors.get("graft_sq"), hyper.beta2,
-                                    self.graft_eps, bias_correction(hyper.beta2, step, exp_avg),
+                                    self.graft_eps, hyper.bias_correction(hyper.beta2, group, exp_avg),
                                     keep2=hyper.keep(hyper.beta2, exp_avg))
         return graft_norm(direction, reference)

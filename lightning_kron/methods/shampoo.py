@@ -20,7 +20,7 @@ import torch
 
 from lightning_kron.engine.factor_group import FactorGroup
 from lightning_kron.methods.grafting import graft_direction
-from lightning_kron.methods.kron_optimizer import StepHyperparameters, bias_correction
+from lightning_kron.methods.kron_optimizer import StepHyperparameters
 from lightning_kron.methods.root_preconditioner import RootPreconditionedOptimizer
 
 
@@ -59,10 +59,9 @@ class Shampoo(RootPreconditionedOptimizer):
             return super()._direction(group, grad, rotated, hyper)
         exp_avg = group.tensors["exp_avg"]
         exp_avg.lerp_(grad, hyper.weight(1.0 - hyper.beta1, exp_avg))
-        step = group.steps
-        momentum = exp_avg / bias_correction(hyper.beta1, step, exp_avg)
+        momentum = exp_avg / hyper.bias_correction(hyper.beta1, group, exp_avg)
         return graft_direction("adam", momentum, grad, group.tensors["diagonal_sq"], hyper.beta2,
-                               self.graft_eps, bias_correction(hyper.beta2, step, exp_avg),
+                               self.graft_eps, hyper.bias_correction(hyper.beta2, group, exp_avg),
                                keep2=hyper.keep(hyper.beta2, exp_avg))
 
     def _root_scale(self, group: FactorGroup, rows, dim: int, hyper: StepHyperparameters) -> torch.Tensor:

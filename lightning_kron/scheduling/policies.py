@@ -41,7 +41,9 @@ class RefreshPolicy(Protocol):
         ``tolerance_at(step, total_steps=None) -> float`` (0.0): the staleness a warm-QR refresh
         aims below (it repeats up to ``max_iters`` times) and the figure that telemetry logs;
         ``max_iters`` (1); ``max_per_step`` (None): the scheduler's budget of refreshes per step,
-        most stale first, the rest deferred to the next steps.
+        most stale first, the rest deferred to the next steps; ``state_dict()`` /
+        ``load_state_dict(state)`` for a policy that keeps state between checks (saved and restored
+        with the scheduler's own state, so a resumed run decides as an uninterrupted one).
 
     >>> class EveryThird:
     ...     def checks_at(self, step): return step % 3 == 0

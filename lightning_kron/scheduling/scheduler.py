@@ -27,7 +27,9 @@ The whole decision is taken on device on one concatenated staleness tensor and m
 once per checked step. Under ``torch.distributed`` rank 0's decision is broadcast (identical
 decisions everywhere), each refreshed block gets one owner rank, and the owners broadcast the
 refreshed rows (``lightning_kron.scheduling.ownership``): the ranks stay bit-identical while each computes
-only its share.
+only its share. That is for replicated state (DDP). Under FSDP2 each rank holds the factors of its
+own shard rows (``optimizer.shard_layout``): it decides and refreshes them alone, with no
+communication, and ``max_per_step`` is a budget per rank.
 
 >>> import torch
 >>> from lightning_kron import SOAP, AdaptiveRefresh
@@ -51,6 +53,7 @@ import torch
 
 from lightning_kron.engine.basis_refresh import reorthonormalization_due
 from lightning_kron.engine.factor_group import FactorGroup
+from lightning_kron.engine.sharding import gather_over_shards
 from lightning_kron.engine.validation import check_positive_int
 from lightning_kron.scheduling.ownership import (
     OwnedRows,
@@ -62,7 +65,7 @@ from lightning_kron.scheduling.ownership import (
 from lightning_kron.scheduling.policies import AdaptiveRefresh, check_policy
 
 ToleranceSchedule = Callable[[int, Optional[float], float], float]
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: the deferred queue moved into the optimizer's state (FactorGroup.deferred)
 _DEFERRED, _CHOSEN, _REORTHONORMALIZE = 1, 2, 4  # codes of the decision sent to the host
 
 
@@ -118,8 +121,10 @@ class RefreshScheduler:
         self.max_per_step = max_per_step if max_per_step is not None else getattr(policy, "max_per_step", None)
         self.total_steps = total_steps
         self.counters = RefreshCounters()
-        self._deferred: Optional[torch.Tensor] = None  # host bool mask over the flat factor order
-        self._saved_deferred: Optional[tuple[int, list[int]]] = None
+        #: whether any factor waits in the budget's queue (known on the host from each decision, so
+        #: an unchecked step needs no read of the queue itself)
+        self._any_deferred = False
+        self._saved_deferred: Optional[tuple[int, list[int]]] = None  # a format-1 state's queue
         self._layout_for: Optional[list[FactorGroup]] = None
         self._slots: list[_Slot] = []
         self._decided_at = -1  # the optimizer step whose refreshes were already decided
@@ -131,6 +136,7 @@ class RefreshScheduler:
 
     def _attach(self) -> None:
         self.optimizer.scheduler = self
+        self._layout_for = None  # another scheduler may have changed the queue meanwhile: reread it
         self._handle = self.optimizer.register_step_post_hook(lambda *_: self.after_step())
 
     def _release(self) -> None:
@@ -151,10 +157,30 @@ class RefreshScheduler:
 
     @property
     def deferred_count(self) -> int:
-        """Factors due but not yet refreshed (the budget's queue), a loaded state's included."""
-        if self._saved_deferred is not None:
-            self._layout()  # applies the loaded queue to the optimizer's factors
-        return 0 if self._deferred is None else int(self._deferred.sum())
+        """Factors due but not yet refreshed (the budget's queue; a host read)."""
+        slots = self._layout()
+        return int(self._deferred_mask(slots).sum()) if slots else 0
+
+    def _deferred_mask(self, slots: list[_Slot]) -> torch.Tensor:
+        groups = self.optimizer.factor_groups()
+        return torch.cat([groups[s.group_index].deferred(s.dim) for s in slots])
+
+    def _note_deferred(self, slots: list[_Slot], codes: list[int]) -> None:
+        """Store the queue of the decision just read into the groups' ``deferred`` flags, and keep
+        their host-side ``any_deferred`` in step. Stacks with nothing queued before or now are
+        left alone: without a budget no kernel runs here."""
+        groups = self.optimizer.factor_groups()
+        had = {id(group) for group in groups if group.any_deferred}
+        queued = {}
+        for slot in slots:
+            flags = [code % _REORTHONORMALIZE == _DEFERRED for code in codes[slot.start: slot.start + slot.count]]
+            group = groups[slot.group_index]
+            if any(flags) or id(group) in had:
+                group.deferred(slot.dim).copy_(torch.tensor(flags, device=group.device))
+            queued[id(group)] = queued.get(id(group), False) or any(flags)
+        for group in groups:
+            group.any_deferred = queued.get(id(group), False)
+        self._any_deferred = any(queued.values())
 
     @property
     def needs_training_length(self) -> bool:
@@ -179,6 +205,7 @@ class RefreshScheduler:
                     start += len(group)
             self._layout_for = groups
             self._restore_deferred(start)
+            self._any_deferred = any(groups[s.group_index].any_deferred for s in self._slots)
         return self._slots
 
     def _staleness(self, slots: list[_Slot]) -> torch.Tensor:
@@ -228,23 +255,29 @@ class RefreshScheduler:
             return
         checking = self.policy.checks_at(step)
         slots = self._layout()
-        if not slots or (not checking and not self.deferred_count):
+        if not slots or (not checking and not self._any_deferred):
             return
         started = time.perf_counter()
         staleness = self._staleness(slots)
         due = self._due(staleness, step) if checking else torch.zeros_like(staleness, dtype=torch.bool)
-        if self._deferred is not None:
-            due |= self._deferred.to(due.device)
+        if self._any_deferred:
+            due |= self._deferred_mask(slots)
         refreshable = self._refreshable(slots, due)
         chosen = self._within_budget(due if refreshable is None else due & refreshable, staleness)
         reorthonormalize = self._reorthonormalization_due(slots) & chosen
         decision = due.to(torch.uint8) + chosen.to(torch.uint8) + _REORTHONORMALIZE * reorthonormalize.to(torch.uint8)
-        codes = broadcast_from_first(decision).tolist()  # the one host sync of a checked step
-        self._deferred = torch.tensor([code % _REORTHONORMALIZE == _DEFERRED for code in codes], dtype=torch.bool)
+        if self._replicated():
+            decision = broadcast_from_first(decision)
+        codes = decision.tolist()  # the one host sync of a checked step
+        self._note_deferred(slots, codes)
         chosen = [index for index, code in enumerate(codes) if code % _REORTHONORMALIZE == _CHOSEN]
         self.counters.checks += int(checking)
         due_to_reorthonormalize = {index for index, code in enumerate(codes) if code >= _REORTHONORMALIZE}
         self._refresh(chosen, slots, self.tolerance_at(step), started, due_to_reorthonormalize)
+
+    def _replicated(self) -> bool:
+        """Whether every rank holds the same factors (DDP, or one process), not its own shard's."""
+        return getattr(self.optimizer, "shard_layout", None) is None
 
     def _reorthonormalization_due(self, slots: list[_Slot]) -> torch.Tensor:
         """Per factor, whether its next refresh re-orthonormalises its basis (read with the decision)."""
@@ -258,14 +291,15 @@ class RefreshScheduler:
         starts = [slot.start for slot in slots]
         flagged = {self._position(index, slots, starts) for index in reorthonormalize}
         blocks = self._chosen_blocks(chosen, slots)
-        rank, world = rank_and_world()
+        rank, world = rank_and_world() if self._replicated() else (0, 1)
         groups = self.optimizer.factor_groups()
         self._refreshed_groups = [groups[index] for index in sorted({g for g, _ in blocks})]
         costs = [sum(groups[g].shape[dim] ** 3 for dim in dims) for (g, _), dims in blocks.items()]
         owners = dict(zip(blocks, assign_owners(costs, world)))
         mine = [(block, dims) for block, dims in blocks.items() if owners[block] == rank]
         self._refresh_blocks(mine, groups, tolerance, flagged)
-        share_rows(self._pieces(owners, groups))
+        if world > 1:
+            share_rows(self._pieces(owners, groups))
         elapsed = time.perf_counter() - started
         self.counters.refreshes += len(chosen)
         self.counters.computed_here += sum(len(dims) for _, dims in mine)
@@ -294,10 +328,13 @@ class RefreshScheduler:
         for (group_index, row), dims in mine:
             for dim in dims:
                 by_stack.setdefault((group_index, dim), []).append(row)
-        for (group_index, dim), rows in sorted(by_stack.items()):
+        fallbacks = [
             self.optimizer.refresh_rows(groups[group_index], dim, rows, tolerance=tolerance,
                                         max_iters=getattr(self.policy, "max_iters", 1),
-                                        reorthonormalize=[(group_index, row, dim) in flagged for row in rows])
+                                        reorthonormalize=[(group_index, row, dim) in flagged for row in rows],
+                                        defer_fallback=True)
+            for (group_index, dim), rows in sorted(by_stack.items())]
+        self.optimizer.refresh_fallbacks(fallbacks)  # Cholesky-QR2's failures: one host read for all
 
     @staticmethod
     def _pieces(owners: dict[tuple[int, int], int], groups: list[FactorGroup]) -> list[OwnedRows]:
@@ -309,31 +346,47 @@ class RefreshScheduler:
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Small: the deferred factors (needed for a bit-identical resume) and the counters."""
-        deferred = None
-        if self._deferred is not None:
-            deferred = [len(self._deferred), self._deferred.nonzero().flatten().tolist()]
-        elif self._saved_deferred is not None:
-            deferred = list(self._saved_deferred)
+        """Small: the counters. The deferred factors, needed for a bit-identical resume, are part
+        of the optimizer's state (each factor's ``deferred`` flag), so they are saved with it, per
+        rank under FSDP2.
+
+        Under FSDP2 each rank counts its own refreshes, and checkpoints keep one copy of this
+        state: every rank's counters are gathered into it (a collective, like every other part
+        of saving a sharded checkpoint), and each rank takes its own back on load.
+        """
         counters = {"checks": self.counters.checks, "refreshes": self.counters.refreshes, "seconds": self.counters.seconds}
-        return {"format": STATE_FORMAT, "deferred": deferred, "counters": counters}
+        state = {"format": STATE_FORMAT, "counters": counters}
+        layout = getattr(self.optimizer, "shard_layout", None)
+        if layout is not None:
+            state["counters_by_rank"] = gather_over_shards(counters, layout)
+        if callable(getattr(self.policy, "state_dict", None)):  # a policy that keeps state (the study's RelativeRefresh)
+            state["policy"] = self.policy.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT:
+        if state.get("format") not in (1, STATE_FORMAT):
             raise ValueError(f"unknown RefreshScheduler state format {state.get('format')!r}")
-        self.counters = RefreshCounters(**{**asdict(RefreshCounters()), **state["counters"]})
-        self._saved_deferred = None if state["deferred"] is None else tuple(state["deferred"])
-        self._deferred = None
-        self._layout_for = None  # apply the deferred mask against the (possibly new) layout
+        counters = state["counters"]
+        layout = getattr(self.optimizer, "shard_layout", None)
+        if layout is not None and len(state.get("counters_by_rank", [])) == layout.world_size:
+            counters = state["counters_by_rank"][layout.rank]
+        self.counters = RefreshCounters(**{**asdict(RefreshCounters()), **counters})
+        if "policy" in state and callable(getattr(self.policy, "load_state_dict", None)):
+            self.policy.load_state_dict(state["policy"])
+        saved = state.get("deferred")  # format 1 kept the queue here: applied once the layout is known
+        self._saved_deferred = None if saved is None else tuple(saved)
+        self._layout_for = None
         self._decided_at = -1  # the optimizer's step counter may have moved back
 
     def _restore_deferred(self, factor_count: int) -> None:
+        """Apply a format-1 state's queue (flat factor indices) to the optimizer's factors."""
         if self._saved_deferred is None:
-            self._deferred = None if self._deferred is None or len(self._deferred) != factor_count else self._deferred
             return
         saved_count, indices = self._saved_deferred
         if saved_count != factor_count:
             raise ValueError(f"RefreshScheduler state is for {saved_count} factors, this optimizer has {factor_count}")
-        self._deferred = torch.zeros(factor_count, dtype=torch.bool)
-        self._deferred[indices] = True
+        codes = [0] * factor_count
+        for index in indices:
+            codes[index] = _DEFERRED
+        self._note_deferred(self._slots, codes)
         self._saved_deferred = None

@@ -1,0 +1,141 @@
+"""A refresh policy that needs no tolerance tuned per model (docs/adaptive-refresh.md).
+
+An absolute staleness tolerance does not transfer between models: a factor whose gradient is
+mostly noise sits at a staleness plateau of about ``sqrt((1 - shampoo_beta) / 2)`` times its
+off-diagonal share, whatever its basis, so a tolerance below that plateau refreshes it every step
+and one above it never refreshes the factors that do drift. :class:`BudgetRefresh` avoids the number:
+it states *how many* refreshes to make in the units users know ("as many as
+``FixedRefresh(every=20)``"), front-loads them (basis accuracy matters most early: Purifying
+Shampoo, arXiv 2506.03595, and the GPT sweep in docs/adaptive-refresh.md) and spends each one on
+the most stale factor at that moment. It is the default of SOAP and EShampoo, chosen by
+``scripts/refresh_study.py`` over the other candidates (a tolerance relative to each factor's own
+drift, the paper's periodic check with several QR iterations, the GPT-tuned tolerance schedule),
+whose figures are in docs/adaptive-refresh.md.
+
+>>> import torch
+>>> policy = BudgetRefresh(every=2, front_load=1.0)
+>>> policy.select(torch.tensor([0.3, 0.1, 0.2, 0.0]), step=1).tolist()  # 4 factors / every=2: 2 per step
+[True, False, True, False]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from lightning_kron.engine.validation import check_positive_int, check_unit_interval
+
+
+def _most_stale(staleness: torch.Tensor, count: int, floor: float) -> torch.Tensor:
+    """Mask of the ``count`` most stale factors above ``floor`` (ties: the lower index first, so
+    every rank and every rerun picks the same ones); stays on the device, no host sync."""
+    chosen = torch.zeros_like(staleness, dtype=torch.bool)
+    count = min(count, staleness.numel())
+    if count <= 0:
+        return chosen
+    order = torch.sort(staleness, descending=True, stable=True).indices[:count]
+    chosen[order] = True
+    return chosen & (staleness > floor)
+
+
+def _finite_length(*lengths: Optional[float]) -> Optional[float]:
+    """The first known, finite training length (``inf``/``None``: unknown)."""
+    return next((float(n) for n in lengths if n is not None and math.isfinite(n) and n > 0), None)
+
+
+@dataclass(frozen=True)
+class BudgetRefresh:
+    """As many refreshes as ``FixedRefresh(every=every)`` over the run, front-loaded, each spent on
+    the factor that is most stale when it is spent.
+
+    Why a budget: the number of eigendecompositions is the cost a user plans for, and it is the one
+    quantity a tolerance cannot promise across models (``AdaptiveRefresh(0.05)`` made 6x the
+    refreshes of every=10 on an LSTM). A budget cannot overspend, and ranking by staleness needs
+    no threshold: the spectra's scale does not matter, only which factor is worst.
+
+    Budget accounting (stateless, so a resumed run decides exactly as an uninterrupted one): with
+    ``n`` factors, by step ``t`` at most ``floor(n * A(t))`` refreshes, where ``A`` is the
+    cumulative refreshes per factor: ``front_load`` times the average rate during the early phase,
+    then the lower rate that makes ``A(total_steps) = floor((total_steps - 1) / every)``: the
+    whole refreshes the fixed clock makes per factor on the steps the scheduler decides, 1 to
+    ``total_steps - 1`` (step 0 is the optimizer's exact first refresh). Over 200 steps every=20's
+    budget is at most 9 per factor, never more than half of every=10's 19. A check spends
+    ``floor(n A(t)) - floor(n A(t - check_every))``; what a check cannot spend (factors at or
+    below ``tolerance``) is not carried over, so the total is an upper bound.
+
+    Args:
+        every: the fixed clock whose refresh count is the budget (20: half of SOAP's every=10).
+        front_load: how many times the average rate the early phase spends (1: an even spread).
+        early_fraction: the early phase as a fraction of ``total_steps``.
+        early_steps: the early phase in steps (overrides ``early_fraction``; needed for front-loading
+            when the length is unknown).
+        total_steps: the planned optimizer steps, when the owner knows them (``KronCallback`` and the
+            scheduler pass theirs to :meth:`select`). Unknown: the early phase is ``early_steps``
+            (none if unset) at ``front_load / every``, then ``1 / every``: the budget of every=k plus
+            the early extra.
+        tolerance: factors at or below this staleness are never refreshed; also the staleness a
+            refresh with ``max_iters > 1`` aims below.
+        check_every: steps between decisions (the budget is the same, spent in larger portions).
+        max_iters: warm-QR iterations per refresh (repeated while the factor is above ``tolerance``).
+    """
+
+    every: int = 20
+    front_load: float = 2.0
+    early_fraction: float = 0.25
+    early_steps: Optional[int] = None
+    total_steps: Optional[int] = None
+    tolerance: float = 0.0
+    check_every: int = 1
+    max_iters: int = 1
+
+    def __post_init__(self) -> None:
+        check_positive_int("every", self.every)
+        check_positive_int("check_every", self.check_every)
+        check_positive_int("max_iters", self.max_iters)
+        check_unit_interval("early_fraction", self.early_fraction, closed_right=True)
+        check_unit_interval("tolerance", self.tolerance)
+        if self.early_steps is not None:
+            check_positive_int("early_steps", self.early_steps, minimum=0)
+        if self.total_steps is not None:
+            check_positive_int("total_steps", self.total_steps)
+        if not isinstance(self.front_load, (int, float)) or not 1.0 <= self.front_load:
+            raise ValueError(f"front_load must be a number >= 1, got {self.front_load!r}")
+        if self.front_load * self.early_fraction > 1.0 and self.early_steps is None:
+            raise ValueError(f"front_load * early_fraction must be <= 1 (the early phase cannot spend more than the "
+                             f"whole budget), got {self.front_load} * {self.early_fraction}")
+
+    def checks_at(self, step: int) -> bool:
+        return step % self.check_every == 0
+
+    def tolerance_at(self, step: int, total_steps: Optional[float] = None) -> float:
+        return self.tolerance
+
+    def allowance(self, step: int, total_steps: Optional[float] = None) -> float:
+        """Cumulative refreshes per factor allowed by ``step`` (``A(t)`` of the class docstring)."""
+        length = _finite_length(total_steps, self.total_steps)
+        if length is None:
+            base = 1.0 / self.every
+            early = self.early_steps or 0
+            return self.front_load * base * min(step, early) + base * max(0, step - early)
+        # the scheduler decides steps 1 .. total_steps - 1 (step 0 is the optimizer's exact refresh),
+        # where the clock makes floor((total_steps - 1) / every) whole refreshes per factor
+        base = math.floor((length - 1) / self.every) / length
+        early = min(self.early_steps if self.early_steps is not None else self.early_fraction * length, length)
+        early_rate = self.front_load * base
+        if early >= length:
+            return early_rate * step
+        late_rate = max(0.0, (length * base - early * early_rate) / (length - early))
+        return early_rate * min(step, early) + late_rate * max(0.0, step - early)
+
+    def budget_at(self, step: int, factors: int, total_steps: Optional[float] = None) -> int:
+        """How many refreshes a check at ``step`` may spend over ``factors`` factors."""
+        now = math.floor(factors * self.allowance(step, total_steps) + 1e-9)
+        before = math.floor(factors * self.allowance(max(0, step - self.check_every), total_steps) + 1e-9)
+        return now - before
+
+    def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None) -> torch.Tensor:
+        """The ``budget_at(step)`` most stale factors above ``tolerance``."""
+        return _most_stale(staleness, self.budget_at(step, staleness.numel(), total_steps), self.tolerance)

@@ -1,0 +1,511 @@
+"""Which refresh schedule transfers? Candidate policies against fixed clocks on several models.
+
+Each run trains SOAP (same init, data and batch order per seed) on one study model under one
+schedule and records the total refreshes and the final validation loss in ``--json`` (resumable:
+runs already there are skipped). ``--report`` writes the table of every schedule relative to
+``FixedRefresh(every=10)`` and a loss-vs-refreshes plot; ``--timing`` measures the share of a step
+that refreshes take as the factor size grows. The models are a registry, :data:`STUDY_MODELS`:
+adding one is one ``register(StudyModel(...))`` line (name -> builder of network, data and loss)::
+
+    python -m scripts.refresh_study --json runs/refresh_study.json              # all runs
+    python -m scripts.refresh_study --timing runs/refresh_timing.json
+    python -m scripts.refresh_study --json runs/refresh_study.json --report docs/adaptive-refresh.md
+
+A plain training loop (no Trainer) over the recipes' own modules and optimizer construction
+(``recipes.optimizers.configure_optimization``: the recipes' weight-decay groups and warm-up +
+cosine schedule), so a run costs only its steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import lightning_kron as lk
+from lightning_kron.engine.validation import check_positive_int, check_unit_interval
+from lightning_kron.scheduling.budget_policies import BudgetRefresh
+from recipes.optimizers import OptimizerConfig, configure_optimization
+from scripts.small_models import make_task
+
+
+@dataclass
+class Task:
+    """What one run trains: the network, an endless iterator of training batches, the fixed
+    validation batches and ``loss(network, batch) -> scalar``."""
+
+    network: torch.nn.Module
+    batches: Iterator
+    val_batches: list
+    loss: Callable[[torch.nn.Module, object], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StudyModel:
+    """A registered study model: ``build(seed) -> Task`` plus its step budget and SOAP settings."""
+
+    name: str
+    build: Callable[[int], Task]
+    steps: int
+    lr: float
+    warmup_steps: int
+    note: str
+    weight_decay: float = 0.05
+
+
+STUDY_MODELS: dict[str, StudyModel] = {}
+
+
+def register(model: StudyModel) -> StudyModel:
+    STUDY_MODELS[model.name] = model
+    return model
+
+
+def _forever(make_loader: Callable[[], object]) -> Iterator:
+    while True:
+        yield from make_loader()
+
+
+def _text_task(network: torch.nn.Module, seed: int, forward: Callable, context: int = 64, batch: int = 16) -> Task:
+    """Byte-level next-token prediction on Python's standard library (the GPT recipe's data)."""
+    from recipes.text_data import TextDataModule
+
+    data = TextDataModule(context_length=context, batch_size=batch, val_windows=64, seed=seed)
+    data.setup("fit")
+
+    def loss(net, tokens):
+        logits = forward(net, tokens[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+    return Task(network, _forever(data.train_dataloader), list(data.val_dataloader()), loss)
+
+
+def _gpt(family: str) -> Callable[[int], Task]:
+    def build(seed: int) -> Task:
+        from recipes.gpt import CausalLM
+
+        module = CausalLM(family=family, size="tiny", context_length=64)
+        return _text_task(module.network, seed, lambda net, x: net(input_ids=x, use_cache=False).logits)
+    return build
+
+
+def _vision(family: str) -> Callable[[int], Task]:
+    def build(seed: int) -> Task:
+        from recipes.image_data import ImageDataModule
+        from recipes.vision import ImageClassifier
+
+        data = ImageDataModule(image_size=16, batch_size=64, seed=seed)
+        data.setup("fit")
+        module = ImageClassifier(family=family, size="tiny", num_classes=data.num_classes, channels=data.channels,
+                                 image_size=data.image_size)
+        loss = lambda net, batch: F.cross_entropy(net(pixel_values=batch[0]).logits, batch[1])  # noqa: E731
+        return Task(module.network, _forever(data.train_dataloader), list(data.val_dataloader()), loss)
+    return build
+
+
+class LSTMLanguageModel(torch.nn.Module):
+    """Held-out model 1: a one-layer byte LSTM (embedding 64, hidden 128), no schedule tuned on it."""
+
+    def __init__(self, width: int = 64, hidden: int = 128) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(256, width)
+        self.lstm = torch.nn.LSTM(width, hidden, batch_first=True)
+        self.head = torch.nn.Linear(hidden, 256)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(self.embed(tokens))[0])
+
+
+def _lstm(seed: int) -> Task:
+    return _text_task(LSTMLanguageModel(), seed, lambda net, x: net(x))
+
+
+def deep_mlp(inputs: int = 32, width: int = 128, depth: int = 6, outputs: int = 8) -> torch.nn.Sequential:
+    """Held-out model 2: a deep GELU MLP with LayerNorm, no schedule tuned on it."""
+    layers: list[torch.nn.Module] = [torch.nn.Linear(inputs, width)]
+    for _ in range(depth - 1):
+        layers += [torch.nn.LayerNorm(width), torch.nn.GELU(), torch.nn.Linear(width, width)]
+    return torch.nn.Sequential(*layers, torch.nn.GELU(), torch.nn.Linear(width, outputs))
+
+
+def _teacher_batches(seed: int, batch: int = 128, inputs: int = 32, outputs: int = 8) -> tuple[Callable, list]:
+    """A fixed random tanh teacher with correlated inputs and label noise 0.1: fresh batches every
+    step (no overfitting), a fixed validation set of 2048; the data seed is the run's seed."""
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    mix = torch.randn(inputs, inputs, generator=generator) / math.sqrt(inputs)
+    w1, w2 = torch.randn(inputs, 64, generator=generator), torch.randn(64, outputs, generator=generator) / 8
+
+    def sample(count: int):
+        x = torch.randn(count, inputs, generator=generator) @ mix
+        y = torch.tanh(x @ w1) @ w2
+        return x, y + 0.1 * torch.randn(y.shape, generator=generator)
+
+    val = [sample(512) for _ in range(4)]
+    return (lambda: iter([sample(batch)])), val
+
+
+def _mlp(seed: int) -> Task:
+    make, val = _teacher_batches(seed)
+    loss = lambda net, batch: F.mse_loss(net(batch[0]), batch[1])  # noqa: E731
+    return Task(deep_mlp(), _forever(make), val, loss)
+
+
+register(StudyModel("gpt2", _gpt("gpt2"), 150, 1e-2, 15, "GPT recipe, gpt2 family, tiny (2x128), context 64, batch 16"))
+register(StudyModel("llama", _gpt("llama"), 150, 1e-2, 15, "GPT recipe, llama family, tiny (2x128), context 64, batch 16"))
+register(StudyModel("vit", _vision("vit"), 150, 3e-3, 15, "vision recipe, ViT tiny, digits at 16x16, batch 64"))
+register(StudyModel("resnet", _vision("resnet"), 150, 3e-3, 15, "vision recipe, ResNet tiny, digits at 16x16, batch 64"))
+register(StudyModel("lstm", _lstm, 150, 1e-2, 15, "held out: byte LSTM LM (64/128) on the stdlib text, context 64"))
+register(StudyModel("mlp", _mlp, 200, 3e-3, 20, "held out: 7-layer MLP (width 128) on a noisy random teacher"))
+
+
+def _small(name: str) -> Callable[[int], Task]:
+    """A model of scripts/small_models.py (the issue's held-out CNN, LSTM and MLP) as a study task."""
+    def build(seed: int) -> Task:
+        small = make_task(name, seed)
+        return Task(small.model, (small.batch(step) for step in itertools.count()), [small.validation], small.loss)
+    return build
+
+
+for _name, _note in (("cnn", "held out (issue): CNN 16x1x3x3 + 32x16x3x3 on digits 8x8"),
+                     ("lstm", "held out (issue): byte LSTM LM (32/64) on the stdlib text"),
+                     ("mlp", "held out (issue): 5-layer tanh MLP on an ill-conditioned teacher")):
+    register(StudyModel(f"small-{_name}", _small(_name), 300, 3e-3, 30, _note, weight_decay=0.0))
+
+
+# ----------------------------------------------------------------- the schedules
+class RelativeRefresh:
+    """A candidate the study measured and dropped (it lost on llama and the MLP; docs/adaptive-refresh.md).
+
+    Refresh a factor when its staleness exceeds ``ratio`` times its own drift over one check
+    right after its last refresh (and ``floor``).
+
+    Why relative: the drift one EMA step causes is about ``(1 - shampoo_beta)`` times the factor's
+    off-diagonal gradient share, which differs by orders of magnitude between factors and models;
+    measuring it per factor replaces the one absolute tolerance that did not transfer. A factor whose
+    staleness is pure EMA noise saturates below ``ratio`` times its first-check value (the plateau is
+    about ``1 / sqrt(2 (1 - shampoo_beta))`` times it, 3.2x at 0.95) and is left alone.
+
+    State (checkpointed through the scheduler): each factor's reference drift and which factors the
+    last check chose (their next staleness becomes their reference).
+    """
+
+    def __init__(self, ratio: float = 8.0, floor: float = 0.02, check_every: int = 1, max_iters: int = 1) -> None:
+        if not isinstance(ratio, (int, float)) or not ratio > 1:
+            raise ValueError(f"ratio must be a number > 1, got {ratio!r}")
+        check_unit_interval("floor", floor)
+        check_positive_int("check_every", check_every)
+        check_positive_int("max_iters", max_iters)
+        self.ratio, self.floor, self.check_every, self.max_iters = float(ratio), float(floor), check_every, max_iters
+        self._reference: Optional[torch.Tensor] = None
+        self._chosen: Optional[torch.Tensor] = None
+
+    def __repr__(self) -> str:
+        return f"RelativeRefresh(ratio={self.ratio}, floor={self.floor}, check_every={self.check_every}, max_iters={self.max_iters})"
+
+    def checks_at(self, step: int) -> bool:
+        return step % self.check_every == 0
+
+    def tolerance_at(self, step: int, total_steps: Optional[float] = None) -> float:
+        return self.floor
+
+    def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None) -> torch.Tensor:
+        """Factors above ``max(floor, ratio * reference)``; the reference of a factor chosen at the
+        last check (or never seen) is its staleness now."""
+        if self._reference is None or self._reference.shape != staleness.shape:
+            self._reference = staleness.clone()
+            self._chosen = torch.zeros_like(staleness, dtype=torch.bool)
+        self._reference = torch.where(self._chosen.to(staleness.device), staleness, self._reference.to(staleness.device))
+        threshold = (self.ratio * self._reference).clamp_min(self.floor)
+        self._chosen = staleness > threshold
+        return self._chosen
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": None if self._reference is None else self._reference.cpu().tolist(),
+                "chosen": None if self._chosen is None else self._chosen.cpu().tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._reference = None if state["reference"] is None else torch.tensor(state["reference"])
+        self._chosen = None if state["chosen"] is None else torch.tensor(state["chosen"], dtype=torch.bool)
+
+
+def schedules(steps: int) -> dict[str, object]:
+    """Baselines, then every candidate default (a loser stays listed: the table reports it)."""
+    return {
+        "every10": lk.FixedRefresh(every=10),
+        "every1": lk.FixedRefresh(every=1),
+        "every20": lk.FixedRefresh(every=20),
+        "budget20-front": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=steps),
+        "budget20-flat": BudgetRefresh(every=20, front_load=1.0, total_steps=steps),
+        "budget20-front-check5-qr3": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=steps,
+                                                   check_every=5, max_iters=3, tolerance=0.02),
+        "budget20-front3": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
+        "relative4": RelativeRefresh(ratio=4.0, floor=0.02),
+        "tol0.1-check10-qr3": lk.AdaptiveRefresh(tolerance=0.1, check_every=10, max_iters=3),
+        "gpt-tuned-0.15early-0.5": lk.AdaptiveRefresh(
+            tolerance=0.5, schedule=lk.TighterEarly(early_tolerance=0.15, early_steps=int(0.2 * steps))),
+    }
+
+
+BASELINES = ("every10", "every1", "every20")
+
+
+def run_one(model: StudyModel, schedule: str, seed: int) -> dict:
+    """Train one run; returns its record (final val loss, refreshes, seconds)."""
+    torch.manual_seed(seed)
+    task = model.build(seed)
+    policy = schedules(model.steps)[schedule]
+    config = OptimizerConfig(name="soap", lr=model.lr, betas=(0.95, 0.95), weight_decay=model.weight_decay,
+                             warmup_steps=model.warmup_steps, options={"refresh": policy})
+    setup = configure_optimization(config, task.network, model.steps)
+    optimizer, lr_schedule = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    started = time.perf_counter()
+    for batch in itertools.islice(task.batches, model.steps):
+        optimizer.zero_grad(set_to_none=True)
+        task.loss(task.network, batch).backward()
+        optimizer.step()
+        lr_schedule.step()
+    seconds = time.perf_counter() - started
+    counters = optimizer.scheduler.counters
+    return {"model": model.name, "schedule": schedule, "seed": seed, "steps": model.steps,
+            "val_loss": evaluate(task), "refreshes": counters.refreshes, "factors": len(optimizer.factors()),
+            "refresh_seconds": counters.seconds, "train_seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate(task: Task) -> float:
+    task.network.eval()
+    losses = [float(task.loss(task.network, batch)) for batch in task.val_batches]
+    task.network.train()
+    return sum(losses) / len(losses)
+
+
+def _key(record: dict) -> tuple:
+    return record["model"], record["schedule"], record["seed"]
+
+
+def load_records(*paths: Path) -> list[dict]:
+    """The runs stored in ``paths`` (parallel workers write one file each; missing files: none)."""
+    return [run for path in paths if path.exists() for run in json.loads(path.read_text())["runs"]]
+
+
+def save_records(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"runs": records}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def run_all(path: Path, models: list[str], names: list[str], seeds: list[int], progress: bool = True) -> list[dict]:
+    """Every (model, schedule, seed) not yet in ``path``; saved after each run (resumable)."""
+    records = load_records(path)
+    done = {_key(r) for r in records}
+    todo = [(m, s, seed) for seed in seeds for m in models for s in names if (m, s, seed) not in done]
+    for model, schedule, seed in tqdm(todo, desc="refresh study", disable=not progress):
+        records.append(run_one(STUDY_MODELS[model], schedule, seed))
+        save_records(path, records)
+    return records
+
+
+# ----------------------------------------------------------------- the report
+@dataclass
+class Row:
+    model: str
+    schedule: str
+    refreshes: float
+    refresh_ratio: float
+    loss: float
+    loss_change: float  # mean over seeds of (loss / every10 loss of the same seed - 1)
+    spread: float  # max - min over seeds of that change
+    seeds: int
+    per_seed: list = field(default_factory=list)  # loss changes vs every=10, one per seed
+    losses: list = field(default_factory=list)  # final val losses, one per seed
+
+
+def summarize(records: list[dict]) -> list[Row]:
+    """One row per (model, schedule): refreshes and loss relative to every=10 on the same seeds."""
+    by_key = {_key(r): r for r in records}
+    rows = []
+    for model, schedule in sorted({(r["model"], r["schedule"]) for r in records}, key=_order):
+        runs = [r for r in records if r["model"] == model and r["schedule"] == schedule
+                and (model, "every10", r["seed"]) in by_key]
+        if not runs:
+            continue
+        base = [by_key[(model, "every10", r["seed"])] for r in runs]
+        changes = [r["val_loss"] / b["val_loss"] - 1 for r, b in zip(runs, base)]
+        rows.append(Row(model, schedule, statistics.mean(r["refreshes"] for r in runs),
+                        sum(r["refreshes"] for r in runs) / max(1, sum(b["refreshes"] for b in base)),
+                        statistics.mean(r["val_loss"] for r in runs), statistics.mean(changes),
+                        max(changes) - min(changes), len(runs), changes, [r["val_loss"] for r in runs]))
+    return rows
+
+
+def _order(pair: tuple[str, str]) -> tuple:
+    models, names = list(STUDY_MODELS), list(schedules(100))
+    model, schedule = pair
+    return (models.index(model) if model in models else len(models), names.index(schedule) if schedule in names else 99)
+
+
+def markdown_tables(rows: list[Row]) -> str:
+    """Per model: every schedule's refreshes and loss relative to every=10; then a summary per
+    schedule over models (mean and worst loss change, mean refresh ratio)."""
+    lines = ["| model | schedule | seeds | refreshes (mean) | x every=10 | final val loss (mean) | vs every=10 (mean) | "
+             "spread over seeds | worst seed |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r.model} | {r.schedule} | {r.seeds} | {r.refreshes:.0f} | {r.refresh_ratio:.2f}x | {r.loss:.4f} | "
+              f"{100 * r.loss_change:+.2f}% | {100 * r.spread:.2f}% | {100 * max(r.per_seed):+.2f}% |" for r in rows]
+    summary = ["| schedule | models | seeds per model | refreshes x every=10 (mean) | worst refresh ratio | "
+               "loss vs every=10 (mean over models) | worst model (its mean) | worst seed |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for schedule in dict.fromkeys(r.schedule for r in rows):
+        mine = [r for r in rows if r.schedule == schedule]
+        worst = max(mine, key=lambda r: r.loss_change)
+        seed = max(mine, key=lambda r: max(r.per_seed))
+        seeds = "-".join(sorted({str(r.seeds) for r in mine}))
+        summary.append(f"| {schedule} | {len(mine)} | {seeds} | {statistics.mean(r.refresh_ratio for r in mine):.2f}x | "
+                       f"{max(r.refresh_ratio for r in mine):.2f}x | {100 * statistics.mean(r.loss_change for r in mine):+.2f}% | "
+                       f"{100 * worst.loss_change:+.2f}% ({worst.model}) | {100 * max(seed.per_seed):+.2f}% ({seed.model}) |")
+    return "\n".join(summary) + "\n\n" + "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """Final validation loss (mean over seeds, bars: min to max) against total refreshes, one panel
+    per model, one marker per schedule; the dashed line is every=10's loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r.model for r in rows))
+    names = list(dict.fromkeys(r.schedule for r in rows))
+    columns = 3
+    figure, axes = plt.subplots(math.ceil(len(models) / columns), columns, figsize=(13, 3.6 * math.ceil(len(models) / columns)),
+                                squeeze=False)
+    markers = "os^vD<>pX*h"
+    for axis, model in zip(axes.flat, models):
+        for index, name in enumerate(names):
+            row = next((r for r in rows if r.model == model and r.schedule == name), None)
+            if row is not None:
+                bars = [[row.loss - min(row.losses)], [max(row.losses) - row.loss]]
+                axis.errorbar(max(row.refreshes, 1), row.loss, yerr=bars, fmt=markers[index % len(markers)],
+                              label=name, capsize=2, ms=6)
+            if name == "every10" and row is not None:
+                axis.axhline(row.loss, color="grey", lw=0.6, ls="--")
+        axis.set_xscale("log")
+        axis.set_title(model)
+        axis.set_xlabel("total refreshes (log)")
+        axis.set_ylabel("final val loss")
+    for axis in list(axes.flat)[len(models):]:
+        axis.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------- the wall-clock view
+def time_factor(size: int, repeats: int = 3) -> dict:
+    """Median seconds of one ordinary SOAP step on a ``size x size`` weight (two factors, no
+    refresh) and of one warm-QR refresh of one of its factors."""
+    weight = torch.nn.Parameter(torch.randn(size, size) / math.sqrt(size))
+    optimizer = lk.SOAP([("w", weight)], lr=1e-3, refresh=lk.FixedRefresh(every=10**9))
+
+    def step():
+        weight.grad = torch.randn_like(weight)
+        optimizer.step()
+
+    step()  # the exact first refresh
+    step_times, refresh_times = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        step_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        optimizer.refresh_factors(["w[L]"])
+        refresh_times.append(time.perf_counter() - started)
+    return {"size": size, "step_seconds": statistics.median(step_times), "refresh_seconds": statistics.median(refresh_times)}
+
+
+def timing_table(timings: list[dict], adaptive_ratio: Optional[float]) -> str:
+    """Share of the step spent refreshing, amortised: 2 factors x refresh / period."""
+    header = "| factor size | step (s) | one refresh (s) | refresh share at every=10 |"
+    header += (f" at the default's {adaptive_ratio:.2f}x |" if adaptive_ratio else "")
+    lines = [header, "|" + "---:|" * (5 if adaptive_ratio else 4)]
+    for t in timings:
+        cells = [str(t["size"]), f"{t['step_seconds']:.3f}", f"{t['refresh_seconds']:.3f}"]
+        for ratio in ([1.0, adaptive_ratio] if adaptive_ratio else [1.0]):
+            amortised = 2 * t["refresh_seconds"] * ratio / 10
+            cells.append(f"{100 * amortised / (t['step_seconds'] + amortised):.0f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def replace_between(text: str, marker: str, content: str) -> str:
+    """``text`` with what lies between ``<!-- marker:begin -->`` and ``<!-- marker:end -->``
+    replaced by ``content`` (the markers stay); appended at the end when the markers are absent."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    if begin not in text or end not in text:
+        return text.rstrip("\n") + f"\n\n{begin}\n{content}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{content}\n{end}{rest.split(end, 1)[1]}"
+
+
+def write_report(path: Path, rows: list[Row], timing: Optional[Path], default: str) -> None:
+    """The study's tables (and the timing table, when measured) into ``path`` between markers."""
+    text = path.read_text() if path.exists() else ""
+    text = replace_between(text, "refresh-study", markdown_tables(rows))
+    if timing is not None and timing.exists():
+        mine = [r.refresh_ratio for r in rows if r.schedule == default]
+        ratio = statistics.mean(mine) if mine else None
+        text = replace_between(text, "refresh-timing", timing_table(json.loads(timing.read_text())["timings"], ratio))
+    path.write_text(text)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, default=Path("runs/refresh_study.json"), help="where runs are stored")
+    parser.add_argument("--also", type=Path, nargs="*", default=[], help="more run files to report (parallel workers)")
+    parser.add_argument("--models", default=",".join(STUDY_MODELS))
+    parser.add_argument("--schedules", default=",".join(schedules(100)))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--report", type=Path, default=None, help="write the tables here (markdown) and the plot next to it")
+    parser.add_argument("--plot", type=Path, default=Path("docs/figures/refresh_study.png"))
+    parser.add_argument("--timing", type=Path, default=None, help="measure the wall-clock view into this JSON")
+    parser.add_argument("--timing-json", type=Path, default=Path("runs/refresh_timing.json"),
+                        help="with --report: the timing measured by --timing, put into the report")
+    parser.add_argument("--sizes", default="768,1024,2048,4096")
+    parser.add_argument("--default", default="budget20-front", help="the schedule whose refresh rate the timing uses")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.timing is not None:
+        timings = [time_factor(int(size)) for size in tqdm(args.sizes.split(","), desc="timing", disable=args.no_progress)]
+        args.timing.parent.mkdir(parents=True, exist_ok=True)
+        args.timing.write_text(json.dumps({"timings": timings}, indent=1) + "\n")
+        print(timing_table(timings, None))
+        return 0
+    if args.report is None:
+        run_all(args.json, args.models.split(","), args.schedules.split(","),
+                [int(s) for s in args.seeds.split(",")], not args.no_progress)
+    rows = summarize(load_records(args.json, *args.also))
+    text = markdown_tables(rows)
+    if args.report is not None:
+        write_report(args.report, rows, args.timing_json, args.default)
+        plot(rows, args.plot)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

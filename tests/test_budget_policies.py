@@ -1,0 +1,160 @@
+"""BudgetRefresh (the default) and the study's RelativeRefresh (a policy that keeps state):
+selection on constructed staleness, budget accounting, checkpoint round trips and refusals at
+construction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_kron as lk
+from lightning_kron.scheduling.budget_policies import BudgetRefresh
+from scripts.refresh_study import RelativeRefresh
+
+
+# ----------------------------------------------------------------- BudgetRefresh: selection
+def test_budget_spends_on_the_most_stale_factors():
+    policy = BudgetRefresh(every=4, front_load=1.0)  # 8 factors / every=4: 2 per step
+    staleness = torch.tensor([0.1, 0.7, 0.2, 0.9, 0.0, 0.3, 0.05, 0.4])
+    assert policy.select(staleness, step=1).nonzero().flatten().tolist() == [1, 3]
+
+
+def test_budget_breaks_ties_by_position_and_skips_factors_at_the_tolerance():
+    policy = BudgetRefresh(every=1, front_load=1.0, tolerance=0.1)  # 4 factors, 4 per step
+    chosen = policy.select(torch.tensor([0.1, 0.5, 0.05, 0.5]), step=1)
+    assert chosen.tolist() == [False, True, False, True]  # 0.1 and 0.05 are not above the tolerance
+    ties = BudgetRefresh(every=2, front_load=1.0).select(torch.full((4,), 0.3), step=1)
+    assert ties.tolist() == [True, True, False, False]
+
+
+# ----------------------------------------------------------------- BudgetRefresh: accounting
+@pytest.mark.parametrize("check_every, length", [(1, 121), (3, 121), (1, 150), (1, 200)])
+def test_budget_spends_exactly_the_fixed_clocks_count_over_a_known_length(check_every, length):
+    """The scheduler decides steps 1 .. length - 1; there the clock makes (length - 1) // 20 whole
+    refreshes per factor (6 at 121 steps, 7 at 150, 9 at 200), and so does the budget."""
+    policy = BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=length, check_every=check_every)
+    factors = 13
+    spent = sum(policy.budget_at(step, factors) for step in range(1, length) if policy.checks_at(step))
+    whole = factors * ((length - 1) // 20)
+    assert whole - factors < spent <= whole  # A reaches it at step `length`, one past the last decided step
+    clock = lk.FixedRefresh(every=10)
+    assert 2 * spent <= factors * sum(clock.checks_at(step) for step in range(1, length))  # at most half of every=10
+
+
+def test_budget_is_front_loaded():
+    policy = BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=201)
+    early = sum(policy.budget_at(step, 10) for step in range(1, 51))
+    late = sum(policy.budget_at(step, 10) for step in range(51, 202))
+    assert early == 49  # twice the average rate (10 per factor over 201 steps) in the first quarter: 49.75
+    assert early + late == 10 * 200 // 20 and late < 3 * early
+
+
+def test_budget_with_an_unknown_length_runs_at_the_clocks_rate_after_its_early_steps():
+    policy = BudgetRefresh(every=10, front_load=3.0, early_steps=20)
+    assert policy.allowance(20) == pytest.approx(6.0) and policy.allowance(120) == pytest.approx(16.0)
+    assert policy.allowance(120, total_steps=float("inf")) == policy.allowance(120)  # inf: unknown
+    assert BudgetRefresh(every=10).allowance(50) == pytest.approx(5.0)  # no early_steps: no front-loading
+
+
+def test_budget_drives_the_optimizer_and_the_scheduler_passes_the_length():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    optimizer = lk.SOAP(model.named_parameters(), lr=1e-2, refresh=BudgetRefresh(every=5, total_steps=41))
+    for _ in range(41):  # the exact first refresh, then 40 scheduled steps
+        optimizer.zero_grad()
+        model(torch.randn(16, 6)).square().mean().backward()
+        optimizer.step()
+    factors = len(optimizer.factors())
+    assert factors * 40 // 5 - factors < optimizer.scheduler.counters.refreshes <= factors * 40 // 5
+
+
+# ----------------------------------------------------------------- RelativeRefresh
+def test_relative_compares_each_factor_with_its_own_first_check():
+    policy = RelativeRefresh(ratio=4.0, floor=0.01)
+    first = policy.select(torch.tensor([0.01, 0.10, 0.002]), step=1)  # references: these values
+    assert first.tolist() == [False, False, False]
+    later = policy.select(torch.tensor([0.05, 0.30, 0.009]), step=2)
+    # 0.05 > 4 * 0.01; 0.30 < 4 * 0.10; 0.009 > 4 * 0.002 but not above the floor
+    assert later.tolist() == [True, False, False]
+    after = policy.select(torch.tensor([0.003, 0.45, 0.03]), step=3)  # factor 0 was refreshed: new reference 0.003
+    assert after.tolist() == [False, True, True]
+    assert policy.select(torch.tensor([0.011, 0.0, 0.0]), step=4).tolist() == [False, False, False]
+
+
+def _train(policy, steps, model, generator, optimizer=None):
+    optimizer = optimizer or lk.SOAP(model.named_parameters(), lr=1e-2, refresh=policy)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(16, 6, generator=generator)).square().mean().backward()
+        optimizer.step()
+    return optimizer
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def test_relative_state_survives_a_checkpoint_and_the_resumed_run_is_bit_identical():
+    reference_model = _model()
+    reference = _train(RelativeRefresh(ratio=1.5, floor=0.0), 30, reference_model, torch.Generator().manual_seed(1))
+    assert reference.scheduler.counters.refreshes > 0
+    model, generator = _model(), torch.Generator().manual_seed(1)
+    interrupted = _train(RelativeRefresh(ratio=1.5, floor=0.0), 15, model, generator)
+    state = interrupted.state_dict()
+    assert state["param_groups"][0]["lightning_kron"]["scheduler"]["policy"]["reference"] is not None
+    fresh_policy = RelativeRefresh(ratio=1.5, floor=0.0)
+    resumed = lk.SOAP(model.named_parameters(), lr=1e-2, refresh=fresh_policy)
+    resumed.load_state_dict(state)
+    assert fresh_policy.state_dict() == interrupted.scheduler.policy.state_dict()
+    _train(None, 15, model, generator, optimizer=resumed)
+    for a, b in zip(reference_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    assert resumed.scheduler.counters.refreshes == reference.scheduler.counters.refreshes
+
+
+def test_budget_keeps_no_state_and_a_resumed_run_is_bit_identical():
+    policy = BudgetRefresh(every=3, total_steps=30)
+    reference_model = _model()
+    reference = _train(policy, 30, reference_model, torch.Generator().manual_seed(1))
+    model, generator = _model(), torch.Generator().manual_seed(1)
+    state = _train(policy, 12, model, generator).state_dict()
+    assert "policy" not in state["param_groups"][0]["lightning_kron"]["scheduler"]
+    resumed = lk.SOAP(model.named_parameters(), lr=1e-2, refresh=policy)
+    resumed.load_state_dict(state)
+    _train(None, 18, model, generator, optimizer=resumed)
+    for a, b in zip(reference_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    assert resumed.own_scheduler.counters.refreshes == reference.own_scheduler.counters.refreshes
+
+
+# ----------------------------------------------------------------- refusals
+@pytest.mark.parametrize("make, message", [
+    (lambda: BudgetRefresh(every=0), "every must be an integer >= 1"),
+    (lambda: BudgetRefresh(front_load=0.5), "front_load must be a number >= 1"),
+    (lambda: BudgetRefresh(front_load=3.0, early_fraction=0.5), "front_load \\* early_fraction must be <= 1"),
+    (lambda: BudgetRefresh(early_fraction=1.5), "early_fraction must be in"),
+    (lambda: BudgetRefresh(total_steps=0), "total_steps must be an integer >= 1"),
+    (lambda: BudgetRefresh(tolerance=-0.1), "tolerance must be in"),
+    (lambda: BudgetRefresh(check_every=2.5), "check_every must be an integer"),
+    (lambda: RelativeRefresh(ratio=1.0), "ratio must be a number > 1"),
+    (lambda: RelativeRefresh(floor=1.0), "floor must be in"),
+    (lambda: RelativeRefresh(max_iters=0), "max_iters must be an integer >= 1"),
+])
+def test_invalid_hyperparameters_fail_at_construction_with_one_line(make, message):
+    with pytest.raises(ValueError, match=message) as error:
+        make()
+    assert "\n" not in str(error.value)
+
+
+def test_the_callbacks_default_is_the_budget_front_loaded_over_the_trainers_length():
+    from callback_helpers import TinyRegression, fit
+
+    callback = lk.KronCallback()
+    trainer = fit(TinyRegression(), [callback], max_epochs=5)  # 8 batches a epoch: 40 steps
+    assert isinstance(callback.scheduler.policy, BudgetRefresh) and callback.scheduler.total_steps == 40
+    factors = len(callback.optimizer.factors())
+    assert trainer.global_step == 40
+    # every=20's whole count on the 39 decided steps: 1 per factor, as FixedRefresh(every=20) makes
+    assert 0 < callback.scheduler.counters.refreshes <= factors

@@ -1,0 +1,56 @@
+"""scripts/refresh_study.py: the model registry, resumable runs, the relative table and the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scripts import refresh_study as study
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """A study model registered in one line, as the other engineers' small models will be."""
+    monkeypatch.setitem(study.STUDY_MODELS, "toy", study.StudyModel("toy", study._mlp, 12, 3e-3, 2, "toy MLP"))
+    return "toy"
+
+
+def test_runs_are_recorded_and_not_repeated(toy, tmp_path, monkeypatch):
+    path = tmp_path / "runs.json"
+    records = study.run_all(path, [toy], ["every10", "budget20-front"], [0], progress=False)
+    assert [(r["schedule"], r["seed"]) for r in records] == [("every10", 0), ("budget20-front", 0)]
+    assert all(r["val_loss"] > 0 and r["factors"] > 0 for r in records)
+    fixed, budget = records
+    assert fixed["refreshes"] == fixed["factors"] * 1  # steps 1..11 after the exact first: one check, at 10
+    monkeypatch.setattr(study, "run_one", lambda *args: pytest.fail("a stored run was repeated"))
+    assert study.run_all(path, [toy], ["every10", "budget20-front"], [0], progress=False) == records
+
+
+def _record(schedule, seed, loss, refreshes):
+    return {"model": "m", "schedule": schedule, "seed": seed, "val_loss": loss, "refreshes": refreshes}
+
+
+def test_the_summary_is_relative_to_every10_on_the_same_seeds():
+    records = [_record("every10", 0, 2.0, 100), _record("every10", 1, 4.0, 100),
+               _record("every20", 0, 2.2, 50), _record("every20", 1, 4.0, 50), _record("every20", 2, 9.0, 50)]
+    rows = {row.schedule: row for row in study.summarize(records)}
+    assert rows["every20"].seeds == 2  # seed 2 has no every=10 run to compare with
+    assert rows["every20"].refresh_ratio == pytest.approx(0.5)
+    assert rows["every20"].loss_change == pytest.approx(0.05) and rows["every20"].spread == pytest.approx(0.1)
+    table = study.markdown_tables(list(rows.values()))
+    assert "| m | every20 | 2 | 50 | 0.50x | 3.1000 | +5.00% | 10.00% | +10.00% |" in table
+
+
+def test_the_report_replaces_only_its_own_section(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("intro\n<!-- refresh-study:begin -->\nold\n<!-- refresh-study:end -->\noutro\n")
+    rows = study.summarize([_record("every10", 0, 2.0, 10), _record("every1", 0, 1.9, 100)])
+    timing = tmp_path / "timing.json"
+    timing.write_text(json.dumps({"timings": [{"size": 768, "step_seconds": 0.1, "refresh_seconds": 0.5}]}))
+    study.write_report(page, rows, timing, default="every1")
+    text = page.read_text()
+    assert text.startswith("intro\n<!-- refresh-study:begin -->\n| schedule |") and "old" not in text
+    assert "outro" in text and "<!-- refresh-timing:begin -->" in text
+    # at every=10: 2 factors x 0.5 s / 10 = 0.1 s per step beside a 0.1 s step: half of it
+    assert "| 768 | 0.100 | 0.500 | 50% | 91% |" in text  # every1 made 10x every=10's refreshes
