@@ -19,6 +19,7 @@ cosine schedule), so a run costs only its steps.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import math
@@ -35,7 +36,8 @@ from tqdm.auto import tqdm
 import lightning_kron as lk
 from lightning_kron.engine.validation import check_positive_int, check_unit_interval
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
-from recipes.optimizers import OptimizerConfig, configure_optimization
+from recipes.optimizers import OptimizerConfig, configure_optimization, weight_decay_groups
+from recipes.schedule import warmup_cosine
 from scripts.small_models import make_task
 
 
@@ -246,6 +248,7 @@ def schedules(steps: int) -> dict[str, object]:
         "every20": lk.FixedRefresh(every=20),
         "budget20-front": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=steps),
         "budget20-flat": BudgetRefresh(every=20, front_load=1.0, total_steps=steps),
+        "bare-default": BudgetRefresh(),  # what SOAP(params) does alone: the length unknown
         "budget20-front-check5-qr3": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=steps,
                                                    check_every=5, max_iters=3, tolerance=0.02),
         "budget20-front3": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
@@ -257,17 +260,55 @@ def schedules(steps: int) -> dict[str, object]:
 
 
 BASELINES = ("every10", "every1", "every20")
+#: Not a schedule of ours: the SOAP reference code (``pytorch_optimizer.SOAP``, its every=10) at the
+#: study's hyperparameters, learning-rate schedule and weight-decay groups.
+REFERENCE = "reference"
+#: The variant of records made before SOAP refreshed after the step and kept V by rank (issue 11).
+OLD_VARIANT = "in_step+rotate"
+
+
+def soap_variant() -> str:
+    """``lk.SOAP``'s default refresh timing and second-moment carry-over, as ``"timing+carry"``:
+    recorded with every run, so runs of other defaults are never compared with these."""
+    parameters = inspect.signature(lk.SOAP).parameters
+    return f"{parameters['refresh_timing'].default}+{parameters['second_moment_on_refresh'].default}"
+
+
+def _variant_of(record: dict) -> str:
+    return record.get("soap", OLD_VARIANT)
+
+
+def _reference_optimizer(model: StudyModel, network: torch.nn.Module) -> tuple[torch.optim.Optimizer, list]:
+    """The reference SOAP over the recipes' weight-decay groups, and a list that collects how many
+    factors each of its refreshes recomputed."""
+    from pytorch_optimizer import SOAP as ReferenceSOAP  # the dev extra; only this row needs it
+
+    config = OptimizerConfig(name="soap", lr=model.lr, weight_decay=model.weight_decay)
+    groups = [{**group, "params": [param for _, param in group["params"]]} for group in weight_decay_groups(network, config)]
+    optimizer = ReferenceSOAP(groups, lr=model.lr, betas=(0.95, 0.95), weight_decay=model.weight_decay)
+    refreshed: list[int] = []
+    recompute = optimizer.get_orthogonal_matrix_qr
+
+    def counted(state, *args, **kwargs):
+        refreshed.append(sum(1 for factor in state["GG"] if len(factor)))
+        return recompute(state, *args, **kwargs)
+
+    optimizer.get_orthogonal_matrix_qr = counted
+    return optimizer, refreshed
 
 
 def run_one(model: StudyModel, schedule: str, seed: int) -> dict:
     """Train one run; returns its record (final val loss, refreshes, seconds)."""
     torch.manual_seed(seed)
     task = model.build(seed)
-    policy = schedules(model.steps)[schedule]
-    config = OptimizerConfig(name="soap", lr=model.lr, betas=(0.95, 0.95), weight_decay=model.weight_decay,
-                             warmup_steps=model.warmup_steps, options={"refresh": policy})
-    setup = configure_optimization(config, task.network, model.steps)
-    optimizer, lr_schedule = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    if schedule == REFERENCE:
+        optimizer, refreshed = _reference_optimizer(model, task.network)
+        lr_schedule = warmup_cosine(optimizer, model.warmup_steps, model.steps, OptimizerConfig().min_lr_ratio)
+    else:
+        config = OptimizerConfig(name="soap", lr=model.lr, betas=(0.95, 0.95), weight_decay=model.weight_decay,
+                                 warmup_steps=model.warmup_steps, options={"refresh": schedules(model.steps)[schedule]})
+        setup = configure_optimization(config, task.network, model.steps)
+        optimizer, lr_schedule = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
     started = time.perf_counter()
     for batch in itertools.islice(task.batches, model.steps):
         optimizer.zero_grad(set_to_none=True)
@@ -275,10 +316,14 @@ def run_one(model: StudyModel, schedule: str, seed: int) -> dict:
         optimizer.step()
         lr_schedule.step()
     seconds = time.perf_counter() - started
+    record = {"model": model.name, "schedule": schedule, "seed": seed, "steps": model.steps, "soap": soap_variant(),
+              "val_loss": evaluate(task), "train_seconds": seconds}
+    if schedule == REFERENCE:
+        factors = sum(1 for state in optimizer.state.values() for factor in state.get("GG", []) if len(factor))
+        return {**record, "refreshes": sum(refreshed), "factors": factors, "refresh_seconds": None}
     counters = optimizer.scheduler.counters
-    return {"model": model.name, "schedule": schedule, "seed": seed, "steps": model.steps,
-            "val_loss": evaluate(task), "refreshes": counters.refreshes, "factors": len(optimizer.factors()),
-            "refresh_seconds": counters.seconds, "train_seconds": seconds}
+    return {**record, "refreshes": counters.refreshes, "factors": len(optimizer.factors()),
+            "refresh_seconds": counters.seconds}
 
 
 @torch.no_grad()
@@ -290,7 +335,9 @@ def evaluate(task: Task) -> float:
 
 
 def _key(record: dict) -> tuple:
-    return record["model"], record["schedule"], record["seed"]
+    """A run's identity; the reference does not depend on our defaults, so it has no variant."""
+    variant = None if record["schedule"] == REFERENCE else _variant_of(record)
+    return record["model"], record["schedule"], record["seed"], variant
 
 
 def load_records(*paths: Path) -> list[dict]:
@@ -309,7 +356,9 @@ def run_all(path: Path, models: list[str], names: list[str], seeds: list[int], p
     """Every (model, schedule, seed) not yet in ``path``; saved after each run (resumable)."""
     records = load_records(path)
     done = {_key(r) for r in records}
-    todo = [(m, s, seed) for seed in seeds for m in models for s in names if (m, s, seed) not in done]
+    current = soap_variant()
+    todo = [(m, s, seed) for seed in seeds for m in models for s in names
+            if (m, s, seed, None if s == REFERENCE else current) not in done]
     for model, schedule, seed in tqdm(todo, desc="refresh study", disable=not progress):
         records.append(run_one(STUDY_MODELS[model], schedule, seed))
         save_records(path, records)
@@ -331,16 +380,19 @@ class Row:
     losses: list = field(default_factory=list)  # final val losses, one per seed
 
 
-def summarize(records: list[dict]) -> list[Row]:
-    """One row per (model, schedule): refreshes and loss relative to every=10 on the same seeds."""
-    by_key = {_key(r): r for r in records}
+def summarize(records: list[dict], baseline: str = "every10", variant: Optional[str] = None) -> list[Row]:
+    """One row per (model, schedule): refreshes and loss relative to ``baseline`` on the same seeds,
+    over the runs of SOAP's ``variant`` of defaults (the current ones unless told) and the reference."""
+    variant = variant or soap_variant()
+    records = [r for r in records if r["schedule"] == REFERENCE or _variant_of(r) == variant]
+    by_key = {(r["model"], r["schedule"], r["seed"]): r for r in records}
     rows = []
     for model, schedule in sorted({(r["model"], r["schedule"]) for r in records}, key=_order):
         runs = [r for r in records if r["model"] == model and r["schedule"] == schedule
-                and (model, "every10", r["seed"]) in by_key]
+                and (model, baseline, r["seed"]) in by_key]
         if not runs:
             continue
-        base = [by_key[(model, "every10", r["seed"])] for r in runs]
+        base = [by_key[(model, baseline, r["seed"])] for r in runs]
         changes = [r["val_loss"] / b["val_loss"] - 1 for r, b in zip(runs, base)]
         rows.append(Row(model, schedule, statistics.mean(r["refreshes"] for r in runs),
                         sum(r["refreshes"] for r in runs) / max(1, sum(b["refreshes"] for b in base)),
@@ -349,8 +401,26 @@ def summarize(records: list[dict]) -> list[Row]:
     return rows
 
 
+def reference_table(records: list[dict], ours: tuple[str, ...] = ("every10", "budget20-front", "bare-default")) -> str:
+    """Per model: the reference's mean final loss and each of ``ours`` against it (mean over seeds
+    of the per-seed change; the worst seed in brackets)."""
+    rows = {(r.model, r.schedule): r for r in summarize(records, baseline=REFERENCE)}
+    models = list(dict.fromkeys(model for model, schedule in rows if schedule == REFERENCE))
+    shown = [name for name in ours if any((model, name) in rows for model in models)]
+    lines = ["| model | reference (mean) | " + " | ".join(f"ours, {name}" for name in shown) + " |",
+             "|---|---:|" + "---:|" * len(shown)]
+    for model in models:
+        cells = [f"{rows[(model, REFERENCE)].loss:.4f}"]
+        for name in shown:
+            row = rows.get((model, name))
+            cells.append("" if row is None else f"{row.loss:.4f} ({100 * row.loss_change:+.1f}%, worst seed "
+                                                f"{100 * max(row.per_seed):+.1f}%)")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _order(pair: tuple[str, str]) -> tuple:
-    models, names = list(STUDY_MODELS), list(schedules(100))
+    models, names = list(STUDY_MODELS), [*BASELINES, REFERENCE, *schedules(100)]
     model, schedule = pair
     return (models.index(model) if model in models else len(models), names.index(schedule) if schedule in names else 99)
 
@@ -460,10 +530,13 @@ def replace_between(text: str, marker: str, content: str) -> str:
     return f"{head}{begin}\n{content}\n{end}{rest.split(end, 1)[1]}"
 
 
-def write_report(path: Path, rows: list[Row], timing: Optional[Path], default: str) -> None:
+def write_report(path: Path, rows: list[Row], timing: Optional[Path], default: str,
+                 reference: Optional[str] = None) -> None:
     """The study's tables (and the timing table, when measured) into ``path`` between markers."""
     text = path.read_text() if path.exists() else ""
     text = replace_between(text, "refresh-study", markdown_tables(rows))
+    if reference is not None:
+        text = replace_between(text, "refresh-reference", reference)
     if timing is not None and timing.exists():
         mine = [r.refresh_ratio for r in rows if r.schedule == default]
         ratio = statistics.mean(mine) if mine else None
@@ -476,7 +549,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("runs/refresh_study.json"), help="where runs are stored")
     parser.add_argument("--also", type=Path, nargs="*", default=[], help="more run files to report (parallel workers)")
     parser.add_argument("--models", default=",".join(STUDY_MODELS))
-    parser.add_argument("--schedules", default=",".join(schedules(100)))
+    parser.add_argument("--schedules", default=",".join([*schedules(100), REFERENCE]))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--report", type=Path, default=None, help="write the tables here (markdown) and the plot next to it")
     parser.add_argument("--plot", type=Path, default=Path("docs/figures/refresh_study.png"))
@@ -498,10 +571,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.report is None:
         run_all(args.json, args.models.split(","), args.schedules.split(","),
                 [int(s) for s in args.seeds.split(",")], not args.no_progress)
-    rows = summarize(load_records(args.json, *args.also))
+    records = load_records(args.json, *args.also)
+    rows = summarize(records)
     text = markdown_tables(rows)
+    reference = reference_table(records) if any(r["schedule"] == REFERENCE for r in records) else None
+    if reference is not None:
+        text += "\n\n" + reference
     if args.report is not None:
-        write_report(args.report, rows, args.timing_json, args.default)
+        write_report(args.report, rows, args.timing_json, args.default, reference)
         plot(rows, args.plot)
     print(text)
     return 0
