@@ -27,8 +27,9 @@ def test_runs_are_recorded_and_not_repeated(toy, tmp_path, monkeypatch):
     assert study.run_all(path, [toy], ["every10", "budget20-front"], [0], progress=False) == records
 
 
-def _record(schedule, seed, loss, refreshes):
-    return {"model": "m", "schedule": schedule, "seed": seed, "val_loss": loss, "refreshes": refreshes}
+def _record(schedule, seed, loss, refreshes, variant=None):
+    return {"model": "m", "schedule": schedule, "seed": seed, "val_loss": loss, "refreshes": refreshes,
+            "soap": variant or study.soap_variant()}
 
 
 def test_the_summary_is_relative_to_every10_on_the_same_seeds():
@@ -54,3 +55,35 @@ def test_the_report_replaces_only_its_own_section(tmp_path):
     assert "outro" in text and "<!-- refresh-timing:begin -->" in text
     # at every=10: 2 factors x 0.5 s / 10 = 0.1 s per step beside a 0.1 s step: half of it
     assert "| 768 | 0.100 | 0.500 | 50% | 91% |" in text  # every1 made 10x every=10's refreshes
+
+
+def test_the_reference_runs_in_the_study_and_counts_its_refreshes_like_every10(toy, tmp_path):
+    records = study.run_all(tmp_path / "runs.json", [toy], ["every10", study.REFERENCE], [0], progress=False)
+    ours, reference = records
+    # the toy MLP has only matrices: the reference preconditions the same factors, once, at step 10
+    assert reference["factors"] == ours["factors"] > 0 and reference["refreshes"] == ours["refreshes"]
+    assert reference["val_loss"] > 0 and reference["val_loss"] != ours["val_loss"]
+
+
+def test_runs_of_other_defaults_are_neither_compared_nor_taken_for_current_ones(toy, tmp_path):
+    path = tmp_path / "runs.json"
+    old = {**_record("every10", 0, 1.0, 5, variant=study.OLD_VARIANT), "model": toy}
+    del old["soap"]  # records made before the variant was recorded are the old defaults
+    study.save_records(path, [old])
+    records = study.run_all(path, [toy], ["every10"], [0], progress=False)
+    assert len(records) == 2 and records[1]["soap"] == study.soap_variant()
+    (row,) = study.summarize(records)
+    assert row.losses == [records[1]["val_loss"]]
+    (old_row,) = study.summarize(records, variant=study.OLD_VARIANT)
+    assert old_row.losses == [1.0]
+
+
+def test_the_reference_table_compares_each_seed_with_the_reference():
+    records = [_record(study.REFERENCE, 0, 2.0, 10), _record(study.REFERENCE, 1, 4.0, 10),
+               _record("every10", 0, 1.8, 10), _record("every10", 1, 4.4, 10),
+               _record("budget20-front", 0, 2.0, 5), _record("budget20-front", 1, 3.0, 5)]
+    table = study.reference_table(records)
+    assert table.splitlines()[0] == "| model | reference (mean) | ours, every10 | ours, budget20-front |"
+    # every10: -10% and +10% -> mean 0, worst +10%; budget: 0% and -25%
+    assert table.splitlines()[2] == ("| m | 3.0000 | 3.1000 (+0.0%, worst seed +10.0%) | "
+                                     "2.5000 (-12.5%, worst seed +0.0%) |")
