@@ -249,6 +249,7 @@ def schedules(steps: int) -> dict[str, object]:
         "budget20-front": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=steps),
         "budget20-flat": BudgetRefresh(every=20, front_load=1.0, total_steps=steps),
         "bare-default": BudgetRefresh(),  # what SOAP(params) does alone: the length unknown
+        "bare-early40": BudgetRefresh(early_steps=40),  # the length unknown, twice the rate for 40 steps
         "budget20-front-check5-qr3": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=steps,
                                                    check_every=5, max_iters=3, tolerance=0.02),
         "budget20-front3": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
