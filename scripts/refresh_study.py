@@ -402,10 +402,11 @@ def summarize(records: list[dict], baseline: str = "every10", variant: Optional[
     return rows
 
 
-def reference_table(records: list[dict], ours: tuple[str, ...] = ("every10", "budget20-front", "bare-default")) -> str:
+def reference_table(records: list[dict], ours: tuple[str, ...] = ("every10", "budget20-front", "bare-default", "bare-early40"),
+                    variant: Optional[str] = None) -> str:
     """Per model: the reference's mean final loss and each of ``ours`` against it (mean over seeds
     of the per-seed change; the worst seed in brackets)."""
-    rows = {(r.model, r.schedule): r for r in summarize(records, baseline=REFERENCE)}
+    rows = {(r.model, r.schedule): r for r in summarize(records, baseline=REFERENCE, variant=variant)}
     models = list(dict.fromkeys(model for model, schedule in rows if schedule == REFERENCE))
     shown = [name for name in ours if any((model, name) in rows for model in models)]
     lines = ["| model | reference (mean) | " + " | ".join(f"ours, {name}" for name in shown) + " |",
@@ -532,10 +533,10 @@ def replace_between(text: str, marker: str, content: str) -> str:
 
 
 def write_report(path: Path, rows: list[Row], timing: Optional[Path], default: str,
-                 reference: Optional[str] = None) -> None:
+                 reference: Optional[str] = None, marker: str = "refresh-study") -> None:
     """The study's tables (and the timing table, when measured) into ``path`` between markers."""
     text = path.read_text() if path.exists() else ""
-    text = replace_between(text, "refresh-study", markdown_tables(rows))
+    text = replace_between(text, marker, markdown_tables(rows))
     if reference is not None:
         text = replace_between(text, "refresh-reference", reference)
     if timing is not None and timing.exists():
@@ -559,6 +560,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="with --report: the timing measured by --timing, put into the report")
     parser.add_argument("--sizes", default="768,1024,2048,4096")
     parser.add_argument("--default", default="budget20-front", help="the schedule whose refresh rate the timing uses")
+    parser.add_argument("--variant", default=None,
+                        help=f"report the runs of these SOAP defaults (timing+carry; default: the current ones, "
+                             f"{soap_variant()}; runs without a variant are {OLD_VARIANT})")
+    parser.add_argument("--marker", default="refresh-study", help="with --report: the section of the page to replace")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -573,13 +578,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         run_all(args.json, args.models.split(","), args.schedules.split(","),
                 [int(s) for s in args.seeds.split(",")], not args.no_progress)
     records = load_records(args.json, *args.also)
-    rows = summarize(records)
+    rows = summarize(records, variant=args.variant)
     text = markdown_tables(rows)
-    reference = reference_table(records) if any(r["schedule"] == REFERENCE for r in records) else None
+    reference = reference_table(records, variant=args.variant) if any(r["schedule"] == REFERENCE for r in records) else None
     if reference is not None:
         text += "\n\n" + reference
     if args.report is not None:
-        write_report(args.report, rows, args.timing_json, args.default, reference)
+        write_report(args.report, rows, args.timing_json, args.default, reference, args.marker)
         plot(rows, args.plot)
     print(text)
     return 0
