@@ -248,8 +248,9 @@ def schedules(steps: int) -> dict[str, object]:
         "every20": lk.FixedRefresh(every=20),
         "budget20-front": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=steps),
         "budget20-flat": BudgetRefresh(every=20, front_load=1.0, total_steps=steps),
-        "bare-default": BudgetRefresh(),  # what SOAP(params) does alone: the length unknown
-        "bare-early40": BudgetRefresh(early_steps=40),  # the length unknown, twice the rate for 40 steps
+        # SOAP(params) alone does not know the length: an even spread, or the early rate for 30 steps
+        "bare-flat": BudgetRefresh(every=20, front_load=1.0),
+        "bare-early30": BudgetRefresh(every=20, front_load=3.0, early_steps=30),
         "budget20-front-check5-qr3": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=steps,
                                                    check_every=5, max_iters=3, tolerance=0.02),
         "budget20-front3": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
@@ -264,15 +265,18 @@ BASELINES = ("every10", "every1", "every20")
 #: Not a schedule of ours: the SOAP reference code (``pytorch_optimizer.SOAP``, its every=10) at the
 #: study's hyperparameters, learning-rate schedule and weight-decay groups.
 REFERENCE = "reference"
-#: The variant of records made before SOAP refreshed after the step and kept V by rank (issue 11).
-OLD_VARIANT = "in_step+rotate"
+#: The variant of records made before SOAP refreshed after the step, kept V by rank and blocked
+#: conv weights per dim (issue 11).
+OLD_VARIANT = "in_step+rotate+merged"
 
 
 def soap_variant() -> str:
-    """``lk.SOAP``'s default refresh timing and second-moment carry-over, as ``"timing+carry"``:
-    recorded with every run, so runs of other defaults are never compared with these."""
+    """``lk.SOAP``'s default refresh timing, second-moment carry-over and conv blocking, as
+    ``"timing+carry+blocking"``: recorded with every run, so runs of other defaults are never
+    compared with these."""
     parameters = inspect.signature(lk.SOAP).parameters
-    return f"{parameters['refresh_timing'].default}+{parameters['second_moment_on_refresh'].default}"
+    blocking = "merged" if parameters["merge_dims"].default else "per-dim"
+    return f"{parameters['refresh_timing'].default}+{parameters['second_moment_on_refresh'].default}+{blocking}"
 
 
 def _variant_of(record: dict) -> str:
@@ -402,7 +406,7 @@ def summarize(records: list[dict], baseline: str = "every10", variant: Optional[
     return rows
 
 
-def reference_table(records: list[dict], ours: tuple[str, ...] = ("every10", "budget20-front", "bare-default", "bare-early40"),
+def reference_table(records: list[dict], ours: tuple[str, ...] = ("every10", "budget20-front3", "bare-flat", "bare-early30"),
                     variant: Optional[str] = None) -> str:
     """Per model: the reference's mean final loss and each of ``ours`` against it (mean over seeds
     of the per-seed change; the worst seed in brackets)."""

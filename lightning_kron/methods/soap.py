@@ -214,10 +214,12 @@ class SOAP(EigenvalueCorrectedOptimizer):
 
     def __init__(self, params: Any, lr: float = 3e-3, betas=(0.95, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.01, *, refresh=None, solver: str = "qr",
-                 second_moment_on_refresh: str = "keep", refresh_timing: str = "after_step", **options: Any) -> None:
+                 second_moment_on_refresh: str = "keep", refresh_timing: str = "after_step", merge_dims: bool = False,
+                 **options: Any) -> None:
         refresh = refresh if refresh is not None else BudgetRefresh()
         super().__init__(params, lr, betas, eps, weight_decay, refresh=refresh, solver=solver,
-                         second_moment_on_refresh=second_moment_on_refresh, refresh_timing=refresh_timing, **options)
+                         second_moment_on_refresh=second_moment_on_refresh, refresh_timing=refresh_timing,
+                         merge_dims=merge_dims, **options)
 
 
 class EShampoo(EigenvalueCorrectedOptimizer):

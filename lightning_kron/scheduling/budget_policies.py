@@ -83,8 +83,8 @@ class BudgetRefresh:
     """
 
     every: int = 20
-    front_load: float = 2.0
-    early_fraction: float = 0.25
+    front_load: float = 3.0
+    early_fraction: float = 0.2
     early_steps: Optional[int] = None
     total_steps: Optional[int] = None
     tolerance: float = 0.0
