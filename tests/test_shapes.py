@@ -31,12 +31,20 @@ def test_plans():
     assert all(b.factored == (True, True) for b in split.blocks)
 
 
-def test_conv_weights_are_merged_and_trained():
+def test_conv_weights_are_merged_on_request_and_trained():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
-    optimizer = lk.SOAP(model.named_parameters(), lr=1e-3)
+    optimizer = lk.SOAP(model.named_parameters(), lr=1e-3, merge_dims=True)
     _step(model, optimizer, torch.randn(2, 3, 10, 10))
     assert "0.weight[L]" in optimizer.factor_names() and "0.weight[R]" in optimizer.factor_names()
     assert optimizer.state[model[0].weight]["block0.basis.1"].shape == (27, 27)
+
+
+def test_soap_gives_each_conv_dim_its_own_factor_by_default():
+    model = nn.Conv2d(3, 8, (3, 2))
+    optimizer = lk.SOAP(model.named_parameters(), lr=1e-3)
+    _step(model, optimizer, torch.randn(2, 3, 10, 10))
+    assert {f.name: f.size for f in optimizer.factors()} == {
+        "weight[0]": 8, "weight[1]": 3, "weight[2]": 3, "weight[3]": 2}
 
 
 def test_gpt2_conv1d_is_a_matrix():
