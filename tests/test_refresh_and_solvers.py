@@ -40,11 +40,14 @@ def _warm_qr_step(basis, factor, orthonormalizer):
 
 @pytest.mark.parametrize("orthonormalizer", ["householder", "cholesky_qr2"])
 def test_qr_step_in_basis_equals_orthonormalizing_l_times_q(orthonormalizer):
+    """... or ``(L + delta I) Q`` for a shifted orthonormalizer (Cholesky-QR2's shift)."""
     generator = torch.Generator().manual_seed(7)
     factor = _random_spd(6, generator)
     basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
     new_basis, new_stats, sorted_basis, ok = _warm_qr_step(basis, factor, orthonormalizer)
-    direct, _ = solvers.householder_qr((factor @ sorted_basis)[None])
+    shift = solvers.ORTHONORMALIZERS[orthonormalizer].shift
+    delta = 0.0 if shift is None else shift((basis.T @ factor @ basis)[None])[0]
+    direct, _ = solvers.householder_qr(((factor + delta * torch.eye(6, dtype=factor.dtype)) @ sorted_basis)[None])
     assert ok
     torch.testing.assert_close(new_basis, direct[0])
     torch.testing.assert_close(new_stats, new_basis.T @ factor @ new_basis)
@@ -198,8 +201,10 @@ def test_eigh_falls_back_member_by_member(monkeypatch):
 
 
 @pytest.mark.parametrize("solve", [solvers.eigh_in_basis,
-                                   lambda stats: solvers.qr_step_in_basis(stats, solvers.ORTHONORMALIZERS["householder"])])
+                                   lambda stats: solvers.qr_step_in_basis(stats, solvers.ORTHONORMALIZERS["householder"]),
+                                   lambda stats: solvers.qr_step_in_basis(stats, solvers.ORTHONORMALIZERS["cholesky_qr2"])])
 def test_nonfinite_factor_gets_the_identity_rotation(solve):
+    """Also with Cholesky-QR2's shift: a NaN member is still flagged (its shift is NaN too)."""
     factors = torch.diag(torch.tensor([3.0, 2.0, 1.0])).repeat(2, 1, 1)
     factors[1, 0, 0] = float("nan")
     rotations, new_stats, ok = solve(factors)
@@ -225,33 +230,118 @@ def test_cholesky_qr2_flags_the_members_it_cannot_orthonormalise_without_a_host_
     torch.testing.assert_close(q[0] @ r[0], y[0].float(), atol=1e-5, rtol=1e-5)
 
 
+U32 = 2.0**-24  # fp32's unit roundoff
+
+
+def test_shifted_cholesky_qr2_step_solves_rank_deficient_members_exactly_in_q_space():
+    """Rank-8 PSD members of size 64 (and a full-rank and an all-zero one) in fp32, in random bases:
+    unshifted Cholesky-QR2 fails the rank-deficient ones; the shifted step solves every member, P
+    is orthonormal and ``P (R P - delta I) P^T`` gives B back.
+
+    Tolerances, from fp32 arithmetic (u = 2^-24, d = 64): the shift bounds cond(B + delta I) by 411,
+    so round one leaves ``||Q1^T Q1 - I|| ~ u cond^2 <= 1e-2`` and round two orthonormalises a
+    perfectly conditioned Q1. Each entry of ``P^T P - I`` then collects the rounding of a length-d
+    inner product of unit vectors (<= d u, the standard gamma_d bound), of the Cholesky of the
+    Gram (<= d u) and of the triangular solve (<= d u), plus the test's own product (<= d u): 4 d u
+    (1.5e-5; measured 7e-7). Reconstruction: the QR backward error and the product R P each err by
+    <= d u ||Y||, the test's two products by d u ||Y|| each, and P's defect enters twice (8 d u
+    ||Y||): 12 d u ||Y||_2, bounded with ``||Y||_2 <= ||B||_inf + delta`` (measured 0.02 d u ||Y||_inf;
+    without the ``- delta I``, 640 d u ||Y||_inf).
+    """
+    size, rank = 64, 8
+    generator = torch.Generator().manual_seed(0)
+    vectors = torch.randn(3, size, rank, generator=generator)
+    full = _random_spd(size, generator).float()[None]
+    stats = torch.cat([vectors @ vectors.mT, full, torch.zeros(1, size, size)])
+    order = solvers.descending_diagonal_order(stats)
+    assert not solvers.cholesky_qr2(solvers.rows_in_order(stats, order).mT)[2][:3].any()  # unshifted
+    counter = count_ops.OpCounter()
+    with counter, counter.host_reads():
+        rotation, new_stats, ok = solvers.qr_step_in_basis(stats, solvers.ORTHONORMALIZERS["cholesky_qr2"], order=order)
+    assert counter.counts.host_syncs == 0 and ok.all()
+    eye = torch.eye(size)
+    assert (rotation.mT @ rotation - eye).abs().amax() <= 4 * size * U32
+    scale = torch.linalg.matrix_norm(stats, ord=float("inf")) + solvers.qr_step_shift(stats)
+    error = (rotation @ new_stats @ rotation.mT - stats).abs().amax(dim=(-2, -1))
+    assert (error <= 12 * size * U32 * scale).all()
+    assert torch.equal(rotation[-1], eye[:, order[-1]]) and torch.equal(new_stats[-1], stats[-1])  # Y = Pi exactly
+
+
+def test_shifted_step_is_the_qr_step_of_b_plus_delta_and_as_good_as_householders():
+    """fp64, a warm full-rank B (cond 100): the shifted Cholesky-QR2 step's P is Householder's QR
+    of ``(B + delta I) Pi`` and its stored factor is exactly ``P^T B P`` (missing the ``- delta I``
+    would be off by ``delta ~ 1e-7 ||B||``, 1e5 times the tolerance); it ranks the columns as
+    Householder's unshifted step does, and each off-diagonal entry of the new B changes by the
+    factor ``(1 + delta/lambda_j) / (1 + delta/lambda_i)`` (first order), so the staleness is
+    Householder's within ``delta / lambda_min``."""
+    size = 16
+    generator = torch.Generator().manual_seed(3)
+    factor = _random_spd(size, generator)
+    _, vectors = torch.linalg.eigh(factor)
+    basis, _ = torch.linalg.qr(vectors + 0.05 * torch.randn(size, size, generator=generator, dtype=torch.float64))
+    stats = (basis.T @ factor @ basis)[None]
+    order = solvers.descending_diagonal_order(stats)
+    rotation, new_stats, ok = solvers.qr_step_in_basis(stats, solvers.ORTHONORMALIZERS["cholesky_qr2"], order=order)
+    plain_rotation, plain_stats, _ = solvers.qr_step_in_basis(stats, solvers.ORTHONORMALIZERS["householder"], order=order)
+    delta = solvers.qr_step_shift(stats)
+    shifted = stats + delta[:, None, None] * torch.eye(size, dtype=stats.dtype)
+    expected, _ = solvers.householder_qr(solvers.rows_in_order(shifted, order).mT)
+    norm = float(torch.linalg.matrix_norm(stats, ord=2)[0])
+    assert ok.all() and float(delta[0]) > 1e-8 * norm
+    torch.testing.assert_close(rotation, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(new_stats, rotation.mT @ stats @ rotation, atol=1e-12 * norm, rtol=0)
+    diagonal = lambda b: b.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True)  # noqa: E731
+    assert torch.equal(diagonal(new_stats), diagonal(plain_stats))
+    change = float(staleness(new_stats)[0] / staleness(plain_stats)[0] - 1)
+    assert abs(change) <= float(delta[0]) / float(torch.linalg.eigvalsh(factor)[0])
+
+
+def _soap_on_a_singular_factor(orthonormalizer, poison=False):
+    """SOAP on a linear layer whose input feature 0 is always zero (its right factor L is singular),
+    refreshing at steps 1 and 3; ``poison`` puts a NaN into that factor before step 3. Returns the
+    optimizer and each step's host syncs."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4)
+    optimizer = lk.SOAP(model.parameters(), refresh=lk.FixedRefresh(every=2), orthonormalizer=orthonormalizer)
+    syncs = []
+    for step in range(3):
+        optimizer.zero_grad()
+        inputs = torch.randn(16, 6)
+        inputs[:, 0] = 0.0
+        model(inputs).square().mean().backward()
+        if poison and step == 2:
+            optimizer.state[model.weight]["block0.stats.1"][0, 0] = float("nan")
+        counter = count_ops.OpCounter()
+        with counter, counter.host_reads():
+            optimizer.step()
+        syncs.append(counter.counts.host_syncs)
+    return optimizer, syncs
+
+
+def test_a_singular_factor_needs_no_householder_fallback_with_the_shift():
+    """The shifted Cholesky-QR2 refresh solves the singular factor (unshifted, it failed and fell back
+    to Householder): no failure, so nothing to refresh again (the flags are still read, the refresh
+    step's second host read), and the same L = Q B Q^T as Householder's run."""
+    optimizer, syncs = _soap_on_a_singular_factor("cholesky_qr2")
+    reference, _ = _soap_on_a_singular_factor("householder")
+    state, expected = (next(iter(o.state.values())) for o in (optimizer, reference))
+    assert (int(state["block0.failures.1"]), syncs[2]) == (0, 2)
+    factor = lambda s: s["block0.basis.1"] @ s["block0.stats.1"] @ s["block0.basis.1"].T  # noqa: E731
+    torch.testing.assert_close(factor(state), factor(expected))
+
+
 @pytest.mark.parametrize("orthonormalizer", ["cholesky_qr2", "householder"])
 def test_a_failed_cholesky_refresh_falls_back_to_householder_with_one_more_host_read(orthonormalizer):
-    """A factor whose Cholesky-QR2 fails (a zero input feature makes L singular) is refreshed again
-    with Householder: same basis as a Householder run, the failure counted, and the refresh step
-    reads the host once for the decision and once for all of Cholesky's failures."""
-    def run(orthonormalizer):
-        torch.manual_seed(0)
-        model = nn.Linear(6, 4)
-        optimizer = lk.SOAP(model.parameters(), refresh=lk.FixedRefresh(every=2), orthonormalizer=orthonormalizer)
-        syncs = []
-        for _ in range(3):
-            optimizer.zero_grad()
-            inputs = torch.randn(16, 6)
-            inputs[:, 0] = 0.0
-            model(inputs).square().mean().backward()
-            counter = count_ops.OpCounter()
-            with counter, counter.host_reads():
-                optimizer.step()
-            syncs.append(counter.counts.host_syncs)
-        return optimizer, syncs
-
-    optimizer, syncs = run(orthonormalizer)
-    reference, _ = run("householder")
-    weight = optimizer.state[next(iter(optimizer.state))]
-    torch.testing.assert_close(weight["block0.basis.1"], reference.state[next(iter(reference.state))]["block0.basis.1"])
-    failures = int(weight["block0.failures.1"])
-    assert (failures, syncs[2]) == ((1, 2) if orthonormalizer == "cholesky_qr2" else (0, 1))
+    """A factor whose Cholesky-QR2 fails (a NaN in it) is refreshed again with Householder: both keep
+    the basis of a Householder run, every failed attempt is counted (Cholesky's and Householder's
+    retry), and the refresh step reads the host once for the decision and once for all of
+    Cholesky's failures."""
+    optimizer, syncs = _soap_on_a_singular_factor(orthonormalizer, poison=True)
+    reference, _ = _soap_on_a_singular_factor("householder", poison=True)
+    state, expected = (next(iter(o.state.values())) for o in (optimizer, reference))
+    torch.testing.assert_close(state["block0.basis.1"], expected["block0.basis.1"])
+    failures = int(state["block0.failures.1"])
+    assert (failures, syncs[2]) == ((2, 2) if orthonormalizer == "cholesky_qr2" else (1, 1))
 
 
 @pytest.mark.parametrize("kwargs, match", [

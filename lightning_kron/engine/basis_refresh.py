@@ -17,7 +17,7 @@ permutation is folded into the rotation, so Q itself is never gathered.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Protocol, Sequence
 
 import torch
@@ -50,12 +50,15 @@ class BasisChangeHooks(Protocol):
 @dataclass(frozen=True)
 class RefreshRequest:
     """How to refresh: ``solver`` is "qr" (warm power step) or "eigh"; QR repeats while any member
-    is above ``tolerance``, at most ``max_iters`` times."""
+    is above ``tolerance``, at most ``max_iters`` times. ``shift=False`` declines the shift of an
+    orthonormalizer that has one (Cholesky-QR2's, :func:`~lightning_kron.engine.solvers.qr_step_shift`):
+    for factors whose small eigenvalues matter most (KrADagrad's inverses)."""
 
     solver: str = "qr"
     orthonormalizer: str = "householder"
     tolerance: float = 0.0
     max_iters: int = 1
+    shift: bool = True
 
 
 def _identity_order(order: torch.Tensor) -> torch.Tensor:
@@ -72,6 +75,8 @@ def _eigh(stats: torch.Tensor):
 def _warm_qr(stats: torch.Tensor, request: RefreshRequest, criterion=staleness):
     """Sorted power steps, repeated while any member is above tolerance (up to ``max_iters``)."""
     orth = ORTHONORMALIZERS[request.orthonormalizer]
+    if not request.shift:
+        orth = replace(orth, shift=None)
     rotation = order = None
     original = stats
     failed = torch.zeros(stats.shape[0], dtype=torch.bool, device=stats.device)

@@ -9,8 +9,13 @@ Every factor is stored as ``B = Q^T L Q``. A refresh therefore never forms ``L``
   which ``P^T B P = R P``: literally one step of the QR algorithm, whose termination test (the
   off-diagonal mass of B) is the staleness criterion. This avoids the 4 d^3 of forming ``L Q`` and
   the rotation ``Q_old^T Q_new`` and of re-expressing B. ``orth`` is Householder QR or Cholesky-QR2
-  (two rounds of ``R = chol(Y^T Y); Y <- Y R^-1``, mostly matmuls, much faster on a GPU). Cholesky-QR2
-  reports the members it could not orthonormalise (a rank-deficient or badly conditioned B) on the
+  (two rounds of ``R = chol(Y^T Y); Y <- Y R^-1``, mostly matmuls, much faster on a GPU).
+* Cholesky-QR2 needs ``cond(Y)`` well below ``u^(-1/2)``, and B is often rank-deficient (fewer
+  gradients than its size). So its step is *shifted*: it factors ``B + delta I = P R``
+  (:func:`qr_step_shift`, ``cond <= 411`` in fp32 by construction), which is the QR algorithm's step
+  with shift ``-delta``: the same eigenvectors, B re-expressed exactly as ``P^T B P = R P - delta I``;
+  only the separation of eigenvalues below ~delta slows (docs/algorithms.md). Householder takes no
+  shift. Cholesky-QR2 reports the members it could still not orthonormalise (non-finite ones) on the
   device; they keep their basis, and the optimizer refreshes just those again with Householder
   after one host read for the whole refresh step (``KronOptimizer.refresh_fallbacks``).
 
@@ -21,17 +26,31 @@ rotation (it keeps its old basis) and is reported in the ``ok`` mask so the call
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 DAMPING_STEPS = (1e-6, 1e-4)
-#: ``y -> (q, r, solved)``: ``solved`` (a per-member bool on the device, or None when the method
-#: cannot fail short of non-finite values) marks the members whose ``q`` can be trusted
-Orthonormalizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
 #: the orthonormalizer a failed member is refreshed again with
 FALLBACK = {"cholesky_qr2": "householder"}
 CHOLESKY_QR2_GRAM_TOLERANCE = 0.5  # ||Q1^T Q1 - I||_F after round one: round two repairs less
+#: a shifted QR step's ``delta / ||B||_inf``, in units of ``sqrt(u)`` (u: the unit roundoff)
+QR_SHIFT_PER_SQRT_ROUNDOFF = 10.0
+
+
+@dataclass(frozen=True)
+class Orthonormalizer:
+    """How a QR step orthonormalises its ``[N, d, d]`` input.
+
+    ``factor``: ``y -> (q, r, solved)``; ``solved`` (a per-member bool on the device, or None when
+    the method cannot fail short of non-finite values) marks the members whose ``q`` can be trusted.
+    ``shift``: ``B -> delta`` per member, or None: the step then factors ``B + delta I`` instead of B
+    (for a method that needs ``cond(Y)`` bounded, see :func:`qr_step_shift`).
+    """
+
+    factor: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
+    shift: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 def _finite_per_member(x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +155,33 @@ def _householder(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
     return (*householder_qr(y), None)
 
 
-ORTHONORMALIZERS: dict[str, Orthonormalizer] = {"householder": _householder, "cholesky_qr2": cholesky_qr2}
+def qr_step_shift(stats: torch.Tensor) -> torch.Tensor:
+    """The shift ``delta`` (``[N]``) that lets Cholesky-QR2 take a QR step of any PSD B: ``c ||B||_inf``.
+
+    For PSD B, ``lambda_max <= ||B||_inf`` (any induced norm bounds it) and ``lambda_min >= 0``, so
+    ``cond(B + delta I) <= (lambda_max + delta) / delta <= 1 + 1/c`` whatever B's rank. Cholesky-QR2
+    loses about ``u cond^2`` of orthogonality in round one, and round two repairs it only while that
+    is well below 1: ``c = 10 sqrt(u)`` bounds it by ``u (1 + 1/c)^2 ~ 1/100`` (``cond <= 411`` in
+    fp32, ``1e7`` in fp64). Rank-deficient B in random bases failed the Gram check from cond ~600 on
+    (d = 256..2048). On a warm (nearly diagonal) B, ``||B||_inf`` is within 1.5x of
+    ``lambda_max`` (gpt-mini), so delta is ~0.3% of ``lambda_max`` in fp32. An all-zero B gets
+    ``delta = 1``: Y is then I (times the sort's permutation), factored exactly, and B stays 0.
+    """
+    relative = QR_SHIFT_PER_SQRT_ROUNDOFF * (torch.finfo(stats.dtype).eps / 2) ** 0.5
+    scale = torch.linalg.matrix_norm(stats, ord=float("inf"))
+    return torch.where(scale > 0, relative * scale, 1.0)
+
+
+def _plus_diagonal(stats: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    shifted = stats.clone()  # keeps the stack's layout, which rows_in_order relies on
+    shifted.diagonal(dim1=-2, dim2=-1).add_(delta[:, None])
+    return shifted
+
+
+ORTHONORMALIZERS: dict[str, Orthonormalizer] = {
+    "householder": Orthonormalizer(_householder),
+    "cholesky_qr2": Orthonormalizer(cholesky_qr2, shift=qr_step_shift),
+}
 
 
 def qr_step_in_basis(stats: torch.Tensor, orth: Orthonormalizer,
@@ -149,10 +194,18 @@ def qr_step_in_basis(stats: torch.Tensor, orth: Orthonormalizer,
     relative to the unsorted basis and ``P^T B P = R (Pi^T P)`` needs only a row permutation of P.
     Rows, unlike the columns of a row-major stack, are contiguous, and B is symmetric, so
     ``B Pi = (Pi^T B)^T`` costs one row copy instead of two gathers (and a third to unsort P).
+
+    A shifted orthonormalizer factors ``(B + delta I) Pi = P R`` instead; then
+    ``P^T (B + delta I) P = R (Pi^T P)``, and subtracting ``delta I`` from it is the exact change of
+    basis of B (an absolute error of ``u delta``, below the ``u ||B||`` of the product itself).
     """
+    delta = None if orth.shift is None else orth.shift(stats)
     try:
-        rotation, upper, solved = orth(stats if order is None else rows_in_order(stats, order).mT)
+        y = stats if delta is None else _plus_diagonal(stats, delta)
+        rotation, upper, solved = orth.factor(y if order is None else rows_in_order(y, order).mT)
         new_stats = symmetric_product_of_upper(upper, rotation if order is None else rows_in_order(rotation, order))
+        if delta is not None:
+            new_stats.diagonal(dim1=-2, dim2=-1).sub_(delta[:, None])
         ok = _finite_per_member(rotation) & _finite_per_member(new_stats)
         if solved is not None:
             ok &= solved

@@ -265,6 +265,11 @@ class KronOptimizer(torch.optim.Optimizer):
     #: Whether ``_direction`` itself returns 0 for a parameter group skipped this step (a non-finite
     #: gradient); otherwise ``_finish`` masks the direction, one more pass over the stack.
     masks_skipped_direction = False
+    #: Whether a warm QR refresh with Cholesky-QR2 factors ``B + delta I`` (robust to rank-deficient
+    #: B; ``engine.solvers.qr_step_shift``). A shift relative to ``||B||`` costs the eigenvalues below
+    #: ~delta their relative precision and slows their separation: fine for statistics L, not for
+    #: a method that stores inverses, whose small eigenvalues are L's largest (KrADagrad).
+    shifted_qr_refresh = True
     #: The pure per-parameter-group functions that ``compile=True`` hands to ``torch.compile``, by
     #: name (a method adds its direction, e.g. SOAP's ``"direction"``).
     compilable: dict[str, Callable] = {"update": update_parameters}
@@ -852,7 +857,8 @@ class KronOptimizer(torch.optim.Optimizer):
         """
         row_index = None if len(rows) == len(group) else torch.tensor(rows, device=group.device)
         request = RefreshRequest(solver=solver or self.solver, tolerance=tolerance, max_iters=max_iters,
-                                 orthonormalizer=orthonormalizer or self._orthonormalizer_for(group.device))
+                                 orthonormalizer=orthonormalizer or self._orthonormalizer_for(group.device),
+                                 shift=self.shifted_qr_refresh)
         with cuda_matmul_precision("ieee", group.device.type == "cuda"):
             succeeded = refresh_factor(group, dim, row_index, request, self, self.global_step, reorthonormalize)
         if succeeded is None:
