@@ -178,8 +178,9 @@ class SOAP(EigenvalueCorrectedOptimizer):
             staleness tolerance (tune it per model).
         solver: "qr" (warm power step, default) or "eigh" (exact).
         orthonormalizer: "auto" (default: "cholesky_qr2" on CUDA, "householder" elsewhere),
-            "householder" or "cholesky_qr2" (batched, faster on GPUs; the members it cannot
-            orthonormalise are refreshed again with Householder).
+            "householder" or "cholesky_qr2" (batched, faster on GPUs; a QR step shifted by
+            ``delta I``, so rank-deficient factors need no fallback; the members it still cannot
+            orthonormalise, non-finite ones, are refreshed again with Householder).
         max_precond_dim: dims above this get no factor (or are split with ``split_large_dims``).
         rotation_dtype: "auto" (default: "tf32" on CUDA, fp32 elsewhere); "tf32" rotates the
             direction back on TF32 tensor cores (measured loss-neutral; everything else stays IEEE
