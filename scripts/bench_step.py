@@ -15,7 +15,8 @@ installed, with the same max_precond_dim and frequency.
 
 ``--refresh-orthonormalizers`` instead times one warm refresh of every factor (the stored B of
 SOAP at step every+1, just before its first warm refresh) with each orthonormalizer, and counts
-Cholesky-QR2's failures (members refreshed again with Householder) with and without its shift:
+the failures of shifted Cholesky-QR3 and Cholesky-QR2 (members refreshed again with Householder)
+with and without their QR-step shift:
 
     python -m scripts.bench_step --models gpt-mini --refresh-orthonormalizers
 """
@@ -33,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import lightning_kron as lk
-from lightning_kron.engine.solvers import ORTHONORMALIZERS, descending_diagonal_order, qr_step_in_basis, qr_step_shift
+from lightning_kron.engine.solvers import ORTHONORMALIZERS, descending_diagonal_order, qr_step_in_basis
 from lightning_kron.engine.staleness import staleness
 from lightning_kron.methods.registry import METHODS
 
@@ -196,8 +197,10 @@ def time_round_robin(rows: dict[str, Callable], shapes, device: torch.device, st
     return {name: candidate.timing(warmup) for name, candidate in candidates.items()}
 
 
-#: ``--refresh-orthonormalizers`` rows: (orthonormalizer, whether its shift is applied)
-REFRESH_ROWS = {"householder": ("householder", True), "cholesky_qr2 (shifted)": ("cholesky_qr2", True),
+#: ``--refresh-orthonormalizers`` rows: (orthonormalizer, whether its QR-step shift is applied).
+#: Unshifted shifted-Cholesky-QR3 keeps the shift ``s`` of its Gram matrix (what KrADagrad runs).
+REFRESH_ROWS = {"householder": ("householder", True), "cholesky_qr3 (shifted)": ("cholesky_qr3", True),
+                "cholesky_qr2 (shifted)": ("cholesky_qr2", True), "cholesky_qr3 unshifted": ("cholesky_qr3", False),
                 "cholesky_qr2 unshifted": ("cholesky_qr2", False)}
 
 
@@ -249,21 +252,30 @@ def time_refreshes(stacks: list[torch.Tensor], repeats: int = 3) -> dict[str, Re
             for name, (failures, results) in outcome.items()}
 
 
-def share_below_shift(stacks: list[torch.Tensor]) -> float:
-    """The share of all members' eigenvalues below Cholesky-QR2's shift (the slowed ones)."""
-    below = [(torch.linalg.eigvalsh(s.double()) < qr_step_shift(s).double()[:, None]).double() for s in stacks]
-    return float(torch.cat([b.flatten() for b in below]).mean())
+def shift_figures(stacks: list[torch.Tensor], orthonormalizer: str, shift: bool) -> str:
+    """A row's QR-step shift delta: the share of all members' eigenvalues below it (the slowed
+    ones) and its median ratio to lambda_max; "-" without one."""
+    step_shift = ORTHONORMALIZERS[orthonormalizer].shift
+    if not shift or step_shift is None:
+        return "- | -"
+    eigenvalues = [torch.linalg.eigvalsh(s.double()) for s in stacks]
+    deltas = [step_shift(s).double() for s in stacks]
+    below = torch.cat([(e < d[:, None]).flatten() for e, d in zip(eigenvalues, deltas)]).double().mean()
+    ratio = torch.cat([d / e[:, -1] for e, d in zip(eigenvalues, deltas)]).median()
+    return f"{100 * float(below):.1f} | {float(ratio):.2g}"
 
 
 def print_refresh_table(model: str, stacks: list[torch.Tensor], repeats: int) -> None:
     before = torch.cat([staleness(s) for s in stacks])
     figures = time_refreshes(stacks, repeats)
     print(f"\n### {model}: {len(before)} factors, staleness before the step {before.mean():.4f} mean / "
-          f"{before.max():.4f} max; {100 * share_below_shift(stacks):.1f}% of eigenvalues below the shift\n")
-    print("| orthonormalizer | failures | staleness after (mean / max) | refresh, fastest of {} (s) |".format(repeats))
-    print("|---|---:|---:|---:|")
+          f"{before.max():.4f} max\n")
+    print("| orthonormalizer | failures | staleness after (mean / max) | refresh, fastest of {} (s) "
+          "| eigenvalues below delta (%) | delta / lambda_max (median) |".format(repeats))
+    print("|---|---:|---:|---:|---:|---:|")
     for name, f in figures.items():
-        print(f"| {name} | {f.failures} | {f.staleness.mean():.4f} / {f.staleness.max():.4f} | {f.seconds:.3g} |")
+        print(f"| {name} | {f.failures} | {f.staleness.mean():.3g} / {f.staleness.max():.3g} | {f.seconds:.3g} "
+              f"| {shift_figures(stacks, *REFRESH_ROWS[name])} |")
 
 
 def main(argv: list[str] | None = None) -> None:

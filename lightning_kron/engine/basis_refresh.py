@@ -50,9 +50,10 @@ class BasisChangeHooks(Protocol):
 @dataclass(frozen=True)
 class RefreshRequest:
     """How to refresh: ``solver`` is "qr" (warm power step) or "eigh"; QR repeats while any member
-    is above ``tolerance``, at most ``max_iters`` times. ``shift=False`` declines the shift of an
-    orthonormalizer that has one (Cholesky-QR2's, :func:`~lightning_kron.engine.solvers.qr_step_shift`):
-    for factors whose small eigenvalues matter most (KrADagrad's inverses)."""
+    is above ``tolerance``, at most ``max_iters`` times. ``shift=False`` declines the QR-step shift
+    of an orthonormalizer that has one (Cholesky-QR's,
+    :func:`~lightning_kron.engine.solvers.cholesky_qr3_step_shift`): for full-rank factors whose
+    small eigenvalues matter most (KrADagrad's inverses)."""
 
     solver: str = "qr"
     orthonormalizer: str = "householder"
@@ -110,7 +111,7 @@ def refresh_factor(
 ) -> Optional[torch.Tensor]:
     """Recompute ``basis.dim`` (and re-express ``stats.dim``) for ``rows`` of ``group``.
 
-    Returns, for an orthonormalizer with a fallback (Cholesky-QR2), which of the refreshed members
+    Returns, for an orthonormalizer with a fallback (Cholesky-QR), which of the refreshed members
     succeeded (a bool per row, on the device; the others kept their basis and are counted as
     failures, to be refreshed again with the fallback), else None.
 
