@@ -12,6 +12,13 @@ installed, with the same max_precond_dim and frequency.
     python -m scripts.bench_step --models gpt-mini gpt2-small --steps 20
     python -m scripts.bench_step --models gpt-mini --warmup 11 --only "fixed every=10" pytorch heavyball
     python -m scripts.bench_step --device cuda
+
+``--refresh-orthonormalizers`` instead times one warm refresh of every factor (the stored B of
+SOAP at step every+1, just before its first warm refresh) with each orthonormalizer, and counts
+the failures of shifted Cholesky-QR3 and Cholesky-QR2 (members refreshed again with Householder)
+with and without their QR-step shift:
+
+    python -m scripts.bench_step --models gpt-mini --refresh-orthonormalizers
 """
 
 from __future__ import annotations
@@ -20,13 +27,15 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 import lightning_kron as lk
+from lightning_kron.engine.solvers import ORTHONORMALIZERS, descending_diagonal_order, qr_step_in_basis
+from lightning_kron.engine.staleness import staleness
 from lightning_kron.methods.registry import METHODS
 
 MODELS = {  # (layers, width, vocabulary, context): GPT-2 parameter layout, tied embeddings
@@ -188,6 +197,87 @@ def time_round_robin(rows: dict[str, Callable], shapes, device: torch.device, st
     return {name: candidate.timing(warmup) for name, candidate in candidates.items()}
 
 
+#: ``--refresh-orthonormalizers`` rows: (orthonormalizer, whether its QR-step shift is applied).
+#: Unshifted shifted-Cholesky-QR3 keeps the shift ``s`` of its Gram matrix (what KrADagrad runs).
+REFRESH_ROWS = {"householder": ("householder", True), "cholesky_qr3 (shifted)": ("cholesky_qr3", True),
+                "cholesky_qr2 (shifted)": ("cholesky_qr2", True), "cholesky_qr3 unshifted": ("cholesky_qr3", False),
+                "cholesky_qr2 unshifted": ("cholesky_qr2", False)}
+
+
+@dataclass
+class RefreshFigures:
+    failures: int
+    staleness: torch.Tensor  # of every member after the step, fallbacks included
+    seconds: float  # the fastest repeat
+
+
+def stored_factors(shapes, every: int, max_precond_dim: int) -> list[torch.Tensor]:
+    """Every stack's B for every factored dim, as SOAP fixed ``every`` refreshes them at step
+    ``every + 1`` (the statistics of that step included; no refresh since the exact first one)."""
+    candidate = Candidate(lambda p: lk.SOAP(p, refresh=lk.FixedRefresh(every=2**62), max_precond_dim=max_precond_dim),
+                          shapes, torch.device("cpu"))
+    grads = gradient_sets(shapes, torch.device("cpu"))
+    for index in range(every + 1):
+        candidate.step(grads[index % len(grads)])
+    return [group.stats(dim).clone() for group in candidate.optimizer.factor_groups() for dim in group.factored_dims]
+
+
+def _refresh_once(stacks: list[torch.Tensor], orthonormalizer: str, shift: bool) -> tuple[int, list[torch.Tensor]]:
+    """One sorted warm QR step of every stack, the failed members again with Householder."""
+    orth = ORTHONORMALIZERS[orthonormalizer]
+    orth = orth if shift else replace(orth, shift=None)
+    failures, results = 0, []
+    for stats in stacks:
+        order = descending_diagonal_order(stats)
+        _, new_stats, ok = qr_step_in_basis(stats, orth, order=order)
+        failed = (~ok).nonzero().flatten()
+        if len(failed):
+            new_stats[failed] = qr_step_in_basis(stats[failed], ORTHONORMALIZERS["householder"], order=order[failed])[1]
+        failures += len(failed)
+        results.append(new_stats)
+    return failures, results
+
+
+def time_refreshes(stacks: list[torch.Tensor], repeats: int = 3) -> dict[str, RefreshFigures]:
+    """Each :data:`REFRESH_ROWS` row's failures, staleness after the step and fastest time, the
+    rows interleaved repeat by repeat (a load change on the machine hits every row alike)."""
+    seconds = {name: [] for name in REFRESH_ROWS}
+    outcome = {}
+    for _ in range(repeats):
+        for name, (orthonormalizer, shift) in REFRESH_ROWS.items():
+            started = time.perf_counter()
+            outcome[name] = _refresh_once(stacks, orthonormalizer, shift)
+            seconds[name].append(time.perf_counter() - started)
+    return {name: RefreshFigures(failures, torch.cat([staleness(s) for s in results]), min(seconds[name]))
+            for name, (failures, results) in outcome.items()}
+
+
+def shift_figures(stacks: list[torch.Tensor], orthonormalizer: str, shift: bool) -> str:
+    """A row's QR-step shift delta: the share of all members' eigenvalues below it (the slowed
+    ones) and its median ratio to lambda_max; "-" without one."""
+    step_shift = ORTHONORMALIZERS[orthonormalizer].shift
+    if not shift or step_shift is None:
+        return "- | -"
+    eigenvalues = [torch.linalg.eigvalsh(s.double()) for s in stacks]
+    deltas = [step_shift(s).double() for s in stacks]
+    below = torch.cat([(e < d[:, None]).flatten() for e, d in zip(eigenvalues, deltas)]).double().mean()
+    ratio = torch.cat([d / e[:, -1] for e, d in zip(eigenvalues, deltas)]).median()
+    return f"{100 * float(below):.1f} | {float(ratio):.2g}"
+
+
+def print_refresh_table(model: str, stacks: list[torch.Tensor], repeats: int) -> None:
+    before = torch.cat([staleness(s) for s in stacks])
+    figures = time_refreshes(stacks, repeats)
+    print(f"\n### {model}: {len(before)} factors, staleness before the step {before.mean():.4f} mean / "
+          f"{before.max():.4f} max\n")
+    print("| orthonormalizer | failures | staleness after (mean / max) | refresh, fastest of {} (s) "
+          "| eigenvalues below delta (%) | delta / lambda_max (median) |".format(repeats))
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, f in figures.items():
+        print(f"| {name} | {f.failures} | {f.staleness.mean():.3g} / {f.staleness.max():.3g} | {f.seconds:.3g} "
+              f"| {shift_figures(stacks, *REFRESH_ROWS[name])} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["gpt-mini", "gpt2-small"], choices=list(MODELS))
@@ -199,7 +289,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-precond-dim", type=int, default=4096)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="*", help="substrings of row names to run")
+    parser.add_argument("--refresh-orthonormalizers", action="store_true",
+                        help="time one warm refresh of every factor per orthonormalizer instead (CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="--refresh-orthonormalizers: repeats per row")
     args = parser.parse_args(argv)
+    if args.refresh_orthonormalizers:
+        print(f"torch={torch.__version__} threads={torch.get_num_threads()} every={args.every}")
+        for model in args.models:
+            shapes = gpt_parameter_shapes(*MODELS[model])
+            print_refresh_table(model, stored_factors(shapes, args.every, args.max_precond_dim), args.repeats)
+        return
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     if args.warmup < 1:

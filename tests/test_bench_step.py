@@ -31,3 +31,20 @@ def test_warmup_steps_are_left_out_of_the_statistics():
     warm = candidate.timing(warmup=2)
     assert warm.first_step_s == 5.0 and math.isclose(warm.median_ms, 200.0) and math.isclose(warm.amortized_ms, 300.0)
     assert math.isclose(candidate.timing().median_ms, 400.0)  # default: only the first step is left out
+
+
+def test_refresh_orthonormalizers_counts_failures_and_times_every_row(monkeypatch, capsys):
+    """A tiny GPT whose 128-wide factors are rank-deficient after 3 steps (3 x 32 gradient rows):
+    unshifted Cholesky-QR2 and Cholesky-QR3 (whose Gram shift alone cannot lift an exact null
+    space) fail on them, the shifted ones and Householder on none; the shifted rows report their
+    delta, Cholesky-QR3's below Cholesky-QR2's."""
+    monkeypatch.setitem(bench_step.MODELS, "tiny", (1, 32, 64, 32))
+    bench_step.main(["--models", "tiny", "--every", "2", "--repeats", "1", "--refresh-orthonormalizers"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    table = {row[1].strip(): [cell.strip() for cell in row[2:-1]] for row in rows[1:]}
+    assert set(table) == set(bench_step.REFRESH_ROWS)
+    assert table["householder"][0] == table["cholesky_qr3 (shifted)"][0] == table["cholesky_qr2 (shifted)"][0] == "0"
+    assert int(table["cholesky_qr3 unshifted"][0]) > 0 and int(table["cholesky_qr2 unshifted"][0]) > 0
+    assert all(float(seconds) > 0 for _, _, seconds, _, _ in table.values())
+    assert float(table["cholesky_qr3 (shifted)"][4]) < float(table["cholesky_qr2 (shifted)"][4])
+    assert table["householder"][3:] == ["-", "-"]

@@ -56,7 +56,7 @@ def test_auto_options_resolve_by_device():
     auto = lk.SOAP(model.parameters())
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert (auto._rotation_for(cuda), auto._rotation_for(cpu)) == ((None, True), (None, False))
-    assert (auto._orthonormalizer_for(cuda), auto._orthonormalizer_for(cpu)) == ("cholesky_qr2", "householder")
+    assert (auto._orthonormalizer_for(cuda), auto._orthonormalizer_for(cpu)) == ("cholesky_qr3", "householder")
     assert not any(group.tf32_directions for group in auto.factor_groups())
     explicit = lk.SOAP(model.parameters(), rotation_dtype="tf32", orthonormalizer="householder")
     assert explicit._orthonormalizer_for(cuda) == "householder"

@@ -38,19 +38,22 @@ def _warm_qr_step(basis, factor, orthonormalizer):
     return basis @ rotation[0], new_stats[0], basis[:, order[0]], bool(ok.all())
 
 
-@pytest.mark.parametrize("orthonormalizer", ["householder", "cholesky_qr2"])
+@pytest.mark.parametrize("orthonormalizer", ["householder", "cholesky_qr2", "cholesky_qr3"])
 def test_qr_step_in_basis_equals_orthonormalizing_l_times_q(orthonormalizer):
+    """... or ``(L + delta I) Q`` for a shifted orthonormalizer (Cholesky-QR's shift)."""
     generator = torch.Generator().manual_seed(7)
     factor = _random_spd(6, generator)
     basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
     new_basis, new_stats, sorted_basis, ok = _warm_qr_step(basis, factor, orthonormalizer)
-    direct, _ = solvers.householder_qr((factor @ sorted_basis)[None])
+    shift = solvers.ORTHONORMALIZERS[orthonormalizer].shift
+    delta = 0.0 if shift is None else shift((basis.T @ factor @ basis)[None])[0]
+    direct, _ = solvers.householder_qr(((factor + delta * torch.eye(6, dtype=factor.dtype)) @ sorted_basis)[None])
     assert ok
     torch.testing.assert_close(new_basis, direct[0])
     torch.testing.assert_close(new_stats, new_basis.T @ factor @ new_basis)
 
 
-@pytest.mark.parametrize("orthonormalizer", ["householder", "cholesky_qr2"])
+@pytest.mark.parametrize("orthonormalizer", ["householder", "cholesky_qr2", "cholesky_qr3"])
 @pytest.mark.parametrize("seed", range(5))
 def test_sorted_warm_qr_step_never_increases_staleness_and_converges(seed, orthonormalizer):
     generator = torch.Generator().manual_seed(seed)
@@ -198,8 +201,11 @@ def test_eigh_falls_back_member_by_member(monkeypatch):
 
 
 @pytest.mark.parametrize("solve", [solvers.eigh_in_basis,
-                                   lambda stats: solvers.qr_step_in_basis(stats, solvers.ORTHONORMALIZERS["householder"])])
+                                   lambda stats: solvers.qr_step_in_basis(stats, solvers.ORTHONORMALIZERS["householder"]),
+                                   lambda stats: solvers.qr_step_in_basis(stats, solvers.ORTHONORMALIZERS["cholesky_qr2"]),
+                                   lambda stats: solvers.qr_step_in_basis(stats, solvers.ORTHONORMALIZERS["cholesky_qr3"])])
 def test_nonfinite_factor_gets_the_identity_rotation(solve):
+    """Also with Cholesky-QR's shifts: a NaN member is still flagged (its shifts are NaN too)."""
     factors = torch.diag(torch.tensor([3.0, 2.0, 1.0])).repeat(2, 1, 1)
     factors[1, 0, 0] = float("nan")
     rotations, new_stats, ok = solve(factors)
@@ -225,33 +231,181 @@ def test_cholesky_qr2_flags_the_members_it_cannot_orthonormalise_without_a_host_
     torch.testing.assert_close(q[0] @ r[0], y[0].float(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("orthonormalizer", ["cholesky_qr2", "householder"])
-def test_a_failed_cholesky_refresh_falls_back_to_householder_with_one_more_host_read(orthonormalizer):
-    """A factor whose Cholesky-QR2 fails (a zero input feature makes L singular) is refreshed again
-    with Householder: same basis as a Householder run, the failure counted, and the refresh step
-    reads the host once for the decision and once for all of Cholesky's failures."""
-    def run(orthonormalizer):
-        torch.manual_seed(0)
-        model = nn.Linear(6, 4)
-        optimizer = lk.SOAP(model.parameters(), refresh=lk.FixedRefresh(every=2), orthonormalizer=orthonormalizer)
-        syncs = []
-        for _ in range(3):
-            optimizer.zero_grad()
-            inputs = torch.randn(16, 6)
-            inputs[:, 0] = 0.0
-            model(inputs).square().mean().backward()
-            counter = count_ops.OpCounter()
-            with counter, counter.host_reads():
-                optimizer.step()
-            syncs.append(counter.counts.host_syncs)
-        return optimizer, syncs
+U32 = 2.0**-24  # fp32's unit roundoff
 
-    optimizer, syncs = run(orthonormalizer)
-    reference, _ = run("householder")
-    weight = optimizer.state[next(iter(optimizer.state))]
-    torch.testing.assert_close(weight["block0.basis.1"], reference.state[next(iter(reference.state))]["block0.basis.1"])
-    failures = int(weight["block0.failures.1"])
-    assert (failures, syncs[2]) == ((1, 2) if orthonormalizer == "cholesky_qr2" else (0, 1))
+
+def test_shifted_cholesky_qr3_orthonormalises_what_cholesky_qr2_cannot_without_a_host_sync():
+    """Full-rank fp32 Y = U diag(sigma) V^T of size 64 with cond 1e4 in random bases (no column
+    scaling): above Cholesky-QR2's limit 0.1 u^(-1/2) = 410, so it is flagged; inside the range that
+    shifted Cholesky-QR3's s guarantees, ``cond(Y) <= ||Y||_2 / (32.4 sqrt(beta) u ||Y||_F)`` (see
+    ``cholesky_qr3_step_shift``; 2.4e4 here), so it is solved.
+
+    Tolerances (u = 2^-24, d = 64): the last round orthonormalises a near-orthonormal Q2, so each
+    entry of ``Q^T Q - I`` collects a length-d inner product (<= d u), the Cholesky (<= d u), the
+    triangular solve (<= d u) and the test's product (<= d u): 4 d u (measured 0.09 d u). Residual:
+    each round's triangular solve has backward error <= d u ||Q_k|| ||R_k|| (3 rounds, every
+    ``||Q_k||, ||R_k R_(k-1)...|| <= ~||Y||``), the products R3 R2 R1 <= d u ||Y|| each (2), the
+    test's Q R <= d u ||Y||: 6 d u ||Y||_2 (measured 0.01 d u)."""
+    size, u = 64, U32
+    generator = torch.Generator().manual_seed(1)
+    left, right = (torch.linalg.qr(torch.randn(size, size, dtype=torch.float64, generator=generator))[0] for _ in range(2))
+    y = (left @ torch.diag(torch.logspace(0, -4, size, dtype=torch.float64)) @ right).float()[None]
+    beta = 11 * (size**0.5 + (size + 1) ** 0.5)
+    assert 1e4 <= 0.1 * u**-0.5 / (3.24 * (beta * u) ** 0.5 * float(torch.linalg.matrix_norm(y))) < 1e5 / 4
+    assert not solvers.cholesky_qr2(y)[2].any()
+    counter = count_ops.OpCounter()
+    with counter, counter.host_reads():
+        q, r, solved = solvers.shifted_cholesky_qr3(y)
+    assert counter.counts.host_syncs == 0 and solved.all()
+    assert (q.mT @ q - torch.eye(size)).abs().amax() <= 4 * size * u
+    assert (q @ r - y).abs().amax() <= 6 * size * u * float(torch.linalg.matrix_norm(y, ord=2))
+
+
+def _rank_deficient_fp32_stack(size, rank):
+    """Three rank-``rank`` PSD members of ``size`` in random bases, a full-rank one, an all-zero one."""
+    generator = torch.Generator().manual_seed(0)
+    vectors = torch.randn(3, size, rank, generator=generator)
+    full = _random_spd(size, generator).float()[None]
+    return torch.cat([vectors @ vectors.mT, full, torch.zeros(1, size, size)])
+
+
+@pytest.mark.parametrize("size, rank", [(64, 8), (256, 16)])
+def test_shifted_cholesky_qr3_first_round_meets_the_condition_its_shift_was_derived_for(size, rank):
+    """``cholesky_qr3_step_shift``'s derivation, checked on rank-deficient fp32 members: Y = (B +
+    delta I) Pi has ``sigma_min >= delta``, and round one (Gram shift s) leaves ``cond(Q1) <= 3.24
+    sqrt(1 + s / delta^2)`` (Fukaya et al.'s bound), which delta makes at most Cholesky-QR2's limit
+    0.1 u^(-1/2) (up to the neglected ``+1``, a 3e-5 relative term). Measured: cond(Q1) ~ 126,
+    ``sqrt(s) / delta`` itself; the 3.24 is the bound's room for round-off."""
+    stats = _rank_deficient_fp32_stack(size, rank)
+    order = solvers.descending_diagonal_order(stats)
+    delta = solvers.cholesky_qr3_step_shift(stats)
+    y = solvers.rows_in_order(solvers._plus_diagonal(stats, delta), order).mT
+    s = solvers.cholesky_qr3_gram_shift(y)
+    q1 = solvers._cholesky_qr(y, 1, s)[0]  # (its flag is the one-round Gram check, meaningless here)
+    singular_values = torch.linalg.svdvals(q1.double())
+    condition = singular_values[:, 0] / singular_values[:, -1]
+    bound = 3.24 * (1 + s.double() / delta.double() ** 2).sqrt()
+    assert (condition <= bound).all()
+    assert (bound <= 0.1 * U32**-0.5 * (1 + 1e-4)).all()
+
+
+@pytest.mark.parametrize("orthonormalizer, rounds", [("cholesky_qr2", 2), ("cholesky_qr3", 3)])
+def test_shifted_cholesky_qr_step_solves_rank_deficient_members_exactly_in_q_space(orthonormalizer, rounds):
+    """Rank-8 PSD members of size 64 (and a full-rank and an all-zero one) in fp32, in random bases:
+    unshifted Cholesky-QR (Cholesky-QR3 with its Gram shift s too) fails the rank-deficient ones; the
+    shifted step solves every member, P is orthonormal and ``P (R P - delta I) P^T`` gives B back.
+
+    Tolerances, from fp32 arithmetic (u = 2^-24, d = 64, k rounds): the shift makes the input of
+    the last round near-orthonormal (Cholesky-QR2: cond(B + delta I) <= 411, so round one leaves
+    ``||Q1^T Q1 - I|| ~ u cond^2 <= 1e-2``; Cholesky-QR3: see the test above). Each entry of ``P^T
+    P - I`` then collects the rounding of a length-d inner product of unit vectors (<= d u, the
+    standard gamma_d bound), of the Cholesky of the Gram (<= d u) and of the triangular solve (<= d
+    u), plus the test's own product (<= d u): 4 d u (1.5e-5; measured 0.13 d u for both).
+    Reconstruction: the k triangular solves' backward errors and the k - 1 products of the R_j
+    each err by <= d u ||Y||, the product R P by d u ||Y||, the test's two products by d u ||Y||
+    each, and P's defect enters twice (8 d u ||Y||): (2k + 10) d u ||Y||_2, bounded with ``||Y||_2
+    <= ||B||_inf + delta`` (measured 0.02 and 0.04 d u ||Y||_inf; without the ``- delta I``,
+    Cholesky-QR2's step errs by 640 d u ||Y||_inf, Cholesky-QR3's delta is itself only ~1 d u ||B||,
+    below the worst-case round-off, so only the Cholesky-QR2 case checks the subtraction). The zero
+    member: Y = Pi, each round rounds the one value of its Gram, Cholesky and solve (and Cholesky-QR3
+    adds s): P within 3k u of Pi and the new B within (6k + 1) u of 0 (measured: exact)."""
+    size = 64
+    stats = _rank_deficient_fp32_stack(size, 8)
+    order = solvers.descending_diagonal_order(stats)
+    orth = solvers.ORTHONORMALIZERS[orthonormalizer]
+    assert not orth.factor(solvers.rows_in_order(stats, order).mT)[2][:3].any()  # unshifted
+    counter = count_ops.OpCounter()
+    with counter, counter.host_reads():
+        rotation, new_stats, ok = solvers.qr_step_in_basis(stats, orth, order=order)
+    assert counter.counts.host_syncs == 0 and ok.all()
+    eye = torch.eye(size)
+    assert (rotation.mT @ rotation - eye).abs().amax() <= 4 * size * U32
+    scale = torch.linalg.matrix_norm(stats, ord=float("inf")) + orth.shift(stats)
+    error = (rotation @ new_stats @ rotation.mT - stats).abs().amax(dim=(-2, -1))
+    assert (error <= (2 * rounds + 10) * size * U32 * scale).all()
+    assert (rotation[-1] - eye[:, order[-1]]).abs().amax() <= 3 * rounds * U32
+    assert new_stats[-1].abs().amax() <= (6 * rounds + 1) * U32
+
+
+@pytest.mark.parametrize("orthonormalizer, smallest_delta", [("cholesky_qr2", 1e-8), ("cholesky_qr3", 1e-14)])
+def test_shifted_step_is_the_qr_step_of_b_plus_delta_and_as_good_as_householders(orthonormalizer, smallest_delta):
+    """fp64, a warm full-rank B (cond 100): the shifted Cholesky-QR step's P is Householder's QR
+    of ``(B + delta I) Pi`` and its stored factor is exactly ``P^T B P`` (for Cholesky-QR2, missing
+    the ``- delta I`` would be off by ``delta ~ 1e-7 ||B||``, 1e5 times the tolerance; Cholesky-QR3's
+    delta is ~3e-14 ||B||); it ranks the columns as Householder's unshifted step does, and each
+    off-diagonal entry of the new B changes by the factor ``(1 + delta/lambda_j) / (1 +
+    delta/lambda_i)`` (first order), so the staleness is Householder's within ``delta / lambda_min``
+    (plus fp64 round-off, ~1e-13 relative, for Cholesky-QR3's tiny delta)."""
+    size = 16
+    generator = torch.Generator().manual_seed(3)
+    factor = _random_spd(size, generator)
+    _, vectors = torch.linalg.eigh(factor)
+    basis, _ = torch.linalg.qr(vectors + 0.05 * torch.randn(size, size, generator=generator, dtype=torch.float64))
+    stats = (basis.T @ factor @ basis)[None]
+    order = solvers.descending_diagonal_order(stats)
+    orth = solvers.ORTHONORMALIZERS[orthonormalizer]
+    rotation, new_stats, ok = solvers.qr_step_in_basis(stats, orth, order=order)
+    plain_rotation, plain_stats, _ = solvers.qr_step_in_basis(stats, solvers.ORTHONORMALIZERS["householder"], order=order)
+    delta = orth.shift(stats)
+    shifted = stats + delta[:, None, None] * torch.eye(size, dtype=stats.dtype)
+    expected, _ = solvers.householder_qr(solvers.rows_in_order(shifted, order).mT)
+    norm = float(torch.linalg.matrix_norm(stats, ord=2)[0])
+    assert ok.all() and float(delta[0]) > smallest_delta * norm
+    torch.testing.assert_close(rotation, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(new_stats, rotation.mT @ stats @ rotation, atol=1e-12 * norm, rtol=0)
+    diagonal = lambda b: b.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True)  # noqa: E731
+    assert torch.equal(diagonal(new_stats), diagonal(plain_stats))
+    change = float(staleness(new_stats)[0] / staleness(plain_stats)[0] - 1)
+    assert abs(change) <= float(delta[0]) / float(torch.linalg.eigvalsh(factor)[0]) + 1e-12
+
+
+def _soap_on_a_singular_factor(orthonormalizer, poison=False):
+    """SOAP on a linear layer whose input feature 0 is always zero (its right factor L is singular),
+    refreshing at steps 1 and 3; ``poison`` puts a NaN into that factor before step 3. Returns the
+    optimizer and each step's host syncs."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4)
+    optimizer = lk.SOAP(model.parameters(), refresh=lk.FixedRefresh(every=2), orthonormalizer=orthonormalizer)
+    syncs = []
+    for step in range(3):
+        optimizer.zero_grad()
+        inputs = torch.randn(16, 6)
+        inputs[:, 0] = 0.0
+        model(inputs).square().mean().backward()
+        if poison and step == 2:
+            optimizer.state[model.weight]["block0.stats.1"][0, 0] = float("nan")
+        counter = count_ops.OpCounter()
+        with counter, counter.host_reads():
+            optimizer.step()
+        syncs.append(counter.counts.host_syncs)
+    return optimizer, syncs
+
+
+@pytest.mark.parametrize("orthonormalizer", ["cholesky_qr2", "cholesky_qr3"])
+def test_a_singular_factor_needs_no_householder_fallback_with_the_shift(orthonormalizer):
+    """The shifted Cholesky-QR refresh solves the singular factor (unshifted, it failed and fell back
+    to Householder): no failure, so nothing to refresh again (the flags are still read, the refresh
+    step's second host read), and the same L = Q B Q^T as Householder's run."""
+    optimizer, syncs = _soap_on_a_singular_factor(orthonormalizer)
+    reference, _ = _soap_on_a_singular_factor("householder")
+    state, expected = (next(iter(o.state.values())) for o in (optimizer, reference))
+    assert (int(state["block0.failures.1"]), syncs[2]) == (0, 2)
+    factor = lambda s: s["block0.basis.1"] @ s["block0.stats.1"] @ s["block0.basis.1"].T  # noqa: E731
+    torch.testing.assert_close(factor(state), factor(expected))
+
+
+@pytest.mark.parametrize("orthonormalizer", ["cholesky_qr2", "cholesky_qr3", "householder"])
+def test_a_failed_cholesky_refresh_falls_back_to_householder_with_one_more_host_read(orthonormalizer):
+    """A factor whose Cholesky-QR fails (a NaN in it) is refreshed again with Householder: both keep
+    the basis of a Householder run, every failed attempt is counted (Cholesky's and Householder's
+    retry), and the refresh step reads the host once for the decision and once for all of
+    Cholesky's failures."""
+    optimizer, syncs = _soap_on_a_singular_factor(orthonormalizer, poison=True)
+    reference, _ = _soap_on_a_singular_factor("householder", poison=True)
+    state, expected = (next(iter(o.state.values())) for o in (optimizer, reference))
+    torch.testing.assert_close(state["block0.basis.1"], expected["block0.basis.1"])
+    failures = int(state["block0.failures.1"])
+    assert (failures, syncs[2]) == ((1, 1) if orthonormalizer == "householder" else (2, 2))
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -17,7 +17,7 @@ permutation is folded into the rotation, so Q itself is never gathered.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Protocol, Sequence
 
 import torch
@@ -50,12 +50,16 @@ class BasisChangeHooks(Protocol):
 @dataclass(frozen=True)
 class RefreshRequest:
     """How to refresh: ``solver`` is "qr" (warm power step) or "eigh"; QR repeats while any member
-    is above ``tolerance``, at most ``max_iters`` times."""
+    is above ``tolerance``, at most ``max_iters`` times. ``shift=False`` declines the QR-step shift
+    of an orthonormalizer that has one (Cholesky-QR's,
+    :func:`~lightning_kron.engine.solvers.cholesky_qr3_step_shift`): for full-rank factors whose
+    small eigenvalues matter most (KrADagrad's inverses)."""
 
     solver: str = "qr"
     orthonormalizer: str = "householder"
     tolerance: float = 0.0
     max_iters: int = 1
+    shift: bool = True
 
 
 def _identity_order(order: torch.Tensor) -> torch.Tensor:
@@ -72,6 +76,8 @@ def _eigh(stats: torch.Tensor):
 def _warm_qr(stats: torch.Tensor, request: RefreshRequest, criterion=staleness):
     """Sorted power steps, repeated while any member is above tolerance (up to ``max_iters``)."""
     orth = ORTHONORMALIZERS[request.orthonormalizer]
+    if not request.shift:
+        orth = replace(orth, shift=None)
     rotation = order = None
     original = stats
     failed = torch.zeros(stats.shape[0], dtype=torch.bool, device=stats.device)
@@ -105,7 +111,7 @@ def refresh_factor(
 ) -> Optional[torch.Tensor]:
     """Recompute ``basis.dim`` (and re-express ``stats.dim``) for ``rows`` of ``group``.
 
-    Returns, for an orthonormalizer with a fallback (Cholesky-QR2), which of the refreshed members
+    Returns, for an orthonormalizer with a fallback (Cholesky-QR), which of the refreshed members
     succeeded (a bool per row, on the device; the others kept their basis and are counted as
     failures, to be refreshed again with the fallback), else None.
 

@@ -8,11 +8,21 @@ Every factor is stored as ``B = Q^T L Q``. A refresh therefore never forms ``L``
   because ``L Q = Q B`` and Q is orthogonal. So one step is the QR of B itself, ``B = P R``, after
   which ``P^T B P = R P``: literally one step of the QR algorithm, whose termination test (the
   off-diagonal mass of B) is the staleness criterion. This avoids the 4 d^3 of forming ``L Q`` and
-  the rotation ``Q_old^T Q_new`` and of re-expressing B. ``orth`` is Householder QR or Cholesky-QR2
-  (two rounds of ``R = chol(Y^T Y); Y <- Y R^-1``, mostly matmuls, much faster on a GPU). Cholesky-QR2
-  reports the members it could not orthonormalise (a rank-deficient or badly conditioned B) on the
-  device; they keep their basis, and the optimizer refreshes just those again with Householder
-  after one host read for the whole refresh step (``KronOptimizer.refresh_fallbacks``).
+  the rotation ``Q_old^T Q_new`` and of re-expressing B. ``orth`` is Householder QR or Cholesky-QR
+  (two or three rounds of ``R = chol(Y^T Y); Y <- Y R^-1``, mostly matmuls, much faster on a GPU).
+* Cholesky-QR2 needs ``cond(Y)`` well below ``u^(-1/2)``, and B is often rank-deficient (fewer
+  gradients than its size). So the Cholesky step is *shifted*: it factors ``B + delta I = P R``,
+  which is the QR algorithm's step with shift ``-delta``: the same eigenvectors, B re-expressed
+  exactly as ``P^T B P = R P - delta I``; only the separation of eigenvalues below ~delta slows
+  (docs/algorithms.md). ``"cholesky_qr3"`` (the CUDA default) is *shifted Cholesky-QR3* (Fukaya et
+  al. 2020): a first round on ``Y^T Y + s I`` with a tiny ``s`` brings a ``cond(Y)`` far above
+  Cholesky-QR2's limit (~2e4 in fp32 at d = 1024) down to what two more rounds orthonormalise, so
+  its ``delta`` is 400-900 ``u ||B||_F`` (d = 64..1024, :func:`cholesky_qr3_step_shift`).
+  ``"cholesky_qr2"`` needs ``cond(Y) <= 411`` in fp32, a ``delta`` of 0.24% of ``||B||_inf``
+  (:func:`cholesky_qr2_step_shift`). Householder takes no shift. Both Cholesky variants report the
+  members they could still not orthonormalise (non-finite ones) on the device; those keep their
+  basis, and the optimizer refreshes just them again with Householder after one host read for the
+  whole refresh step (``KronOptimizer.refresh_fallbacks``).
 
 Failure handling: a batched call that raises or returns non-finite values is retried member by
 member with growing diagonal damping, then in fp64; a member that still fails gets the identity
@@ -21,17 +31,38 @@ rotation (it keeps its old basis) and is reported in the ``ok`` mask so the call
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 DAMPING_STEPS = (1e-6, 1e-4)
-#: ``y -> (q, r, solved)``: ``solved`` (a per-member bool on the device, or None when the method
-#: cannot fail short of non-finite values) marks the members whose ``q`` can be trusted
-Orthonormalizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
 #: the orthonormalizer a failed member is refreshed again with
-FALLBACK = {"cholesky_qr2": "householder"}
-CHOLESKY_QR2_GRAM_TOLERANCE = 0.5  # ||Q1^T Q1 - I||_F after round one: round two repairs less
+FALLBACK = {"cholesky_qr2": "householder", "cholesky_qr3": "householder"}
+#: ``||Q^T Q - I||_F`` before Cholesky-QR's last round: the last round repairs less
+CHOLESKY_QR2_GRAM_TOLERANCE = 0.5
+#: Cholesky-QR2's shifted QR step: ``delta / ||B||_inf``, in units of ``sqrt(u)`` (u: the unit roundoff)
+QR_SHIFT_PER_SQRT_ROUNDOFF = 10.0
+#: the largest ``cond(Y)`` that Cholesky-QR2 orthonormalises, in units of ``u^(-1/2)``: ``u cond^2 <=
+#: 1/100`` (in fp32 411; random rank-deficient B failed its Gram check from cond ~600 on, passed to 432)
+CHOLESKY_QR2_CONDITION_PER_INVERSE_SQRT_ROUNDOFF = 0.1
+#: Fukaya et al.'s bound on the first round of shifted Cholesky-QR:
+#: ``cond(Q1) <= 3.24 sqrt(1 + s / sigma_min(Y)^2)``
+SHIFTED_CHOLESKY_QR_CONDITION_FACTOR = 3.24
+
+
+@dataclass(frozen=True)
+class Orthonormalizer:
+    """How a QR step orthonormalises its ``[N, d, d]`` input.
+
+    ``factor``: ``y -> (q, r, solved)``; ``solved`` (a per-member bool on the device, or None when
+    the method cannot fail short of non-finite values) marks the members whose ``q`` can be trusted.
+    ``shift``: ``B -> delta`` per member, or None: the step then factors ``B + delta I`` instead of B
+    (for a method that needs ``cond(Y)`` bounded, see :func:`cholesky_qr3_step_shift`).
+    """
+
+    factor: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
+    shift: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 def _finite_per_member(x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +141,27 @@ def householder_qr(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q * signs.unsqueeze(-2), r * signs.unsqueeze(-1)
 
 
+def _cholesky_qr(y: torch.Tensor, rounds: int, gram_shift: Optional[torch.Tensor] = None):
+    """``rounds`` rounds of ``R = chol(Y^T Y); Y <- Y R^-1``, batched, no host sync; ``gram_shift``
+    (``[N]``) is added to the diagonal of the first round's Gram matrix. ``solved``: every round's
+    Cholesky succeeded (``info``), the results are finite, and the Gram matrix of the last round
+    (formed anyway) is within ``CHOLESKY_QR2_GRAM_TOLERANCE`` of I, the condition under which one
+    round orthonormalises."""
+    q, r = y, _eye_like(y)
+    solved = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+    for round_ in range(rounds):
+        gram = q.mT @ q
+        if round_ == 0 and gram_shift is not None:
+            gram.diagonal(dim1=-2, dim2=-1).add_(gram_shift[:, None])
+        if round_ == rounds - 1:
+            solved &= torch.linalg.matrix_norm(gram - _eye_like(gram)) < CHOLESKY_QR2_GRAM_TOLERANCE
+        upper, info = torch.linalg.cholesky_ex(gram, upper=True)
+        solved &= info == 0
+        q = torch.linalg.solve_triangular(upper, q, upper=True, left=False)
+        r = upper @ r
+    return q, r, solved & _finite_per_member(q) & _finite_per_member(r)
+
+
 def cholesky_qr2(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched Cholesky-QR2 with no host sync: ``(q, r, solved)``.
 
@@ -119,24 +171,104 @@ def cholesky_qr2(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     brings Q to orthogonality only when ``cond(Y)`` is below about ``u^(-1/2)``, which that Gram
     measures. Such members' ``q`` is garbage; the caller must not use it.
     """
-    q, r = y, _eye_like(y)
-    solved = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
-    for round_ in range(2):
-        gram = q.mT @ q
-        if round_ == 1:
-            solved &= torch.linalg.matrix_norm(gram - _eye_like(gram)) < CHOLESKY_QR2_GRAM_TOLERANCE
-        upper, info = torch.linalg.cholesky_ex(gram, upper=True)
-        solved &= info == 0
-        q = torch.linalg.solve_triangular(upper, q, upper=True, left=False)
-        r = upper @ r
-    return q, r, solved & _finite_per_member(q) & _finite_per_member(r)
+    return _cholesky_qr(y, 2)
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def cholesky_qr3_gram_shift(y: torch.Tensor) -> torch.Tensor:
+    """Shifted Cholesky-QR3's ``s`` (``[N]``): ``11 (sqrt(m) + sqrt(n + 1)) u ||Y||_F^2``.
+
+    Fukaya et al. take ``s = 11 (m n + n (n + 1)) u ||Y||_2^2``, which dominates the worst-case
+    rounding of the Gram matrix (``gamma_m ||Y||_F^2 <= m u n ||Y||_2^2``) and of its Cholesky
+    (``gamma_(n+1) n ...``), so that the Cholesky of ``Y^T Y + s I`` cannot break down. For d x d
+    fp32 factors that is useless: at n = 1024 it is 1.4 ``||Y||_2^2``, above the spectrum it should
+    sit under (their analysis needs ``m n u <= 1/64``, n <= 512). Two replacements: ``||Y||_F^2``
+    for its bound ``n ||Y||_2^2`` (the rounding of ``Y^T Y`` scales with the column norms), and the
+    probabilistic ``gamma_m ~ sqrt(m) u`` (Higham and Mary 2019; the same route as Guan and Fan's
+    ``||X||_F``-based probabilistic s) for the worst-case ``m u``. That is ``4.2e-5 ||Y||_F^2`` at
+    n = 1024 in fp32. A breakdown would still be caught (``info``) and fall back to Householder.
+    """
+    m, n = y.shape[-2:]
+    return 11 * (m**0.5 + (n + 1) ** 0.5) * _unit_roundoff(y.dtype) * torch.linalg.matrix_norm(y).square()
+
+
+def shifted_cholesky_qr3(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched shifted Cholesky-QR3 (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa 2020) with no
+    host sync: ``(q, r, solved)``, ``R = R3 R2 R1``.
+
+    Round one factors ``Y^T Y + s I`` (:func:`cholesky_qr3_gram_shift`): its Cholesky runs to
+    completion whatever ``cond(Y)``, and ``Q1 = Y R1^-1`` has singular values ``~ sigma /
+    sqrt(sigma^2 + s)``, so ``cond(Q1) <= 3.24 sqrt(1 + s / sigma_min(Y)^2)`` (their bound), about
+    ``u^(-1/2)`` even for ``cond(Y) ~ 1/u``. Rounds two and three are Cholesky-QR2 on ``Q1``. The
+    flags are Cholesky-QR2's: each round's ``info``, finite results and ``||Q2^T Q2 - I||_F < 0.5``
+    before the last round.
+    """
+    return _cholesky_qr(y, 3, cholesky_qr3_gram_shift(y))
 
 
 def _householder(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
     return (*householder_qr(y), None)
 
 
-ORTHONORMALIZERS: dict[str, Orthonormalizer] = {"householder": _householder, "cholesky_qr2": cholesky_qr2}
+def _nonzero_or_one(scale: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """An all-zero B gets ``delta = 1``: Y is then I (times the sort's permutation) and B stays ~0."""
+    return torch.where(scale > 0, delta, 1.0)
+
+
+def cholesky_qr2_step_shift(stats: torch.Tensor) -> torch.Tensor:
+    """The shift ``delta`` (``[N]``) that lets Cholesky-QR2 take a QR step of any PSD B: ``c ||B||_inf``.
+
+    For PSD B, ``lambda_max <= ||B||_inf`` (any induced norm bounds it) and ``lambda_min >= 0``, so
+    ``cond(B + delta I) <= (lambda_max + delta) / delta <= 1 + 1/c`` whatever B's rank. Cholesky-QR2
+    loses about ``u cond^2`` of orthogonality in round one, and round two repairs it only while that
+    is well below 1: ``c = 10 sqrt(u)`` bounds it by ``u (1 + 1/c)^2 ~ 1/100`` (``cond <= 411`` in
+    fp32, ``1e7`` in fp64). Rank-deficient B in random bases failed the Gram check from cond ~600 on
+    (d = 256..2048). On a warm (nearly diagonal) B, ``||B||_inf`` is within 1.5x of
+    ``lambda_max`` (gpt-mini), so delta is ~0.3% of ``lambda_max`` in fp32.
+    """
+    relative = QR_SHIFT_PER_SQRT_ROUNDOFF * _unit_roundoff(stats.dtype) ** 0.5
+    scale = torch.linalg.matrix_norm(stats, ord=float("inf"))
+    return _nonzero_or_one(scale, relative * scale)
+
+
+def cholesky_qr3_step_shift(stats: torch.Tensor) -> torch.Tensor:
+    """The shift ``delta`` (``[N]``) that lets shifted Cholesky-QR3 take a QR step of any PSD B:
+    ``c ||B||_F / (1 - c sqrt(d))``, ``c = 10 * 3.24 sqrt(beta) u``, ``beta = 11 (sqrt(d) +
+    sqrt(d + 1))``.
+
+    Derivation. Y = (B + delta I) Pi has ``sigma_min(Y) >= delta`` (B PSD; its computed
+    eigenvalues are >= -u ||B||, negligible against delta). Round one leaves ``cond(Q1) ~ 3.24
+    sqrt(s) / sigma_min(Y)`` (:func:`shifted_cholesky_qr3`), and rounds two and three orthonormalise
+    Q1 when ``cond(Q1) <= 0.1 u^(-1/2)`` (Cholesky-QR2's limit, ``u cond^2 <= 1/100``). With ``s =
+    beta u ||Y||_F^2`` (:func:`cholesky_qr3_gram_shift`) that asks for ``delta >= 32.4 sqrt(beta) u
+    ||Y||_F``, and ``||Y||_F <= ||B||_F + sqrt(d) delta`` gives the formula. In fp32: ``c = 5.1e-5``
+    at d = 1024 (``2.5e-5`` at d = 64), so ``cond(B + delta I) <= 1 + 1/c ~ 2e4`` whatever B's rank,
+    against Cholesky-QR2's 411. On gpt-mini's factors ``delta`` is 3.8e-5 of ``lambda_max``
+    (median), 80x below Cholesky-QR2's, and a ``delta`` 50x below this one still solved all 52 of
+    them (150x below: 12 failed; measured once, not scripted).
+    """
+    size = stats.shape[-1]
+    beta = 11 * (size**0.5 + (size + 1) ** 0.5)
+    c = (SHIFTED_CHOLESKY_QR_CONDITION_FACTOR / CHOLESKY_QR2_CONDITION_PER_INVERSE_SQRT_ROUNDOFF
+         * beta**0.5 * _unit_roundoff(stats.dtype))
+    scale = torch.linalg.matrix_norm(stats)
+    return _nonzero_or_one(scale, c / (1 - c * size**0.5) * scale)
+
+
+def _plus_diagonal(stats: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    shifted = stats.clone()  # keeps the stack's layout, which rows_in_order relies on
+    shifted.diagonal(dim1=-2, dim2=-1).add_(delta[:, None])
+    return shifted
+
+
+ORTHONORMALIZERS: dict[str, Orthonormalizer] = {
+    "householder": Orthonormalizer(_householder),
+    "cholesky_qr2": Orthonormalizer(cholesky_qr2, shift=cholesky_qr2_step_shift),
+    "cholesky_qr3": Orthonormalizer(shifted_cholesky_qr3, shift=cholesky_qr3_step_shift),
+}
 
 
 def qr_step_in_basis(stats: torch.Tensor, orth: Orthonormalizer,
@@ -149,10 +281,18 @@ def qr_step_in_basis(stats: torch.Tensor, orth: Orthonormalizer,
     relative to the unsorted basis and ``P^T B P = R (Pi^T P)`` needs only a row permutation of P.
     Rows, unlike the columns of a row-major stack, are contiguous, and B is symmetric, so
     ``B Pi = (Pi^T B)^T`` costs one row copy instead of two gathers (and a third to unsort P).
+
+    A shifted orthonormalizer factors ``(B + delta I) Pi = P R`` instead; then
+    ``P^T (B + delta I) P = R (Pi^T P)``, and subtracting ``delta I`` from it is the exact change of
+    basis of B (an absolute error of ``u delta``, below the ``u ||B||`` of the product itself).
     """
+    delta = None if orth.shift is None else orth.shift(stats)
     try:
-        rotation, upper, solved = orth(stats if order is None else rows_in_order(stats, order).mT)
+        y = stats if delta is None else _plus_diagonal(stats, delta)
+        rotation, upper, solved = orth.factor(y if order is None else rows_in_order(y, order).mT)
         new_stats = symmetric_product_of_upper(upper, rotation if order is None else rows_in_order(rotation, order))
+        if delta is not None:
+            new_stats.diagonal(dim1=-2, dim2=-1).sub_(delta[:, None])
         ok = _finite_per_member(rotation) & _finite_per_member(new_stats)
         if solved is not None:
             ok &= solved

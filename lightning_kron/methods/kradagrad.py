@@ -164,6 +164,7 @@ class KrADagrad(RootPreconditionedOptimizer):
     """
 
     initial_refresh_solver = "qr"  # the first update already stores every X in its exact eigenbasis
+    shifted_qr_refresh = False  # X's small eigenvalues (L's large ones) must keep their relative precision
 
     def __init__(self, params: Any, lr: float = 0.1, betas=(0.9, 0.999), eps: Optional[float] = None,
                  weight_decay: float = 0.0, *, variant: str = "star", graft: Optional[str] = None,

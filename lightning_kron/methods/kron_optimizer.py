@@ -265,6 +265,13 @@ class KronOptimizer(torch.optim.Optimizer):
     #: Whether ``_direction`` itself returns 0 for a parameter group skipped this step (a non-finite
     #: gradient); otherwise ``_finish`` masks the direction, one more pass over the stack.
     masks_skipped_direction = False
+    #: Whether a warm QR refresh with Cholesky-QR factors ``B + delta I`` (robust to rank-deficient
+    #: B; ``engine.solvers.cholesky_qr3_step_shift``). The shift slows the separation of the
+    #: eigenvalues below ~delta: for statistics L their directions carry little of the factor, but
+    #: a method that stores inverses needs them most (they are L's largest, KrADagrad) and, its X
+    #: being damped and full-rank, needs no shift (gpt-mini's X: no failures unshifted; shifted,
+    #: 8% more inverse staleness after one shifted Cholesky-QR3 step, 56% after Cholesky-QR2's).
+    shifted_qr_refresh = True
     #: The pure per-parameter-group functions that ``compile=True`` hands to ``torch.compile``, by
     #: name (a method adds its direction, e.g. SOAP's ``"direction"``).
     compilable: dict[str, Callable] = {"update": update_parameters}
@@ -439,11 +446,11 @@ class KronOptimizer(torch.optim.Optimizer):
         return (None, True) if option == "tf32" else (option, False)
 
     def _orthonormalizer_for(self, device: torch.device) -> str:
-        """``"auto"``: batched Cholesky-QR2 on CUDA (matmuls and a batched Cholesky, where
+        """``"auto"``: batched shifted Cholesky-QR3 on CUDA (matmuls and a batched Cholesky, where
         ``geqrf`` of a large matrix runs one matrix at a time), Householder QR elsewhere."""
         if self.orthonormalizer != "auto":
             return self.orthonormalizer
-        return "cholesky_qr2" if device.type == "cuda" else "householder"
+        return "cholesky_qr3" if device.type == "cuda" else "householder"
 
     def _expose_state_views(self, groups: list[FactorGroup]) -> None:
         for group in groups:
@@ -850,13 +857,14 @@ class KronOptimizer(torch.optim.Optimizer):
         staleness tensors directly (no name lookup per step) and then move the refreshed rows
         themselves (``lightning_kron.scheduling.ownership``). ``reorthonormalize``: which of
         ``rows`` are due for re-orthonormalisation, when the owner already read it (else one host
-        read). With Cholesky-QR2 the members it could not orthonormalise are refreshed again with
+        read). With Cholesky-QR the members it could not orthonormalise are refreshed again with
         Householder (:meth:`refresh_fallbacks`, one host read); ``defer_fallback`` returns them
         instead, so that a caller refreshing many stacks reads all their failures at once.
         """
         row_index = None if len(rows) == len(group) else torch.tensor(rows, device=group.device)
         request = RefreshRequest(solver=solver or self.solver, tolerance=tolerance, max_iters=max_iters,
-                                 orthonormalizer=orthonormalizer or self._orthonormalizer_for(group.device))
+                                 orthonormalizer=orthonormalizer or self._orthonormalizer_for(group.device),
+                                 shift=self.shifted_qr_refresh)
         with cuda_matmul_precision("ieee", group.device.type == "cuda"):
             succeeded = refresh_factor(group, dim, row_index, request, self, self.global_step, reorthonormalize)
         if succeeded is None:
@@ -869,7 +877,7 @@ class KronOptimizer(torch.optim.Optimizer):
 
     def refresh_fallbacks(self, pending: Iterable[Optional["PendingFallback"]]) -> int:
         """Refresh again, with the fallback orthonormalizer (Householder), the members of ``pending``
-        (from :meth:`refresh_rows`) whose Cholesky-QR2 failed: one host read of all their flags
+        (from :meth:`refresh_rows`) whose Cholesky-QR failed: one host read of all their flags
         (on a scheduler's refresh step the second and last host sync), nothing for the members that
         succeeded. Returns how many were refreshed again."""
         pending = [item for item in pending if item is not None]

@@ -180,9 +180,13 @@ class SOAP(EigenvalueCorrectedOptimizer):
             up to 9% worse. ``FixedRefresh(every=10)`` is the paper's clock; ``AdaptiveRefresh`` a
             staleness tolerance (tune it per model).
         solver: "qr" (warm power step, default) or "eigh" (exact).
-        orthonormalizer: "auto" (default: "cholesky_qr2" on CUDA, "householder" elsewhere),
-            "householder" or "cholesky_qr2" (batched, faster on GPUs; the members it cannot
-            orthonormalise are refreshed again with Householder).
+        orthonormalizer: "auto" (default: "cholesky_qr3" on CUDA, "householder" elsewhere),
+            "householder", "cholesky_qr3" (shifted Cholesky-QR3) or "cholesky_qr2" (batched,
+            faster on GPUs; a QR step shifted by ``delta I``, so rank-deficient factors need no
+            fallback: 400-900 ``u ||B||_F`` for Cholesky-QR3, as good as Householder's step
+            within 5% on gpt-mini; 0.24% of ``||B||`` for Cholesky-QR2, 1.7x Householder's
+            staleness; the members they still cannot orthonormalise, non-finite ones, are
+            refreshed again with Householder).
         max_precond_dim: dims above this get no factor (or are split with ``split_large_dims``).
         rotation_dtype: "auto" (default: "tf32" on CUDA, fp32 elsewhere); "tf32" rotates the
             direction back on TF32 tensor cores (measured loss-neutral; everything else stays IEEE

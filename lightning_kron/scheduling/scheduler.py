@@ -334,7 +334,7 @@ class RefreshScheduler:
                                         reorthonormalize=[(group_index, row, dim) in flagged for row in rows],
                                         defer_fallback=True)
             for (group_index, dim), rows in sorted(by_stack.items())]
-        self.optimizer.refresh_fallbacks(fallbacks)  # Cholesky-QR2's failures: one host read for all
+        self.optimizer.refresh_fallbacks(fallbacks)  # Cholesky-QR's failures: one host read for all
 
     @staticmethod
     def _pieces(owners: dict[tuple[int, int], int], groups: list[FactorGroup]) -> list[OwnedRows]:
