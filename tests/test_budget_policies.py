@@ -54,7 +54,9 @@ def test_budget_with_an_unknown_length_runs_at_the_clocks_rate_after_its_early_s
     policy = BudgetRefresh(every=10, front_load=3.0, early_steps=20)
     assert policy.allowance(20) == pytest.approx(6.0) and policy.allowance(120) == pytest.approx(16.0)
     assert policy.allowance(120, total_steps=float("inf")) == policy.allowance(120)  # inf: unknown
-    assert BudgetRefresh(every=10).allowance(50) == pytest.approx(5.0)  # no early_steps: no front-loading
+    # no early_steps and no length: the first early_steps_if_unknown steps at the early rate
+    assert BudgetRefresh(every=10, front_load=3.0).allowance(50) == pytest.approx((3 * 30 + 20) / 10)
+    assert BudgetRefresh(every=10, early_steps_if_unknown=0).allowance(50) == pytest.approx(5.0)
 
 
 def test_budget_drives_the_optimizer_and_the_scheduler_passes_the_length():
@@ -136,6 +138,7 @@ def test_budget_keeps_no_state_and_a_resumed_run_is_bit_identical():
     (lambda: BudgetRefresh(front_load=3.0, early_fraction=0.5), "front_load \\* early_fraction must be <= 1"),
     (lambda: BudgetRefresh(early_fraction=1.5), "early_fraction must be in"),
     (lambda: BudgetRefresh(total_steps=0), "total_steps must be an integer >= 1"),
+    (lambda: BudgetRefresh(early_steps_if_unknown=-1), "early_steps_if_unknown must be an integer >= 0"),
     (lambda: BudgetRefresh(tolerance=-0.1), "tolerance must be in"),
     (lambda: BudgetRefresh(check_every=2.5), "check_every must be an integer"),
     (lambda: RelativeRefresh(ratio=1.0), "ratio must be a number > 1"),

@@ -16,6 +16,10 @@ step, squared rotation ``"rotate"``), at every=10: GPT-2 tiny 1.5975 -> 1.5616 (
 tiny 1.4416 -> 1.4304, ResNet tiny 0.066 -> 0.050 (5 seeds), an MLP 0.0335 -> 0.0300, an LSTM
 2.167 -> 2.139; ViT tiny 0.160 -> 0.157 (within its seed noise). EShampoo keeps ``"rotate"`` in the
 step (not re-measured). Figures and commands: docs/algorithms.md, "Deviations from the reference SOAP".
+SOAP also gives each dim of a convolution weight its own factor (``merge_dims=False``, the
+reference's blocking): with the two choices above, merging ``[out, in*kh*kw]`` ended 47% above it on
+the small CNN of the refresh study (3 seeds, every=10) and 5% on the ResNet recipe
+(docs/adaptive-refresh.md, "Against the reference SOAP").
 
 Design decision: both moments are kept in rotated coordinates (SOAP's choice) rather than keeping
 ``M`` in parameter space (EShampoo's): equal in exact arithmetic, but it saves one full rotation
@@ -173,11 +177,10 @@ class SOAP(EigenvalueCorrectedOptimizer):
         refresh: ``None`` (default) is ``BudgetRefresh()``: as many refreshes as
             ``FixedRefresh(every=20)``, half the SOAP paper's every=10, spent on the most stale
             factors and front-loaded when the training length is known (``KronCallback`` and the
-            recipes pass it). Chosen by ``scripts/refresh_study.py`` on six models, three seeds
-            each (docs/adaptive-refresh.md, "The default schedule"): 0.47-0.50x the refreshes of
-            every=10, each model's mean final loss within +0.91% of it. Alone, pass
-            ``BudgetRefresh(total_steps=N)``: spread evenly (length unknown) the same budget ended
-            up to 9% worse. ``FixedRefresh(every=10)`` is the paper's clock; ``AdaptiveRefresh`` a
+            recipes pass it). Chosen by ``scripts/refresh_study.py`` on nine models, three seeds
+            each, against every=10 and the SOAP reference (docs/adaptive-refresh.md, "The default
+            schedule"). Alone, pass ``BudgetRefresh(total_steps=N)``: spread evenly (length
+            unknown) the same budget ends several percent worse on some models. ``FixedRefresh(every=10)`` is the paper's clock; ``AdaptiveRefresh`` a
             staleness tolerance (tune it per model).
         solver: "qr" (warm power step, default) or "eigh" (exact).
         orthonormalizer: "auto" (default: "cholesky_qr3" on CUDA, "householder" elsewhere),

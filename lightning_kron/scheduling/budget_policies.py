@@ -70,12 +70,16 @@ class BudgetRefresh:
         every: the fixed clock whose refresh count is the budget (20: half of SOAP's every=10).
         front_load: how many times the average rate the early phase spends (1: an even spread).
         early_fraction: the early phase as a fraction of ``total_steps``.
-        early_steps: the early phase in steps (overrides ``early_fraction``; needed for front-loading
-            when the length is unknown).
+        early_steps: the early phase in steps (overrides ``early_fraction``).
+        early_steps_if_unknown: the early phase when neither ``early_steps`` nor the length is
+            known (a bare ``SOAP(params)``): the first steps after the initialisation, when the
+            statistics move fastest. Measured at 30 (``bare-early30`` in docs/adaptive-refresh.md:
+            it held on every study model where the even spread lost up to 16%), not tuned.
         total_steps: the planned optimizer steps, when the owner knows them (``KronCallback`` and the
-            scheduler pass theirs to :meth:`select`). Unknown: the early phase is ``early_steps``
-            (none if unset) at ``front_load / every``, then ``1 / every``: the budget of every=k plus
-            the early extra.
+            scheduler pass theirs to :meth:`select`). Unknown: the early phase at ``front_load /
+            every``, then ``1 / every``: every=k's budget plus ``(front_load - 1) * early / every``
+            refreshes per factor (3 at the defaults: 0.70x every=10's count over 150 steps, 0.53x
+            over 1000).
         tolerance: factors at or below this staleness are never refreshed; also the staleness a
             refresh with ``max_iters > 1`` aims below.
         check_every: steps between decisions (the budget is the same, spent in larger portions).
@@ -86,6 +90,7 @@ class BudgetRefresh:
     front_load: float = 3.0
     early_fraction: float = 0.2
     early_steps: Optional[int] = None
+    early_steps_if_unknown: int = 30
     total_steps: Optional[int] = None
     tolerance: float = 0.0
     check_every: int = 1
@@ -99,6 +104,7 @@ class BudgetRefresh:
         check_unit_interval("tolerance", self.tolerance)
         if self.early_steps is not None:
             check_positive_int("early_steps", self.early_steps, minimum=0)
+        check_positive_int("early_steps_if_unknown", self.early_steps_if_unknown, minimum=0)
         if self.total_steps is not None:
             check_positive_int("total_steps", self.total_steps)
         if not isinstance(self.front_load, (int, float)) or not 1.0 <= self.front_load:
@@ -118,7 +124,7 @@ class BudgetRefresh:
         length = _finite_length(total_steps, self.total_steps)
         if length is None:
             base = 1.0 / self.every
-            early = self.early_steps or 0
+            early = self.early_steps if self.early_steps is not None else self.early_steps_if_unknown
             return self.front_load * base * min(step, early) + base * max(0, step - early)
         # the scheduler decides steps 1 .. total_steps - 1 (step 0 is the optimizer's exact refresh),
         # where the clock makes floor((total_steps - 1) / every) whole refreshes per factor
