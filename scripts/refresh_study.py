@@ -409,7 +409,7 @@ def summarize(records: list[dict], baseline: str = "every10", variant: Optional[
 def reference_table(records: list[dict], ours: tuple[str, ...] = ("every10", "budget20-front3", "bare-flat", "bare-early30"),
                     variant: Optional[str] = None) -> str:
     """Per model: the reference's mean final loss and each of ``ours`` against it (mean over seeds
-    of the per-seed change; the worst seed in brackets)."""
+    of the per-seed change, its standard error and the worst seed in brackets)."""
     rows = {(r.model, r.schedule): r for r in summarize(records, baseline=REFERENCE, variant=variant)}
     models = list(dict.fromkeys(model for model, schedule in rows if schedule == REFERENCE))
     shown = [name for name in ours if any((model, name) in rows for model in models)]
@@ -419,8 +419,9 @@ def reference_table(records: list[dict], ours: tuple[str, ...] = ("every10", "bu
         cells = [f"{rows[(model, REFERENCE)].loss:.4f}"]
         for name in shown:
             row = rows.get((model, name))
-            cells.append("" if row is None else f"{row.loss:.4f} ({100 * row.loss_change:+.1f}%, worst seed "
-                                                f"{100 * max(row.per_seed):+.1f}%)")
+            error = _standard_error(row.per_seed) if row is not None else ""
+            cells.append("" if row is None else f"{row.loss:.4f} ({100 * row.loss_change:+.1f}%"
+                         f"{' ± ' + error if error else ''}, worst seed {100 * max(row.per_seed):+.1f}%)")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -431,13 +432,22 @@ def _order(pair: tuple[str, str]) -> tuple:
     return (models.index(model) if model in models else len(models), names.index(schedule) if schedule in names else 99)
 
 
+def _standard_error(changes: list[float]) -> str:
+    """The standard error of the mean of the per-seed changes (the seeds are paired with
+    every=10's, so this is the noise of the comparison itself); blank for one seed."""
+    if len(changes) < 2:
+        return ""
+    return f"{100 * statistics.stdev(changes) / math.sqrt(len(changes)):.2f}%"
+
+
 def markdown_tables(rows: list[Row]) -> str:
     """Per model: every schedule's refreshes and loss relative to every=10; then a summary per
     schedule over models (mean and worst loss change, mean refresh ratio)."""
     lines = ["| model | schedule | seeds | refreshes (mean) | x every=10 | final val loss (mean) | vs every=10 (mean) | "
-             "spread over seeds | worst seed |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "its standard error | spread over seeds | worst seed |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r.model} | {r.schedule} | {r.seeds} | {r.refreshes:.0f} | {r.refresh_ratio:.2f}x | {r.loss:.4f} | "
-              f"{100 * r.loss_change:+.2f}% | {100 * r.spread:.2f}% | {100 * max(r.per_seed):+.2f}% |" for r in rows]
+              f"{100 * r.loss_change:+.2f}% | {_standard_error(r.per_seed)} | {100 * r.spread:.2f}% | "
+              f"{100 * max(r.per_seed):+.2f}% |" for r in rows]
     summary = ["| schedule | models | seeds per model | refreshes x every=10 (mean) | worst refresh ratio | "
                "loss vs every=10 (mean over models) | worst model (its mean) | worst seed |",
                "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -563,7 +573,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--timing-json", type=Path, default=Path("runs/refresh_timing.json"),
                         help="with --report: the timing measured by --timing, put into the report")
     parser.add_argument("--sizes", default="768,1024,2048,4096")
-    parser.add_argument("--default", default="budget20-front", help="the schedule whose refresh rate the timing uses")
+    parser.add_argument("--default", default="budget20-front3", help="the schedule whose refresh rate the timing uses")
     parser.add_argument("--variant", default=None,
                         help=f"report the runs of these SOAP defaults (timing+carry; default: the current ones, "
                              f"{soap_variant()}; runs without a variant are {OLD_VARIANT})")

@@ -40,7 +40,8 @@ def test_the_summary_is_relative_to_every10_on_the_same_seeds():
     assert rows["every20"].refresh_ratio == pytest.approx(0.5)
     assert rows["every20"].loss_change == pytest.approx(0.05) and rows["every20"].spread == pytest.approx(0.1)
     table = study.markdown_tables(list(rows.values()))
-    assert "| m | every20 | 2 | 50 | 0.50x | 3.1000 | +5.00% | 10.00% | +10.00% |" in table
+    # per-seed changes 0% and +10%: standard error stdev / sqrt(2) = 0.0707 / 1.414 = 5%
+    assert "| m | every20 | 2 | 50 | 0.50x | 3.1000 | +5.00% | 5.00% | 10.00% | +10.00% |" in table
 
 
 def test_the_report_replaces_only_its_own_section(tmp_path):
@@ -84,6 +85,6 @@ def test_the_reference_table_compares_each_seed_with_the_reference():
                _record("budget20-front3", 0, 2.0, 5), _record("budget20-front3", 1, 3.0, 5)]
     table = study.reference_table(records)
     assert table.splitlines()[0] == "| model | reference (mean) | ours, every10 | ours, budget20-front3 |"
-    # every10: -10% and +10% -> mean 0, worst +10%; budget: 0% and -25%
-    assert table.splitlines()[2] == ("| m | 3.0000 | 3.1000 (+0.0%, worst seed +10.0%) | "
-                                     "2.5000 (-12.5%, worst seed +0.0%) |")
+    # every10: -10% and +10% -> mean 0, s.e. 14.14% / sqrt(2) = 10%, worst +10%; budget: 0% and -25%
+    assert table.splitlines()[2] == ("| m | 3.0000 | 3.1000 (+0.0% ± 10.00%, worst seed +10.0%) | "
+                                     "2.5000 (-12.5% ± 12.50%, worst seed +0.0%) |")
