@@ -469,6 +469,7 @@ def plot(rows: list[Row], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     models = list(dict.fromkeys(r.model for r in rows))
     names = list(dict.fromkeys(r.schedule for r in rows))
@@ -486,6 +487,7 @@ def plot(rows: list[Row], path: Path) -> None:
             if name == "every10" and row is not None:
                 axis.axhline(row.loss, color="grey", lw=0.6, ls="--")
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # 2x10^2, 3x10^2... overlap
         axis.set_title(model)
         axis.set_xlabel("total refreshes (log)")
         axis.set_ylabel("final val loss")

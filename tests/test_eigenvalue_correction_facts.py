@@ -168,10 +168,19 @@ def test_loss_scale_invariance():
     torch.testing.assert_close(plain, scaled, rtol=1e-7, atol=1e-9)
 
 
+#: The refresh configuration the precision bounds below were measured with (SOAP's defaults of that
+#: time). It is pinned because the precision of a rotation is what these tests resolve, and today's
+#: defaults (the budget, V kept by rank after the step) make this 150-step curve about 3x more
+#: chaotic: TF32 directions over seeds 0-15 gave +1.5% +- 1.3% with curve gaps up to 14.8%, against
+#: -0.2% +- 0.4% and 3.3% here, too noisy on 8 seeds to tell a correct placement from a 9% error.
+PRECISION_TEST_REFRESH = dict(refresh=lk.FixedRefresh(every=10), refresh_timing="in_step",
+                              second_moment_on_refresh="rotate")
+
+
 def _bf16_test_curve(options: dict, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4))
-    optimizer = lk.SOAP(model.parameters(), lr=3e-3, **options)
+    optimizer = lk.SOAP(model.parameters(), lr=3e-3, **PRECISION_TEST_REFRESH, **options)
     inputs = torch.randn(256, 16)
     targets = torch.stack([inputs[:, :4].sum(1), inputs[:, 4:8].prod(1), inputs[:, 8].sin(), inputs[:, 9:].mean(1)], 1)
     losses = []

@@ -131,7 +131,8 @@ def test_without_update_at_start_that_step_only_sets_the_bases():
     """Two AdamW steps, then the step at start_preconditioning_step: statistics and exact bases,
     no update; the moments' bias correction goes on counting moment updates (2, not 3)."""
     model = _model()
-    optimizer = lk.SOAP(model.parameters(), start_preconditioning_step=3, update_at_start=False)
+    optimizer = lk.SOAP(model.parameters(), start_preconditioning_step=3, update_at_start=False,
+                        refresh=lk.FixedRefresh(every=10))  # no scheduled refresh in these 4 steps
     params = list(model.parameters())
     inputs, targets = torch.randn(16, 1, 8, 8, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
     snapshots = []
