@@ -67,6 +67,7 @@ ADAPTIVE_TOLERANCE, ADAPTIVE_EARLY_TOLERANCE, ADAPTIVE_EARLY_FRACTION = 0.5, 0.1
 CONTENDERS = (
     Contender("adamw", "AdamW", OptimizerConfig(name="adamw", lr=2.5e-3, betas=(0.9, 0.95), **SHARED)),
     Contender("soap", "SOAP (every 10)", OptimizerConfig(name="soap", lr=KRON_LR, betas=(0.95, 0.95), refresh_schedule="fixed", refresh_every=10, **SHARED)),
+    Contender("soap_default", "SOAP (default budget)", OptimizerConfig(name="soap", lr=KRON_LR, betas=(0.95, 0.95), **SHARED)),
     Contender("soap_adaptive", "SOAP (adaptive)", OptimizerConfig(
         name="soap_adaptive", lr=KRON_LR, betas=(0.95, 0.95), tolerance=ADAPTIVE_TOLERANCE,
         early_tolerance=ADAPTIVE_EARLY_TOLERANCE, early_fraction=ADAPTIVE_EARLY_FRACTION, **SHARED)),
