@@ -92,12 +92,12 @@ def _text_task(network: torch.nn.Module, seed: int, forward: Callable, context: 
     return Task(network, _forever(data.train_dataloader), list(data.val_dataloader()), loss)
 
 
-def _gpt(family: str) -> Callable[[int], Task]:
+def _gpt(family: str, context: int = 64, batch: int = 16) -> Callable[[int], Task]:
     def build(seed: int) -> Task:
         from recipes.gpt import CausalLM
 
-        module = CausalLM(family=family, size="tiny", context_length=64)
-        return _text_task(module.network, seed, lambda net, x: net(input_ids=x, use_cache=False).logits)
+        module = CausalLM(family=family, size="tiny", context_length=context)
+        return _text_task(module.network, seed, lambda net, x: net(input_ids=x, use_cache=False).logits, context, batch)
     return build
 
 
@@ -168,6 +168,9 @@ register(StudyModel("vit", _vision("vit"), 150, 3e-3, 15, "vision recipe, ViT ti
 register(StudyModel("resnet", _vision("resnet"), 150, 3e-3, 15, "vision recipe, ResNet tiny, digits at 16x16, batch 64"))
 register(StudyModel("lstm", _lstm, 150, 1e-2, 15, "held out: byte LSTM LM (64/128) on the stdlib text, context 64"))
 register(StudyModel("mlp", _mlp, 200, 3e-3, 20, "held out: 7-layer MLP (width 128) on a noisy random teacher"))
+register(StudyModel("gpt2-300", _gpt("gpt2", context=128, batch=32), 300, 1e-2, 30,
+                    "the GPT recipe as scripts/compare.py trains it: context 128, batch 32, 300 steps",
+                    weight_decay=0.1))
 
 
 def _small(name: str) -> Callable[[int], Task]:
@@ -254,6 +257,7 @@ def schedules(steps: int) -> dict[str, object]:
         "budget20-front-check5-qr3": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=steps,
                                                    check_every=5, max_iters=3, tolerance=0.02),
         "budget20-front3": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
+        "budget20-front1.5": BudgetRefresh(every=20, front_load=1.5, early_fraction=0.3, total_steps=steps),
         "relative4": RelativeRefresh(ratio=4.0, floor=0.02),
         "tol0.1-check10-qr3": lk.AdaptiveRefresh(tolerance=0.1, check_every=10, max_iters=3),
         "gpt-tuned-0.15early-0.5": lk.AdaptiveRefresh(

@@ -177,7 +177,7 @@ class SOAP(EigenvalueCorrectedOptimizer):
         refresh: ``None`` (default) is ``BudgetRefresh()``: as many refreshes as
             ``FixedRefresh(every=20)``, half the SOAP paper's every=10, spent on the most stale
             factors and front-loaded when the training length is known (``KronCallback`` and the
-            recipes pass it). Chosen by ``scripts/refresh_study.py`` on nine models, three seeds
+            recipes pass it). Chosen by ``scripts/refresh_study.py`` on ten models, three seeds
             each, against every=10 and the SOAP reference (docs/adaptive-refresh.md, "The default
             schedule"). Alone, pass ``BudgetRefresh(total_steps=N)``: spread evenly (length
             unknown) the same budget ends several percent worse on some models. ``FixedRefresh(every=10)`` is the paper's clock; ``AdaptiveRefresh`` a
