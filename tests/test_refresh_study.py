@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 import pytest
 
 from scripts import refresh_study as study
@@ -88,3 +90,14 @@ def test_the_reference_table_compares_each_seed_with_the_reference():
     # every10: -10% and +10% -> mean 0, s.e. 14.14% / sqrt(2) = 10%, worst +10%; budget: 0% and -25%
     assert table.splitlines()[2] == ("| m | 3.0000 | 3.1000 (+0.0% ± 10.00%, worst seed +10.0%) | "
                                      "2.5000 (-12.5% ± 12.50%, worst seed +0.0%) |")
+
+
+def test_the_aged_budget_spends_the_same_budget_and_lets_a_passed_over_factor_catch_up():
+    from lightning_kron.scheduling.budget_policies import BudgetRefresh
+
+    plain, aged = BudgetRefresh(every=4, front_load=1.0), study.AgedBudgetRefresh(every=4, front_load=1.0)
+    staleness = torch.tensor([0.30, 0.29, 0.10, 0.05])  # 4 factors / every=4: one refresh per step
+    plain_picks = [int(plain.select(staleness, step).nonzero()) for step in range(1, 5)]
+    aged_picks = [int(aged.select(staleness, step).nonzero()) for step in range(1, 5)]
+    assert plain_picks == [0, 0, 0, 0]  # the plain ranking keeps choosing the most stale
+    assert aged_picks[:2] == [0, 1] and sorted(aged_picks) != plain_picks  # age lets the others in
