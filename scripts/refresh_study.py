@@ -27,17 +27,17 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import lightning_kron as lk
-from lightning_kron.engine.validation import check_positive_int, check_unit_interval
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from recipes.optimizers import OptimizerConfig, configure_optimization, weight_decay_groups
 from recipes.schedule import warmup_cosine
+from scripts.refresh_candidates import AgedBudgetRefresh, RelativeRefresh
 from scripts.small_models import make_task
 
 
@@ -188,85 +188,6 @@ for _name, _note in (("cnn", "held out (issue): CNN 16x1x3x3 + 32x16x3x3 on digi
 
 
 # ----------------------------------------------------------------- the schedules
-class RelativeRefresh:
-    """A candidate the study measured and dropped (it lost on llama and the MLP; docs/adaptive-refresh.md).
-
-    Refresh a factor when its staleness exceeds ``ratio`` times its own drift over one check
-    right after its last refresh (and ``floor``).
-
-    Why relative: the drift one EMA step causes is about ``(1 - shampoo_beta)`` times the factor's
-    off-diagonal gradient share, which differs by orders of magnitude between factors and models;
-    measuring it per factor replaces the one absolute tolerance that did not transfer. A factor whose
-    staleness is pure EMA noise saturates below ``ratio`` times its first-check value (the plateau is
-    about ``1 / sqrt(2 (1 - shampoo_beta))`` times it, 3.2x at 0.95) and is left alone.
-
-    State (checkpointed through the scheduler): each factor's reference drift and which factors the
-    last check chose (their next staleness becomes their reference).
-    """
-
-    def __init__(self, ratio: float = 8.0, floor: float = 0.02, check_every: int = 1, max_iters: int = 1) -> None:
-        if not isinstance(ratio, (int, float)) or not ratio > 1:
-            raise ValueError(f"ratio must be a number > 1, got {ratio!r}")
-        check_unit_interval("floor", floor)
-        check_positive_int("check_every", check_every)
-        check_positive_int("max_iters", max_iters)
-        self.ratio, self.floor, self.check_every, self.max_iters = float(ratio), float(floor), check_every, max_iters
-        self._reference: Optional[torch.Tensor] = None
-        self._chosen: Optional[torch.Tensor] = None
-
-    def __repr__(self) -> str:
-        return f"RelativeRefresh(ratio={self.ratio}, floor={self.floor}, check_every={self.check_every}, max_iters={self.max_iters})"
-
-    def checks_at(self, step: int) -> bool:
-        return step % self.check_every == 0
-
-    def tolerance_at(self, step: int, total_steps: Optional[float] = None) -> float:
-        return self.floor
-
-    def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None) -> torch.Tensor:
-        """Factors above ``max(floor, ratio * reference)``; the reference of a factor chosen at the
-        last check (or never seen) is its staleness now."""
-        if self._reference is None or self._reference.shape != staleness.shape:
-            self._reference = staleness.clone()
-            self._chosen = torch.zeros_like(staleness, dtype=torch.bool)
-        self._reference = torch.where(self._chosen.to(staleness.device), staleness, self._reference.to(staleness.device))
-        threshold = (self.ratio * self._reference).clamp_min(self.floor)
-        self._chosen = staleness > threshold
-        return self._chosen
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"reference": None if self._reference is None else self._reference.cpu().tolist(),
-                "chosen": None if self._chosen is None else self._chosen.cpu().tolist()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._reference = None if state["reference"] is None else torch.tensor(state["reference"])
-        self._chosen = None if state["chosen"] is None else torch.tensor(state["chosen"], dtype=torch.bool)
-
-
-class AgedBudgetRefresh(BudgetRefresh):
-    """A candidate (docs/adaptive-refresh.md, gpt2-300): the default budget, ranked by staleness
-    times the steps since the factor was last chosen, so a factor the ranking keeps passing over
-    gains priority with age and a fast-drifting one refreshed a moment ago loses it.
-
-    Why: on gpt2-300 the plain ranking gave 3 to 37 refreshes per factor where every=20 gives 14
-    each, and most factors ended about equally stale. Stateful (the steps it chose each factor at;
-    a refresh skipped for a non-finite step is counted as made), which is why it is a study
-    candidate and not the library's stateless default.
-    """
-
-    def __init__(self, **budget: Any) -> None:
-        super().__init__(**budget)
-        object.__setattr__(self, "_chosen_at", None)
-
-    def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None) -> torch.Tensor:
-        if self._chosen_at is None or self._chosen_at.shape != staleness.shape:
-            object.__setattr__(self, "_chosen_at", torch.zeros_like(staleness))
-        age = (step - self._chosen_at.to(staleness.device)).clamp_min(1.0)
-        chosen = super().select(staleness * age, step, total_steps) & (staleness > self.tolerance)
-        self._chosen_at.copy_(torch.where(chosen, torch.full_like(age, float(step)), self._chosen_at))
-        return chosen
-
-
 def schedules(steps: int) -> dict[str, object]:
     """Baselines, then every candidate default (a loser stays listed: the table reports it)."""
     return {

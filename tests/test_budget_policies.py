@@ -1,4 +1,4 @@
-"""BudgetRefresh (the default) and the study's RelativeRefresh (a policy that keeps state):
+"""BudgetRefresh (the default) and the study's candidate RelativeRefresh (a policy that keeps state):
 selection on constructed staleness, budget accounting, checkpoint round trips and refusals at
 construction."""
 
@@ -10,7 +10,7 @@ from torch import nn
 
 import lightning_kron as lk
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
-from scripts.refresh_study import RelativeRefresh
+from scripts.refresh_candidates import RelativeRefresh
 
 
 # ----------------------------------------------------------------- BudgetRefresh: selection

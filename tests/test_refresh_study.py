@@ -9,6 +9,7 @@ import torch
 import pytest
 
 from scripts import refresh_study as study
+from scripts.refresh_candidates import AgedBudgetRefresh
 
 
 @pytest.fixture
@@ -95,7 +96,7 @@ def test_the_reference_table_compares_each_seed_with_the_reference():
 def test_the_aged_budget_spends_the_same_budget_and_lets_a_passed_over_factor_catch_up():
     from lightning_kron.scheduling.budget_policies import BudgetRefresh
 
-    plain, aged = BudgetRefresh(every=4, front_load=1.0), study.AgedBudgetRefresh(every=4, front_load=1.0)
+    plain, aged = BudgetRefresh(every=4, front_load=1.0), AgedBudgetRefresh(every=4, front_load=1.0)
     staleness = torch.tensor([0.30, 0.29, 0.10, 0.05])  # 4 factors / every=4: one refresh per step
     plain_picks = [int(plain.select(staleness, step).nonzero()) for step in range(1, 5)]
     aged_picks = [int(aged.select(staleness, step).nonzero()) for step in range(1, 5)]
