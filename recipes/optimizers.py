@@ -65,7 +65,7 @@ class OptimizerConfig:
 
     Args:
         name: one of ``adamw``, ``soap`` (the refresh budget of every=``refresh_budget_every``,
-            front-loaded, spent on the most stale factors), ``soap_adaptive`` (refresh a factor when
+            front-loaded, spent on the factors most stale for their age), ``soap_adaptive`` (refresh a factor when
             its staleness exceeds ``tolerance``), ``eshampoo``, ``shampoo`` (Adam-grafted root-inverse
             Shampoo, refresh every ``refresh_every`` steps) or ``kradagrad``.
         lr, betas: ``None`` takes the per-optimizer default in ``DEFAULT_HYPERPARAMETERS``.

@@ -28,6 +28,50 @@ def test_budget_breaks_ties_by_position_and_skips_factors_at_the_tolerance():
     assert ties.tolist() == [True, True, False, False]
 
 
+def test_budget_ranks_by_staleness_times_the_steps_since_each_factors_last_refresh():
+    policy = BudgetRefresh(every=4, front_load=1.0)  # 4 factors / every=4: one refresh per step
+    staleness = torch.tensor([0.30, 0.29, 0.10, 0.05])
+    ages = torch.tensor([1.0, 1.0, 4.0, 2.0])  # scores 0.30, 0.29, 0.40, 0.10
+    assert policy.select(staleness, step=1, steps_since_refresh=ages).tolist() == [False, False, True, False]
+    assert policy.select(staleness, step=1).tolist() == [True, False, False, False]  # no ages: staleness alone
+    plain = BudgetRefresh(every=4, front_load=1.0, age_power=0.0)
+    assert not plain.uses_refresh_age and policy.uses_refresh_age
+    assert plain.select(staleness, step=1, steps_since_refresh=ages).tolist() == [True, False, False, False]
+    squared = BudgetRefresh(every=4, front_load=1.0, age_power=2.0)  # 0.30, 0.29, 1.60, 0.20
+    assert squared.select(staleness, step=1, steps_since_refresh=ages).nonzero().flatten().tolist() == [2]
+    at_tolerance = BudgetRefresh(every=4, front_load=1.0, tolerance=0.2)  # 0.10 x 4 is not eligible
+    assert at_tolerance.select(staleness, step=1, steps_since_refresh=ages).tolist() == [False] * 4
+
+
+class _RecordingAges:
+    """A user-written policy that asks for the ages and always refreshes the first factor."""
+
+    uses_refresh_age = True
+
+    def __init__(self):
+        self.seen = []
+
+    def checks_at(self, step):
+        return True
+
+    def select(self, staleness, step, total_steps=None, steps_since_refresh=None):
+        self.seen.append(steps_since_refresh.tolist())
+        return torch.arange(staleness.numel()) == 0
+
+
+def test_the_scheduler_gives_a_policy_that_asks_the_steps_since_each_factors_last_refresh():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4)
+    policy = _RecordingAges()
+    optimizer = lk.SOAP(model.named_parameters(), lr=1e-2, refresh=policy)
+    for _ in range(5):  # step 1: the exact refresh of all; steps 2-5: the policy
+        optimizer.zero_grad()
+        model(torch.randn(16, 6)).square().mean().backward()
+        optimizer.step()
+    # the weight's two factors: the first refreshed on every step, the second only at step 1
+    assert policy.seen == [[1.0, 1.0], [1.0, 2.0], [1.0, 3.0], [1.0, 4.0]]
+
+
 # ----------------------------------------------------------------- BudgetRefresh: accounting
 @pytest.mark.parametrize("check_every, length", [(1, 121), (3, 121), (1, 150), (1, 200)])
 def test_budget_spends_exactly_the_fixed_clocks_count_over_a_known_length(check_every, length):
@@ -141,6 +185,8 @@ def test_budget_keeps_no_state_and_a_resumed_run_is_bit_identical():
     (lambda: BudgetRefresh(early_steps_if_unknown=-1), "early_steps_if_unknown must be an integer >= 0"),
     (lambda: BudgetRefresh(tolerance=-0.1), "tolerance must be in"),
     (lambda: BudgetRefresh(check_every=2.5), "check_every must be an integer"),
+    (lambda: BudgetRefresh(age_power=-1.0), "age_power must be a finite number >= 0"),
+    (lambda: BudgetRefresh(age_power=float("inf")), "age_power must be a finite number >= 0"),
     (lambda: RelativeRefresh(ratio=1.0), "ratio must be a number > 1"),
     (lambda: RelativeRefresh(floor=1.0), "floor must be in"),
     (lambda: RelativeRefresh(max_iters=0), "max_iters must be an integer >= 1"),

@@ -175,8 +175,8 @@ class SOAP(EigenvalueCorrectedOptimizer):
             ``weight_decay_mode="l2"`` adds ``wd * W`` to the gradient instead).
         shampoo_beta: EMA rate of the Kronecker statistics; ``None`` uses ``betas[1]``, 1 sums.
         refresh: ``None`` (default) is ``BudgetRefresh()``: as many refreshes as
-            ``FixedRefresh(every=20)``, half the SOAP paper's every=10, spent on the most stale
-            factors and front-loaded when the training length is known (``KronCallback`` and the
+            ``FixedRefresh(every=20)``, half the SOAP paper's every=10, each spent on the factor
+            ranked highest by staleness times the steps since its last refresh, front-loaded when the training length is known (``KronCallback`` and the
             recipes pass it). Chosen by ``scripts/refresh_study.py`` on ten models, three seeds
             each, against every=10 and the SOAP reference (docs/adaptive-refresh.md, "The default
             schedule"). Alone it does not know the length and front-loads only its first 30
@@ -233,8 +233,8 @@ class SOAP(EigenvalueCorrectedOptimizer):
 class EShampoo(EigenvalueCorrectedOptimizer):
     """Eigenvalue-corrected Shampoo: SOAP's update with exact ``eigh`` refreshes and AdamW's default
     hyperparameters. The refresh default is SOAP's, ``BudgetRefresh()``: every=20's count of
-    refreshes, each on the factor that is most stale by the staleness criterion (Purifying Shampoo),
-    instead of an absolute tolerance that does not transfer between models.
+    refreshes, each on the factor ranked highest by the staleness criterion (Purifying Shampoo) times
+    the steps since its last refresh, instead of an absolute tolerance that does not transfer between models.
 
     >>> import torch
     >>> opt = EShampoo(torch.nn.Linear(4, 4).parameters())

@@ -7,15 +7,18 @@ and one above it never refreshes the factors that do drift. :class:`BudgetRefres
 it states *how many* refreshes to make in the units users know ("as many as
 ``FixedRefresh(every=20)``"), front-loads them (basis accuracy matters most early: Purifying
 Shampoo, arXiv 2506.03595, and the GPT sweep in docs/adaptive-refresh.md) and spends each one on
-the most stale factor at that moment. It is the default of SOAP and EShampoo, chosen by
-``scripts/refresh_study.py`` over the other candidates (a tolerance relative to each factor's own
-drift, the paper's periodic check with several QR iterations, the GPT-tuned tolerance schedule),
+the most stale factor at that moment, weighted by the steps since its last refresh. It is the
+default of SOAP and EShampoo, chosen by ``scripts/refresh_study.py`` over the other candidates (a
+tolerance relative to each factor's own drift, the paper's periodic check with several QR
+iterations, the GPT-tuned tolerance schedule, the ranking by staleness alone),
 whose figures are in docs/adaptive-refresh.md.
 
 >>> import torch
 >>> policy = BudgetRefresh(every=2, front_load=1.0)
 >>> policy.select(torch.tensor([0.3, 0.1, 0.2, 0.0]), step=1).tolist()  # 4 factors / every=2: 2 per step
 [True, False, True, False]
+>>> policy.select(torch.tensor([0.3, 0.1, 0.2, 0.0]), step=2, steps_since_refresh=torch.tensor([1, 9, 2, 9])).tolist()
+[False, True, True, False]
 """
 
 from __future__ import annotations
@@ -29,16 +32,17 @@ import torch
 from lightning_kron.engine.validation import check_positive_int, check_unit_interval
 
 
-def _most_stale(staleness: torch.Tensor, count: int, floor: float) -> torch.Tensor:
-    """Mask of the ``count`` most stale factors above ``floor`` (ties: the lower index first, so
-    every rank and every rerun picks the same ones); stays on the device, no host sync."""
-    chosen = torch.zeros_like(staleness, dtype=torch.bool)
-    count = min(count, staleness.numel())
+def _most_stale(score: torch.Tensor, count: int, eligible: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``count`` highest-``score`` factors among the ``eligible`` (ties: the lower
+    index first, so every rank and every rerun picks the same ones); stays on the device, no host
+    sync."""
+    chosen = torch.zeros_like(score, dtype=torch.bool)
+    count = min(count, score.numel())
     if count <= 0:
         return chosen
-    order = torch.sort(staleness, descending=True, stable=True).indices[:count]
+    order = torch.sort(score, descending=True, stable=True).indices[:count]
     chosen[order] = True
-    return chosen & (staleness > floor)
+    return chosen & eligible
 
 
 def _finite_length(*lengths: Optional[float]) -> Optional[float]:
@@ -49,12 +53,19 @@ def _finite_length(*lengths: Optional[float]) -> Optional[float]:
 @dataclass(frozen=True)
 class BudgetRefresh:
     """As many refreshes as ``FixedRefresh(every=every)`` over the run, front-loaded, each spent on
-    the factor that is most stale when it is spent.
+    the factor that is most stale when it is spent, weighted by how long ago it was last refreshed.
 
     Why a budget: the number of eigendecompositions is the cost a user plans for, and it is the one
     quantity a tolerance cannot promise across models (``AdaptiveRefresh(0.05)`` made 6x the
     refreshes of every=10 on an LSTM). A budget cannot overspend, and ranking by staleness needs
     no threshold: the spectra's scale does not matter, only which factor is worst.
+
+    Why the age: ranked by staleness alone, the budget keeps returning to the factors that drift
+    fastest (3 to 37 refreshes per factor on the 300-step GPT run, where every=20 gives 14 each)
+    while the others, about as stale, wait. Ranked by ``staleness * steps_since_refresh **
+    age_power``, a factor passed over gains priority with every step and one refreshed a moment ago
+    loses it; the age is each factor's ``last_refresh``, optimizer state, so the policy stays
+    stateless. Measured in docs/adaptive-refresh.md (``budget20-front3-aged``).
 
     Budget accounting (stateless, so a resumed run decides exactly as an uninterrupted one): with
     ``n`` factors, by step ``t`` at most ``floor(n * A(t))`` refreshes, where ``A`` is the
@@ -84,6 +95,8 @@ class BudgetRefresh:
             refresh with ``max_iters > 1`` aims below.
         check_every: steps between decisions (the budget is the same, spent in larger portions).
         max_iters: warm-QR iterations per refresh (repeated while the factor is above ``tolerance``).
+        age_power: the weight of the steps since a factor's last refresh in its rank (0: staleness
+            alone, the ranking before the study's aged candidate won).
     """
 
     every: int = 20
@@ -95,6 +108,7 @@ class BudgetRefresh:
     tolerance: float = 0.0
     check_every: int = 1
     max_iters: int = 1
+    age_power: float = 1.0
 
     def __post_init__(self) -> None:
         check_positive_int("every", self.every)
@@ -107,11 +121,18 @@ class BudgetRefresh:
         check_positive_int("early_steps_if_unknown", self.early_steps_if_unknown, minimum=0)
         if self.total_steps is not None:
             check_positive_int("total_steps", self.total_steps)
+        if not isinstance(self.age_power, (int, float)) or not 0.0 <= self.age_power < math.inf:
+            raise ValueError(f"age_power must be a finite number >= 0, got {self.age_power!r}")
         if not isinstance(self.front_load, (int, float)) or not 1.0 <= self.front_load:
             raise ValueError(f"front_load must be a number >= 1, got {self.front_load!r}")
         if self.front_load * self.early_fraction > 1.0 and self.early_steps is None:
             raise ValueError(f"front_load * early_fraction must be <= 1 (the early phase cannot spend more than the "
                              f"whole budget), got {self.front_load} * {self.early_fraction}")
+
+    @property
+    def uses_refresh_age(self) -> bool:
+        """Asks the scheduler for each factor's steps since its last refresh (the policy protocol)."""
+        return self.age_power != 0
 
     def checks_at(self, step: int) -> bool:
         return step % self.check_every == 0
@@ -142,6 +163,11 @@ class BudgetRefresh:
         before = math.floor(factors * self.allowance(max(0, step - self.check_every), total_steps) + 1e-9)
         return now - before
 
-    def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None) -> torch.Tensor:
-        """The ``budget_at(step)`` most stale factors above ``tolerance``."""
-        return _most_stale(staleness, self.budget_at(step, staleness.numel(), total_steps), self.tolerance)
+    def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None,
+               steps_since_refresh: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The ``budget_at(step)`` factors above ``tolerance`` ranked highest by ``staleness *
+        steps_since_refresh ** age_power`` (by staleness alone when the ages are not given)."""
+        score = staleness
+        if steps_since_refresh is not None and self.age_power != 0:
+            score = staleness * steps_since_refresh.to(staleness).clamp_min(1.0) ** self.age_power
+        return _most_stale(score, self.budget_at(step, staleness.numel(), total_steps), staleness > self.tolerance)

@@ -40,7 +40,10 @@ class RefreshPolicy(Protocol):
     Optional attributes, read with these defaults when absent:
         ``tolerance_at(step, total_steps=None) -> float`` (0.0): the staleness a warm-QR refresh
         aims below (it repeats up to ``max_iters`` times) and the figure that telemetry logs;
-        ``max_iters`` (1); ``max_per_step`` (None): the scheduler's budget of refreshes per step,
+        ``max_iters`` (1); ``uses_refresh_age`` (False): when true, ``select`` is also given
+        ``steps_since_refresh=``, a float tensor in the order of ``staleness`` of the optimizer steps
+        since each factor's last refresh (what :class:`~lightning_kron.BudgetRefresh` ranks by);
+        ``max_per_step`` (None): the scheduler's budget of refreshes per step,
         most stale first, the rest deferred to the next steps; ``state_dict()`` /
         ``load_state_dict(state)`` for a policy that keeps state between checks (saved and restored
         with the scheduler's own state, so a resumed run decides as an uninterrupted one).

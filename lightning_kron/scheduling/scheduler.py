@@ -214,8 +214,15 @@ class RefreshScheduler:
         parts = [groups[s.group_index].staleness(s.dim).float() for s in slots]
         return torch.cat(parts)
 
-    def _due(self, staleness: torch.Tensor, step: int) -> torch.Tensor:
-        return self.policy.select(staleness, step, self.total_steps).to(device=staleness.device, dtype=torch.bool)
+    def _due(self, staleness: torch.Tensor, step: int, slots: list[_Slot]) -> torch.Tensor:
+        ages = {"steps_since_refresh": self._ages(slots)} if getattr(self.policy, "uses_refresh_age", False) else {}
+        return self.policy.select(staleness, step, self.total_steps, **ages).to(device=staleness.device, dtype=torch.bool)
+
+    def _ages(self, slots: list[_Slot]) -> torch.Tensor:
+        """Optimizer steps since each factor's last refresh (its ``last_refresh`` state), on device."""
+        groups = self.optimizer.factor_groups()
+        last = torch.cat([groups[s.group_index].last_refresh(s.dim) for s in slots])
+        return (self.optimizer.global_step - last).float()
 
     def _refreshable(self, slots: list[_Slot], like: torch.Tensor) -> Optional[torch.Tensor]:
         """Factors whose group took this step: a group skipped for a non-finite gradient keeps its
@@ -259,7 +266,7 @@ class RefreshScheduler:
             return
         started = time.perf_counter()
         staleness = self._staleness(slots)
-        due = self._due(staleness, step) if checking else torch.zeros_like(staleness, dtype=torch.bool)
+        due = self._due(staleness, step, slots) if checking else torch.zeros_like(staleness, dtype=torch.bool)
         if self._any_deferred:
             due |= self._deferred_mask(slots)
         refreshable = self._refreshable(slots, due)
