@@ -1,6 +1,8 @@
 """Refresh policies the study measured as candidates for the default (scripts/refresh_study.py),
-kept runnable so their rows in docs/adaptive-refresh.md can be redone. Both keep state, which is
-why neither is in the library: its default must decide the same after a resume or on every rank.
+kept runnable so their rows in docs/adaptive-refresh.md can be redone. It keeps state, which is
+one reason it is not in the library: its default must decide the same after a resume or on every
+rank. (The other candidate that won, the budget ranked by staleness times age, is the library's
+``BudgetRefresh``: it reads the factors' ``last_refresh`` instead of keeping state.)
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from typing import Any, Optional
 import torch
 
 from lightning_kron.engine.validation import check_positive_int, check_unit_interval
-from lightning_kron.scheduling.budget_policies import BudgetRefresh
 
 
 class RelativeRefresh:
@@ -66,37 +67,3 @@ class RelativeRefresh:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._reference = None if state["reference"] is None else torch.tensor(state["reference"])
         self._chosen = None if state["chosen"] is None else torch.tensor(state["chosen"], dtype=torch.bool)
-
-
-class AgedBudgetRefresh:
-    """The default budget (:class:`BudgetRefresh`), ranked by staleness times the steps since the
-    factor was last chosen: a factor the ranking keeps passing over gains priority with age, and a
-    fast-drifting one refreshed a moment ago loses it.
-
-    Why (docs/adaptive-refresh.md, gpt2-300): there the plain ranking gave 3 to 37 refreshes per
-    factor where every=20 gives 14 each, and most factors ended about equally stale. The steps it
-    chose each factor at are its own memory (a refresh skipped for a non-finite step counts as
-    made); in the library the factors' ``last_refresh`` would serve.
-    """
-
-    def __init__(self, **budget: Any) -> None:
-        self.budget = BudgetRefresh(**budget)
-        self._chosen_at: Optional[torch.Tensor] = None
-
-    def __repr__(self) -> str:
-        return f"AgedBudgetRefresh({self.budget!r})"
-
-    def checks_at(self, step: int) -> bool:
-        return self.budget.checks_at(step)
-
-    def tolerance_at(self, step: int, total_steps: Optional[float] = None) -> float:
-        return self.budget.tolerance
-
-    def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None) -> torch.Tensor:
-        """The budget's count of factors, the largest ``staleness * age`` above its tolerance."""
-        if self._chosen_at is None or self._chosen_at.shape != staleness.shape:
-            self._chosen_at = torch.zeros_like(staleness)
-        age = (step - self._chosen_at.to(staleness.device)).clamp_min(1.0)
-        chosen = self.budget.select(staleness * age, step, total_steps) & (staleness > self.budget.tolerance)
-        self._chosen_at = torch.where(chosen, torch.full_like(age, float(step)), self._chosen_at)
-        return chosen

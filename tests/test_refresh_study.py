@@ -9,13 +9,13 @@ import torch
 import pytest
 
 from scripts import refresh_study as study
-from scripts.refresh_candidates import AgedBudgetRefresh
+from scripts import study_models
 
 
 @pytest.fixture
 def toy(monkeypatch):
     """A study model registered in one line, as the other engineers' small models will be."""
-    monkeypatch.setitem(study.STUDY_MODELS, "toy", study.StudyModel("toy", study._mlp, 12, 3e-3, 2, "toy MLP"))
+    monkeypatch.setitem(study.STUDY_MODELS, "toy", study.StudyModel("toy", study_models._mlp, 12, 3e-3, 2, "toy MLP"))
     return "toy"
 
 
@@ -93,12 +93,20 @@ def test_the_reference_table_compares_each_seed_with_the_reference():
                                      "2.5000 (-12.5% ± 12.50%, worst seed +0.0%) |")
 
 
-def test_the_aged_budget_spends_the_same_budget_and_lets_a_passed_over_factor_catch_up():
+def test_the_aged_ranking_lets_a_passed_over_factor_catch_up():
+    """The library's budget with the ages the scheduler would pass (steps since each factor was
+    chosen): the plain ranking keeps choosing the most stale factor, the aged one reaches them all."""
     from lightning_kron.scheduling.budget_policies import BudgetRefresh
 
-    plain, aged = BudgetRefresh(every=4, front_load=1.0), AgedBudgetRefresh(every=4, front_load=1.0)
+    plain, aged = BudgetRefresh(every=4, front_load=1.0, age_power=0.0), BudgetRefresh(every=4, front_load=1.0)
     staleness = torch.tensor([0.30, 0.29, 0.10, 0.05])  # 4 factors / every=4: one refresh per step
-    plain_picks = [int(plain.select(staleness, step).nonzero()) for step in range(1, 5)]
-    aged_picks = [int(aged.select(staleness, step).nonzero()) for step in range(1, 5)]
-    assert plain_picks == [0, 0, 0, 0]  # the plain ranking keeps choosing the most stale
-    assert aged_picks[:2] == [0, 1] and sorted(aged_picks) != plain_picks  # age lets the others in
+    last = torch.zeros(4)
+    picks = {"plain": [], "aged": []}
+    for step in range(1, 17):
+        for name, policy in (("plain", plain), ("aged", aged)):
+            chosen = policy.select(staleness, step, steps_since_refresh=step - last)
+            picks[name].append(int(chosen.nonzero()))
+            if name == "aged":
+                last = torch.where(chosen, torch.full_like(last, step), last)
+    assert picks["plain"] == [0] * 16
+    assert picks["aged"][:2] == [0, 1] and set(picks["aged"]) == {0, 1, 2, 3}
