@@ -72,8 +72,16 @@ def schedules(steps: int) -> dict[str, object]:
                                                age_power=2.0),
         "budget20-front3-aged0.5": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
                                                  age_power=0.5),
+        "budget20-front3-aged-check10": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
+                                                      check_every=10),
         "budget20-front3-age8": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
                                               age_power=8.0),
+        "every10-rotate": lk.FixedRefresh(every=10),
+        "budget20-front3-aged-rotate": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
+        # EShampoo (exact eigh refreshes, V rotated inside the step, merged conv dims) on its clock and
+        # at its default (the same budget as SOAP's)
+        "eshampoo-every10": lk.FixedRefresh(every=10),
+        "eshampoo-default": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
         "relative4": RelativeRefresh(ratio=4.0, floor=0.02),
         "tol0.1-check10-qr3": lk.AdaptiveRefresh(tolerance=0.1, check_every=10, max_iters=3),
         "gpt-tuned-0.15early-0.5": lk.AdaptiveRefresh(
@@ -82,6 +90,15 @@ def schedules(steps: int) -> dict[str, object]:
 
 
 BASELINES = ("every10", "every1", "every20")
+#: Schedules that also change one of SOAP's defaults around a refresh (their name says which).
+SOAP_OVERRIDES = {"every10-rotate": {"second_moment_on_refresh": "rotate"},
+                  "budget20-front3-aged-rotate": {"second_moment_on_refresh": "rotate"}}
+#: Schedules run with another optimizer than SOAP (same hyperparameters); their baseline is that
+#: optimizer's every=10 (:func:`baseline_of`).
+OPTIMIZER_OF = {"eshampoo-every10": "eshampoo", "eshampoo-default": "eshampoo"}
+#: The schedule that is SOAP's default (``BudgetRefresh(total_steps=...)``, as KronCallback and the
+#: recipes run it).
+DEFAULT = "budget20-front3-aged"
 #: Not a schedule of ours: the SOAP reference code (``pytorch_optimizer.SOAP``, its every=10) at the
 #: study's hyperparameters, learning-rate schedule and weight-decay groups.
 REFERENCE = "reference"
@@ -130,8 +147,9 @@ def run_one(model: StudyModel, schedule: str, seed: int) -> dict:
         optimizer, refreshed = _reference_optimizer(model, task.network)
         lr_schedule = warmup_cosine(optimizer, model.warmup_steps, model.steps, OptimizerConfig().min_lr_ratio)
     else:
-        config = OptimizerConfig(name="soap", lr=model.lr, betas=(0.95, 0.95), weight_decay=model.weight_decay,
-                                 warmup_steps=model.warmup_steps, options={"refresh": schedules(model.steps)[schedule]})
+        options = {"refresh": schedules(model.steps)[schedule], **SOAP_OVERRIDES.get(schedule, {})}
+        config = OptimizerConfig(name=OPTIMIZER_OF.get(schedule, "soap"), lr=model.lr, betas=(0.95, 0.95), weight_decay=model.weight_decay,
+                                 warmup_steps=model.warmup_steps, options=options)
         setup = configure_optimization(config, task.network, model.steps)
         optimizer, lr_schedule = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
     started = time.perf_counter()
@@ -213,11 +231,12 @@ def summarize(records: list[dict], baseline: str = "every10", variant: Optional[
     by_key = {(r["model"], r["schedule"], r["seed"]): r for r in records}
     rows = []
     for model, schedule in sorted({(r["model"], r["schedule"]) for r in records}, key=_order):
+        mine = baseline_of(schedule, baseline)
         runs = [r for r in records if r["model"] == model and r["schedule"] == schedule
-                and (model, baseline, r["seed"]) in by_key]
+                and (model, mine, r["seed"]) in by_key]
         if not runs:
             continue
-        base = [by_key[(model, baseline, r["seed"])] for r in runs]
+        base = [by_key[(model, mine, r["seed"])] for r in runs]
         changes = [r["val_loss"] / b["val_loss"] - 1 for r, b in zip(runs, base)]
         rows.append(Row(model, schedule, statistics.mean(r["refreshes"] for r in runs),
                         sum(r["refreshes"] for r in runs) / max(1, sum(b["refreshes"] for b in base)),
@@ -226,8 +245,17 @@ def summarize(records: list[dict], baseline: str = "every10", variant: Optional[
     return rows
 
 
-def reference_table(records: list[dict], ours: tuple[str, ...] = ("every10", "budget20-front3", "budget20-front3-aged", "bare-flat",
-                                              "bare-early30"),
+def baseline_of(schedule: str, baseline: str = "every10") -> str:
+    """What a schedule's row is compared with: SOAP's ``baseline``, or for a run of another
+    optimizer (:data:`OPTIMIZER_OF`) against SOAP's every=10, that optimizer's own every=10."""
+    optimizer = OPTIMIZER_OF.get(schedule)
+    if optimizer is None or baseline != "every10":
+        return baseline
+    return f"{optimizer}-every10"
+
+
+def reference_table(records: list[dict], ours: tuple[str, ...] = ("every10", DEFAULT, "budget10-front3-aged",
+                                                                  "budget20-front3", "bare-early30-aged"),
                     variant: Optional[str] = None) -> str:
     """Per model: the reference's mean final loss and each of ``ours`` against it (mean over seeds
     of the per-seed change, its standard error and the worst seed in brackets)."""
@@ -396,7 +424,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--timing-json", type=Path, default=Path("runs/refresh_timing.json"),
                         help="with --report: the timing measured by --timing, put into the report")
     parser.add_argument("--sizes", default="768,1024,2048,4096")
-    parser.add_argument("--default", default="budget20-front3", help="the schedule whose refresh rate the timing uses")
+    parser.add_argument("--default", default=DEFAULT, help="the schedule whose refresh rate the timing uses")
     parser.add_argument("--variant", default=None,
                         help=f"report the runs of these SOAP defaults (timing+carry; default: the current ones, "
                              f"{soap_variant()}; runs without a variant are {OLD_VARIANT})")

@@ -47,6 +47,15 @@ def test_the_summary_is_relative_to_every10_on_the_same_seeds():
     assert "| m | every20 | 2 | 50 | 0.50x | 3.1000 | +5.00% | 5.00% | 10.00% | +10.00% |" in table
 
 
+def test_another_optimizers_rows_are_relative_to_its_own_every10():
+    records = [_record("every10", 0, 2.0, 100), _record("eshampoo-every10", 0, 4.0, 100),
+               _record("eshampoo-default", 0, 3.0, 50)]
+    rows = {row.schedule: row for row in study.summarize(records)}
+    assert rows["eshampoo-default"].loss_change == pytest.approx(-0.25)  # 3.0 / 4.0, not 3.0 / 2.0
+    assert rows["eshampoo-every10"].loss_change == 0.0
+    assert study.baseline_of("eshampoo-default", study.REFERENCE) == study.REFERENCE
+
+
 def test_the_report_replaces_only_its_own_section(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("intro\n<!-- refresh-study:begin -->\nold\n<!-- refresh-study:end -->\noutro\n")
