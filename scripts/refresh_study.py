@@ -42,8 +42,14 @@ from scripts.study_models import STUDY_MODELS, StudyModel, Task, register  # noq
 
 # ----------------------------------------------------------------- the schedules
 def _plain(**budget) -> BudgetRefresh:
-    """The budget ranked by staleness alone (``age_power=0``), as it was before the aged ranking."""
-    return BudgetRefresh(age_power=0.0, **budget)
+    """The budget ranked by staleness alone (``age_power=0``) at a flat late rate, as it was before
+    the aged ranking and the taper."""
+    return BudgetRefresh(age_power=0.0, late_taper=1.0, **budget)
+
+
+def _flat(**budget) -> BudgetRefresh:
+    """The budget at a flat late rate (``late_taper=1``), as it was before the taper."""
+    return BudgetRefresh(late_taper=1.0, **budget)
 
 
 def schedules(steps: int) -> dict[str, object]:
@@ -62,25 +68,28 @@ def schedules(steps: int) -> dict[str, object]:
                                             check_every=5, max_iters=3, tolerance=0.02),
         "budget20-front3": _plain(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
         "budget20-front1.5": _plain(every=20, front_load=1.5, early_fraction=0.3, total_steps=steps),
-        # the default since the aged ranking (age_power=1) won; before it, budget20-front3
-        "budget20-front3-aged": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
-        "budget10-front3-aged": BudgetRefresh(every=10, front_load=3.0, early_fraction=0.2, total_steps=steps),
-        "bare-early30-aged": BudgetRefresh(every=20, front_load=3.0, early_steps=30),
-        "budget20-front5-aged": BudgetRefresh(every=20, front_load=5.0, early_fraction=0.1, total_steps=steps),
-        "budget20-front4-aged": BudgetRefresh(every=20, front_load=4.0, early_fraction=0.15, total_steps=steps),
-        "budget20-front3-aged2": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
-                                               age_power=2.0),
-        "budget20-front3-aged0.5": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
-                                                 age_power=0.5),
-        "budget20-front3-aged-check10": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
-                                                      check_every=10),
-        "budget20-front3-age8": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
-                                              age_power=8.0),
+        # the aged ranking (age_power=1), flat; before it, budget20-front3
+        "budget20-front3-aged": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
+        "budget10-front3-aged": _flat(every=10, front_load=3.0, early_fraction=0.2, total_steps=steps),
+        "bare-early30-aged": _flat(every=20, front_load=3.0, early_steps=30),
+        "budget20-front5-aged": _flat(every=20, front_load=5.0, early_fraction=0.1, total_steps=steps),
+        "budget20-front4-aged": _flat(every=20, front_load=4.0, early_fraction=0.15, total_steps=steps),
+        "budget20-front3-aged2": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
+                                       age_power=2.0),
+        "budget20-front3-aged0.5": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
+                                         age_power=0.5),
+        "budget20-front3-aged-check10": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
+                                              check_every=10),
+        # the default: aged, the late rate tapered to a quarter (late_taper=0.25)
+        "budget20-front3-aged-taper": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
+        "budget20-front3-age8": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
+                                      age_power=8.0),
         "every10-rotate": lk.FixedRefresh(every=10),
-        "budget20-front3-aged-rotate": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
-        # EShampoo (exact eigh refreshes, V rotated inside the step, merged conv dims) on its clock and
-        # at its default (the same budget as SOAP's)
+        "budget20-front3-aged-rotate": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
+        # EShampoo (exact eigh refreshes, V rotated inside the step, merged conv dims) on its clock, at
+        # its default (the same budget as SOAP's) and with the late rate flat
         "eshampoo-every10": lk.FixedRefresh(every=10),
+        "eshampoo-aged-flat": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
         "eshampoo-default": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
         "relative4": RelativeRefresh(ratio=4.0, floor=0.02),
         "tol0.1-check10-qr3": lk.AdaptiveRefresh(tolerance=0.1, check_every=10, max_iters=3),
@@ -95,10 +104,10 @@ SOAP_OVERRIDES = {"every10-rotate": {"second_moment_on_refresh": "rotate"},
                   "budget20-front3-aged-rotate": {"second_moment_on_refresh": "rotate"}}
 #: Schedules run with another optimizer than SOAP (same hyperparameters); their baseline is that
 #: optimizer's every=10 (:func:`baseline_of`).
-OPTIMIZER_OF = {"eshampoo-every10": "eshampoo", "eshampoo-default": "eshampoo"}
+OPTIMIZER_OF = {"eshampoo-every10": "eshampoo", "eshampoo-default": "eshampoo", "eshampoo-aged-flat": "eshampoo"}
 #: The schedule that is SOAP's default (``BudgetRefresh(total_steps=...)``, as KronCallback and the
 #: recipes run it).
-DEFAULT = "budget20-front3-aged"
+DEFAULT = "budget20-front3-aged-taper"
 #: Not a schedule of ours: the SOAP reference code (``pytorch_optimizer.SOAP``, its every=10) at the
 #: study's hyperparameters, learning-rate schedule and weight-decay groups.
 REFERENCE = "reference"
@@ -254,8 +263,8 @@ def baseline_of(schedule: str, baseline: str = "every10") -> str:
     return f"{optimizer}-every10"
 
 
-def reference_table(records: list[dict], ours: tuple[str, ...] = ("every10", DEFAULT, "budget10-front3-aged",
-                                                                  "budget20-front3", "bare-early30-aged"),
+def reference_table(records: list[dict], ours: tuple[str, ...] = ("every10", DEFAULT, "budget20-front3-aged",
+                                                                  "budget10-front3-aged", "bare-early30-aged"),
                     variant: Optional[str] = None) -> str:
     """Per model: the reference's mean final loss and each of ``ours`` against it (mean over seeds
     of the per-seed change, its standard error and the worst seed in brackets)."""

@@ -186,6 +186,7 @@ def test_budget_keeps_no_state_and_a_resumed_run_is_bit_identical():
     (lambda: BudgetRefresh(tolerance=-0.1), "tolerance must be in"),
     (lambda: BudgetRefresh(check_every=2.5), "check_every must be an integer"),
     (lambda: BudgetRefresh(age_power=-1.0), "age_power must be a finite number >= 0"),
+    (lambda: BudgetRefresh(late_taper=1.5), "late_taper must be in \\[0, 1\\]"),
     (lambda: BudgetRefresh(age_power=float("inf")), "age_power must be a finite number >= 0"),
     (lambda: RelativeRefresh(ratio=1.0), "ratio must be a number > 1"),
     (lambda: RelativeRefresh(floor=1.0), "floor must be in"),
@@ -207,3 +208,18 @@ def test_the_callbacks_default_is_the_budget_front_loaded_over_the_trainers_leng
     assert trainer.global_step == 40
     # every=20's whole count on the 39 decided steps: 1 per factor, as FixedRefresh(every=20) makes
     assert 0 < callback.scheduler.counters.refreshes <= factors
+
+
+def test_the_tapered_late_rate_spends_the_same_budget_and_less_of_it_at_the_end():
+    tapered, flat = BudgetRefresh(total_steps=300), BudgetRefresh(total_steps=300, late_taper=1.0)
+    factors = 20
+    spent = {name: [policy.budget_at(step, factors) for step in range(1, 300)]
+             for name, policy in (("tapered", tapered), ("flat", flat))}
+    whole = factors * (299 // 20)  # A(300) = 14 per factor, reached one past the last decided step
+    assert sum(spent["tapered"]) == sum(spent["flat"]) and whole - factors < sum(spent["flat"]) <= whole
+    assert spent["tapered"][:60] == spent["flat"][:60]  # the same early phase
+    assert sum(spent["tapered"][-60:]) < sum(spent["flat"][-60:]) and tapered.allowance(300) == pytest.approx(14.0)
+    # the rate after the early phase falls linearly to late_taper of its start: 4 x the end's rate
+    start = tapered.allowance(61) - tapered.allowance(60)
+    end = tapered.allowance(300) - tapered.allowance(299)
+    assert start == pytest.approx(4 * end, rel=0.02)  # one-step differences of the quadratic: 2% off

@@ -94,9 +94,9 @@ def test_runs_of_other_defaults_are_neither_compared_nor_taken_for_current_ones(
 def test_the_reference_table_compares_each_seed_with_the_reference():
     records = [_record(study.REFERENCE, 0, 2.0, 10), _record(study.REFERENCE, 1, 4.0, 10),
                _record("every10", 0, 1.8, 10), _record("every10", 1, 4.4, 10),
-               _record("budget20-front3", 0, 2.0, 5), _record("budget20-front3", 1, 3.0, 5)]
+               _record(study.DEFAULT, 0, 2.0, 5), _record(study.DEFAULT, 1, 3.0, 5)]
     table = study.reference_table(records)
-    assert table.splitlines()[0] == "| model | reference (mean) | ours, every10 | ours, budget20-front3 |"
+    assert table.splitlines()[0] == f"| model | reference (mean) | ours, every10 | ours, {study.DEFAULT} |"
     # every10: -10% and +10% -> mean 0, s.e. 14.14% / sqrt(2) = 10%, worst +10%; budget: 0% and -25%
     assert table.splitlines()[2] == ("| m | 3.0000 | 3.1000 (+0.0% ± 10.00%, worst seed +10.0%) | "
                                      "2.5000 (-12.5% ± 12.50%, worst seed +0.0%) |")

@@ -70,7 +70,8 @@ class BudgetRefresh:
     Budget accounting (stateless, so a resumed run decides exactly as an uninterrupted one): with
     ``n`` factors, by step ``t`` at most ``floor(n * A(t))`` refreshes, where ``A`` is the
     cumulative refreshes per factor: ``front_load`` times the average rate during the early phase,
-    then the lower rate that makes ``A(total_steps) = floor((total_steps - 1) / every)``: the
+    then a lower rate, falling linearly to ``late_taper`` of its start, that makes
+    ``A(total_steps) = floor((total_steps - 1) / every)``: the
     whole refreshes the fixed clock makes per factor on the steps the scheduler decides, 1 to
     ``total_steps - 1`` (step 0 is the optimizer's exact first refresh). Over 200 steps every=20's
     budget is at most 9 per factor, never more than half of every=10's 19. A check spends
@@ -97,6 +98,10 @@ class BudgetRefresh:
         max_iters: warm-QR iterations per refresh (repeated while the factor is above ``tolerance``).
         age_power: the weight of the steps since a factor's last refresh in its rank (0: staleness
             alone, the ranking before the study's aged candidate won).
+        late_taper: with a known length, the rate after the early phase falls linearly to this
+            fraction of where it starts by ``total_steps`` (1: flat), moving refreshes from the end
+            of the run, where the learning rate has decayed and the bases barely move, to its
+            middle; the total is the same.
     """
 
     every: int = 20
@@ -109,6 +114,7 @@ class BudgetRefresh:
     check_every: int = 1
     max_iters: int = 1
     age_power: float = 1.0
+    late_taper: float = 0.25
 
     def __post_init__(self) -> None:
         check_positive_int("every", self.every)
@@ -116,6 +122,7 @@ class BudgetRefresh:
         check_positive_int("max_iters", self.max_iters)
         check_unit_interval("early_fraction", self.early_fraction, closed_right=True)
         check_unit_interval("tolerance", self.tolerance)
+        check_unit_interval("late_taper", self.late_taper, closed_right=True)
         if self.early_steps is not None:
             check_positive_int("early_steps", self.early_steps, minimum=0)
         check_positive_int("early_steps_if_unknown", self.early_steps_if_unknown, minimum=0)
@@ -155,7 +162,16 @@ class BudgetRefresh:
         if early >= length:
             return early_rate * step
         late_rate = max(0.0, (length * base - early * early_rate) / (length - early))
-        return early_rate * min(step, early) + late_rate * max(0.0, step - early)
+        if self.late_taper == 1.0 or step <= early:
+            return early_rate * min(step, early) + late_rate * max(0.0, step - early)
+        return self._tapered(step, length, base, early, early_rate * early)
+
+    def _tapered(self, step: int, length: float, base: float, early: float, spent_early: float) -> float:
+        """``A(t)`` after the early phase when the late rate falls linearly from its start ``r`` to
+        ``late_taper * r`` at ``total_steps``; ``r`` makes the same total as the flat rate."""
+        late, elapsed = length - early, step - early
+        start_rate = 2 * (length * base - spent_early) / (late * (1 + self.late_taper))
+        return spent_early + start_rate * (elapsed - (1 - self.late_taper) * elapsed ** 2 / (2 * late))
 
     def budget_at(self, step: int, factors: int, total_steps: Optional[float] = None) -> int:
         """How many refreshes a check at ``step`` may spend over ``factors`` factors."""
