@@ -176,7 +176,8 @@ class SOAP(EigenvalueCorrectedOptimizer):
         shampoo_beta: EMA rate of the Kronecker statistics; ``None`` uses ``betas[1]``, 1 sums.
         refresh: ``None`` (default) is ``BudgetRefresh()``: as many refreshes as
             ``FixedRefresh(every=20)``, half the SOAP paper's every=10, each spent on the factor
-            ranked highest by staleness times the steps since its last refresh, front-loaded when the training length is known (``KronCallback`` and the
+            ranked highest by staleness times the steps since its last refresh, front-loaded and
+            then tapering when the training length is known (``KronCallback`` and the
             recipes pass it). Chosen by ``scripts/refresh_study.py`` on ten models, three seeds
             each, against every=10 and the SOAP reference (docs/adaptive-refresh.md, "The default
             schedule"). Alone it does not know the length and front-loads only its first 30
