@@ -223,3 +223,11 @@ def test_the_tapered_late_rate_spends_the_same_budget_and_less_of_it_at_the_end(
     start = tapered.allowance(61) - tapered.allowance(60)
     end = tapered.allowance(300) - tapered.allowance(299)
     assert start == pytest.approx(4 * end, rel=0.02)  # one-step differences of the quadratic: 2% off
+
+
+@pytest.mark.parametrize("late_taper", [0.0, 0.25, 1.0])
+def test_a_run_longer_than_planned_keeps_refreshing_at_the_clocks_rate(late_taper):
+    policy = BudgetRefresh(every=20, total_steps=100, late_taper=late_taper)
+    assert policy.allowance(100) == pytest.approx(99 // 20)
+    assert policy.allowance(160) - policy.allowance(100) == pytest.approx(60 / 20)
+    assert all(policy.budget_at(step, 10) >= 0 for step in range(1, 300))

@@ -108,7 +108,8 @@ class BudgetRefresh:
         late_taper: with a known length, the rate after the early phase falls linearly to this
             fraction of where it starts by ``total_steps`` (1: flat), moving refreshes from the end
             of the run, where the learning rate has decayed and the bases barely move, to its
-            middle; the total is the same.
+            middle; the total is the same. Past ``total_steps`` (a run longer than planned) the
+            budget continues at ``every``'s own rate, whatever the taper.
     """
 
     every: int = 20
@@ -161,6 +162,8 @@ class BudgetRefresh:
             base = 1.0 / self.every
             early = self.early_steps if self.early_steps is not None else self.early_steps_if_unknown
             return self.front_load * base * min(step, early) + base * max(0, step - early)
+        if step > length:  # a run longer than planned: the clock's own rate after the planned budget
+            return self.allowance(math.floor(length), total_steps) + (step - math.floor(length)) / self.every
         # the scheduler decides steps 1 .. total_steps - 1 (step 0 is the optimizer's exact refresh),
         # where the clock makes floor((total_steps - 1) / every) whole refreshes per factor
         base = math.floor((length - 1) / self.every) / length
