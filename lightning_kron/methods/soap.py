@@ -15,7 +15,8 @@ code, while after the step ``"keep"`` trained everywhere. Against the previous d
 step, squared rotation ``"rotate"``), at every=10: GPT-2 tiny 1.5975 -> 1.5616 (3 seeds), Llama
 tiny 1.4416 -> 1.4304, ResNet tiny 0.066 -> 0.050 (5 seeds), an MLP 0.0335 -> 0.0300, an LSTM
 2.167 -> 2.139; ViT tiny 0.160 -> 0.157 (within its seed noise). EShampoo keeps ``"rotate"`` in the
-step (its carry-over not re-measured; its default budget was: docs/adaptive-refresh.md). Figures and commands: docs/algorithms.md, "Deviations from the reference SOAP".
+step (its carry-over not re-measured; its default budget was: docs/adaptive-refresh.md). Figures
+and commands: docs/algorithms.md, "Deviations from the reference SOAP".
 SOAP also gives each dim of a convolution weight its own factor (``merge_dims=False``, the
 reference's blocking): with the two choices above, merging ``[out, in*kh*kw]`` ended 47% above it on
 the small CNN of the refresh study (3 seeds, every=10) and 5% on the ResNet recipe
@@ -235,7 +236,8 @@ class EShampoo(EigenvalueCorrectedOptimizer):
     """Eigenvalue-corrected Shampoo: SOAP's update with exact ``eigh`` refreshes and AdamW's default
     hyperparameters. The refresh default is SOAP's, ``BudgetRefresh()``: every=20's count of
     refreshes, each on the factor ranked highest by the staleness criterion (Purifying Shampoo) times
-    the steps since its last refresh, instead of an absolute tolerance that does not transfer between models.
+    the steps since its last refresh, instead of an absolute tolerance that does not transfer
+    between models.
 
     >>> import torch
     >>> opt = EShampoo(torch.nn.Linear(4, 4).parameters())

@@ -216,7 +216,8 @@ class RefreshScheduler:
 
     def _due(self, staleness: torch.Tensor, step: int, slots: list[_Slot]) -> torch.Tensor:
         ages = {"steps_since_refresh": self._ages(slots)} if getattr(self.policy, "uses_refresh_age", False) else {}
-        return self.policy.select(staleness, step, self.total_steps, **ages).to(device=staleness.device, dtype=torch.bool)
+        due = self.policy.select(staleness, step, self.total_steps, **ages)
+        return due.to(device=staleness.device, dtype=torch.bool)
 
     def _ages(self, slots: list[_Slot]) -> torch.Tensor:
         """Optimizer steps since each factor's last refresh (its ``last_refresh`` state), on device."""
