@@ -84,6 +84,8 @@ def schedules(steps: int) -> dict[str, object]:
         "budget20-front3-aged-taper": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
         "budget20-front3-aged-taper0": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
                                                      late_taper=0.0),
+        "budget20-front2-aged-taper": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.2, total_steps=steps),
+        "budget20-front4-aged-taper": BudgetRefresh(every=20, front_load=4.0, early_fraction=0.2, total_steps=steps),
         "budget20-front3-age8": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
                                       age_power=8.0),
         "every10-rotate": lk.FixedRefresh(every=10),
