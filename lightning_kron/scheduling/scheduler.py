@@ -162,8 +162,7 @@ class RefreshScheduler:
         return int(self._deferred_mask(slots).sum()) if slots else 0
 
     def _deferred_mask(self, slots: list[_Slot]) -> torch.Tensor:
-        groups = self.optimizer.factor_groups()
-        return torch.cat([groups[s.group_index].deferred(s.dim) for s in slots])
+        return self._flat(slots, lambda group, dim: group.deferred(dim))
 
     def _note_deferred(self, slots: list[_Slot], codes: list[int]) -> None:
         """Store the queue of the decision just read into the groups' ``deferred`` flags, and keep
@@ -208,11 +207,15 @@ class RefreshScheduler:
             self._any_deferred = any(groups[s.group_index].any_deferred for s in self._slots)
         return self._slots
 
+    def _flat(self, slots: list[_Slot], read: Callable[[FactorGroup, int], torch.Tensor]) -> torch.Tensor:
+        """One per-factor tensor of every stack, ``read(group, dim)``, in the flat factor order: one
+        concatenation on the device, the layout every decision of a step is taken on."""
+        groups = self.optimizer.factor_groups()
+        return torch.cat([read(groups[s.group_index], s.dim) for s in slots])
+
     def _staleness(self, slots: list[_Slot]) -> torch.Tensor:
         self.optimizer.update_staleness()
-        groups = self.optimizer.factor_groups()
-        parts = [groups[s.group_index].staleness(s.dim).float() for s in slots]
-        return torch.cat(parts)
+        return self._flat(slots, lambda group, dim: group.staleness(dim).float())
 
     def _due(self, staleness: torch.Tensor, step: int, slots: list[_Slot]) -> torch.Tensor:
         ages = {"steps_since_refresh": self._ages(slots)} if getattr(self.policy, "uses_refresh_age", False) else {}
@@ -221,8 +224,7 @@ class RefreshScheduler:
 
     def _ages(self, slots: list[_Slot]) -> torch.Tensor:
         """Optimizer steps since each factor's last refresh (its ``last_refresh`` state), on device."""
-        groups = self.optimizer.factor_groups()
-        last = torch.cat([groups[s.group_index].last_refresh(s.dim) for s in slots])
+        last = self._flat(slots, lambda group, dim: group.last_refresh(dim))
         return (self.optimizer.global_step - last).float()
 
     def _refreshable(self, slots: list[_Slot], like: torch.Tensor) -> Optional[torch.Tensor]:
@@ -289,8 +291,7 @@ class RefreshScheduler:
 
     def _reorthonormalization_due(self, slots: list[_Slot]) -> torch.Tensor:
         """Per factor, whether its next refresh re-orthonormalises its basis (read with the decision)."""
-        groups = self.optimizer.factor_groups()
-        return torch.cat([reorthonormalization_due(groups[s.group_index].refreshes(s.dim)) for s in slots])
+        return self._flat(slots, lambda group, dim: reorthonormalization_due(group.refreshes(dim)))
 
     def _refresh(self, chosen: list[int], slots: list[_Slot], tolerance: float, started: float,
                  reorthonormalize: set[int]) -> None:
