@@ -87,3 +87,19 @@ def test_a_nonfinite_gradient_is_skipped_without_a_host_sync():
         else:
             optimizer.step()
     assert optimizer.skipped_steps == 1  # counted on the device, read here
+
+
+def test_repeated_qr_steps_without_a_tolerance_make_no_host_sync():
+    """``max_iters`` steps at ``tolerance=0`` need no test between them (nothing could stop them
+    early), so a refresh that repeats its warm QR step stays on the device; with a tolerance, each
+    repeat asks once whether any member is still above it."""
+    from lightning_kron.engine import basis_refresh
+
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(3, 6, 6, generator=generator)
+    stats = weights @ weights.mT + 0.1 * torch.eye(6)
+    for tolerance, syncs in ((0.0, 0), (1e-12, 2)):
+        counter = count_ops.OpCounter()
+        with counter, counter.host_reads():
+            basis_refresh._warm_qr(stats.clone(), basis_refresh.RefreshRequest(max_iters=3, tolerance=tolerance))
+        assert counter.counts.host_syncs == syncs, tolerance

@@ -74,7 +74,11 @@ def _eigh(stats: torch.Tensor):
 
 
 def _warm_qr(stats: torch.Tensor, request: RefreshRequest, criterion=staleness):
-    """Sorted power steps, repeated while any member is above tolerance (up to ``max_iters``)."""
+    """Sorted power steps, repeated while any member is above tolerance (up to ``max_iters``).
+
+    With ``tolerance=0`` every step runs without asking: a member exactly at staleness 0 is
+    diagonal already, where one more step is a no-op, so the test would only add a host sync per
+    iteration."""
     orth = ORTHONORMALIZERS[request.orthonormalizer]
     if not request.shift:
         orth = replace(orth, shift=None)
@@ -88,7 +92,7 @@ def _warm_qr(stats: torch.Tensor, request: RefreshRequest, criterion=staleness):
         order = step_order if order is None else torch.gather(order, -1, step_order)
         failed |= ~ok
         last = iteration + 1 == request.max_iters
-        if last or not bool((criterion(stats) > request.tolerance).any()):
+        if last or (request.tolerance > 0 and not bool((criterion(stats) > request.tolerance).any())):
             break
     # a member that failed in any iteration keeps its basis: identity rotation, its B, no re-ranking
     # (after one iteration the QR step already returned the identity and the old B for it)
