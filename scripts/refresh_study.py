@@ -86,12 +86,39 @@ def schedules(steps: int) -> dict[str, object]:
                                                      late_taper=0.0),
         "budget20-front2-aged-taper": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.2, total_steps=steps),
         "budget20-front4-aged-taper": BudgetRefresh(every=20, front_load=4.0, early_fraction=0.2, total_steps=steps),
+        # the default with a second (third) warm-QR iteration in every refresh: better bases per refresh
+        "budget20-front3-aged-taper-qr2": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
+                                                        max_iters=2),
+        "budget20-front3-aged-taper-qr3": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
+                                                        max_iters=3),
+        "budget20-front2-aged-taper0": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.2, total_steps=steps,
+                                                     late_taper=0.0),
+        "budget20-front2-aged-taper-qr2": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.2, total_steps=steps,
+                                                        max_iters=2),
+        "budget20-front2-aged-taper0-qr2": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.2,
+                                                         total_steps=steps, late_taper=0.0, max_iters=2),
+        "budget20-front2-aged-taper0-check5": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.2,
+                                                            total_steps=steps, late_taper=0.0, check_every=5),
+        "budget20-front2-aged-taper0-check10": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.2,
+                                                             total_steps=steps, late_taper=0.0, check_every=10),
+        "budget20-front1.5-aged-taper": BudgetRefresh(every=20, front_load=1.5, early_fraction=0.2, total_steps=steps),
+        "budget20-front2-early0.1-aged-taper": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.1,
+                                                             total_steps=steps),
         "budget20-front3-age8": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
                                       age_power=8.0),
         "every10-rotate": lk.FixedRefresh(every=10),
         "budget20-front3-aged-rotate": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
         # EShampoo (exact eigh refreshes, V rotated inside the step, merged conv dims) on its clock, at
         # its default (the same budget as SOAP's) and with the late rate flat
+        # the remaining deviations from the reference undone, one at a time and all together
+        "every10-no-first-update": lk.FixedRefresh(every=10),
+        "every10-plain-eps": lk.FixedRefresh(every=10),
+        "every10-decay-after": lk.FixedRefresh(every=10),
+        "every10-reference-options": lk.FixedRefresh(every=10),
+        "budget20-front3-aged-taper-no-first-update": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2,
+                                                                    total_steps=steps),
+        "budget20-front3-aged-taper-reference-options": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2,
+                                                                      total_steps=steps),
         "eshampoo-every10": lk.FixedRefresh(every=10),
         "eshampoo-aged-flat": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
         "eshampoo-default": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
@@ -103,9 +130,18 @@ def schedules(steps: int) -> dict[str, object]:
 
 
 BASELINES = ("every10", "every1", "every20")
+#: The reference's choices where SOAP's defaults still differ from it (docs/algorithms.md).
+_REMAINING_DEVIATIONS_UNDONE = {"update_at_start": False, "bias_corrected_eps": False,
+                                "weight_decay_mode": "decoupled_after_update"}
 #: Schedules that also change one of SOAP's defaults around a refresh (their name says which).
 SOAP_OVERRIDES = {"every10-rotate": {"second_moment_on_refresh": "rotate"},
-                  "budget20-front3-aged-rotate": {"second_moment_on_refresh": "rotate"}}
+                  "budget20-front3-aged-rotate": {"second_moment_on_refresh": "rotate"},
+                  "every10-no-first-update": {"update_at_start": False},
+                  "every10-plain-eps": {"bias_corrected_eps": False},
+                  "every10-decay-after": {"weight_decay_mode": "decoupled_after_update"},
+                  "every10-reference-options": _REMAINING_DEVIATIONS_UNDONE,
+                  "budget20-front3-aged-taper-no-first-update": {"update_at_start": False},
+                  "budget20-front3-aged-taper-reference-options": _REMAINING_DEVIATIONS_UNDONE}
 #: Schedules run with another optimizer than SOAP (same hyperparameters); their baseline is that
 #: optimizer's every=10 (:func:`baseline_of`).
 OPTIMIZER_OF = {"eshampoo-every10": "eshampoo", "eshampoo-default": "eshampoo", "eshampoo-aged-flat": "eshampoo"}
@@ -335,9 +371,10 @@ def plot(rows: list[Row], path: Path) -> None:
 
     models = list(dict.fromkeys(r.model for r in rows))
     names = list(dict.fromkeys(r.schedule for r in rows))
-    columns = 3
-    figure, axes = plt.subplots(math.ceil(len(models) / columns), columns, figsize=(13, 3.6 * math.ceil(len(models) / columns)),
-                                squeeze=False)
+    columns, legend_columns = 3, 4
+    legend_height = 0.2 * math.ceil(len(names) / legend_columns) + 0.3  # inches below the panels
+    height = 3.6 * math.ceil(len(models) / columns) + legend_height
+    figure, axes = plt.subplots(math.ceil(len(models) / columns), columns, figsize=(13, height), squeeze=False)
     markers = "os^vD<>pX*h"
     for axis, model in zip(axes.flat, models):
         for index, name in enumerate(names):
@@ -356,8 +393,8 @@ def plot(rows: list[Row], path: Path) -> None:
     for axis in list(axes.flat)[len(models):]:
         axis.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
-    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    figure.legend(handles, labels, loc="lower center", ncol=legend_columns, fontsize=8)
+    figure.tight_layout(rect=(0, legend_height / height, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
