@@ -78,10 +78,14 @@ def schedules(steps: int) -> dict[str, object]:
                                        age_power=2.0),
         "budget20-front3-aged0.5": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
                                          age_power=0.5),
+        # its stored runs predate the carry-over of what a check's cap holds back (0.39x every=10's count)
         "budget20-front3-aged-check10": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
                                               check_every=10),
         # the default: aged, the late rate tapered to a quarter (late_taper=0.25)
         "budget20-front3-aged-taper": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
+        # the default deciding every 10 steps (one host sync per 10 steps), the held-back budget carried over
+        "budget20-front3-aged-taper-check10": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2,
+                                                            total_steps=steps, check_every=10),
         "budget20-front3-aged-taper0": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
                                                      late_taper=0.0),
         "budget20-front2-aged-taper": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.2, total_steps=steps),

@@ -4,6 +4,9 @@ construction."""
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 import torch
 from torch import nn
@@ -113,6 +116,24 @@ def test_budget_drives_the_optimizer_and_the_scheduler_passes_the_length():
         optimizer.step()
     factors = len(optimizer.factors())
     assert factors * 40 // 5 - factors < optimizer.scheduler.counters.refreshes <= factors * 40 // 5
+
+
+def test_checked_every_ten_steps_the_optimizer_makes_as_many_refreshes_as_checked_every_step():
+    """Through the scheduler: at three times every=20's rate early a check every 10 steps could
+    spend 1.5 refreshes per factor but refreshes each once; the later checks spend the rest."""
+    counts = {}
+    for check_every in (1, 10):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        policy = BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=201, check_every=check_every)
+        optimizer = lk.SOAP(model.named_parameters(), lr=1e-2, refresh=policy)
+        for _ in range(201):
+            optimizer.zero_grad()
+            model(torch.randn(16, 6)).square().mean().backward()
+            optimizer.step()
+        counts[check_every] = optimizer.scheduler.counters.refreshes
+    factors = len(optimizer.factors())
+    assert factors * 200 // 20 - factors < counts[1] <= factors * 200 // 20 and counts[10] == counts[1]
 
 
 # ----------------------------------------------------------------- RelativeRefresh
@@ -231,3 +252,33 @@ def test_a_run_longer_than_planned_keeps_refreshing_at_the_clocks_rate(late_tape
     assert policy.allowance(100) == pytest.approx(99 // 20)
     assert policy.allowance(160) - policy.allowance(100) == pytest.approx(60 / 20)
     assert all(policy.budget_at(step, 10) >= 0 for step in range(1, 300))
+
+
+@pytest.mark.parametrize("check_every", [5, 10, 50])
+def test_a_check_spends_at_most_one_refresh_per_factor_and_later_checks_spend_what_it_held_back(check_every):
+    """Checked every 10 steps, three times every=20's rate early is 1.5 refreshes per factor per
+    check; a check refreshes a factor at most once, and the checks after it make up the rest, so
+    the total is the same as when checking every step (before, 0.39x every=10's count)."""
+    length, factors = 300, 14
+    every_step = BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=length)
+    sparse = BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=length, check_every=check_every)
+    spent = [sparse.budget_at(step, factors) for step in range(1, length) if sparse.checks_at(step)]
+    assert max(spent) <= factors and min(spent) >= 0
+    assert (max(spent) == factors) == (check_every >= 10)  # 0.7 per factor per check at 5: no cap
+    total = sum(every_step.budget_at(step, factors) for step in range(1, length))
+    last_check = (length - 1) // check_every * check_every  # the allowance the last check has reached
+    assert sum(spent) == min(total, math.floor(factors * sparse.allowance(last_check) + 1e-9), factors * len(spent))
+    if check_every <= 10:
+        assert sum(spent) >= total - factors
+
+
+def test_the_carried_budget_is_the_same_asked_in_any_order():
+    """The cache behind the carry-over is derived, not state: a fresh policy (a resumed run) and
+    one asked out of order give the same budgets as one asked check by check."""
+    in_order = BudgetRefresh(every=20, total_steps=300, check_every=10)
+    expected = [in_order.budget_at(step, 9) for step in range(10, 300, 10)]
+    shuffled = BudgetRefresh(every=20, total_steps=300, check_every=10)
+    steps = list(range(10, 300, 10))
+    random.Random(0).shuffle(steps)
+    assert {step: shuffled.budget_at(step, 9) for step in steps} == dict(zip(range(10, 300, 10), expected))
+    assert BudgetRefresh(every=20, total_steps=300, check_every=10).budget_at(150, 9) == expected[14]

@@ -82,8 +82,12 @@ class BudgetRefresh:
     whole refreshes the fixed clock makes per factor on the steps the scheduler decides, 1 to
     ``total_steps - 1`` (step 0 is the optimizer's exact first refresh). Over 200 steps every=20's
     budget is at most 9 per factor, never more than half of every=10's 19. A check spends
-    ``floor(n A(t)) - floor(n A(t - check_every))``; what a check cannot spend (factors at or
-    below ``tolerance``) is not carried over, so the total is an upper bound.
+    ``floor(n A(t)) - floor(n A(t - check_every))``, but at most ``n``: a check refreshes a factor
+    once at most. What the cap holds back (early, when ``check_every`` spans more than one
+    refresh per factor at the early rate: every 10 steps at three times every=20's rate) is
+    spent at the next checks, so a run checked every k steps gets the same total as one checked
+    every step. What a check cannot spend for another reason (factors at or below ``tolerance``)
+    is not carried over, so the total is an upper bound.
 
     Args:
         every: the fixed clock whose refresh count is the budget (20: half of SOAP's every=10).
@@ -101,7 +105,8 @@ class BudgetRefresh:
             over 1000).
         tolerance: factors at or below this staleness are never refreshed; also the staleness a
             refresh with ``max_iters > 1`` aims below.
-        check_every: steps between decisions (the budget is the same, spent in larger portions).
+        check_every: steps between decisions (the budget is the same, spent in larger portions;
+            one host sync per check, so fewer checks suit a GPU).
         max_iters: warm-QR iterations per refresh (repeated while the factor is above ``tolerance``).
         age_power: the weight of the steps since a factor's last refresh in its rank (0: staleness
             alone, the ranking before the study's aged candidate won).
@@ -143,6 +148,7 @@ class BudgetRefresh:
         if self.front_load * self.early_fraction > 1.0 and self.early_steps is None:
             raise ValueError(f"front_load * early_fraction must be <= 1 (the early phase cannot spend more than the "
                              f"whole budget), got {self.front_load} * {self.early_fraction}")
+        object.__setattr__(self, "_capped_spending", {})  # a cache of derived figures, not state
 
     @property
     def uses_refresh_age(self) -> bool:
@@ -184,10 +190,30 @@ class BudgetRefresh:
         return spent_early + start_rate * (elapsed - (1 - self.late_taper) * elapsed ** 2 / (2 * late))
 
     def budget_at(self, step: int, factors: int, total_steps: Optional[float] = None) -> int:
-        """How many refreshes a check at ``step`` may spend over ``factors`` factors."""
-        now = math.floor(factors * self.allowance(step, total_steps) + 1e-9)
-        before = math.floor(factors * self.allowance(max(0, step - self.check_every), total_steps) + 1e-9)
-        return now - before
+        """How many refreshes a check at ``step`` may spend over ``factors`` factors: what the
+        allowance grew by since the previous check, plus what the cap of one refresh per factor
+        per check held back before, at most ``factors``."""
+        before = self._spent_by(step - self.check_every, factors, total_steps)  # first: the cache then moves on
+        return self._spent_by(step, factors, total_steps) - before
+
+    def _spent_by(self, step: int, factors: int, total_steps: Optional[float]) -> int:
+        """``S`` after the check at ``step`` of the chain ``step, step - check_every, ...``, where
+        ``S = min(S_before + factors, floor(factors * A(check)))`` from ``S = 0`` at step 0.
+
+        A pure function of its arguments. The checks come in increasing order, so the last ``S``
+        of each chain is cached and the next call goes on from it (a resumed run, with an empty
+        cache, recomputes it once from step 0 and gets the same figure)."""
+        if step <= 0:
+            return 0
+        key = (factors, _finite_length(total_steps, self.total_steps), step % self.check_every)
+        done, spent = self._capped_spending.get(key, (0, 0))
+        if done > step:
+            done, spent = 0, 0
+        for check in range(done + self.check_every if done else (step - 1) % self.check_every + 1, step + 1,
+                           self.check_every):
+            spent = min(spent + factors, math.floor(factors * self.allowance(check, total_steps) + 1e-9))
+        self._capped_spending[key] = (step, spent)
+        return spent
 
     def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None,
                steps_since_refresh: Optional[torch.Tensor] = None) -> torch.Tensor:
