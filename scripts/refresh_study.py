@@ -54,6 +54,10 @@ def _flat(**budget) -> BudgetRefresh:
 
 def schedules(steps: int) -> dict[str, object]:
     """Baselines, then every candidate default (a loser stays listed: the table reports it)."""
+    def default(**changes) -> BudgetRefresh:
+        """SOAP's default budget for a run of ``steps``, with ``changes``."""
+        return BudgetRefresh(**{"every": 20, "front_load": 3.0, "early_fraction": 0.2, "total_steps": steps, **changes})
+
     return {
         "every10": lk.FixedRefresh(every=10),
         "every1": lk.FixedRefresh(every=1),
@@ -81,51 +85,39 @@ def schedules(steps: int) -> dict[str, object]:
         # its stored runs predate the carry-over of what a check's cap holds back (0.39x every=10's count)
         "budget20-front3-aged-check10": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
                                               check_every=10),
-        # the default: aged, the late rate tapered to a quarter (late_taper=0.25)
-        "budget20-front3-aged-taper": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
-        # the default deciding every 10 steps (one host sync per 10 steps), the held-back budget carried over
-        "budget20-front3-aged-taper-check10": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2,
-                                                            total_steps=steps, check_every=10),
-        "budget20-front3-aged-taper0": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
-                                                     late_taper=0.0),
-        "budget20-front2-aged-taper": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.2, total_steps=steps),
-        "budget20-front4-aged-taper": BudgetRefresh(every=20, front_load=4.0, early_fraction=0.2, total_steps=steps),
-        # the default with a second (third) warm-QR iteration in every refresh: better bases per refresh
-        "budget20-front3-aged-taper-qr2": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
-                                                        max_iters=2),
-        "budget20-front3-aged-taper-qr3": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
-                                                        max_iters=3),
-        "budget20-front2-aged-taper0": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.2, total_steps=steps,
-                                                     late_taper=0.0),
-        "budget20-front2-aged-taper-qr2": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.2, total_steps=steps,
-                                                        max_iters=2),
-        "budget20-front2-aged-taper0-qr2": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.2,
-                                                         total_steps=steps, late_taper=0.0, max_iters=2),
-        "budget20-front2-aged-taper0-check5": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.2,
-                                                            total_steps=steps, late_taper=0.0, check_every=5),
-        "budget20-front2-aged-taper0-check10": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.2,
-                                                             total_steps=steps, late_taper=0.0, check_every=10),
-        "budget20-front1.5-aged-taper": BudgetRefresh(every=20, front_load=1.5, early_fraction=0.2, total_steps=steps),
-        "budget20-front2-early0.1-aged-taper": BudgetRefresh(every=20, front_load=2.0, early_fraction=0.1,
-                                                             total_steps=steps),
+        # the default: aged, the late rate tapered to a quarter (late_taper=0.25); then changes to it
+        "budget20-front3-aged-taper": default(),
+        # deciding every 10 steps (one host sync per 10 steps), the held-back budget carried over
+        "budget20-front3-aged-taper-check10": default(check_every=10),
+        "budget20-front3-aged-taper0": default(late_taper=0.0),
+        "budget20-front2-aged-taper": default(front_load=2.0),
+        "budget20-front4-aged-taper": default(front_load=4.0),
+        # a second (third) warm-QR iteration in every refresh: better bases per refresh
+        "budget20-front3-aged-taper-qr2": default(max_iters=2),
+        "budget20-front3-aged-taper-qr3": default(max_iters=3),
+        "budget20-front2-aged-taper0": default(front_load=2.0, late_taper=0.0),
+        "budget20-front2-aged-taper-qr2": default(front_load=2.0, max_iters=2),
+        "budget20-front2-aged-taper0-qr2": default(front_load=2.0, late_taper=0.0, max_iters=2),
+        "budget20-front2-aged-taper0-check5": default(front_load=2.0, late_taper=0.0, check_every=5),
+        "budget20-front2-aged-taper0-check10": default(front_load=2.0, late_taper=0.0, check_every=10),
+        "budget20-front1.5-aged-taper": default(front_load=1.5),
+        "budget20-front2-early0.1-aged-taper": default(front_load=2.0, early_fraction=0.1),
         "budget20-front3-age8": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
                                       age_power=8.0),
         "every10-rotate": lk.FixedRefresh(every=10),
         "budget20-front3-aged-rotate": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
-        # EShampoo (exact eigh refreshes, V rotated inside the step, merged conv dims) on its clock, at
-        # its default (the same budget as SOAP's) and with the late rate flat
         # the remaining deviations from the reference undone, one at a time and all together
         "every10-no-first-update": lk.FixedRefresh(every=10),
         "every10-plain-eps": lk.FixedRefresh(every=10),
         "every10-decay-after": lk.FixedRefresh(every=10),
         "every10-reference-options": lk.FixedRefresh(every=10),
-        "budget20-front3-aged-taper-no-first-update": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2,
-                                                                    total_steps=steps),
-        "budget20-front3-aged-taper-reference-options": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2,
-                                                                      total_steps=steps),
+        "budget20-front3-aged-taper-no-first-update": default(),
+        "budget20-front3-aged-taper-reference-options": default(),
+        # EShampoo (exact eigh refreshes, V rotated inside the step, merged conv dims) on its clock, at
+        # its default (the same budget as SOAP's) and with the late rate flat
         "eshampoo-every10": lk.FixedRefresh(every=10),
         "eshampoo-aged-flat": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
-        "eshampoo-default": BudgetRefresh(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
+        "eshampoo-default": default(),
         "relative4": RelativeRefresh(ratio=4.0, floor=0.02),
         "tol0.1-check10-qr3": lk.AdaptiveRefresh(tolerance=0.1, check_every=10, max_iters=3),
         "gpt-tuned-0.15early-0.5": lk.AdaptiveRefresh(
