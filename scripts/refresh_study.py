@@ -112,6 +112,7 @@ def schedules(steps: int) -> dict[str, object]:
         "every10-decay-after": lk.FixedRefresh(every=10),
         "every10-reference-options": lk.FixedRefresh(every=10),
         "budget20-front3-aged-taper-no-first-update": default(),
+        "every10-first-step-adam": lk.FixedRefresh(every=10),
         "budget20-front3-aged-taper-reference-options": default(),
         # EShampoo (exact eigh refreshes, V rotated inside the step, merged conv dims) on its clock, at
         # its default (the same budget as SOAP's) and with the late rate flat
@@ -137,10 +138,14 @@ SOAP_OVERRIDES = {"every10-rotate": {"second_moment_on_refresh": "rotate"},
                   "every10-decay-after": {"weight_decay_mode": "decoupled_after_update"},
                   "every10-reference-options": _REMAINING_DEVIATIONS_UNDONE,
                   "budget20-front3-aged-taper-no-first-update": {"update_at_start": False},
+                  "every10-first-step-adam": {"update_at_start": False},
                   "budget20-front3-aged-taper-reference-options": _REMAINING_DEVIATIONS_UNDONE}
 #: Schedules run with another optimizer than SOAP (same hyperparameters); their baseline is that
 #: optimizer's every=10 (:func:`baseline_of`).
 OPTIMIZER_OF = {"eshampoo-every10": "eshampoo", "eshampoo-default": "eshampoo", "eshampoo-aged-flat": "eshampoo"}
+#: Schedules whose first step is Adam's (in the identity basis) instead of SOAP's (in the basis
+#: of the first gradient): SOAP's own first step then only sets the statistics and bases.
+FIRST_STEP_IN_IDENTITY_BASIS = {"every10-first-step-adam"}
 #: The schedule that is SOAP's default (``BudgetRefresh(total_steps=...)``, as KronCallback and the
 #: recipes run it).
 DEFAULT = "budget20-front3-aged-taper"
@@ -184,6 +189,18 @@ def _reference_optimizer(model: StudyModel, network: torch.nn.Module) -> tuple[t
     return optimizer, refreshed
 
 
+@torch.no_grad()
+def _adam_first_step(optimizer: torch.optim.Optimizer) -> None:
+    """Adam's first step, ``-lr * sign(g)`` (its bias-corrected ``m / sqrt(v)``), on every
+    parameter with a gradient: the first step in the identity basis, for a SOAP whose own first
+    step only set the statistics and bases (``update_at_start=False``)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param = param[1] if isinstance(param, tuple) else param
+            if param.grad is not None:
+                param.add_(param.grad.sign(), alpha=-float(group["lr"]))
+
+
 def run_one(model: StudyModel, schedule: str, seed: int) -> dict:
     """Train one run; returns its record (final val loss, refreshes, seconds)."""
     torch.manual_seed(seed)
@@ -198,10 +215,12 @@ def run_one(model: StudyModel, schedule: str, seed: int) -> dict:
         setup = configure_optimization(config, task.network, model.steps)
         optimizer, lr_schedule = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
     started = time.perf_counter()
-    for batch in itertools.islice(task.batches, model.steps):
+    for step, batch in enumerate(itertools.islice(task.batches, model.steps)):
         optimizer.zero_grad(set_to_none=True)
         task.loss(task.network, batch).backward()
         optimizer.step()
+        if step == 0 and schedule in FIRST_STEP_IN_IDENTITY_BASIS:
+            _adam_first_step(optimizer)
         lr_schedule.step()
     seconds = time.perf_counter() - started
     record = {"model": model.name, "schedule": schedule, "seed": seed, "steps": model.steps, "soap": soap_variant(),

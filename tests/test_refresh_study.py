@@ -119,3 +119,22 @@ def test_the_aged_ranking_lets_a_passed_over_factor_catch_up():
                 last = torch.where(chosen, torch.full_like(last, step), last)
     assert picks["plain"] == [0] * 16
     assert picks["aged"][:2] == [0, 1] and set(picks["aged"]) == {0, 1, 2, 3}
+
+
+def test_every_override_names_a_schedule_of_the_study():
+    names = set(study.schedules(100))
+    assert set(study.SOAP_OVERRIDES) <= names and set(study.OPTIMIZER_OF) <= names
+    assert study.FIRST_STEP_IN_IDENTITY_BASIS <= {name for name, options in study.SOAP_OVERRIDES.items()
+                                                   if options.get("update_at_start") is False}
+
+
+def test_a_first_step_in_the_identity_basis_is_adams_sign_step():
+    """SOAP without its first update leaves the weights; the study's stand-in moves each by lr."""
+    layer = torch.nn.Linear(4, 3)
+    optimizer = study.lk.SOAP(layer.named_parameters(), lr=0.1, update_at_start=False)
+    layer(torch.randn(5, 4)).sum().backward()
+    before = layer.weight.detach().clone()
+    optimizer.step()
+    assert torch.equal(layer.weight, before)
+    study._adam_first_step(optimizer)
+    assert torch.equal(layer.weight.detach(), before - 0.1 * layer.weight.grad.sign())
