@@ -201,15 +201,17 @@ def _adam_first_step(optimizer: torch.optim.Optimizer) -> None:
                 param.add_(param.grad.sign(), alpha=-float(group["lr"]))
 
 
-def run_one(model: StudyModel, schedule: str, seed: int) -> dict:
-    """Train one run; returns its record (final val loss, refreshes, seconds)."""
+def run_one(model: StudyModel, schedule: str, seed: int, refresh: Optional[object] = None) -> dict:
+    """Train one run; returns its record (final val loss, refreshes, seconds). ``refresh``: a
+    policy to run under the name ``schedule`` instead of the study's own (a sweep's)."""
     torch.manual_seed(seed)
     task = model.build(seed)
     if schedule == REFERENCE:
         optimizer, refreshed = _reference_optimizer(model, task.network)
         lr_schedule = warmup_cosine(optimizer, model.warmup_steps, model.steps, OptimizerConfig().min_lr_ratio)
     else:
-        options = {"refresh": schedules(model.steps)[schedule], **SOAP_OVERRIDES.get(schedule, {})}
+        policy = refresh if refresh is not None else schedules(model.steps)[schedule]
+        options = {"refresh": policy, **SOAP_OVERRIDES.get(schedule, {})}
         config = OptimizerConfig(name=OPTIMIZER_OF.get(schedule, "soap"), lr=model.lr, betas=(0.95, 0.95), weight_decay=model.weight_decay,
                                  warmup_steps=model.warmup_steps, options=options)
         setup = configure_optimization(config, task.network, model.steps)

@@ -1,0 +1,76 @@
+"""Is a study model's gap to a baseline a matter of the budget's shape? A grid over the shape.
+
+Trains one model of the refresh study (``scripts/refresh_study.py``) under ``BudgetRefresh`` at
+every=20's count over a grid of front-loads, early fractions, late tapers and age powers, and
+prints each shape's mean change against the reference SOAP and our every=10 on the same seeds,
+best first. A diagnostic, not a way to choose a default: the best of many shapes on one model and
+three seeds is an optimistic figure. The baselines come from the study's stored runs::
+
+    python -m scripts.refresh_shape_grid --model mlp --json runs/shape_grid_mlp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from lightning_kron.scheduling.budget_policies import BudgetRefresh
+from scripts import refresh_study as study
+
+FRONT_LOADS, EARLY_FRACTIONS, LATE_TAPERS, AGE_POWERS = (1.0, 1.5, 2.0, 3.0), (0.1, 0.2, 0.3, 0.5), (0.0, 0.25, 1.0), (0.0, 1.0)
+
+
+def shapes() -> dict[str, dict]:
+    """Every admissible shape (the early phase cannot spend more than the whole budget)."""
+    grid = itertools.product(FRONT_LOADS, EARLY_FRACTIONS, LATE_TAPERS, AGE_POWERS)
+    return {f"grid-f{f}-e{e}-t{t}-a{a}": dict(front_load=f, early_fraction=e, late_taper=t, age_power=a)
+            for f, e, t, a in grid if f * e <= 1.0}
+
+
+def changes(runs: list[dict], baseline: dict[int, float]) -> list[float]:
+    return [run["val_loss"] / baseline[run["seed"]] - 1 for run in runs if run["seed"] in baseline]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="mlp", choices=list(study.STUDY_MODELS))
+    parser.add_argument("--json", type=Path, default=Path("runs/shape_grid.json"), help="where runs are stored (resumable)")
+    parser.add_argument("--study-json", type=Path, default=Path("docs/figures/refresh_study_runs.json"))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    model, seeds = study.STUDY_MODELS[args.model], [int(seed) for seed in args.seeds.split(",")]
+    records = study.load_records(args.json)
+    done = {(r["schedule"], r["seed"]) for r in records}
+    todo = [(name, seed) for name in shapes() for seed in seeds if (name, seed) not in done]
+    for name, seed in tqdm(todo, desc=f"shape grid ({args.model})", disable=args.no_progress):
+        policy = BudgetRefresh(every=20, total_steps=model.steps, **shapes()[name])
+        records.append(study.run_one(model, name, seed, refresh=policy))
+        study.save_records(args.json, records)
+    stored = [r for r in study.load_records(args.study_json) if r["model"] == args.model]
+    reference = {r["seed"]: r["val_loss"] for r in stored if r["schedule"] == study.REFERENCE}
+    every10 = {r["seed"]: r["val_loss"] for r in stored if r["schedule"] == "every10" and r.get("soap") == study.soap_variant()}
+    rows = []
+    for name in shapes():
+        mine = [r for r in records if r["schedule"] == name]
+        against_reference, against_every10 = changes(mine, reference), changes(mine, every10)
+        if len(against_reference) > 1:
+            error = statistics.stdev(against_reference) / len(against_reference) ** 0.5
+            rows.append((statistics.mean(against_reference), error, statistics.mean(against_every10 or [float("nan")]), name))
+    print("| shape | vs reference | its standard error | vs every=10 |\n|---|---:|---:|---:|")
+    for mean, error, versus_clock, name in sorted(rows)[:args.top]:
+        print(f"| {name} | {100 * mean:+.2f}% | {100 * error:.2f}% | {100 * versus_clock:+.2f}% |")
+    print(f"{len(rows)} shapes; none below the reference: {all(mean > 0 for mean, *_ in rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""scripts/refresh_shape_grid.py: the grid of budget shapes and its table against stored baselines."""
+
+from __future__ import annotations
+
+import json
+
+from lightning_kron.scheduling.budget_policies import BudgetRefresh
+from scripts import refresh_shape_grid as grid
+from scripts import refresh_study as study
+from scripts import study_models
+
+
+def test_the_grid_holds_every_admissible_shape_once():
+    shapes = grid.shapes()
+    assert len(shapes) == 90  # 4 x 4 x 3 x 2, less the 6 whose early phase would overspend (3 x 0.5)
+    for options in shapes.values():
+        BudgetRefresh(every=20, total_steps=100, **options)  # each one constructs
+
+
+def test_the_grid_runs_resumably_and_ranks_the_shapes_against_the_baselines(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(study.STUDY_MODELS, "toy", study.StudyModel("toy", study_models._mlp, 12, 3e-3, 2, "toy MLP"))
+    two = dict(list(grid.shapes().items())[:2])
+    monkeypatch.setattr(grid, "shapes", lambda: two)
+    baselines = tmp_path / "study.json"
+    stored = [{"model": "toy", "schedule": name, "seed": seed, "val_loss": 1.0, "soap": study.soap_variant()}
+              for name in (study.REFERENCE, "every10") for seed in (0, 1)]
+    baselines.write_text(json.dumps({"runs": stored}))
+    arguments = ["--model", "toy", "--json", str(tmp_path / "grid.json"), "--study-json", str(baselines),
+                 "--seeds", "0,1", "--no-progress"]
+    assert grid.main(arguments) == 0
+    table = capsys.readouterr().out
+    assert all(name in table for name in two) and "2 shapes" in table
+    runs = json.loads((tmp_path / "grid.json").read_text())["runs"]
+    assert sorted((r["schedule"], r["seed"]) for r in runs) == sorted((name, seed) for name in two for seed in (0, 1))
+    monkeypatch.setattr(study, "run_one", lambda *args, **kwargs: (_ for _ in ()).throw(AssertionError("rerun")))
+    assert grid.main(arguments) == 0  # everything stored: nothing is trained again
