@@ -119,6 +119,9 @@ def schedules(steps: int) -> dict[str, object]:
         "eshampoo-every10": lk.FixedRefresh(every=10),
         "eshampoo-aged-flat": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
         "eshampoo-default": default(),
+        # EShampoo with SOAP's choices around a refresh (after the step, V by rank, per-dim conv blocks)
+        "eshampoo-every10-soap-carry": lk.FixedRefresh(every=10),
+        "eshampoo-default-soap-carry": default(),
         "relative4": RelativeRefresh(ratio=4.0, floor=0.02),
         "tol0.1-check10-qr3": lk.AdaptiveRefresh(tolerance=0.1, check_every=10, max_iters=3),
         "gpt-tuned-0.15early-0.5": lk.AdaptiveRefresh(
@@ -127,6 +130,9 @@ def schedules(steps: int) -> dict[str, object]:
 
 
 BASELINES = ("every10", "every1", "every20")
+#: SOAP's choices around a refresh, for EShampoo rows (EShampoo refreshes inside the step, rotates V
+#: and merges conv dims).
+_SOAP_CARRY = {"refresh_timing": "after_step", "second_moment_on_refresh": "keep", "merge_dims": False}
 #: The reference's choices where SOAP's defaults still differ from it (docs/algorithms.md).
 _REMAINING_DEVIATIONS_UNDONE = {"update_at_start": False, "bias_corrected_eps": False,
                                 "weight_decay_mode": "decoupled_after_update"}
@@ -139,10 +145,13 @@ SOAP_OVERRIDES = {"every10-rotate": {"second_moment_on_refresh": "rotate"},
                   "every10-reference-options": _REMAINING_DEVIATIONS_UNDONE,
                   "budget20-front3-aged-taper-no-first-update": {"update_at_start": False},
                   "every10-first-step-adam": {"update_at_start": False},
+                  "eshampoo-every10-soap-carry": _SOAP_CARRY,
+                  "eshampoo-default-soap-carry": _SOAP_CARRY,
                   "budget20-front3-aged-taper-reference-options": _REMAINING_DEVIATIONS_UNDONE}
 #: Schedules run with another optimizer than SOAP (same hyperparameters); their baseline is that
 #: optimizer's every=10 (:func:`baseline_of`).
-OPTIMIZER_OF = {"eshampoo-every10": "eshampoo", "eshampoo-default": "eshampoo", "eshampoo-aged-flat": "eshampoo"}
+OPTIMIZER_OF = {name: "eshampoo" for name in ("eshampoo-every10", "eshampoo-default", "eshampoo-aged-flat",
+                                                "eshampoo-every10-soap-carry", "eshampoo-default-soap-carry")}
 #: Schedules whose first step is Adam's (in the identity basis) instead of SOAP's (in the basis
 #: of the first gradient): SOAP's own first step then only sets the statistics and bases.
 FIRST_STEP_IN_IDENTITY_BASIS = {"every10-first-step-adam"}
