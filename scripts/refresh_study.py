@@ -114,14 +114,16 @@ def schedules(steps: int) -> dict[str, object]:
         "budget20-front3-aged-taper-no-first-update": default(),
         "every10-first-step-adam": lk.FixedRefresh(every=10),
         "budget20-front3-aged-taper-reference-options": default(),
-        # EShampoo (exact eigh refreshes, V rotated inside the step, merged conv dims) on its clock, at
-        # its default (the same budget as SOAP's) and with the late rate flat
+        # EShampoo (exact eigh refreshes; after the step, V by rank, per-dim conv blocks, as SOAP) on its
+        # clock and at its default (the same budget as SOAP's); at AdamW's betas, its own defaults
         "eshampoo-every10": lk.FixedRefresh(every=10),
-        "eshampoo-aged-flat": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
         "eshampoo-default": default(),
-        # EShampoo with SOAP's choices around a refresh (after the step, V by rank, per-dim conv blocks)
-        "eshampoo-every10-soap-carry": lk.FixedRefresh(every=10),
-        "eshampoo-default-soap-carry": default(),
+        "eshampoo-every10-adamw-betas": lk.FixedRefresh(every=10),
+        # EShampoo's choices around a refresh before the study (inside the step, V rotated, merged dims)
+        "eshampoo-every10-own-carry": lk.FixedRefresh(every=10),
+        "eshampoo-default-own-carry": default(),
+        "eshampoo-aged-flat-own-carry": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
+        "eshampoo-every10-adamw-betas-own-carry": lk.FixedRefresh(every=10),
         "relative4": RelativeRefresh(ratio=4.0, floor=0.02),
         "tol0.1-check10-qr3": lk.AdaptiveRefresh(tolerance=0.1, check_every=10, max_iters=3),
         "gpt-tuned-0.15early-0.5": lk.AdaptiveRefresh(
@@ -130,9 +132,8 @@ def schedules(steps: int) -> dict[str, object]:
 
 
 BASELINES = ("every10", "every1", "every20")
-#: SOAP's choices around a refresh, for EShampoo rows (EShampoo refreshes inside the step, rotates V
-#: and merges conv dims).
-_SOAP_CARRY = {"refresh_timing": "after_step", "second_moment_on_refresh": "keep", "merge_dims": False}
+#: EShampoo's choices around a refresh before the study took SOAP's for it.
+_ESHAMPOO_OWN_CARRY = {"refresh_timing": "in_step", "second_moment_on_refresh": "rotate", "merge_dims": True}
 #: The reference's choices where SOAP's defaults still differ from it (docs/algorithms.md).
 _REMAINING_DEVIATIONS_UNDONE = {"update_at_start": False, "bias_corrected_eps": False,
                                 "weight_decay_mode": "decoupled_after_update"}
@@ -145,13 +146,17 @@ SOAP_OVERRIDES = {"every10-rotate": {"second_moment_on_refresh": "rotate"},
                   "every10-reference-options": _REMAINING_DEVIATIONS_UNDONE,
                   "budget20-front3-aged-taper-no-first-update": {"update_at_start": False},
                   "every10-first-step-adam": {"update_at_start": False},
-                  "eshampoo-every10-soap-carry": _SOAP_CARRY,
-                  "eshampoo-default-soap-carry": _SOAP_CARRY,
+                  **{name: _ESHAMPOO_OWN_CARRY for name in ("eshampoo-every10-own-carry", "eshampoo-default-own-carry",
+                                                            "eshampoo-aged-flat-own-carry",
+                                                            "eshampoo-every10-adamw-betas-own-carry")},
                   "budget20-front3-aged-taper-reference-options": _REMAINING_DEVIATIONS_UNDONE}
 #: Schedules run with another optimizer than SOAP (same hyperparameters); their baseline is that
 #: optimizer's every=10 (:func:`baseline_of`).
-OPTIMIZER_OF = {name: "eshampoo" for name in ("eshampoo-every10", "eshampoo-default", "eshampoo-aged-flat",
-                                                "eshampoo-every10-soap-carry", "eshampoo-default-soap-carry")}
+OPTIMIZER_OF = {name: "eshampoo" for name in ("eshampoo-every10", "eshampoo-default", "eshampoo-every10-adamw-betas",
+                                                "eshampoo-every10-own-carry", "eshampoo-default-own-carry",
+                                                "eshampoo-aged-flat-own-carry", "eshampoo-every10-adamw-betas-own-carry")}
+#: Schedules run at other betas than the study's (0.95, 0.95).
+BETAS_OF = {"eshampoo-every10-adamw-betas": (0.9, 0.999), "eshampoo-every10-adamw-betas-own-carry": (0.9, 0.999)}
 #: Schedules whose first step is Adam's (in the identity basis) instead of SOAP's (in the basis
 #: of the first gradient): SOAP's own first step then only sets the statistics and bases.
 FIRST_STEP_IN_IDENTITY_BASIS = {"every10-first-step-adam"}
@@ -221,7 +226,8 @@ def run_one(model: StudyModel, schedule: str, seed: int, refresh: Optional[objec
     else:
         policy = refresh if refresh is not None else schedules(model.steps)[schedule]
         options = {"refresh": policy, **SOAP_OVERRIDES.get(schedule, {})}
-        config = OptimizerConfig(name=OPTIMIZER_OF.get(schedule, "soap"), lr=model.lr, betas=(0.95, 0.95), weight_decay=model.weight_decay,
+        config = OptimizerConfig(name=OPTIMIZER_OF.get(schedule, "soap"), lr=model.lr, betas=BETAS_OF.get(schedule, (0.95, 0.95)),
+                                 weight_decay=model.weight_decay,
                                  warmup_steps=model.warmup_steps, options=options)
         setup = configure_optimization(config, task.network, model.steps)
         optimizer, lr_schedule = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
@@ -322,10 +328,14 @@ def summarize(records: list[dict], baseline: str = "every10", variant: Optional[
 
 def baseline_of(schedule: str, baseline: str = "every10") -> str:
     """What a schedule's row is compared with: SOAP's ``baseline``, or for a run of another
-    optimizer (:data:`OPTIMIZER_OF`) against SOAP's every=10, that optimizer's own every=10."""
+    optimizer (:data:`OPTIMIZER_OF`) against SOAP's every=10, that optimizer's own every=10 (at
+    the run's betas, :data:`BETAS_OF`)."""
     optimizer = OPTIMIZER_OF.get(schedule)
     if optimizer is None or baseline != "every10":
         return baseline
+    if schedule in BETAS_OF:  # the same optimizer on the clock at the same betas
+        return next(name for name, betas in BETAS_OF.items() if betas == BETAS_OF[schedule]
+                    and OPTIMIZER_OF.get(name) == optimizer and name not in SOAP_OVERRIDES)
     return f"{optimizer}-every10"
 
 

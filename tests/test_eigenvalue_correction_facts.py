@@ -263,3 +263,16 @@ def test_tf32_directions_leave_the_loss_curve_unchanged():
         assert ((full - tf32).abs() / full).max() < TF32_MAX_CURVE_GAP
     full_final, tf32_final = (torch.stack([pair[i][-1] for pair in pairs]) for i in (0, 1))
     assert abs(tf32_final.mean() - full_final.mean()) / full_final.mean() < TF32_MAX_MEAN_SHIFT
+
+
+def test_eshampoo_makes_soaps_choices_around_a_refresh_and_blocks_a_conv_weight_per_dim():
+    """The refresh study measured SOAP's choices (after the step, V by rank, one factor per conv
+    dim) better for EShampoo too, at both sets of betas; only the solver and the hyperparameters differ."""
+    conv = torch.nn.Conv2d(2, 3, 3)
+    eshampoo, soap = lk.EShampoo(conv.named_parameters()), lk.SOAP(conv.named_parameters())
+    for name in ("refresh_timing", "second_moment_on_refresh", "merge_dims"):
+        assert getattr(eshampoo, name) == getattr(soap, name), name
+    assert (eshampoo.solver, soap.solver) == ("eigh", "qr")
+    conv(torch.randn(4, 2, 6, 6)).square().mean().backward()
+    eshampoo.step()
+    assert len([info for info in eshampoo.factors() if info.name.startswith("weight")]) == 4  # o, i, kh, kw

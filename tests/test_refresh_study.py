@@ -54,6 +54,8 @@ def test_another_optimizers_rows_are_relative_to_its_own_every10():
     assert rows["eshampoo-default"].loss_change == pytest.approx(-0.25)  # 3.0 / 4.0, not 3.0 / 2.0
     assert rows["eshampoo-every10"].loss_change == 0.0
     assert study.baseline_of("eshampoo-default", study.REFERENCE) == study.REFERENCE
+    # at other betas, the same optimizer's clock at those betas
+    assert study.baseline_of("eshampoo-every10-adamw-betas-own-carry") == "eshampoo-every10-adamw-betas"
 
 
 def test_the_report_replaces_only_its_own_section(tmp_path):

@@ -237,7 +237,10 @@ class EShampoo(EigenvalueCorrectedOptimizer):
     hyperparameters. The refresh default is SOAP's, ``BudgetRefresh()``: every=20's count of
     refreshes, each on the factor ranked highest by the staleness criterion (Purifying Shampoo) times
     the steps since its last refresh, instead of an absolute tolerance that does not transfer
-    between models.
+    between models. Around a refresh it makes SOAP's choices (after the step, V carried over by
+    eigenvalue rank, one factor per conv dim): on the nine models of the refresh study they beat
+    the earlier ones (inside the step, V rotated, merged dims) at SOAP's betas and at AdamW's
+    (docs/adaptive-refresh.md).
 
     >>> import torch
     >>> opt = EShampoo(torch.nn.Linear(4, 4).parameters())
@@ -246,6 +249,10 @@ class EShampoo(EigenvalueCorrectedOptimizer):
     """
 
     def __init__(self, params: Any, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, *, refresh=None, solver: str = "eigh", **options: Any) -> None:
+                 weight_decay: float = 0.01, *, refresh=None, solver: str = "eigh",
+                 second_moment_on_refresh: str = "keep", refresh_timing: str = "after_step", merge_dims: bool = False,
+                 **options: Any) -> None:
         refresh = refresh if refresh is not None else BudgetRefresh()
-        super().__init__(params, lr, betas, eps, weight_decay, refresh=refresh, solver=solver, **options)
+        super().__init__(params, lr, betas, eps, weight_decay, refresh=refresh, solver=solver,
+                         second_moment_on_refresh=second_moment_on_refresh, refresh_timing=refresh_timing,
+                         merge_dims=merge_dims, **options)
