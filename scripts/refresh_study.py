@@ -210,7 +210,6 @@ def _adam_first_step(optimizer: torch.optim.Optimizer) -> None:
     step only set the statistics and bases (``update_at_start=False``)."""
     for group in optimizer.param_groups:
         for param in group["params"]:
-            param = param[1] if isinstance(param, tuple) else param
             if param.grad is not None:
                 param.add_(param.grad.sign(), alpha=-float(group["lr"]))
 
