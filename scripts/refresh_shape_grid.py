@@ -47,7 +47,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    model, seeds = study.STUDY_MODELS[args.model], [int(seed) for seed in args.seeds.split(",")]
+    model, seeds = study.STUDY_MODELS[args.model], study.parse_seeds(args.seeds)
     records = study.load_records(args.json)
     done = {(r["schedule"], r["seed"]) for r in records}
     todo = [(name, seed) for name in shapes() for seed in seeds if (name, seed) not in done]

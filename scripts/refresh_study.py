@@ -113,6 +113,9 @@ def schedules(steps: int) -> dict[str, object]:
         "every10-reference-options": lk.FixedRefresh(every=10),
         "budget20-front3-aged-taper-no-first-update": default(),
         "every10-first-step-adam": lk.FixedRefresh(every=10),
+        # where the first step's effect sits: its update alone, or the first gradient in the moments
+        "every10-first-step-undone": lk.FixedRefresh(every=10),
+        "every10-first-step-fresh-moments": lk.FixedRefresh(every=10),
         "budget20-front3-aged-taper-reference-options": default(),
         # EShampoo (exact eigh refreshes; after the step, V by rank, per-dim conv blocks, as SOAP) on its
         # clock and at its default (the same budget as SOAP's); at AdamW's betas, its own defaults
@@ -157,9 +160,6 @@ OPTIMIZER_OF = {name: "eshampoo" for name in ("eshampoo-every10", "eshampoo-defa
                                                 "eshampoo-aged-flat-own-carry", "eshampoo-every10-adamw-betas-own-carry")}
 #: Schedules run at other betas than the study's (0.95, 0.95).
 BETAS_OF = {"eshampoo-every10-adamw-betas": (0.9, 0.999), "eshampoo-every10-adamw-betas-own-carry": (0.9, 0.999)}
-#: Schedules whose first step is Adam's (in the identity basis) instead of SOAP's (in the basis
-#: of the first gradient): SOAP's own first step then only sets the statistics and bases.
-FIRST_STEP_IN_IDENTITY_BASIS = {"every10-first-step-adam"}
 #: The schedule that is SOAP's default (``BudgetRefresh(total_steps=...)``, as KronCallback and the
 #: recipes run it).
 DEFAULT = "budget20-front3-aged-taper"
@@ -204,7 +204,7 @@ def _reference_optimizer(model: StudyModel, network: torch.nn.Module) -> tuple[t
 
 
 @torch.no_grad()
-def _adam_first_step(optimizer: torch.optim.Optimizer) -> None:
+def _adam_first_step(optimizer: torch.optim.Optimizer, before: list) -> None:
     """Adam's first step, ``-lr * sign(g)`` (its bias-corrected ``m / sqrt(v)``), on every
     parameter with a gradient: the first step in the identity basis, for a SOAP whose own first
     step only set the statistics and bases (``update_at_start=False``)."""
@@ -212,6 +212,36 @@ def _adam_first_step(optimizer: torch.optim.Optimizer) -> None:
         for param in group["params"]:
             if param.grad is not None:
                 param.add_(param.grad.sign(), alpha=-float(group["lr"]))
+
+
+@torch.no_grad()
+def _undo_first_update(optimizer: torch.optim.Optimizer, before: list) -> None:
+    """The weights put back as they were before the first step: its gradient stays in the
+    statistics, the bases and Adam's moments; only the update is gone."""
+    for param, weight in zip(_weights(optimizer), before):
+        param.copy_(weight)
+
+
+@torch.no_grad()
+def _restart_moments(optimizer: torch.optim.Optimizer, before: list) -> None:
+    """Adam's moments emptied after the first step, with its count taken back: the update stays,
+    the first gradient stays in the statistics and bases, and the moments start at the second."""
+    for group in optimizer.factor_groups():
+        group.tensors["exp_avg"].zero_()
+        group.tensors["exp_avg_sq"].zero_()
+        group.steps.sub_(1)
+
+
+def _weights(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [param for group in optimizer.param_groups for param in group["params"]]
+
+
+#: Schedules that change what the first step leaves behind: ``hook(optimizer, weights_before)``
+#: runs right after it. Adam's first step in the identity basis instead of SOAP's (whose own then
+#: only sets the statistics and bases), the update undone, or the moments restarted.
+AFTER_FIRST_STEP = {"every10-first-step-adam": _adam_first_step,
+                    "every10-first-step-undone": _undo_first_update,
+                    "every10-first-step-fresh-moments": _restart_moments}
 
 
 def run_one(model: StudyModel, schedule: str, seed: int, refresh: Optional[object] = None) -> dict:
@@ -230,13 +260,15 @@ def run_one(model: StudyModel, schedule: str, seed: int, refresh: Optional[objec
                                  warmup_steps=model.warmup_steps, options=options)
         setup = configure_optimization(config, task.network, model.steps)
         optimizer, lr_schedule = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    after_first_step = AFTER_FIRST_STEP.get(schedule)
     started = time.perf_counter()
     for step, batch in enumerate(itertools.islice(task.batches, model.steps)):
         optimizer.zero_grad(set_to_none=True)
         task.loss(task.network, batch).backward()
+        before = [weight.detach().clone() for weight in _weights(optimizer)] if step == 0 and after_first_step else None
         optimizer.step()
-        if step == 0 and schedule in FIRST_STEP_IN_IDENTITY_BASIS:
-            _adam_first_step(optimizer)
+        if before is not None:
+            after_first_step(optimizer, before)
         lr_schedule.step()
     seconds = time.perf_counter() - started
     record = {"model": model.name, "schedule": schedule, "seed": seed, "steps": model.steps, "soap": soap_variant(),
@@ -496,13 +528,24 @@ def write_report(path: Path, rows: list[Row], timing: Optional[Path], default: s
     path.write_text(text)
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"``, ``"0-39"`` or a mix (``"0-2,7"``): the seeds, in order, each once."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        for seed in range(int(low), int(high or low) + 1):
+            if seed not in seeds:
+                seeds.append(seed)
+    return seeds
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, default=Path("runs/refresh_study.json"), help="where runs are stored")
     parser.add_argument("--also", type=Path, nargs="*", default=[], help="more run files to report (parallel workers)")
     parser.add_argument("--models", default=",".join(STUDY_MODELS))
     parser.add_argument("--schedules", default=",".join([*schedules(100), REFERENCE]))
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", type=parse_seeds, default="0,1,2", help="e.g. 0,1,2 or 0-39")
     parser.add_argument("--report", type=Path, default=None, help="write the tables here (markdown) and the plot next to it")
     parser.add_argument("--plot", type=Path, default=Path("docs/figures/refresh_study.png"))
     parser.add_argument("--timing", type=Path, default=None, help="measure the wall-clock view into this JSON")
@@ -526,7 +569,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if args.report is None:
         run_all(args.json, args.models.split(","), args.schedules.split(","),
-                [int(s) for s in args.seeds.split(",")], not args.no_progress)
+                args.seeds, not args.no_progress)
     records = load_records(args.json, *args.also)
     rows = summarize(records, variant=args.variant)
     text = markdown_tables(rows)

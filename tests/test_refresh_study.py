@@ -126,8 +126,8 @@ def test_the_aged_ranking_lets_a_passed_over_factor_catch_up():
 def test_every_override_names_a_schedule_of_the_study():
     names = set(study.schedules(100))
     assert set(study.SOAP_OVERRIDES) <= names and set(study.OPTIMIZER_OF) <= names
-    assert study.FIRST_STEP_IN_IDENTITY_BASIS <= {name for name, options in study.SOAP_OVERRIDES.items()
-                                                   if options.get("update_at_start") is False}
+    assert set(study.AFTER_FIRST_STEP) <= names
+    assert study.SOAP_OVERRIDES["every10-first-step-adam"]["update_at_start"] is False
 
 
 def test_a_first_step_in_the_identity_basis_is_adams_sign_step():
@@ -138,5 +138,40 @@ def test_a_first_step_in_the_identity_basis_is_adams_sign_step():
     before = layer.weight.detach().clone()
     optimizer.step()
     assert torch.equal(layer.weight, before)
-    study._adam_first_step(optimizer)
+    study._adam_first_step(optimizer, [before])
     assert torch.equal(layer.weight.detach(), before - 0.1 * layer.weight.grad.sign())
+
+
+def _first_step(hook):
+    """A SOAP's first step on a small layer with ``hook`` after it: the weights before, the layer
+    and the optimizer."""
+    layer = torch.nn.Linear(4, 3)
+    optimizer = study.lk.SOAP(layer.named_parameters(), lr=0.1)
+    layer(torch.randn(5, 4)).sum().backward()
+    before = [weight.detach().clone() for weight in study._weights(optimizer)]
+    optimizer.step()
+    hook(optimizer, before)
+    return before, layer, optimizer
+
+
+def test_the_first_update_undone_leaves_the_weights_and_keeps_the_moments():
+    before, layer, optimizer = _first_step(study._undo_first_update)
+    assert all(torch.equal(weight, old) for weight, old in zip(study._weights(optimizer), before))
+    groups = optimizer.factor_groups()
+    assert all(bool(group.tensors["exp_avg_sq"].abs().sum() > 0) and int(group.steps.min()) == 1 for group in groups)
+
+
+def test_restarted_moments_keep_the_update_and_count_from_the_second_step():
+    before, layer, optimizer = _first_step(study._restart_moments)
+    assert not torch.equal(layer.weight.detach(), before[0])
+    groups = optimizer.factor_groups()
+    assert all(not group.tensors["exp_avg"].any() and not group.tensors["exp_avg_sq"].any() for group in groups)
+    assert all(int(group.steps.max()) == 0 for group in groups)
+
+
+def test_seeds_are_given_as_lists_ranges_or_both():
+    assert study.parse_seeds("0,1,2") == [0, 1, 2]
+    assert study.parse_seeds("0-3") == [0, 1, 2, 3]
+    assert study.parse_seeds("5, 0-2,1") == [5, 0, 1, 2]
+    with pytest.raises(ValueError):
+        study.parse_seeds("zero")
