@@ -265,7 +265,8 @@ def run_one(model: StudyModel, schedule: str, seed: int, refresh: Optional[objec
     for step, batch in enumerate(itertools.islice(task.batches, model.steps)):
         optimizer.zero_grad(set_to_none=True)
         task.loss(task.network, batch).backward()
-        before = [weight.detach().clone() for weight in _weights(optimizer)] if step == 0 and after_first_step else None
+        first_hooked = step == 0 and after_first_step is not None
+        before = [weight.detach().clone() for weight in _weights(optimizer)] if first_hooked else None
         optimizer.step()
         if before is not None:
             after_first_step(optimizer, before)

@@ -155,7 +155,7 @@ def _first_step(hook):
 
 
 def test_the_first_update_undone_leaves_the_weights_and_keeps_the_moments():
-    before, layer, optimizer = _first_step(study._undo_first_update)
+    before, _, optimizer = _first_step(study._undo_first_update)
     assert all(torch.equal(weight, old) for weight, old in zip(study._weights(optimizer), before))
     groups = optimizer.factor_groups()
     assert all(bool(group.tensors["exp_avg_sq"].abs().sum() > 0) and int(group.steps.min()) == 1 for group in groups)
