@@ -37,7 +37,7 @@ from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from recipes.optimizers import OptimizerConfig, configure_optimization, weight_decay_groups
 from recipes.schedule import warmup_cosine
 from scripts.refresh_candidates import RelativeRefresh
-from scripts.study_models import STUDY_MODELS, StudyModel, Task, register  # noqa: F401 (the registry's API)
+from scripts.study_models import STUDY_MODELS, StudyModel, Task, register, study_model  # noqa: F401 (the registry's API)
 
 
 # ----------------------------------------------------------------- the schedules
@@ -116,6 +116,9 @@ def schedules(steps: int) -> dict[str, object]:
         # where the first step's effect sits: its update alone, or the first gradient in the moments
         "every10-first-step-undone": lk.FixedRefresh(every=10),
         "every10-first-step-fresh-moments": lk.FixedRefresh(every=10),
+        # ... and which of the two moments carries it: M (or V) alone restarted after the first step
+        "every10-first-step-fresh-m": lk.FixedRefresh(every=10),
+        "every10-first-step-fresh-v": lk.FixedRefresh(every=10),
         "budget20-front3-aged-taper-reference-options": default(),
         # EShampoo (exact eigh refreshes; after the step, V by rank, per-dim conv blocks, as SOAP) on its
         # clock and at its default (the same budget as SOAP's); at AdamW's betas, its own defaults
@@ -232,16 +235,40 @@ def _restart_moments(optimizer: torch.optim.Optimizer, before: list) -> None:
         group.steps.sub_(1)
 
 
+def _restart_one_moment(name: str):
+    """A hook that empties one of Adam's moments (``"exp_avg"``: M, ``"exp_avg_sq"``: V) after the
+    first step and keeps the other. Its bias correction then counts one gradient fewer than the
+    step count: ``1 - beta^(t-1)`` instead of ``1 - beta^t``, put in by rescaling SOAP's ``s`` (and
+    ``e``, which carries ``sqrt(c2)``, for V) on every later step."""
+    def hook(optimizer: torch.optim.Optimizer, before: list) -> None:
+        for group in optimizer.factor_groups():
+            group.tensors[name].zero_()
+        corrections = optimizer._bias_corrections
+
+        def one_gradient_fewer(items, hyper):
+            eps, scale = corrections(items, hyper)
+            assert hyper.step is not None, "the study's parameter groups share one step count"
+            t = float(hyper.step)
+            if name == "exp_avg":
+                return eps, scale * ((1 - hyper.beta1 ** t) / (1 - hyper.beta1 ** (t - 1)))
+            ratio = math.sqrt((1 - hyper.beta2 ** (t - 1)) / (1 - hyper.beta2 ** t))
+            return eps * ratio, scale * ratio
+        optimizer._bias_corrections = one_gradient_fewer
+    return hook
+
+
 def _weights(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [param for group in optimizer.param_groups for param in group["params"]]
 
 
 #: Schedules that change what the first step leaves behind: ``hook(optimizer, weights_before)``
 #: runs right after it. Adam's first step in the identity basis instead of SOAP's (whose own then
-#: only sets the statistics and bases), the update undone, or the moments restarted.
+#: only sets the statistics and bases), the update undone, or the moments restarted (both, M or V).
 AFTER_FIRST_STEP = {"every10-first-step-adam": _adam_first_step,
                     "every10-first-step-undone": _undo_first_update,
-                    "every10-first-step-fresh-moments": _restart_moments}
+                    "every10-first-step-fresh-moments": _restart_moments,
+                    "every10-first-step-fresh-m": _restart_one_moment("exp_avg"),
+                    "every10-first-step-fresh-v": _restart_one_moment("exp_avg_sq")}
 
 
 def run_one(model: StudyModel, schedule: str, seed: int, refresh: Optional[object] = None) -> dict:
@@ -313,10 +340,14 @@ def run_all(path: Path, models: list[str], names: list[str], seeds: list[int], p
     records = load_records(path)
     done = {_key(r) for r in records}
     current = soap_variant()
-    todo = [(m, s, seed) for seed in seeds for m in models for s in names
-            if (m, s, seed, None if s == REFERENCE else current) not in done]
+    chosen = [study_model(name) for name in models]
+    unknown = [name for name in names if name != REFERENCE and name not in schedules(100)]
+    if unknown:
+        raise ValueError(f"unknown schedules {', '.join(unknown)}; the study's: {', '.join([*schedules(100), REFERENCE])}")
+    todo = [(m, s, seed) for seed in seeds for m in chosen for s in names
+            if (m.name, s, seed, None if s == REFERENCE else current) not in done]
     for model, schedule, seed in tqdm(todo, desc="refresh study", disable=not progress):
-        records.append(run_one(STUDY_MODELS[model], schedule, seed))
+        records.append(run_one(model, schedule, seed))
         save_records(path, records)
     return records
 
@@ -393,9 +424,14 @@ def reference_table(records: list[dict], ours: tuple[str, ...] = ("every10", DEF
 
 
 def _order(pair: tuple[str, str]) -> tuple:
+    """Registry order of the models (one at another lr, ``name@lrX``, next to its own, by lr), then
+    the schedules' order."""
     models, names = list(STUDY_MODELS), [*BASELINES, REFERENCE, *schedules(100)]
     model, schedule = pair
-    return (models.index(model) if model in models else len(models), names.index(schedule) if schedule in names else 99)
+    base, _, lr = model.partition("@lr")
+    known = base in models
+    return (models.index(base) if known else len(models), float(lr) if lr else STUDY_MODELS[base].lr if known else 0.0,
+            names.index(schedule) if schedule in names else 99)
 
 
 def _standard_error(changes: list[float]) -> str:
@@ -544,7 +580,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, default=Path("runs/refresh_study.json"), help="where runs are stored")
     parser.add_argument("--also", type=Path, nargs="*", default=[], help="more run files to report (parallel workers)")
-    parser.add_argument("--models", default=",".join(STUDY_MODELS))
+    parser.add_argument("--models", default=",".join(STUDY_MODELS),
+                        help="comma-separated registered models; name@lrX trains one at lr X (resnet@lr1.5e-3)")
     parser.add_argument("--schedules", default=",".join([*schedules(100), REFERENCE]))
     parser.add_argument("--seeds", type=parse_seeds, default="0,1,2", help="e.g. 0,1,2 or 0-39")
     parser.add_argument("--report", type=Path, default=None, help="write the tables here (markdown) and the plot next to it")
@@ -559,6 +596,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                              f"{soap_variant()}; runs without a variant are {OLD_VARIANT})")
     parser.add_argument("--marker", default="refresh-study", help="with --report: the section of the page to replace")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--show", action="store_true", help="print the tables of the runs stored in --json; run none")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -568,7 +606,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.timing.write_text(json.dumps({"timings": timings}, indent=1) + "\n")
         print(timing_table(timings, None))
         return 0
-    if args.report is None:
+    if args.report is None and not args.show:
         run_all(args.json, args.models.split(","), args.schedules.split(","),
                 args.seeds, not args.no_progress)
     records = load_records(args.json, *args.also)

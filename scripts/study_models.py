@@ -1,6 +1,7 @@
 """The models of the refresh study (scripts/refresh_study.py): a registry, :data:`STUDY_MODELS`,
 of name -> ``build(seed) -> Task`` plus each model's step budget and SOAP settings. Another model
-is one ``register(StudyModel(name, build, steps, lr, warmup_steps, note))`` line.
+is one ``register(StudyModel(name, build, steps, lr, warmup_steps, note))`` line; any of them at another
+learning rate is ``study_model("name@lrX")``.
 
 The recipes' GPT (gpt2 and llama families) and vision (ViT, ResNet) modules on the data of this
 machine, two models written for the study that no schedule was tuned on (a byte LSTM language model
@@ -10,6 +11,7 @@ length, and the issue's three held-out small models (``scripts/small_models.py``
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -51,6 +53,24 @@ STUDY_MODELS: dict[str, StudyModel] = {}
 def register(model: StudyModel) -> StudyModel:
     STUDY_MODELS[model.name] = model
     return model
+
+
+def study_model(name: str) -> StudyModel:
+    """A registered model, or one at another learning rate: ``"resnet@lr1.5e-3"`` is the ResNet at
+    lr 1.5e-3, named ``"resnet@lr0.0015"`` (the lr as ``:g`` writes it, so one model has one name
+    in the stored runs). Unknown names fail with the registered ones listed."""
+    base, at, lr = name.partition("@lr")
+    if base not in STUDY_MODELS:
+        raise ValueError(f"unknown study model {base!r}; registered: {', '.join(STUDY_MODELS)}")
+    if not at:
+        return STUDY_MODELS[base]
+    try:
+        rate = float(lr)
+    except ValueError:
+        raise ValueError(f"{name!r}: the learning rate after '@lr' must be a number, e.g. {base}@lr1e-3") from None
+    if not rate > 0:
+        raise ValueError(f"{name!r}: the learning rate must be positive")
+    return dataclasses.replace(STUDY_MODELS[base], name=f"{base}@lr{rate:g}", lr=rate)
 
 
 def _forever(make_loader: Callable[[], object]) -> Iterator:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -169,9 +170,74 @@ def test_restarted_moments_keep_the_update_and_count_from_the_second_step():
     assert all(int(group.steps.max()) == 0 for group in groups)
 
 
+def _trajectory(hooks, steps=4):
+    """Weights after ``steps`` SOAP steps (fp64, the same gradients each run) on a small layer, with
+    ``hooks`` run in turn after the first."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3).double()
+    inputs = [torch.randn(5, 4, dtype=torch.float64) for _ in range(steps)]
+    optimizer = study.lk.SOAP(layer.named_parameters(), lr=0.1)
+    for step, batch in enumerate(inputs):
+        optimizer.zero_grad()
+        layer(batch).square().sum().backward()
+        before = [weight.detach().clone() for weight in study._weights(optimizer)]
+        optimizer.step()
+        for hook in hooks if step == 0 else ():
+            hook(optimizer, before)
+    return optimizer, [weight.detach().clone() for weight in study._weights(optimizer)]
+
+
+def test_one_moment_restarted_empties_it_and_keeps_the_other():
+    optimizer, _ = _trajectory([study._restart_one_moment("exp_avg")], steps=1)
+    groups = optimizer.factor_groups()
+    assert all(not group.tensors["exp_avg"].any() and group.tensors["exp_avg_sq"].any() for group in groups)
+
+
+def test_m_and_v_restarted_one_at_a_time_is_both_restarted_with_the_count_taken_back():
+    """The one-moment hooks' rescaled bias corrections compose to the step count taken back: the
+    same trajectory to fp64 round-off (a few operations per step in another order)."""
+    _, both = _trajectory([study._restart_moments])
+    _, apart = _trajectory([study._restart_one_moment("exp_avg"), study._restart_one_moment("exp_avg_sq")])
+    _, m_only = _trajectory([study._restart_one_moment("exp_avg")])
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(both, apart))
+    assert not all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(both, m_only))
+
+
+def test_a_study_model_at_another_learning_rate_keeps_the_rest_and_has_one_name():
+    base = study.STUDY_MODELS["resnet"]
+    varied = study.study_model("resnet@lr1.5e-3")
+    assert varied.lr == 1.5e-3 and varied.name == "resnet@lr0.0015" == study.study_model("resnet@lr0.0015").name
+    assert (varied.steps, varied.build, varied.weight_decay) == (base.steps, base.build, base.weight_decay)
+    assert study.study_model("resnet") is base
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet@lrfast", "resnet@lr-1e-3"])
+def test_a_bad_model_name_fails_before_any_run(name, tmp_path):
+    with pytest.raises(ValueError, match="study model|learning rate"):
+        study.run_all(tmp_path / "runs.json", [name], ["every10"], [0], progress=False)
+    assert not (tmp_path / "runs.json").exists()
+
+
+def test_an_unknown_schedule_fails_before_any_run(tmp_path):
+    with pytest.raises(ValueError, match="unknown schedules every7"):
+        study.run_all(tmp_path / "runs.json", ["mlp"], ["every10", "every7"], [0], progress=False)
+    assert not (tmp_path / "runs.json").exists()
+
+
 def test_seeds_are_given_as_lists_ranges_or_both():
     assert study.parse_seeds("0,1,2") == [0, 1, 2]
     assert study.parse_seeds("0-3") == [0, 1, 2, 3]
     assert study.parse_seeds("5, 0-2,1") == [5, 0, 1, 2]
     with pytest.raises(ValueError):
         study.parse_seeds("zero")
+
+
+def test_show_prints_the_stored_runs_against_the_reference_and_runs_none(tmp_path, capsys):
+    stored = study.load_records(Path(__file__).parents[1] / "docs/figures/refresh_study_runs.json")
+    chosen = [r for r in stored if r["model"] == "mlp" and r["seed"] in (0, 1) and r["schedule"] in ("every10", "reference")
+              and r.get("soap", study.soap_variant()) == study.soap_variant()]
+    path = tmp_path / "runs.json"
+    study.save_records(path, chosen)
+    assert study.main(["--json", str(path), "--show", "--models", "mlp,small-cnn", "--schedules", "every10"]) == 0
+    assert study.load_records(path) == chosen
+    assert "| mlp | every10 | 2 |" in capsys.readouterr().out
