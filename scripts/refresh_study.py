@@ -119,6 +119,7 @@ def schedules(steps: int) -> dict[str, object]:
         # ... and which of the two moments carries it: M (or V) alone restarted after the first step
         "every10-first-step-fresh-m": lk.FixedRefresh(every=10),
         "every10-first-step-fresh-v": lk.FixedRefresh(every=10),
+        "budget20-front3-aged-taper-first-step-fresh-m": default(),
         "budget20-front3-aged-taper-reference-options": default(),
         # EShampoo (exact eigh refreshes; after the step, V by rank, per-dim conv blocks, as SOAP) on its
         # clock and at its default (the same budget as SOAP's); at AdamW's betas, its own defaults
@@ -268,7 +269,8 @@ AFTER_FIRST_STEP = {"every10-first-step-adam": _adam_first_step,
                     "every10-first-step-undone": _undo_first_update,
                     "every10-first-step-fresh-moments": _restart_moments,
                     "every10-first-step-fresh-m": _restart_one_moment("exp_avg"),
-                    "every10-first-step-fresh-v": _restart_one_moment("exp_avg_sq")}
+                    "every10-first-step-fresh-v": _restart_one_moment("exp_avg_sq"),
+                    "budget20-front3-aged-taper-first-step-fresh-m": _restart_one_moment("exp_avg")}
 
 
 def run_one(model: StudyModel, schedule: str, seed: int, refresh: Optional[object] = None) -> dict:
