@@ -36,6 +36,7 @@ import lightning_kron as lk
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from recipes.optimizers import OptimizerConfig, configure_optimization, weight_decay_groups
 from recipes.schedule import warmup_cosine
+from scripts.machine import describe_cpu, same_cpu
 from scripts.refresh_candidates import RelativeRefresh
 from scripts.study_models import STUDY_MODELS, StudyModel, Task, register, study_model  # noqa: F401 (the registry's API)
 
@@ -302,7 +303,7 @@ def run_one(model: StudyModel, schedule: str, seed: int, refresh: Optional[objec
         lr_schedule.step()
     seconds = time.perf_counter() - started
     record = {"model": model.name, "schedule": schedule, "seed": seed, "steps": model.steps, "soap": soap_variant(),
-              "val_loss": evaluate(task), "train_seconds": seconds}
+              "val_loss": evaluate(task), "train_seconds": seconds, "machine": describe_cpu()}
     if schedule == REFERENCE:
         factors = sum(1 for state in optimizer.state.values() for factor in state.get("GG", []) if len(factor))
         return {**record, "refreshes": sum(refreshed), "factors": factors, "refresh_seconds": None}
@@ -338,8 +339,14 @@ def save_records(path: Path, records: list[dict]) -> None:
 
 
 def run_all(path: Path, models: list[str], names: list[str], seeds: list[int], progress: bool = True) -> list[dict]:
-    """Every (model, schedule, seed) not yet in ``path``; saved after each run (resumable)."""
+    """Every (model, schedule, seed) not yet in ``path``; saved after each run (resumable). A file
+    holds the runs of one kind of CPU (``scripts/machine.py``): one made elsewhere is refused."""
     records = load_records(path)
+    here = describe_cpu()
+    elsewhere = sorted({r["machine"] for r in records if not same_cpu(r.get("machine", here), here)})
+    if elsewhere:
+        raise ValueError(f"{path} holds runs made on {', '.join(elsewhere)}, and this is {here}: runs are compared "
+                         f"seed by seed and reproduce only on the CPU that made them; store these in another --json")
     done = {_key(r) for r in records}
     current = soap_variant()
     chosen = [study_model(name) for name in models]
@@ -371,18 +378,20 @@ class Row:
 
 def summarize(records: list[dict], baseline: str = "every10", variant: Optional[str] = None) -> list[Row]:
     """One row per (model, schedule): refreshes and loss relative to ``baseline`` on the same seeds,
-    over the runs of SOAP's ``variant`` of defaults (the current ones unless told) and the reference."""
+    over the runs of SOAP's ``variant`` of defaults (the current ones unless told) and the reference.
+    A run is paired with the baseline's run of its seed on the same kind of CPU (its ``machine``),
+    so the runs of several CPUs pool without pairing across them."""
     variant = variant or soap_variant()
     records = [r for r in records if r["schedule"] == REFERENCE or _variant_of(r) == variant]
-    by_key = {(r["model"], r["schedule"], r["seed"]): r for r in records}
+    by_key = {(r["model"], r["schedule"], r["seed"], r.get("machine")): r for r in records}
     rows = []
     for model, schedule in sorted({(r["model"], r["schedule"]) for r in records}, key=_order):
         mine = baseline_of(schedule, baseline)
         runs = [r for r in records if r["model"] == model and r["schedule"] == schedule
-                and (model, mine, r["seed"]) in by_key]
+                and (model, mine, r["seed"], r.get("machine")) in by_key]
         if not runs:
             continue
-        base = [by_key[(model, mine, r["seed"])] for r in runs]
+        base = [by_key[(model, mine, r["seed"], r.get("machine"))] for r in runs]
         changes = [r["val_loss"] / b["val_loss"] - 1 for r, b in zip(runs, base)]
         rows.append(Row(model, schedule, statistics.mean(r["refreshes"] for r in runs),
                         sum(r["refreshes"] for r in runs) / max(1, sum(b["refreshes"] for b in base)),
@@ -425,6 +434,27 @@ def reference_table(records: list[dict], ours: tuple[str, ...] = ("every10", DEF
                          f"{' ± ' + error if error else ''}, worst seed {100 * max(row.per_seed):+.1f}%, "
                          f"lower on {lower}/{row.seeds})")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_table(records: list[dict]) -> Optional[str]:
+    """The same run (model, schedule, seed, SOAP's defaults) on two kinds of CPU: how far round-off
+    alone moves the final loss (the second CPU's over the first's, by name), per model and
+    schedule; None when the runs come from one kind."""
+    machines = sorted({r["machine"] for r in records if "machine" in r})
+    if len(machines) < 2:
+        return None
+    first, second = machines[:2]
+    runs = {(r["model"], r["schedule"], r["seed"], _key(r)[3], r.get("machine")): r["val_loss"] for r in records}
+    lines = [f"| model | schedule | seeds | {second} over {first} (mean) | its standard error | mean size |",
+             "|---|---|---:|---:|---:|---:|"]
+    pairs = sorted({(model, schedule) for model, schedule, _, _, machine in runs if machine == second}, key=_order)
+    for model, schedule in pairs:
+        changes = [loss / runs[(m, s, seed, variant, first)] - 1 for (m, s, seed, variant, machine), loss in runs.items()
+                   if (m, s, machine) == (model, schedule, second) and (m, s, seed, variant, first) in runs]
+        if len(changes) > 1:
+            lines.append(f"| {model} | {schedule} | {len(changes)} | {100 * statistics.mean(changes):+.2f}% | "
+                         f"{_standard_error(changes)} | {100 * statistics.mean(map(abs, changes)):.2f}% |")
     return "\n".join(lines)
 
 
@@ -557,12 +587,15 @@ def replace_between(text: str, marker: str, content: str) -> str:
 
 
 def write_report(path: Path, rows: list[Row], timing: Optional[Path], default: str,
-                 reference: Optional[str] = None, marker: str = "refresh-study") -> None:
-    """The study's tables (and the timing table, when measured) into ``path`` between markers."""
+                 reference: Optional[str] = None, marker: str = "refresh-study", machines: Optional[str] = None) -> None:
+    """The study's tables (and the timing table, when measured; the runs of two CPUs compared, when
+    there are two) into ``path`` between markers."""
     text = path.read_text() if path.exists() else ""
     text = replace_between(text, marker, markdown_tables(rows))
     if reference is not None:
         text = replace_between(text, "refresh-reference", reference)
+    if machines is not None:
+        text = replace_between(text, "refresh-machines", machines)
     if timing is not None and timing.exists():
         mine = [r.refresh_ratio for r in rows if r.schedule == default]
         ratio = statistics.mean(mine) if mine else None
@@ -620,8 +653,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     reference = reference_table(records, variant=args.variant) if any(r["schedule"] == REFERENCE for r in records) else None
     if reference is not None:
         text += "\n\n" + reference
+    machines = machine_table(records)
+    if machines is not None:
+        text += "\n\n" + machines
     if args.report is not None:
-        write_report(args.report, rows, args.timing_json, args.default, reference, args.marker)
+        write_report(args.report, rows, args.timing_json, args.default, reference, args.marker, machines)
         plot(rows, args.plot)
     print(text)
     return 0

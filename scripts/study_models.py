@@ -48,10 +48,13 @@ class StudyModel:
 
 
 STUDY_MODELS: dict[str, StudyModel] = {}
+#: Models that probe one question (is the ResNet's gap to the reference its BatchNorm?), trained by
+#: name (``--models conv-bn``) but not part of the study's tables or its default list.
+PROBE_MODELS: dict[str, StudyModel] = {}
 
 
-def register(model: StudyModel) -> StudyModel:
-    STUDY_MODELS[model.name] = model
+def register(model: StudyModel, probe: bool = False) -> StudyModel:
+    (PROBE_MODELS if probe else STUDY_MODELS)[model.name] = model
     return model
 
 
@@ -60,17 +63,18 @@ def study_model(name: str) -> StudyModel:
     lr 1.5e-3, named ``"resnet@lr0.0015"`` (the lr as ``:g`` writes it, so one model has one name
     in the stored runs). Unknown names fail with the registered ones listed."""
     base, at, lr = name.partition("@lr")
-    if base not in STUDY_MODELS:
-        raise ValueError(f"unknown study model {base!r}; registered: {', '.join(STUDY_MODELS)}")
+    known = {**STUDY_MODELS, **PROBE_MODELS}
+    if base not in known:
+        raise ValueError(f"unknown study model {base!r}; registered: {', '.join(known)}")
     if not at:
-        return STUDY_MODELS[base]
+        return known[base]
     try:
         rate = float(lr)
     except ValueError:
         raise ValueError(f"{name!r}: the learning rate after '@lr' must be a number, e.g. {base}@lr1e-3") from None
     if not rate > 0:
         raise ValueError(f"{name!r}: the learning rate must be positive")
-    return dataclasses.replace(STUDY_MODELS[base], name=f"{base}@lr{rate:g}", lr=rate)
+    return dataclasses.replace(known[base], name=f"{base}@lr{rate:g}", lr=rate)
 
 
 def _forever(make_loader: Callable[[], object]) -> Iterator:
@@ -101,17 +105,30 @@ def _gpt(family: str, context: int = 64, batch: int = 16) -> Callable[[int], Tas
     return build
 
 
-def _vision(family: str) -> Callable[[int], Task]:
-    def build(seed: int) -> Task:
-        from recipes.image_data import ImageDataModule
-        from recipes.vision import ImageClassifier
+def _digits_task(make_network: Callable[[int, int], torch.nn.Module], forward: Callable, seed: int) -> Task:
+    """Classification of the vision recipe's data (scikit-learn digits at 16x16, batch 64);
+    ``make_network(channels, classes)`` is built after the data, so the seed's init follows it."""
+    from recipes.image_data import ImageDataModule
 
-        data = ImageDataModule(image_size=16, batch_size=64, seed=seed)
-        data.setup("fit")
-        module = ImageClassifier(family=family, size="tiny", num_classes=data.num_classes, channels=data.channels,
-                                 image_size=data.image_size)
-        loss = lambda net, batch: F.cross_entropy(net(pixel_values=batch[0]).logits, batch[1])  # noqa: E731
-        return Task(module.network, _forever(data.train_dataloader), list(data.val_dataloader()), loss)
+    data = ImageDataModule(image_size=16, batch_size=64, seed=seed)
+    data.setup("fit")
+    network = make_network(data.channels, data.num_classes)
+    loss = lambda net, batch: F.cross_entropy(forward(net, batch[0]), batch[1])  # noqa: E731
+    return Task(network, _forever(data.train_dataloader), list(data.val_dataloader()), loss)
+
+
+def _recipe_classifier(family: str, channels: int, classes: int) -> torch.nn.Module:
+    from recipes.vision import ImageClassifier
+
+    return ImageClassifier(family=family, size="tiny", num_classes=classes, channels=channels, image_size=16).network
+
+
+def _vision(family: str, adapt: Callable[[torch.nn.Module], torch.nn.Module] = lambda network: network
+            ) -> Callable[[int], Task]:
+    """The vision recipe's ``family`` (tiny) on its data; ``adapt`` changes the network (a probe's)."""
+    def build(seed: int) -> Task:
+        make = lambda channels, classes: adapt(_recipe_classifier(family, channels, classes))  # noqa: E731
+        return _digits_task(make, lambda net, images: net(pixel_values=images).logits, seed)
     return build
 
 
@@ -185,3 +202,37 @@ for _name, _note in (("cnn", "held out (issue): CNN 16x1x3x3 + 32x16x3x3 on digi
                      ("lstm", "held out (issue): byte LSTM LM (32/64) on the stdlib text"),
                      ("mlp", "held out (issue): 5-layer tanh MLP on an ill-conditioned teacher")):
     register(StudyModel(f"small-{_name}", _small(_name), 300, 3e-3, 30, _note, weight_decay=0.0))
+
+
+# ----------------------------------------------------------------- probes: is it the BatchNorm?
+def group_norm_for_batch_norm(network: torch.nn.Module, groups: int = 4) -> torch.nn.Module:
+    """Every ``BatchNorm2d`` of ``network`` replaced by a ``GroupNorm`` over the same channels (its
+    scale 1 and shift 0, as the BatchNorm's at init): the same network without batch statistics."""
+    for name, module in list(network.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(module, child_name, torch.nn.GroupNorm(min(groups, child.num_features), child.num_features))
+    return network
+
+
+def conv_stack(channels: int, classes: int, batch_norm: bool) -> torch.nn.Sequential:
+    """A plain (not residual) CNN, 16-32-64 channels, the last two convolutions with stride 2, then
+    global average pooling and a linear head; with or without BatchNorm after each convolution."""
+    layers: list[torch.nn.Module] = []
+    for inputs, outputs, stride in ((channels, 16, 1), (16, 32, 2), (32, 64, 2)):
+        layers.append(torch.nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1, bias=not batch_norm))
+        layers += [torch.nn.BatchNorm2d(outputs)] if batch_norm else []
+        layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, classes))
+
+
+def _conv(batch_norm: bool) -> Callable[[int], Task]:
+    return lambda seed: _digits_task(lambda channels, classes: conv_stack(channels, classes, batch_norm),
+                                     lambda net, images: net(images), seed)
+
+
+register(StudyModel("resnet-gn", _vision("resnet", group_norm_for_batch_norm), 150, 3e-3, 15,
+                    "probe: the ResNet with GroupNorm (4 groups) for every BatchNorm"), probe=True)
+register(StudyModel("conv-bn", _conv(True), 150, 3e-3, 15, "probe: a plain 3-layer CNN with BatchNorm, digits 16x16"),
+         probe=True)
+register(StudyModel("conv-plain", _conv(False), 150, 3e-3, 15, "probe: the same CNN without BatchNorm"), probe=True)

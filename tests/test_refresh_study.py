@@ -219,6 +219,14 @@ def test_a_bad_model_name_fails_before_any_run(name, tmp_path):
     assert not (tmp_path / "runs.json").exists()
 
 
+def test_a_store_of_runs_made_on_another_cpu_is_refused_before_any_run(tmp_path):
+    path = tmp_path / "runs.json"
+    study.save_records(path, [{**_record("every10", 0, 1.0, 10), "machine": "Some Other CPU (AVX2)"}])
+    with pytest.raises(ValueError, match="Some Other CPU"):
+        study.run_all(path, ["mlp"], ["every10"], [1], progress=False)
+    assert len(study.load_records(path)) == 1
+
+
 def test_an_unknown_schedule_fails_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="unknown schedules every7"):
         study.run_all(tmp_path / "runs.json", ["mlp"], ["every10", "every7"], [0], progress=False)
@@ -242,3 +250,23 @@ def test_show_prints_the_stored_runs_against_the_reference_and_runs_none(tmp_pat
     assert study.main(["--json", str(path), "--show", "--models", "mlp,small-cnn", "--schedules", "every10"]) == 0
     assert study.load_records(path) == chosen
     assert "| mlp | every10 | 2 |" in capsys.readouterr().out
+
+
+def _on(machine, record):
+    return {**record, "machine": machine}
+
+
+def test_runs_pair_with_the_baseline_of_their_own_cpu():
+    records = [_on("A", _record("every10", 0, 2.0, 10)), _on("B", _record("every10", 0, 4.0, 10)),
+               _on("A", _record("every20", 0, 2.2, 5)), _on("B", _record("every20", 0, 4.0, 5))]
+    (row,) = [row for row in study.summarize(records) if row.schedule == "every20"]
+    assert row.seeds == 2 and sorted(row.per_seed) == pytest.approx([0.0, 0.1])
+
+
+def test_the_machine_table_says_how_far_round_off_alone_moves_a_run():
+    records = [_on("A", _record("every10", 0, 2.0, 10)), _on("B", _record("every10", 0, 2.2, 10)),
+               _on("A", _record("every10", 1, 4.0, 10)), _on("B", _record("every10", 1, 3.6, 10))]
+    table = study.machine_table(records)
+    # +10% and -10%: mean 0, standard error 14.14% / sqrt(2) = 10%, mean size 10%
+    assert table.splitlines()[2] == "| m | every10 | 2 | +0.00% | 10.00% | 10.00% |"
+    assert study.machine_table([r for r in records if r["machine"] == "A"]) is None

@@ -1,0 +1,41 @@
+"""Which CPU a run was made on, recorded with the study's runs.
+
+Two x86-64 CPUs (an Intel Xeon with AVX-512 and an AMD EPYC, say) round floating point
+differently in the same torch build, because torch picks its kernels by the vector instructions
+it finds. Over a hundred steps that round-off grows into a different trajectory on a chaotic model,
+so a run reproduces bit for bit only on the kind of CPU that made it, and runs compared seed by
+seed should come from one kind.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The processor's model name (Linux's ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def describe_cpu() -> str:
+    """``"<model name> (<torch's CPU capability>)"``, e.g. ``"AMD EPYC (AVX512)"``."""
+    return f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def same_cpu(one: str, other: str) -> bool:
+    """Whether two :func:`describe_cpu` strings name one kind of CPU; a description without the
+    capability (runs recorded before it was) matches on the model name alone."""
+    if one == other:
+        return True
+    name, _, capability = one.partition(" (")
+    other_name, _, other_capability = other.partition(" (")
+    return name == other_name and not (capability and other_capability)
