@@ -270,3 +270,23 @@ def test_the_machine_table_says_how_far_round_off_alone_moves_a_run():
     # +10% and -10%: mean 0, standard error 14.14% / sqrt(2) = 10%, mean size 10%
     assert table.splitlines()[2] == "| m | every10 | 2 | +0.00% | 10.00% | 10.00% |"
     assert study.machine_table([r for r in records if r["machine"] == "A"]) is None
+
+
+def test_group_norm_takes_the_place_of_every_batch_norm():
+    network = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8),
+                                  torch.nn.Sequential(torch.nn.Conv2d(8, 2, 1), torch.nn.BatchNorm2d(2)))
+    study_models.group_norm_for_batch_norm(network)
+    norms = [module for module in network.modules() if "Norm" in type(module).__name__]
+    assert [type(norm) for norm in norms] == [torch.nn.GroupNorm] * 2
+    assert [(norm.num_groups, norm.num_channels) for norm in norms] == [(4, 8), (2, 2)]
+    assert network(torch.randn(2, 1, 6, 6)).shape == (2, 2, 4, 4)
+
+
+def test_the_probe_models_train_by_name_but_stay_out_of_the_study():
+    assert {"resnet-gn", "conv-bn", "conv-plain"} <= set(study_models.PROBE_MODELS)
+    assert not set(study_models.PROBE_MODELS) & set(study.STUDY_MODELS)
+    assert study.study_model("conv-bn@lr1e-3").lr == 1e-3
+    with_norm, without = (study_models.conv_stack(1, 10, flag) for flag in (True, False))
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in with_norm.modules()) == 3
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in without.modules())
+    assert with_norm(torch.randn(2, 1, 16, 16)).shape == (2, 10)
