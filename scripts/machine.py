@@ -39,3 +39,9 @@ def same_cpu(one: str, other: str) -> bool:
     name, _, capability = one.partition(" (")
     other_name, _, other_capability = other.partition(" (")
     return name == other_name and not (capability and other_capability)
+
+
+def cpu_kind(description: str) -> str:
+    """What runs are paired by: the model name of a :func:`describe_cpu` string (the capability
+    left off, so runs recorded before it was pair with those recorded after; ``""`` for none)."""
+    return description.partition(" (")[0]

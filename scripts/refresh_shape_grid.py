@@ -4,7 +4,8 @@ Trains one model of the refresh study (``scripts/refresh_study.py``) under ``Bud
 every=20's count over a grid of front-loads, early fractions, late tapers and age powers, and
 prints each shape's mean change against the reference SOAP and our every=10 on the same seeds,
 best first. A diagnostic, not a way to choose a default: the best of many shapes on one model and
-three seeds is an optimistic figure. The baselines come from the study's stored runs::
+three seeds is an optimistic figure. The baselines come from the study's stored runs of the same
+kind of CPU (``--study-json``; a run reproduces only on its own kind, ``scripts/machine.py``)::
 
     python -m scripts.refresh_shape_grid --model mlp --json runs/shape_grid_mlp.json
 """
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from scripts import refresh_study as study
+from scripts.machine import cpu_kind
 
 FRONT_LOADS, EARLY_FRACTIONS, LATE_TAPERS, AGE_POWERS = (1.0, 1.5, 2.0, 3.0), (0.1, 0.2, 0.3, 0.5), (0.0, 0.25, 1.0), (0.0, 1.0)
 
@@ -33,8 +35,13 @@ def shapes() -> dict[str, dict]:
             for f, e, t, a in grid if f * e <= 1.0}
 
 
-def changes(runs: list[dict], baseline: dict[int, float]) -> list[float]:
-    return [run["val_loss"] / baseline[run["seed"]] - 1 for run in runs if run["seed"] in baseline]
+def _seed_on_cpu(run: dict) -> tuple:
+    """What a grid run pairs with a stored baseline by: its seed on the same kind of CPU."""
+    return run["seed"], cpu_kind(run.get("machine", ""))
+
+
+def changes(runs: list[dict], baseline: dict[tuple, float]) -> list[float]:
+    return [run["val_loss"] / baseline[_seed_on_cpu(run)] - 1 for run in runs if _seed_on_cpu(run) in baseline]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -56,8 +63,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         records.append(study.run_one(model, name, seed, refresh=policy))
         study.save_records(args.json, records)
     stored = [r for r in study.load_records(args.study_json) if r["model"] == args.model]
-    reference = {r["seed"]: r["val_loss"] for r in stored if r["schedule"] == study.REFERENCE}
-    every10 = {r["seed"]: r["val_loss"] for r in stored if r["schedule"] == "every10" and r.get("soap") == study.soap_variant()}
+    reference = {_seed_on_cpu(r): r["val_loss"] for r in stored if r["schedule"] == study.REFERENCE}
+    every10 = {_seed_on_cpu(r): r["val_loss"] for r in stored
+               if r["schedule"] == "every10" and r.get("soap") == study.soap_variant()}
     rows = []
     for name in shapes():
         mine = [r for r in records if r["schedule"] == name]

@@ -36,7 +36,7 @@ import lightning_kron as lk
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from recipes.optimizers import OptimizerConfig, configure_optimization, weight_decay_groups
 from recipes.schedule import warmup_cosine
-from scripts.machine import describe_cpu, same_cpu
+from scripts.machine import cpu_kind, describe_cpu, same_cpu
 from scripts.refresh_candidates import RelativeRefresh
 from scripts.study_models import STUDY_MODELS, StudyModel, Task, register, study_model  # noqa: F401 (the registry's API)
 
@@ -383,15 +383,15 @@ def summarize(records: list[dict], baseline: str = "every10", variant: Optional[
     so the runs of several CPUs pool without pairing across them."""
     variant = variant or soap_variant()
     records = [r for r in records if r["schedule"] == REFERENCE or _variant_of(r) == variant]
-    by_key = {(r["model"], r["schedule"], r["seed"], r.get("machine")): r for r in records}
+    by_key = {(r["model"], r["schedule"], r["seed"], cpu_kind(r.get("machine", ""))): r for r in records}
     rows = []
     for model, schedule in sorted({(r["model"], r["schedule"]) for r in records}, key=_order):
         mine = baseline_of(schedule, baseline)
         runs = [r for r in records if r["model"] == model and r["schedule"] == schedule
-                and (model, mine, r["seed"], r.get("machine")) in by_key]
+                and (model, mine, r["seed"], cpu_kind(r.get("machine", ""))) in by_key]
         if not runs:
             continue
-        base = [by_key[(model, mine, r["seed"], r.get("machine"))] for r in runs]
+        base = [by_key[(model, mine, r["seed"], cpu_kind(r.get("machine", "")))] for r in runs]
         changes = [r["val_loss"] / b["val_loss"] - 1 for r, b in zip(runs, base)]
         rows.append(Row(model, schedule, statistics.mean(r["refreshes"] for r in runs),
                         sum(r["refreshes"] for r in runs) / max(1, sum(b["refreshes"] for b in base)),

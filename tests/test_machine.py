@@ -24,3 +24,8 @@ def test_a_description_without_the_capability_matches_on_the_name():
     assert machine.same_cpu("Intel(R) Xeon(R) Processor", "Intel(R) Xeon(R) Processor (AVX512)")
     assert not machine.same_cpu("Intel(R) Xeon(R) Processor (AVX2)", "Intel(R) Xeon(R) Processor (AVX512)")
     assert not machine.same_cpu("AMD EPYC (AVX512)", "Intel(R) Xeon(R) Processor")
+
+
+def test_runs_pair_by_the_model_name_whether_or_not_the_capability_was_recorded():
+    assert machine.cpu_kind("AMD EPYC (AVX512)") == machine.cpu_kind("AMD EPYC") == "AMD EPYC"
+    assert machine.cpu_kind("") == ""

@@ -8,6 +8,7 @@ from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from scripts import refresh_shape_grid as grid
 from scripts import refresh_study as study
 from scripts import study_models
+from scripts.machine import describe_cpu
 
 
 def test_the_grid_holds_every_admissible_shape_once():
@@ -22,8 +23,8 @@ def test_the_grid_runs_resumably_and_ranks_the_shapes_against_the_baselines(tmp_
     two = dict(list(grid.shapes().items())[:2])
     monkeypatch.setattr(grid, "shapes", lambda: two)
     baselines = tmp_path / "study.json"
-    stored = [{"model": "toy", "schedule": name, "seed": seed, "val_loss": 1.0, "soap": study.soap_variant()}
-              for name in (study.REFERENCE, "every10") for seed in (0, 1)]
+    stored = [{"model": "toy", "schedule": name, "seed": seed, "val_loss": 1.0, "soap": study.soap_variant(),
+               "machine": describe_cpu()} for name in (study.REFERENCE, "every10") for seed in (0, 1)]
     baselines.write_text(json.dumps({"runs": stored}))
     arguments = ["--model", "toy", "--json", str(tmp_path / "grid.json"), "--study-json", str(baselines),
                  "--seeds", "0,1", "--no-progress"]
@@ -34,3 +35,9 @@ def test_the_grid_runs_resumably_and_ranks_the_shapes_against_the_baselines(tmp_
     assert sorted((r["schedule"], r["seed"]) for r in runs) == sorted((name, seed) for name in two for seed in (0, 1))
     monkeypatch.setattr(study, "run_one", lambda *args, **kwargs: (_ for _ in ()).throw(AssertionError("rerun")))
     assert grid.main(arguments) == 0  # everything stored: nothing is trained again
+
+
+def test_a_grid_run_pairs_only_with_a_baseline_of_its_own_cpu():
+    runs = [{"seed": 0, "val_loss": 1.1, "machine": "AMD EPYC (AVX512)"}, {"seed": 1, "val_loss": 2.2}]
+    baseline = {(0, "AMD EPYC"): 1.0, (0, "Intel(R) Xeon(R) Processor"): 2.0, (1, "Intel(R) Xeon(R) Processor"): 2.0}
+    assert grid.changes(runs, baseline) == [1.1 / 1.0 - 1]
