@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -45,3 +46,14 @@ def cpu_kind(description: str) -> str:
     """What runs are paired by: the model name of a :func:`describe_cpu` string (the capability
     left off, so runs recorded before it was pair with those recorded after; ``""`` for none)."""
     return description.partition(" (")[0]
+
+
+def machine_of(record: dict) -> str:
+    """The CPU a stored run says it was made on; ``""`` for a run from before runs said it."""
+    return record.get("machine", "")
+
+
+def same_cpu_run(run: dict, candidates: list[dict]) -> Optional[dict]:
+    """The first of ``candidates`` made on the same kind of CPU as ``run`` (:func:`same_cpu`; a
+    run that does not say its CPU pairs only with others that do not), else None."""
+    return next((other for other in candidates if same_cpu(machine_of(other), machine_of(run))), None)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from scripts import refresh_study as study
-from scripts.machine import cpu_kind
+from scripts.machine import same_cpu_run
 
 FRONT_LOADS, EARLY_FRACTIONS, LATE_TAPERS, AGE_POWERS = (1.0, 1.5, 2.0, 3.0), (0.1, 0.2, 0.3, 0.5), (0.0, 0.25, 1.0), (0.0, 1.0)
 
@@ -35,13 +35,17 @@ def shapes() -> dict[str, dict]:
             for f, e, t, a in grid if f * e <= 1.0}
 
 
-def _seed_on_cpu(run: dict) -> tuple:
-    """What a grid run pairs with a stored baseline by: its seed on the same kind of CPU."""
-    return run["seed"], cpu_kind(run.get("machine", ""))
+def changes(runs: list[dict], baseline: dict[int, list[dict]]) -> list[float]:
+    """Each run's final loss over the baseline's run of its seed on the same kind of CPU."""
+    pairs = [(run, same_cpu_run(run, baseline.get(run["seed"], []))) for run in runs]
+    return [run["val_loss"] / base["val_loss"] - 1 for run, base in pairs if base is not None]
 
 
-def changes(runs: list[dict], baseline: dict[tuple, float]) -> list[float]:
-    return [run["val_loss"] / baseline[_seed_on_cpu(run)] - 1 for run in runs if _seed_on_cpu(run) in baseline]
+def _by_seed(runs: list[dict]) -> dict[int, list[dict]]:
+    seeds: dict[int, list[dict]] = {}
+    for run in runs:
+        seeds.setdefault(run["seed"], []).append(run)
+    return seeds
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -63,9 +67,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         records.append(study.run_one(model, name, seed, refresh=policy))
         study.save_records(args.json, records)
     stored = [r for r in study.load_records(args.study_json) if r["model"] == args.model]
-    reference = {_seed_on_cpu(r): r["val_loss"] for r in stored if r["schedule"] == study.REFERENCE}
-    every10 = {_seed_on_cpu(r): r["val_loss"] for r in stored
-               if r["schedule"] == "every10" and r.get("soap") == study.soap_variant()}
+    reference = _by_seed([r for r in stored if r["schedule"] == study.REFERENCE])
+    every10 = _by_seed([r for r in stored if r["schedule"] == "every10" and r.get("soap") == study.soap_variant()])
     rows = []
     for name in shapes():
         mine = [r for r in records if r["schedule"] == name]
@@ -73,6 +76,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if len(against_reference) > 1:
             error = statistics.stdev(against_reference) / len(against_reference) ** 0.5
             rows.append((statistics.mean(against_reference), error, statistics.mean(against_every10 or [float("nan")]), name))
+    if not rows:
+        print(f"no shape pairs with two reference runs of its seeds on this kind of CPU in {args.study_json}: "
+              f"run the baselines here (refresh_study --models {args.model} --schedules every10,reference)")
+        return 1
     print("| shape | vs reference | its standard error | vs every=10 |\n|---|---:|---:|---:|")
     for mean, error, versus_clock, name in sorted(rows)[:args.top]:
         print(f"| {name} | {100 * mean:+.2f}% | {100 * error:.2f}% | {100 * versus_clock:+.2f}% |")

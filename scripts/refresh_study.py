@@ -36,9 +36,9 @@ import lightning_kron as lk
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from recipes.optimizers import OptimizerConfig, configure_optimization, weight_decay_groups
 from recipes.schedule import warmup_cosine
-from scripts.machine import cpu_kind, describe_cpu, same_cpu
+from scripts.machine import cpu_kind, describe_cpu, machine_of, same_cpu, same_cpu_run
 from scripts.refresh_candidates import RelativeRefresh
-from scripts.study_models import STUDY_MODELS, StudyModel, Task, register, study_model  # noqa: F401 (the registry's API)
+from scripts.study_models import PROBE_MODELS, STUDY_MODELS, StudyModel, Task, register, study_model  # noqa: F401 (the registry's API)
 
 
 # ----------------------------------------------------------------- the schedules
@@ -243,6 +243,7 @@ def _restart_one_moment(name: str):
     step count: ``1 - beta^(t-1)`` instead of ``1 - beta^t``, put in by rescaling SOAP's ``s`` (and
     ``e``, which carries ``sqrt(c2)``, for V) on every later step."""
     def hook(optimizer: torch.optim.Optimizer, before: list) -> None:
+        assert optimizer.update_at_start, "the first step must have updated the moments to restart one of them"
         for group in optimizer.factor_groups():
             group.tensors[name].zero_()
         corrections = optimizer._bias_corrections
@@ -254,7 +255,7 @@ def _restart_one_moment(name: str):
             if name == "exp_avg":
                 return eps, scale * ((1 - hyper.beta1 ** t) / (1 - hyper.beta1 ** (t - 1)))
             ratio = math.sqrt((1 - hyper.beta2 ** (t - 1)) / (1 - hyper.beta2 ** t))
-            return eps * ratio, scale * ratio
+            return (eps * ratio if optimizer.bias_corrected_eps else eps), scale * ratio
         optimizer._bias_corrections = one_gradient_fewer
     return hook
 
@@ -343,7 +344,7 @@ def run_all(path: Path, models: list[str], names: list[str], seeds: list[int], p
     holds the runs of one kind of CPU (``scripts/machine.py``): one made elsewhere is refused."""
     records = load_records(path)
     here = describe_cpu()
-    elsewhere = sorted({r["machine"] for r in records if not same_cpu(r.get("machine", here), here)})
+    elsewhere = sorted({machine_of(r) or "a CPU it does not record" for r in records if not same_cpu(machine_of(r), here)})
     if elsewhere:
         raise ValueError(f"{path} holds runs made on {', '.join(elsewhere)}, and this is {here}: runs are compared "
                          f"seed by seed and reproduce only on the CPU that made them; store these in another --json")
@@ -383,15 +384,17 @@ def summarize(records: list[dict], baseline: str = "every10", variant: Optional[
     so the runs of several CPUs pool without pairing across them."""
     variant = variant or soap_variant()
     records = [r for r in records if r["schedule"] == REFERENCE or _variant_of(r) == variant]
-    by_key = {(r["model"], r["schedule"], r["seed"], cpu_kind(r.get("machine", ""))): r for r in records}
+    by_key: dict[tuple, list[dict]] = {}
+    for r in records:
+        by_key.setdefault((r["model"], r["schedule"], r["seed"]), []).append(r)
     rows = []
     for model, schedule in sorted({(r["model"], r["schedule"]) for r in records}, key=_order):
         mine = baseline_of(schedule, baseline)
-        runs = [r for r in records if r["model"] == model and r["schedule"] == schedule
-                and (model, mine, r["seed"], cpu_kind(r.get("machine", ""))) in by_key]
+        pairs = [(r, same_cpu_run(r, by_key.get((model, mine, r["seed"]), []))) for r in records
+                 if r["model"] == model and r["schedule"] == schedule]
+        runs, base = [r for r, b in pairs if b is not None], [b for _, b in pairs if b is not None]
         if not runs:
             continue
-        base = [by_key[(model, mine, r["seed"], cpu_kind(r.get("machine", "")))] for r in runs]
         changes = [r["val_loss"] / b["val_loss"] - 1 for r, b in zip(runs, base)]
         rows.append(Row(model, schedule, statistics.mean(r["refreshes"] for r in runs),
                         sum(r["refreshes"] for r in runs) / max(1, sum(b["refreshes"] for b in base)),
@@ -438,14 +441,16 @@ def reference_table(records: list[dict], ours: tuple[str, ...] = ("every10", DEF
 
 
 def machine_table(records: list[dict]) -> Optional[str]:
-    """The same run (model, schedule, seed, SOAP's defaults) on two kinds of CPU: how far round-off
-    alone moves the final loss (the second CPU's over the first's, by name), per model and
-    schedule; None when the runs come from one kind."""
-    machines = sorted({r["machine"] for r in records if "machine" in r})
+    """The same run (model, schedule, seed, SOAP's defaults) on two kinds of CPU (by model name):
+    how far round-off alone moves the final loss (the second CPU's over the first's, by name), per
+    model and schedule; None when the runs come from one kind."""
+    machines = sorted({cpu_kind(machine_of(r)) for r in records} - {""})
     if len(machines) < 2:
         return None
-    first, second = machines[:2]
-    runs = {(r["model"], r["schedule"], r["seed"], _key(r)[3], r.get("machine")): r["val_loss"] for r in records}
+    if len(machines) > 2:
+        raise ValueError(f"the runs come from {len(machines)} kinds of CPU ({', '.join(machines)}); compare two at a time")
+    first, second = machines
+    runs = {(r["model"], r["schedule"], r["seed"], _key(r)[3], cpu_kind(machine_of(r))): r["val_loss"] for r in records}
     lines = [f"| model | schedule | seeds | {second} over {first} (mean) | its standard error | mean size |",
              "|---|---|---:|---:|---:|---:|"]
     pairs = sorted({(model, schedule) for model, schedule, _, _, machine in runs if machine == second}, key=_order)
@@ -461,12 +466,13 @@ def machine_table(records: list[dict]) -> Optional[str]:
 def _order(pair: tuple[str, str]) -> tuple:
     """Registry order of the models (one at another lr, ``name@lrX``, next to its own, by lr), then
     the schedules' order."""
-    models, names = list(STUDY_MODELS), [*BASELINES, REFERENCE, *schedules(100)]
+    registered = {**STUDY_MODELS, **PROBE_MODELS}
+    models, names = list(registered), [*BASELINES, REFERENCE, *schedules(100)]
     model, schedule = pair
     base, _, lr = model.partition("@lr")
-    known = base in models
-    return (models.index(base) if known else len(models), float(lr) if lr else STUDY_MODELS[base].lr if known else 0.0,
-            names.index(schedule) if schedule in names else 99)
+    known = base in registered
+    return (models.index(base) if known else len(models), base, float(lr) if lr else registered[base].lr if known else 0.0,
+            names.index(schedule) if schedule in names else 99, schedule)
 
 
 def _standard_error(changes: list[float]) -> str:

@@ -60,8 +60,8 @@ def register(model: StudyModel, probe: bool = False) -> StudyModel:
 
 def study_model(name: str) -> StudyModel:
     """A registered model, or one at another learning rate: ``"resnet@lr1.5e-3"`` is the ResNet at
-    lr 1.5e-3, named ``"resnet@lr0.0015"`` (the lr as ``:g`` writes it, so one model has one name
-    in the stored runs). Unknown names fail with the registered ones listed."""
+    lr 1.5e-3, named ``"resnet@lr0.0015"`` (the lr as ``:.12g`` writes it, so one model has one
+    name in the stored runs). Unknown names fail with the registered ones listed."""
     base, at, lr = name.partition("@lr")
     known = {**STUDY_MODELS, **PROBE_MODELS}
     if base not in known:
@@ -72,9 +72,9 @@ def study_model(name: str) -> StudyModel:
         rate = float(lr)
     except ValueError:
         raise ValueError(f"{name!r}: the learning rate after '@lr' must be a number, e.g. {base}@lr1e-3") from None
-    if not rate > 0:
-        raise ValueError(f"{name!r}: the learning rate must be positive")
-    return dataclasses.replace(known[base], name=f"{base}@lr{rate:g}", lr=rate)
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"{name!r}: the learning rate must be a positive finite number")
+    return dataclasses.replace(known[base], name=f"{base}@lr{rate:.12g}", lr=rate)
 
 
 def _forever(make_loader: Callable[[], object]) -> Iterator:

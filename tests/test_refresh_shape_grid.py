@@ -39,5 +39,19 @@ def test_the_grid_runs_resumably_and_ranks_the_shapes_against_the_baselines(tmp_
 
 def test_a_grid_run_pairs_only_with_a_baseline_of_its_own_cpu():
     runs = [{"seed": 0, "val_loss": 1.1, "machine": "AMD EPYC (AVX512)"}, {"seed": 1, "val_loss": 2.2}]
-    baseline = {(0, "AMD EPYC"): 1.0, (0, "Intel(R) Xeon(R) Processor"): 2.0, (1, "Intel(R) Xeon(R) Processor"): 2.0}
+    intel = "Intel(R) Xeon(R) Processor"
+    baseline = {0: [{"val_loss": 2.0, "machine": intel}, {"val_loss": 1.0, "machine": "AMD EPYC"}],
+                1: [{"val_loss": 2.0, "machine": intel}]}
     assert grid.changes(runs, baseline) == [1.1 / 1.0 - 1]
+
+
+def test_a_grid_with_no_baseline_of_its_cpu_says_so_instead_of_a_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(study.STUDY_MODELS, "toy", study.StudyModel("toy", study_models._mlp, 12, 3e-3, 2, "toy MLP"))
+    one = dict(list(grid.shapes().items())[:1])
+    monkeypatch.setattr(grid, "shapes", lambda: one)
+    baselines = tmp_path / "study.json"
+    baselines.write_text(json.dumps({"runs": [{"model": "toy", "schedule": study.REFERENCE, "seed": 0, "val_loss": 1.0,
+                                               "machine": "Some Other CPU"}]}))
+    assert grid.main(["--model", "toy", "--json", str(tmp_path / "grid.json"), "--study-json", str(baselines),
+                      "--seeds", "0", "--no-progress"]) == 1
+    assert "no shape pairs" in capsys.readouterr().out

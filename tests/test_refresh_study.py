@@ -83,7 +83,7 @@ def test_the_reference_runs_in_the_study_and_counts_its_refreshes_like_every10(t
 
 def test_runs_of_other_defaults_are_neither_compared_nor_taken_for_current_ones(toy, tmp_path):
     path = tmp_path / "runs.json"
-    old = {**_record("every10", 0, 1.0, 5, variant=study.OLD_VARIANT), "model": toy}
+    old = {**_record("every10", 0, 1.0, 5, variant=study.OLD_VARIANT), "model": toy, "machine": study.describe_cpu()}
     del old["soap"]  # records made before the variant was recorded are the old defaults
     study.save_records(path, [old])
     records = study.run_all(path, [toy], ["every10"], [0], progress=False)
@@ -208,21 +208,24 @@ def test_a_study_model_at_another_learning_rate_keeps_the_rest_and_has_one_name(
     base = study.STUDY_MODELS["resnet"]
     varied = study.study_model("resnet@lr1.5e-3")
     assert varied.lr == 1.5e-3 and varied.name == "resnet@lr0.0015" == study.study_model("resnet@lr0.0015").name
+    assert study.study_model("resnet@lr1.0000001e-3").name != study.study_model("resnet@lr1.0000002e-3").name
     assert (varied.steps, varied.build, varied.weight_decay) == (base.steps, base.build, base.weight_decay)
     assert study.study_model("resnet") is base
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnet@lrfast", "resnet@lr-1e-3"])
+@pytest.mark.parametrize("name", ["resnet50", "resnet@lrfast", "resnet@lr-1e-3", "resnet@lrinf"])
 def test_a_bad_model_name_fails_before_any_run(name, tmp_path):
     with pytest.raises(ValueError, match="study model|learning rate"):
         study.run_all(tmp_path / "runs.json", [name], ["every10"], [0], progress=False)
     assert not (tmp_path / "runs.json").exists()
 
 
-def test_a_store_of_runs_made_on_another_cpu_is_refused_before_any_run(tmp_path):
+@pytest.mark.parametrize("machine, said", [("Some Other CPU (AVX2)", "Some Other CPU"), (None, "does not record")])
+def test_a_store_of_runs_made_on_another_or_an_unrecorded_cpu_is_refused_before_any_run(tmp_path, machine, said):
     path = tmp_path / "runs.json"
-    study.save_records(path, [{**_record("every10", 0, 1.0, 10), "machine": "Some Other CPU (AVX2)"}])
-    with pytest.raises(ValueError, match="Some Other CPU"):
+    record = _record("every10", 0, 1.0, 10) if machine is None else {**_record("every10", 0, 1.0, 10), "machine": machine}
+    study.save_records(path, [record])
+    with pytest.raises(ValueError, match=said):
         study.run_all(path, ["mlp"], ["every10"], [1], progress=False)
     assert len(study.load_records(path)) == 1
 
@@ -243,13 +246,15 @@ def test_seeds_are_given_as_lists_ranges_or_both():
 
 def test_show_prints_the_stored_runs_against_the_reference_and_runs_none(tmp_path, capsys):
     stored = study.load_records(Path(__file__).parents[1] / "docs/figures/refresh_study_runs.json")
-    chosen = [r for r in stored if r["model"] == "mlp" and r["seed"] in (0, 1) and r["schedule"] in ("every10", "reference")
-              and r.get("soap", study.soap_variant()) == study.soap_variant()]
+    chosen = [r for r in stored if r["model"] == "mlp" and r["seed"] in (0, 1) and (r["schedule"] == study.REFERENCE or (
+              r["schedule"] == "every10" and r.get("soap") == study.soap_variant()))]
     path = tmp_path / "runs.json"
     study.save_records(path, chosen)
-    assert study.main(["--json", str(path), "--show", "--models", "mlp,small-cnn", "--schedules", "every10"]) == 0
+    assert study.main(["--json", str(path), "--show"]) == 0
     assert study.load_records(path) == chosen
-    assert "| mlp | every10 | 2 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    reference = next(line for line in out.splitlines() if line.startswith("| mlp | 0."))
+    assert "| mlp | every10 | 2 |" in out and "lower on" in reference and reference.count("/2)") == 1
 
 
 def _on(machine, record):
@@ -257,10 +262,13 @@ def _on(machine, record):
 
 
 def test_runs_pair_with_the_baseline_of_their_own_cpu():
-    records = [_on("A", _record("every10", 0, 2.0, 10)), _on("B", _record("every10", 0, 4.0, 10)),
-               _on("A", _record("every20", 0, 2.2, 5)), _on("B", _record("every20", 0, 4.0, 5))]
+    records = [_on("A", _record("every10", 0, 2.0, 10)), _on("B (AVX2)", _record("every10", 0, 4.0, 10)),
+               _on("B (AVX512)", _record("every10", 0, 8.0, 10)), _record("every10", 0, 16.0, 10),
+               _on("A", _record("every20", 0, 2.2, 5)), _on("B (AVX512)", _record("every20", 0, 8.0, 5)),
+               _record("every20", 0, 16.0, 5), _on("B (AVX1)", _record("every20", 0, 1.0, 5))]
     (row,) = [row for row in study.summarize(records) if row.schedule == "every20"]
-    assert row.seeds == 2 and sorted(row.per_seed) == pytest.approx([0.0, 0.1])
+    # A with A, AVX512 with AVX512, unrecorded with unrecorded; AVX1 has no baseline of its CPU
+    assert row.seeds == 3 and sorted(row.per_seed) == pytest.approx([0.0, 0.0, 0.1])
 
 
 def test_the_machine_table_says_how_far_round_off_alone_moves_a_run():
@@ -290,3 +298,18 @@ def test_the_probe_models_train_by_name_but_stay_out_of_the_study():
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in with_norm.modules()) == 3
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in without.modules())
     assert with_norm(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_the_machine_table_compares_two_cpus_by_name_and_refuses_three():
+    records = [_on("A", _record("every10", 0, 2.0, 10)), _on("A (AVX512)", _record("every10", 1, 2.0, 10)),
+               _on("B (AVX512)", _record("every10", 0, 2.2, 10)), _on("B", _record("every10", 1, 2.2, 10))]
+    assert study.machine_table(records).splitlines()[2] == "| m | every10 | 2 | +10.00% | 0.00% | 10.00% |"
+    with pytest.raises(ValueError, match="3 kinds of CPU"):
+        study.machine_table(records + [_on("C", _record("every10", 0, 1.0, 10))])
+
+
+def test_one_moment_restarted_needs_a_first_step_that_updated_the_moments():
+    layer = torch.nn.Linear(4, 3)
+    optimizer = study.lk.SOAP(layer.named_parameters(), lr=0.1, update_at_start=False)
+    with pytest.raises(AssertionError, match="first step"):
+        study._restart_one_moment("exp_avg")(optimizer, [])
