@@ -43,8 +43,9 @@ def same_cpu(one: str, other: str) -> bool:
 
 
 def cpu_kind(description: str) -> str:
-    """What runs are paired by: the model name of a :func:`describe_cpu` string (the capability
-    left off, so runs recorded before it was pair with those recorded after; ``""`` for none)."""
+    """The model name of a :func:`describe_cpu` string, the capability left off (``""`` for none):
+    what the table of the same runs on two CPUs groups by. Pairing a run with its baseline is
+    stricter (:func:`same_cpu_run`)."""
     return description.partition(" (")[0]
 
 

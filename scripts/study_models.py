@@ -208,7 +208,7 @@ for _name, _note in (("cnn", "held out (issue): CNN 16x1x3x3 + 32x16x3x3 on digi
 def group_norm_for_batch_norm(network: torch.nn.Module, groups: int = 4) -> torch.nn.Module:
     """Every ``BatchNorm2d`` of ``network`` replaced by a ``GroupNorm`` over the same channels (its
     scale 1 and shift 0, as the BatchNorm's at init): the same network without batch statistics."""
-    for name, module in list(network.named_modules()):
+    for module in list(network.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.BatchNorm2d):
                 setattr(module, child_name, torch.nn.GroupNorm(min(groups, child.num_features), child.num_features))
