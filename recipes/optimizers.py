@@ -74,8 +74,8 @@ class OptimizerConfig:
         warmup_steps, min_lr_ratio: the warm-up + cosine schedule (see :mod:`recipes.schedule`).
         refresh_schedule: ``"fixed"`` (every ``refresh_every`` steps), ``"budget"``
             (:class:`~lightning_kron.BudgetRefresh`: as many refreshes as every=``refresh_budget_every``,
-            front-loaded, most stale factors first; chosen by scripts/refresh_study.py across six
-            models, docs/adaptive-refresh.md) or ``"adaptive"``; ``None``: the method's own
+            front-loaded, most stale factors first; chosen by scripts/refresh_study.py across ten
+            models, docs/refresh-study.md) or ``"adaptive"``; ``None``: the method's own
             (``recipe_refresh`` in the method registry: ``budget`` for soap and eshampoo).
         refresh_every: eigenbasis refresh period of the fixed schedule (``shampoo``'s default).
         refresh_budget_every: the fixed clock whose refresh count the budget schedule spends.

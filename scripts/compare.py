@@ -60,7 +60,7 @@ KRON_LR = 1e-2
 KRADAGRAD = dict(SHARED, lr=KRON_LR, betas=(0.95, 0.95),
                  options={"eps": 1e-5, "graft": "adam", "shampoo_beta": 0.95, "domination_scale": "frobenius"})
 # Adaptive: tolerance 0.15 for the first 20% of the steps, then 0.5. Measured with
-# scripts/refresh_sweep.py (docs/adaptive-refresh.md, "How the schedule was chosen"): refreshes pay off early
+# scripts/refresh_sweep.py (docs/refresh-study.md, "How the schedule was chosen"): refreshes pay off early
 # (every 10 steps for the first half and every 30 after ends 0.65% above every=10; the other way
 # round, 12% above), while a constant tolerance refreshes *more* late in training.
 ADAPTIVE_TOLERANCE, ADAPTIVE_EARLY_TOLERANCE, ADAPTIVE_EARLY_FRACTION = 0.5, 0.15, 0.2

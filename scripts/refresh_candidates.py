@@ -1,5 +1,5 @@
 """Refresh policies the study measured as candidates for the default (scripts/refresh_study.py),
-kept runnable so their rows in docs/adaptive-refresh.md can be redone. It keeps state, which is
+kept runnable so their rows in docs/refresh-study.md can be redone. It keeps state, which is
 one reason it is not in the library: its default must decide the same after a resume or on every
 rank. (The other candidate that won, the budget ranked by staleness times age, is the library's
 ``BudgetRefresh``: it reads the factors' ``last_refresh`` instead of keeping state.)
@@ -15,7 +15,7 @@ from lightning_kron.engine.validation import check_positive_int, check_unit_inte
 
 
 class RelativeRefresh:
-    """A candidate the study measured and dropped (it lost on llama and the MLP; docs/adaptive-refresh.md).
+    """A candidate the study measured and dropped (it lost on llama and the MLP; docs/refresh-study.md).
 
     Refresh a factor when its staleness exceeds ``ratio`` times its own drift over one check
     right after its last refresh (and ``floor``).

@@ -9,7 +9,7 @@ that refreshes take as the factor size grows. The models are a registry, :data:`
 
     python -m scripts.refresh_study --json runs/refresh_study.json              # all runs
     python -m scripts.refresh_study --timing runs/refresh_timing.json
-    python -m scripts.refresh_study --json runs/refresh_study.json --report docs/adaptive-refresh.md
+    python -m scripts.refresh_study --json runs/refresh_study.json --report docs/refresh-study.md
 
 A plain training loop (no Trainer) over the recipes' own modules and optimizer construction
 (``recipes.optimizers.configure_optimization``: the recipes' weight-decay groups and warm-up +

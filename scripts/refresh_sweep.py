@@ -6,7 +6,7 @@ order and step budget) with a piecewise-constant schedule: ``PIECES`` is ``until
 (value = staleness tolerance, checked every step). The first run is the reference of the
 "vs first" column. Prints a markdown table: refreshes in all and by step 100, final validation
 loss, and its difference to the first run. This is how the adaptive contender of
-``scripts/compare.py`` was chosen (docs/adaptive-refresh.md, "How the schedule was chosen")::
+``scripts/compare.py`` was chosen (docs/refresh-study.md, "How the schedule was chosen")::
 
     python -m scripts.refresh_sweep --run every10 fixed inf:10 --run every20 fixed inf:20 \\
         --run early10 fixed 150:10,inf:30 --run late10 fixed 150:30,inf:10 \\

@@ -73,7 +73,7 @@ class KronCallback(Callback):
             ``FixedRefresh(every=...)`` or any ``RefreshPolicy``; ``None`` keeps the optimizer's own
             (SOAP and EShampoo: ``BudgetRefresh()``, every=20's count of refreshes on the factors
             most stale for their age, which the callback front-loads and tapers over the Trainer's
-            planned steps; chosen by the ten-model study of docs/adaptive-refresh.md).
+            planned steps; chosen by the ten-model study of docs/refresh-study.md).
         tolerance_schedule: e.g. ``TighterEarly(early_tolerance=0.01, early_fraction=0.1)``: a tighter
             tolerance early in training, when basis accuracy matters most (needs AdaptiveRefresh).
         max_refreshes_per_step: at most this many factor refreshes per optimizer step (over all

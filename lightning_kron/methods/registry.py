@@ -55,7 +55,7 @@ class MethodSpec:
         recipe_refresh: the refresh the recipes give it unless told otherwise: ``"fixed"`` (every
             ``refresh_every`` steps), ``"budget"`` (``BudgetRefresh``: every=``refresh_budget_every``'s
             count, front-loaded over the run's known length, most stale factors first; the default
-            chosen by scripts/refresh_study.py, docs/adaptive-refresh.md), ``"adaptive"`` (staleness
+            chosen by scripts/refresh_study.py, docs/refresh-study.md), ``"adaptive"`` (staleness
             above ``tolerance``) or ``None`` (the class's own default).
         variants: named option sets that the shared test matrix and the benchmarks run.
     """

@@ -17,12 +17,12 @@ tiny 1.4416 -> 1.4304, ResNet tiny 0.066 -> 0.050 (5 seeds), an MLP 0.0335 -> 0.
 2.167 -> 2.139; ViT tiny 0.160 -> 0.157 (within its seed noise). EShampoo makes the same two
 choices and blocks conv weights per dim too: measured better than its earlier ones (``"rotate"``
 inside the step, merged dims) on the nine models of the refresh study at SOAP's betas and at
-AdamW's (docs/adaptive-refresh.md). Figures and commands: docs/algorithms.md, "Deviations from
+AdamW's (docs/refresh-study.md). Figures and commands: docs/algorithms.md, "Deviations from
 the reference SOAP".
 SOAP also gives each dim of a convolution weight its own factor (``merge_dims=False``, the
 reference's blocking): with the two choices above, merging ``[out, in*kh*kw]`` ended 47% above it on
 the small CNN of the refresh study (3 seeds, every=10) and 5% on the ResNet recipe
-(docs/adaptive-refresh.md, "Against the reference SOAP").
+(docs/refresh-study.md, "Against the reference SOAP").
 
 Design decision: both moments are kept in rotated coordinates (SOAP's choice) rather than keeping
 ``M`` in parameter space (EShampoo's): equal in exact arithmetic, but it saves one full rotation
@@ -182,8 +182,8 @@ class SOAP(EigenvalueCorrectedOptimizer):
             ranked highest by staleness times the steps since its last refresh, front-loaded and
             then tapering when the training length is known (``KronCallback`` and the
             recipes pass it). Chosen by ``scripts/refresh_study.py`` on ten models, three seeds
-            each, against every=10 and the SOAP reference (docs/adaptive-refresh.md, "The default
-            schedule"). Alone it does not know the length and front-loads only its first 30
+            each, against every=10 and the SOAP reference (docs/refresh-study.md; what it does:
+            docs/adaptive-refresh.md, "The default schedule"). Alone it does not know the length and front-loads only its first 30
             steps (``early_steps_if_unknown``); ``BudgetRefresh(total_steps=N)`` spreads it over
             the run. ``FixedRefresh(every=10)`` is the paper's clock; ``AdaptiveRefresh`` a
             staleness tolerance (tune it per model).
@@ -242,7 +242,7 @@ class EShampoo(EigenvalueCorrectedOptimizer):
     between models. Around a refresh it makes SOAP's choices (after the step, V carried over by
     eigenvalue rank, one factor per conv dim): on the nine models of the refresh study they beat
     the earlier ones (inside the step, V rotated, merged dims) at SOAP's betas and at AdamW's
-    (docs/adaptive-refresh.md).
+    (docs/refresh-study.md).
 
     >>> import torch
     >>> opt = EShampoo(torch.nn.Linear(4, 4).parameters())

@@ -6,12 +6,12 @@ off-diagonal share, whatever its basis, so a tolerance below that plateau refres
 and one above it never refreshes the factors that do drift. :class:`BudgetRefresh` avoids the number:
 it states *how many* refreshes to make in the units users know ("as many as
 ``FixedRefresh(every=20)``"), front-loads them and tapers the rest (basis accuracy matters most
-early: Purifying Shampoo, arXiv 2506.03595, and the GPT sweep in docs/adaptive-refresh.md) and
+early: Purifying Shampoo, arXiv 2506.03595, and the GPT sweep in docs/refresh-study.md) and
 spends each one on the most stale factor at that moment, weighted by the steps since its last
 refresh. It is the default of SOAP and EShampoo, chosen by ``scripts/refresh_study.py`` over the
 other candidates (a tolerance relative to each factor's own drift, the paper's periodic check with
 several QR iterations, the GPT-tuned tolerance schedule, the ranking by staleness alone, a flat
-late rate), whose figures are in docs/adaptive-refresh.md.
+late rate), whose figures are in docs/refresh-study.md.
 
 >>> import torch
 >>> policy = BudgetRefresh(every=2, front_load=1.0)
@@ -65,7 +65,7 @@ class BudgetRefresh:
     while the others, about as stale, wait. Ranked by ``staleness * steps_since_refresh **
     age_power``, a factor passed over gains priority with every step and one refreshed a moment ago
     loses it; the age is each factor's ``last_refresh``, optimizer state, so the policy stays
-    stateless. Measured in docs/adaptive-refresh.md (``budget20-front3-aged``).
+    stateless. Measured in docs/refresh-study.md (``budget20-front3-aged``).
 
     Why the taper: with a flat rate after the early phase, the language models and the deep MLP of
     the study (the models that most want refreshes) ended 0.2-0.5% lower, seed by seed, when the
@@ -96,7 +96,7 @@ class BudgetRefresh:
         early_steps: the early phase in steps (overrides ``early_fraction``).
         early_steps_if_unknown: the early phase when neither ``early_steps`` nor the length is
             known (a bare ``SOAP(params)``): the first steps after the initialisation, when the
-            statistics move fastest. Measured at 30 (``bare-early30`` in docs/adaptive-refresh.md:
+            statistics move fastest. Measured at 30 (``bare-early30`` in docs/refresh-study.md:
             it held on every study model where the even spread lost up to 16%), not tuned.
         total_steps: the planned optimizer steps, when the owner knows them (``KronCallback`` and the
             scheduler pass theirs to :meth:`select`). Unknown: the early phase at ``front_load /

@@ -131,7 +131,7 @@ class AdaptiveRefresh:
 
     ``schedule``: a tolerance schedule ``schedule(step, total_steps, tolerance)`` such as
     ``TighterEarly(early_tolerance=0.15, early_steps=60)`` or ``LinearRamp(...)``. Basis accuracy
-    matters most early in training (Purifying Shampoo; measured on the GPT recipe in docs/adaptive-refresh.md), so
+    matters most early in training (Purifying Shampoo; measured on the GPT recipe in docs/refresh-study.md), so
     a tighter tolerance early buys more per refresh than a constant one. Inside the optimizer the
     training length is unknown: give schedules step counts, not fractions (``KronCallback`` and
     ``RefreshScheduler`` know the length and accept either).

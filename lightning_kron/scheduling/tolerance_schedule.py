@@ -72,7 +72,7 @@ class LinearRamp:
     Why a ramp: a constant tolerance can spend its refreshes *late*, when basis accuracy matters
     least. On the GPT recipe a constant 0.4 made only 73 of its 243 refreshes in the first third of
     the run and ended 7% above every=10; a staircase rising 0.1 -> 0.64 (``scripts/refresh_sweep.py``,
-    docs/adaptive-refresh.md) made 394 and ended 0.1% above it.
+    docs/refresh-study.md) made 394 and ended 0.1% above it.
     """
 
     start_tolerance: float = 0.1
