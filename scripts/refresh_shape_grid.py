@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from scripts import refresh_study as study
-from scripts.machine import same_cpu_run
 
 FRONT_LOADS, EARLY_FRACTIONS, LATE_TAPERS, AGE_POWERS = (1.0, 1.5, 2.0, 3.0), (0.1, 0.2, 0.3, 0.5), (0.0, 0.25, 1.0), (0.0, 1.0)
 
@@ -35,17 +34,9 @@ def shapes() -> dict[str, dict]:
             for f, e, t, a in grid if f * e <= 1.0}
 
 
-def changes(runs: list[dict], baseline: dict[int, list[dict]]) -> list[float]:
+def changes(runs: list[dict], baseline: list[dict]) -> list[float]:
     """Each run's final loss over the baseline's run of its seed on the same kind of CPU."""
-    pairs = [(run, same_cpu_run(run, baseline.get(run["seed"], []))) for run in runs]
-    return [run["val_loss"] / base["val_loss"] - 1 for run, base in pairs if base is not None]
-
-
-def _by_seed(runs: list[dict]) -> dict[int, list[dict]]:
-    seeds: dict[int, list[dict]] = {}
-    for run in runs:
-        seeds.setdefault(run["seed"], []).append(run)
-    return seeds
+    return [run["val_loss"] / base["val_loss"] - 1 for run, base in study.paired(runs, baseline)]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -67,8 +58,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         records.append(study.run_one(model, name, seed, refresh=policy))
         study.save_records(args.json, records)
     stored = [r for r in study.load_records(args.study_json) if r["model"] == args.model]
-    reference = _by_seed([r for r in stored if r["schedule"] == study.REFERENCE])
-    every10 = _by_seed([r for r in stored if r["schedule"] == "every10" and r.get("soap") == study.soap_variant()])
+    reference = [r for r in stored if r["schedule"] == study.REFERENCE]
+    every10 = [r for r in stored if r["schedule"] == "every10" and r.get("soap") == study.soap_variant()]
     rows = []
     for name in shapes():
         mine = [r for r in records if r["schedule"] == name]

@@ -383,24 +383,33 @@ def summarize(records: list[dict], baseline: str = "every10", variant: Optional[
     A run is paired with the baseline's run of its seed on the same kind of CPU (its ``machine``),
     so the runs of several CPUs pool without pairing across them."""
     variant = variant or soap_variant()
-    records = [r for r in records if r["schedule"] == REFERENCE or _variant_of(r) == variant]
-    by_key: dict[tuple, list[dict]] = {}
+    by_row: dict[tuple, list[dict]] = {}
     for r in records:
-        by_key.setdefault((r["model"], r["schedule"], r["seed"]), []).append(r)
+        if r["schedule"] == REFERENCE or _variant_of(r) == variant:
+            by_row.setdefault((r["model"], r["schedule"]), []).append(r)
     rows = []
-    for model, schedule in sorted({(r["model"], r["schedule"]) for r in records}, key=_order):
-        mine = baseline_of(schedule, baseline)
-        pairs = [(r, same_cpu_run(r, by_key.get((model, mine, r["seed"]), []))) for r in records
-                 if r["model"] == model and r["schedule"] == schedule]
-        runs, base = [r for r, b in pairs if b is not None], [b for _, b in pairs if b is not None]
-        if not runs:
+    for model, schedule in sorted(by_row, key=_order):
+        pairs = paired(by_row[(model, schedule)], by_row.get((model, baseline_of(schedule, baseline)), []))
+        if not pairs:
             continue
+        runs, base = [r for r, _ in pairs], [b for _, b in pairs]
         changes = [r["val_loss"] / b["val_loss"] - 1 for r, b in zip(runs, base)]
         rows.append(Row(model, schedule, statistics.mean(r["refreshes"] for r in runs),
                         sum(r["refreshes"] for r in runs) / max(1, sum(b["refreshes"] for b in base)),
                         statistics.mean(r["val_loss"] for r in runs), statistics.mean(changes),
                         max(changes) - min(changes), len(runs), changes, [r["val_loss"] for r in runs]))
     return rows
+
+
+def paired(runs: list[dict], baseline: list[dict]) -> list[tuple[dict, dict]]:
+    """Each of ``runs`` with ``baseline``'s run of its model and seed on the same kind of CPU
+    (:func:`~scripts.machine.same_cpu_run`): round-off makes runs on two kinds of CPU different
+    trajectories, so a run with no such partner is left out and CPUs pool without pairing across."""
+    by_seed: dict[tuple, list[dict]] = {}
+    for run in baseline:
+        by_seed.setdefault((run["model"], run["seed"]), []).append(run)
+    pairs = [(run, same_cpu_run(run, by_seed.get((run["model"], run["seed"]), []))) for run in runs]
+    return [(run, base) for run, base in pairs if base is not None]
 
 
 def baseline_of(schedule: str, baseline: str = "every10") -> str:

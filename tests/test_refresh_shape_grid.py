@@ -38,10 +38,13 @@ def test_the_grid_runs_resumably_and_ranks_the_shapes_against_the_baselines(tmp_
 
 
 def test_a_grid_run_pairs_only_with_a_baseline_of_its_own_cpu():
-    runs = [{"seed": 0, "val_loss": 1.1, "machine": "AMD EPYC (AVX512)"}, {"seed": 1, "val_loss": 2.2}]
+    runs = [{"model": "mlp", "seed": 0, "val_loss": 1.1, "machine": "AMD EPYC (AVX512)"},
+            {"model": "mlp", "seed": 1, "val_loss": 2.2}]
     intel = "Intel(R) Xeon(R) Processor"
-    baseline = {0: [{"val_loss": 2.0, "machine": intel}, {"val_loss": 1.0, "machine": "AMD EPYC"}],
-                1: [{"val_loss": 2.0, "machine": intel}]}
+    baseline = [{"model": "mlp", "seed": 0, "val_loss": 2.0, "machine": intel},
+                {"model": "mlp", "seed": 0, "val_loss": 1.0, "machine": "AMD EPYC"},
+                {"model": "other", "seed": 0, "val_loss": 1.5, "machine": "AMD EPYC"},
+                {"model": "mlp", "seed": 1, "val_loss": 2.0, "machine": intel}]
     assert grid.changes(runs, baseline) == [1.1 / 1.0 - 1]
 
 
