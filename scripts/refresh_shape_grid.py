@@ -41,7 +41,7 @@ def changes(runs: list[dict], baseline: list[dict]) -> list[float]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="mlp", choices=list(study.STUDY_MODELS))
+    parser.add_argument("--model", default="mlp", help="a study or probe model; name@lrX trains one at lr X (mlp@lr6e-3)")
     parser.add_argument("--json", type=Path, default=Path("runs/shape_grid.json"), help="where runs are stored (resumable)")
     parser.add_argument("--study-json", type=Path, default=Path("docs/figures/refresh_study_runs.json"))
     parser.add_argument("--seeds", default="0,1,2")
@@ -49,15 +49,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    model, seeds = study.STUDY_MODELS[args.model], study.parse_seeds(args.seeds)
+    try:
+        model = study.study_model(args.model)
+    except ValueError as error:
+        parser.error(str(error))
+    seeds = study.parse_seeds(args.seeds)
     records = study.load_records(args.json)
     done = {(r["schedule"], r["seed"]) for r in records}
     todo = [(name, seed) for name in shapes() for seed in seeds if (name, seed) not in done]
-    for name, seed in tqdm(todo, desc=f"shape grid ({args.model})", disable=args.no_progress):
+    for name, seed in tqdm(todo, desc=f"shape grid ({model.name})", disable=args.no_progress):
         policy = BudgetRefresh(every=20, total_steps=model.steps, **shapes()[name])
         records.append(study.run_one(model, name, seed, refresh=policy))
         study.save_records(args.json, records)
-    stored = [r for r in study.load_records(args.study_json) if r["model"] == args.model]
+    stored = [r for r in study.load_records(args.study_json) if r["model"] == model.name]
     reference = [r for r in stored if r["schedule"] == study.REFERENCE]
     every10 = [r for r in stored if r["schedule"] == "every10" and r.get("soap") == study.soap_variant()]
     rows = []
@@ -69,7 +73,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows.append((statistics.mean(against_reference), error, statistics.mean(against_every10 or [float("nan")]), name))
     if not rows:
         print(f"no shape pairs with two reference runs of its seeds on this kind of CPU in {args.study_json}: "
-              f"run the baselines here (refresh_study --models {args.model} --schedules every10,reference)")
+              f"run the baselines here (refresh_study --models {model.name} --schedules every10,reference)")
         return 1
     print("| shape | vs reference | its standard error | vs every=10 |\n|---|---:|---:|---:|")
     for mean, error, versus_clock, name in sorted(rows)[:args.top]:

@@ -58,3 +58,39 @@ def test_a_grid_with_no_baseline_of_its_cpu_says_so_instead_of_a_table(tmp_path,
     assert grid.main(["--model", "toy", "--json", str(tmp_path / "grid.json"), "--study-json", str(baselines),
                       "--seeds", "0", "--no-progress"]) == 1
     assert "no shape pairs" in capsys.readouterr().out
+
+
+def test_an_unknown_model_fails_in_one_line_before_any_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study, "run_one", lambda *args, **kwargs: (_ for _ in ()).throw(AssertionError("ran")))
+    for name in ("nope", "mlp@lrfast"):
+        try:
+            grid.main(["--model", name, "--json", str(tmp_path / "grid.json"), "--no-progress"])
+        except SystemExit as stop:
+            assert stop.code == 2
+        else:
+            raise AssertionError(f"{name} was accepted")
+        assert name.split("@")[0] in capsys.readouterr().err
+    assert not (tmp_path / "grid.json").exists()
+
+
+def test_a_model_at_another_lr_trains_at_it_and_pairs_with_its_own_baselines(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(study.STUDY_MODELS, "toy", study.StudyModel("toy", study_models._mlp, 12, 3e-3, 2, "toy MLP"))
+    one = dict(list(grid.shapes().items())[:1])
+    monkeypatch.setattr(grid, "shapes", lambda: one)
+    rates = []
+    real_run_one = study.run_one
+    monkeypatch.setattr(study, "run_one", lambda model, *args, **kwargs: rates.append(model.lr) or real_run_one(model, *args, **kwargs))
+    baselines = tmp_path / "study.json"
+    losses = {"toy": 1000.0, "toy@lr0.001": 2.0}  # pairing with the base model's runs would show about -100%
+    stored = [{"model": model, "schedule": name, "seed": seed, "val_loss": loss, "soap": study.soap_variant(),
+               "machine": describe_cpu()} for model, loss in losses.items() for name in (study.REFERENCE, "every10")
+              for seed in (0, 1)]
+    baselines.write_text(json.dumps({"runs": stored}))
+    assert grid.main(["--model", "toy@lr1e-3", "--json", str(tmp_path / "grid.json"), "--study-json", str(baselines),
+                      "--seeds", "0,1", "--no-progress"]) == 0
+    assert rates == [1e-3, 1e-3]
+    runs = json.loads((tmp_path / "grid.json").read_text())["runs"]
+    assert {r["model"] for r in runs} == {"toy@lr0.001"}
+    expected = sum(r["val_loss"] / 2.0 - 1 for r in runs) / len(runs)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {next(iter(one))} "))
+    assert row.split("|")[2].strip() == f"{100 * expected:+.2f}%"
