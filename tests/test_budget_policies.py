@@ -1,5 +1,5 @@
-"""BudgetRefresh (the default) and the study's candidate RelativeRefresh (a policy that keeps state):
-selection on constructed staleness, budget accounting, checkpoint round trips and refusals at
+"""BudgetRefresh (the default), the study's candidate RelativeRefresh (a policy that keeps state) and
+its probe SmallFactorsOnClock: selection on constructed staleness, budget accounting, checkpoint round trips and refusals at
 construction."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 
 import lightning_kron as lk
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
-from scripts.refresh_candidates import RelativeRefresh
+from scripts.refresh_candidates import RelativeRefresh, SmallFactorsOnClock
 
 
 # ----------------------------------------------------------------- BudgetRefresh: selection
@@ -196,6 +196,35 @@ def test_budget_keeps_no_state_and_a_resumed_run_is_bit_identical():
     assert resumed.own_scheduler.counters.refreshes == reference.own_scheduler.counters.refreshes
 
 
+# ----------------------------------------------------------------- SmallFactorsOnClock
+def _refreshes_per_factor(policy) -> dict[tuple[int, str], int]:
+    """(size, name) -> refreshes after 40 steps of a small conv net under ``policy``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5))
+    optimizer = lk.SOAP(model.named_parameters(), lr=1e-2, refresh=policy)
+    if isinstance(policy, SmallFactorsOnClock):
+        with pytest.raises(RuntimeError, match="bind"):
+            policy.select(torch.zeros(6), step=1)
+        policy.bind(optimizer)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        optimizer.zero_grad()
+        model(torch.randn(8, 1, 6, 6, generator=generator)).square().mean().backward()
+        optimizer.step()
+    return {(info.size, info.name): info.refreshes for info in optimizer.factors()}
+
+
+def test_small_factors_refresh_on_the_clock_and_the_budget_goes_to_the_large_ones():
+    counts = _refreshes_per_factor(SmallFactorsOnClock(BudgetRefresh(every=4, total_steps=40), max_size=3, every=10))
+    clock = _refreshes_per_factor(lk.FixedRefresh(every=10))
+    small = [count for (size, _), count in counts.items() if size <= 3]
+    large = [count for (size, _), count in counts.items() if size > 3]
+    assert len(small) == 2 and small == [clock[key] for key in counts if key[0] <= 3]  # the kernel dims 3, 3
+    budget = BudgetRefresh(every=4, total_steps=40)
+    spendable = sum(budget.budget_at(step, len(counts), 40) for step in range(1, 41))
+    assert len(large) == 3 and 0 < sum(large) - len(large) <= spendable  # the budget, spent on the large ones only
+
+
 # ----------------------------------------------------------------- refusals
 @pytest.mark.parametrize("make, message", [
     (lambda: BudgetRefresh(every=0), "every must be an integer >= 1"),
@@ -212,6 +241,7 @@ def test_budget_keeps_no_state_and_a_resumed_run_is_bit_identical():
     (lambda: RelativeRefresh(ratio=1.0), "ratio must be a number > 1"),
     (lambda: RelativeRefresh(floor=1.0), "floor must be in"),
     (lambda: RelativeRefresh(max_iters=0), "max_iters must be an integer >= 1"),
+    (lambda: SmallFactorsOnClock(BudgetRefresh(), max_size=0), "max_size must be an integer >= 1"),
 ])
 def test_invalid_hyperparameters_fail_at_construction_with_one_line(make, message):
     with pytest.raises(ValueError, match=message) as error:

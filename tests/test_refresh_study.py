@@ -257,6 +257,16 @@ def test_show_prints_the_stored_runs_against_the_reference_and_runs_none(tmp_pat
     assert "| mlp | every10 | 2 |" in out and "lower on" in reference and reference.count("/2)") == 1
 
 
+def test_show_compares_the_schedules_it_is_given_with_the_reference(tmp_path, capsys):
+    records = [_record(schedule, seed, loss, 10) for seed in (0, 1)
+               for schedule, loss in ((study.REFERENCE, 1.0), ("every10", 1.1), ("every20", 1.2))]
+    path = tmp_path / "runs.json"
+    study.save_records(path, records)
+    assert study.main(["--json", str(path), "--show", "--against", "every20"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| model | reference"))
+    assert header.count("ours,") == 1 and "ours, every20" in header
+
+
 def _on(machine, record):
     return {**record, "machine": machine}
 
