@@ -183,9 +183,9 @@ class SOAP(EigenvalueCorrectedOptimizer):
             then tapering when the training length is known (``KronCallback`` and the
             recipes pass it). Chosen by ``scripts/refresh_study.py`` on ten models, three seeds
             each, against every=10 and the SOAP reference (docs/refresh-study.md; what it does:
-            docs/adaptive-refresh.md, "The default schedule"). Alone it does not know the length and front-loads only its first 30
-            steps (``early_steps_if_unknown``); ``BudgetRefresh(total_steps=N)`` spreads it over
-            the run. ``FixedRefresh(every=10)`` is the paper's clock; ``AdaptiveRefresh`` a
+            docs/adaptive-refresh.md, "The default schedule"). Alone it does not know the
+            length and front-loads only its first 30 steps (``early_steps_if_unknown``);
+            ``BudgetRefresh(total_steps=N)`` spreads it over the run. ``FixedRefresh(every=10)`` is the paper's clock; ``AdaptiveRefresh`` a
             staleness tolerance (tune it per model).
         solver: "qr" (warm power step, default) or "eigh" (exact).
         orthonormalizer: "auto" (default: "cholesky_qr3" on CUDA, "householder" elsewhere),
