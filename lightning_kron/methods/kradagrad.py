@@ -117,11 +117,11 @@ from lightning_kron.methods.inverse_factor_update import (
     krad_update,
     positive_definite,
 )
-from lightning_kron.methods.kron_optimizer import StepHyperparameters
 from lightning_kron.methods.root_preconditioner import (
     RootPreconditionedOptimizer,
     scale_modes,
 )
+from lightning_kron.methods.step_hyperparameters import StepHyperparameters
 from lightning_kron.scheduling.policies import FixedRefresh
 
 VARIANTS = ("star", "alternating")

@@ -20,8 +20,8 @@ import torch
 
 from lightning_kron.engine.factor_group import FactorGroup
 from lightning_kron.methods.grafting import graft_direction
-from lightning_kron.methods.kron_optimizer import StepHyperparameters
 from lightning_kron.methods.root_preconditioner import RootPreconditionedOptimizer
+from lightning_kron.methods.step_hyperparameters import StepHyperparameters
 
 
 class Shampoo(RootPreconditionedOptimizer):

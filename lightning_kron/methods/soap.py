@@ -38,7 +38,8 @@ import torch
 from lightning_kron.engine.basis_change import permute_buffer, rotate_buffer
 from lightning_kron.engine.factor_group import FactorGroup
 from lightning_kron.engine.validation import check_choice, check_flag
-from lightning_kron.methods.kron_optimizer import KronOptimizer, StepHyperparameters
+from lightning_kron.methods.kron_optimizer import KronOptimizer
+from lightning_kron.methods.step_hyperparameters import StepHyperparameters
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from lightning_kron.scheduling.policies import FixedRefresh
 
