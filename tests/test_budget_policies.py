@@ -1,6 +1,6 @@
 """BudgetRefresh (the default), the study's candidate RelativeRefresh (a policy that keeps state) and
-its probe SmallFactorsOnClock: selection on constructed staleness, budget accounting, checkpoint round trips and refusals at
-construction."""
+its probe SmallFactorsOnClock: selection on constructed staleness, budget accounting, checkpoint
+round trips and refusals at construction."""
 
 from __future__ import annotations
 

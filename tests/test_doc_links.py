@@ -24,8 +24,9 @@ def _outside_code(text: str) -> list[str]:
 
 
 def slug(heading: str) -> str:
-    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    """GitHub's anchor for a heading: lower case, punctuation but ``-`` and ``_`` dropped, spaces to
+    hyphens (``_`` stays: it is part of the code names headings quote)."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
@@ -47,6 +48,7 @@ def test_slug_follows_github():
     assert slug("Closing the gap to the reference: what was tried") == "closing-the-gap-to-the-reference-what-was-tried"
     assert slug("3. Eigenbasis refresh and the staleness criterion") == "3-eigenbasis-refresh-and-the-staleness-criterion"
     assert slug("Results: the GPT recipe comparison") == "results-the-gpt-recipe-comparison"
+    assert slug("`merge_dims` and **conv** blocks") == "merge_dims-and-conv-blocks"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
