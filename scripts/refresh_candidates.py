@@ -91,6 +91,7 @@ class SmallFactorsOnClock:
         self._small: Optional[torch.Tensor] = None
 
     def bind(self, optimizer: Any) -> None:
+        """Read which factors are small, in the scheduler's flat order (group, dim, then rows)."""
         sizes = [group.shape[dim] for group in optimizer.factor_groups() for dim in group.factored_dims
                  for _ in range(len(group))]
         self._small = torch.tensor([size <= self.max_size for size in sizes])
