@@ -1,16 +1,18 @@
 """``KronOptimizer``: the torch.optim front end shared by SOAP, EShampoo, Shampoo and KrADagrad.
 
 It owns what every Kronecker method has in common: named parameters and parameter groups, cutting
-parameters into blocks and stacking same-shaped blocks into :class:`FactorGroup`s, the NaN/Inf
-guard, the step skeleton, the exact first refresh and the scheduler that decides every later one
+parameters into blocks and stacking same-shaped blocks into :class:`FactorGroup`s, the step
+skeleton, the exact first refresh and the scheduler that decides every later one
 (:class:`~lightning_kron.scheduling.scheduler.RefreshScheduler` over its own ``refresh=`` policy,
-until an owner such as ``KronCallback`` attaches its own), factor telemetry, and checkpoints. Subclasses supply the math through
+until an owner such as ``KronCallback`` attaches its own). Three mixins hold what is not the step
+itself: the NaN/Inf guard (``nonfinite_guard.py``), factor names, telemetry and refreshes on request
+(``owner_interface.py``), and checkpoints (``checkpointing.py``). Subclasses supply the math through
 four hooks: ``_init_state`` (extra buffers), ``_update_statistics``, ``_direction`` and the
 basis-change hooks ``permute_rows``/``rotate_rows``.
 
 A step runs in two phases so the refresh decision for *all* factors costs one host sync:
-1. for every group: gather gradients, rotate them into the current bases, update the factor
-   statistics and the (free) staleness criterion;
+1. for every group: gather gradients, rotate them into the current bases and update the factor
+   statistics (the staleness criterion is computed from them when someone reads it);
 2. the scheduler picks stale factors from one concatenated staleness tensor and refreshes them (the
    refreshed groups rotate their gradient in flight again); every group computes its direction
    and updates its parameters.
@@ -18,17 +20,14 @@ A step runs in two phases so the refresh decision for *all* factors costs one ho
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 import torch
 
 from lightning_kron.engine.basis_refresh import SOLVERS, RefreshRequest, refresh_factor
-from lightning_kron.engine.blocking import factor_label, plan_blocks
+from lightning_kron.engine.blocking import plan_blocks
 from lightning_kron.engine.factor_group import (
-    TELEMETRY_KEYS,
     FactorGroup,
     Member,
     apply_updates,
@@ -36,11 +35,10 @@ from lightning_kron.engine.factor_group import (
     share_step_counts,
     update_parameters,
 )
-from lightning_kron.engine.factor_info import FactorInfo
 from lightning_kron.engine.mode_products import unfold
 from lightning_kron.engine.precision import cuda_matmul_precision
-from lightning_kron.engine.sharding import ShardLayout, all_ranks_finite, local_tensor, shard_layout
-from lightning_kron.engine.solvers import FALLBACK, ORTHONORMALIZERS
+from lightning_kron.engine.sharding import ShardLayout, local_tensor, shard_layout
+from lightning_kron.engine.solvers import ORTHONORMALIZERS
 from lightning_kron.engine.staleness import staleness
 from lightning_kron.engine.validation import (
     check_betas,
@@ -51,6 +49,9 @@ from lightning_kron.engine.validation import (
     check_positive_int,
     check_unit_interval,
 )
+from lightning_kron.methods.checkpointing import Checkpointing
+from lightning_kron.methods.nonfinite_guard import NonfiniteGuard
+from lightning_kron.methods.owner_interface import OwnerInterface
 from lightning_kron.methods.step_hyperparameters import StepHyperparameters
 from lightning_kron.scheduling.policies import (
     AdaptiveRefresh,
@@ -63,21 +64,6 @@ REFRESH_TIMINGS = ("in_step", "after_step")
 #: "decoupled": W <- W (1 - lr wd) - lr D, on the pre-update weights as torch.optim.AdamW;
 #: "decoupled_after_update": W <- (W - lr D)(1 - lr wd), the SOAP reference's order; "l2": wd W into G.
 WEIGHT_DECAY_MODES = ("decoupled", "l2", "decoupled_after_update")
-STATE_FORMAT = 2  # 2: the optimizer-wide entry moved from the top level into param_groups[0]
-META_KEY = "lightning_kron"
-_GENERATED_NAME = re.compile(r"group\d+\.param\d+")  # what _split_named calls an unnamed parameter
-
-
-@dataclass(frozen=True)
-class PendingFallback:
-    """Members of one refreshed stack and dim, and which of them the orthonormalizer solved (a
-    device bool per row): the others kept their basis until :meth:`KronOptimizer.refresh_fallbacks`."""
-
-    group: FactorGroup
-    dim: int
-    rows: list[int]
-    succeeded: torch.Tensor
-    request: RefreshRequest
 
 
 @dataclass
@@ -143,18 +129,6 @@ def _step_counters(items: list[_PendingGroup]) -> list[torch.Tensor]:
     return counters
 
 
-def _all_of(flags: list[torch.Tensor]) -> torch.Tensor:
-    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
-
-
-def _all_finite(values: torch.Tensor) -> torch.Tensor:
-    """0-dim bool: no NaN or Inf in ``values``. Its min and max in one reduction (10x faster than
-    max |g| on a CPU: no |g| temporary): NaN and -Inf/+Inf show up in them and fail a comparison,
-    and unlike a sum nothing finite overflows."""
-    low, high = torch.aminmax(values)
-    return (low > -math.inf) & (high < math.inf)
-
-
 def _replace_rows(stack: torch.Tensor, rows, transform) -> torch.Tensor:
     if rows is None:
         return transform(stack)
@@ -188,7 +162,7 @@ def _split_named(params: Any, first_group: int = 0) -> tuple[list[dict], dict[in
     return plain_groups, names
 
 
-class KronOptimizer(torch.optim.Optimizer):
+class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.Optimizer):
     """Base class; see the module docstring. Not used directly: pick SOAP, EShampoo or Shampoo."""
 
     #: Solver of the forced refresh at ``start_preconditioning_step``. "eigh" finds the bases from
@@ -562,26 +536,6 @@ class KronOptimizer(torch.optim.Optimizer):
             buffers.setdefault(index, []).append(buffer)
         return pending, buffers
 
-    def _finite_param_groups(self, buffers: dict[int, list[torch.Tensor]]) -> dict[int, torch.Tensor]:
-        """Each parameter group's finite-gradient flag, on the device: one reduction per gradient
-        buffer and no host sync (``nonfinite="raise"`` syncs once to raise). A group with a NaN/Inf
-        is skipped whole. Under FSDP2 the flags are all-reduced, so every rank skips the same groups."""
-        local = {index: _all_of([_all_finite(flat) for flat in flats]) for index, flats in buffers.items()}
-        finite = self._finite_on_all_ranks(local) if self.shard_layout is not None else local
-        if self.nonfinite == "raise":
-            if finite and not bool(_all_of(list(finite.values()))):  # the one sync this mode pays
-                raise FloatingPointError("non-finite gradient (NaN or Inf); the step was not applied")
-            return {}
-        return finite
-
-    def _count_skips(self, finite: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """``~finite`` of every parameter group, added to the device-side skip counter (every flag,
-        so that under FSDP2 a rank without a group's rows counts its skip too)."""
-        skipped = {index: ~flag for index, flag in finite.items()}
-        for flag in skipped.values():
-            self._skipped_on_device = flag.long() if self._skipped_on_device is None else self._skipped_on_device.add_(flag)
-        return skipped
-
     def _advance_steps(self, index: int, items: list[_PendingGroup], finite: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Count this step in every gradded member (one foreach op for the parameter group; a
         skipped group's count stays) and return the group's shared step count, if it has one."""
@@ -621,29 +575,6 @@ class KronOptimizer(torch.optim.Optimizer):
             self._host_steps[index] = high
             for group in groups:
                 group.host_steps = high
-
-    def _finite_on_all_ranks(self, local: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """One flag per parameter group that has a gradient on any rank, the same on every rank: a
-        rank that holds no rows of a group (empty shards) or no gradient contributes "finite", and
-        every rank joins the all-reduce, whatever it holds."""
-        with_grads = [index for index, group in enumerate(self.param_groups)
-                      if any(param.grad is not None for param in group["params"])]
-        if not with_grads:
-            return {}
-        device = local_tensor(self.param_groups[with_grads[0]]["params"][0]).device
-        true = torch.ones((), dtype=torch.bool, device=device)
-        flags = all_ranks_finite(torch.stack([local.get(index, true) for index in with_grads]), self.shard_layout)
-        return dict(zip(with_grads, flags.unbind(0)))
-
-    @property
-    def skipped_steps(self) -> int:
-        """Parameter-group steps skipped for a non-finite gradient (read from the device: a sync)."""
-        on_device = 0 if self._skipped_on_device is None else int(self._skipped_on_device)
-        return self._skipped_before + on_device
-
-    @skipped_steps.setter
-    def skipped_steps(self, value: int) -> None:
-        self._skipped_before, self._skipped_on_device = int(value), None
 
     def update_staleness(self) -> None:
         """Bring every factor's ``staleness`` up to date with its statistics.
@@ -700,211 +631,3 @@ class KronOptimizer(torch.optim.Optimizer):
             for dim in item.group.factored_dims:  # a first refresh is never due for re-orthonormalisation
                 refresh_factor(item.group, dim, None, request, _InFlightHooks(self, item), self.global_step,
                                reorthonormalize=[False] * len(item.group))
-
-    # ----------------------------------------------------------------- the owner interface
-    def _factor_index(self) -> list[tuple[str, FactorGroup, int, int]]:
-        index = []
-        for group in self.factor_groups():
-            for row, member in enumerate(group.members):
-                prefix = self.block_name(member)
-                for dim in group.factored_dims:
-                    index.append((f"{prefix}[{factor_label(dim, group.order)}]", group, row, dim))
-        return index
-
-    def block_name(self, member: Member) -> str:
-        """Readable name of one block: the parameter's name, plus ``.shard{r}`` for rank ``r``'s rows
-        under FSDP2 and ``.block{b}`` when it was split.
-
-        Factor names are this plus ``[L]``/``[R]``/``[i]``; per-block telemetry (the approximation
-        probe, eigenvalue mis-scaling) uses it alone. Names are unique over all ranks.
-        """
-        name = member.name if self.shard_layout is None else self.shard_layout.shard_name(member.name)
-        split = member.block.shape != member.view_shape
-        return f"{name}.block{member.block_number}" if split else name
-
-    def adopt_names(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Name parameters that were passed without names (e.g. ``model.parameters()``).
-
-        Lets an owner that knows the module (``KronCallback``) make telemetry readable for an
-        optimizer the user built from bare tensors. Names given at construction are kept.
-        """
-        for name, param in named_parameters:
-            if _GENERATED_NAME.fullmatch(self._names.get(id(param), "")):
-                self._names[id(param)] = name
-        for group in self._groups or []:
-            group.members = [replace(member, name=self._names[id(member.param)]) for member in group.members]
-
-    def factor_names(self) -> list[str]:
-        """Stable, readable names of every Kronecker factor, e.g. ``h.0.mlp.c_fc.weight[L]``."""
-        return [name for name, *_ in self._factor_index()]
-
-    def factors(self) -> list[FactorInfo]:
-        """Telemetry of every factor; one host transfer per telemetry tensor, none per factor."""
-        self.update_staleness()
-        host = {id(group): {key: group.tensors_on_host(key) for key in TELEMETRY_KEYS} for group in self.factor_groups()}
-        infos = []
-        for name, group, row, dim in self._factor_index():
-            values = {key: host[id(group)][key][dim][row] for key in TELEMETRY_KEYS}
-            infos.append(FactorInfo(
-                name=name, parameter=group.members[row].name, dim=dim, size=group.shape[dim],
-                staleness=float(values["staleness"]),
-                steps_since_refresh=self.global_step - int(values["last_refresh"]),
-                refreshes=int(values["refreshes"]), failures=int(values["failures"]),
-                refresh_seconds=float(values["refresh_seconds"]),
-            ))
-        return infos
-
-    def stale_factors(self, tolerance: float) -> list[str]:
-        """Names of factors whose staleness after the last step exceeds ``tolerance``."""
-        return [info.name for info in self.factors() if info.staleness > tolerance]
-
-    def refresh_factors(self, names: Optional[Iterable[str]] = None, *, tolerance: float = 0.0,
-                        max_iters: int = 1, solver: Optional[str] = None) -> int:
-        """Refresh the named factors now (all when ``names`` is None); returns how many.
-
-        For code that refreshes on its own terms; the :attr:`scheduler` keeps deciding as well.
-        """
-        wanted = None if names is None else set(names)
-        index = self._factor_index()
-        if wanted is not None and (unknown := wanted - {name for name, *_ in index}):
-            raise KeyError(f"unknown factor names: {sorted(unknown)[:5]}")
-        selected: dict[tuple[int, int], list[int]] = {}
-        groups = {}
-        for name, group, row, dim in index:
-            if wanted is None or name in wanted:
-                selected.setdefault((id(group), dim), []).append(row)
-                groups[id(group)] = group
-        fallbacks = [self.refresh_rows(groups[group_id], dim, rows, tolerance=tolerance, max_iters=max_iters,
-                                       solver=solver, defer_fallback=True) for (group_id, dim), rows in selected.items()]
-        self.refresh_fallbacks(fallbacks)
-        return sum(len(rows) for rows in selected.values())
-
-    def refresh_rows(self, group: FactorGroup, dim: int, rows: list[int], *, tolerance: float = 0.0,
-                     max_iters: int = 1, solver: Optional[str] = None,
-                     reorthonormalize: Optional[list[bool]] = None, orthonormalizer: Optional[str] = None,
-                     defer_fallback: bool = False) -> Optional["PendingFallback"]:
-        """Refresh factor ``dim`` of the members ``rows`` of one of :meth:`factor_groups`.
-
-        The index-based form of :meth:`refresh_factors`, for owners that decide on the stacked
-        staleness tensors directly (no name lookup per step) and then move the refreshed rows
-        themselves (``lightning_kron.scheduling.ownership``). ``reorthonormalize``: which of
-        ``rows`` are due for re-orthonormalisation, when the owner already read it (else one host
-        read). With Cholesky-QR the members it could not orthonormalise are refreshed again with
-        Householder (:meth:`refresh_fallbacks`, one host read); ``defer_fallback`` returns them
-        instead, so that a caller refreshing many stacks reads all their failures at once.
-        """
-        row_index = None if len(rows) == len(group) else torch.tensor(rows, device=group.device)
-        request = RefreshRequest(solver=solver or self.solver, tolerance=tolerance, max_iters=max_iters,
-                                 orthonormalizer=orthonormalizer or self._orthonormalizer_for(group.device),
-                                 shift=self.shifted_qr_refresh)
-        with cuda_matmul_precision("ieee", group.device.type == "cuda"):
-            succeeded = refresh_factor(group, dim, row_index, request, self, self.global_step, reorthonormalize)
-        if succeeded is None:
-            return None
-        pending = PendingFallback(group, dim, rows, succeeded, request)
-        if defer_fallback:
-            return pending
-        self.refresh_fallbacks([pending])
-        return None
-
-    def refresh_fallbacks(self, pending: Iterable[Optional["PendingFallback"]]) -> int:
-        """Refresh again, with the fallback orthonormalizer (Householder), the members of ``pending``
-        (from :meth:`refresh_rows`) whose Cholesky-QR failed: one host read of all their flags
-        (on a scheduler's refresh step the second and last host sync), nothing for the members that
-        succeeded. Returns how many were refreshed again."""
-        pending = [item for item in pending if item is not None]
-        if not pending:
-            return 0
-        flags = iter(torch.cat([item.succeeded for item in pending]).tolist())
-        count = 0
-        for item in pending:
-            failed = [row for row in item.rows if not next(flags)]
-            if failed:
-                self.refresh_rows(item.group, item.dim, failed, tolerance=item.request.tolerance,
-                                  max_iters=item.request.max_iters, solver=item.request.solver,
-                                  reorthonormalize=[False] * len(failed),
-                                  orthonormalizer=FALLBACK[item.request.orthonormalizer])
-                count += len(failed)
-        return count
-
-    # ----------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
-        """torch.optim's state (per parameter: views of its rows of every stacked tensor) and
-        param_groups. What belongs to the optimizer as a whole (the format, the class, the global
-        and skipped step counts, its own scheduler's deferred factors) travels in the first
-        parameter group under ``"lightning_kron"``: ``torch.distributed.checkpoint`` keeps only
-        ``state`` and ``param_groups`` (``get_optimizer_state_dict`` drops other top-level keys).
-        Under FSDP2 it is a collective (the scheduler gathers every rank's counters): call it on
-        every rank, as ``get_optimizer_state_dict`` does."""
-        self.update_staleness()
-        state = super().state_dict()  # param_groups are fresh dicts: the live groups stay as they are
-        state["param_groups"][0][META_KEY] = {
-            "format": STATE_FORMAT, "optimizer": type(self).__name__,
-            "global_step": self.global_step, "skipped_steps": self.skipped_steps,
-            "scheduler": self.own_scheduler.state_dict(),  # deferred factors of its budget
-            "world_size": None if self.shard_layout is None else self.shard_layout.world_size,
-        }
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load all or nothing: everything is checked before any tensor is written."""
-        groups = state_dict.get("param_groups") or [{}]
-        meta = groups[0].get(META_KEY, state_dict.get(META_KEY))  # top level: checkpoints before format 2
-        mine = type(self).__name__
-        if meta is None:
-            raise ValueError(f"this state_dict was not saved by a lightning_kron optimizer; cannot load it into {mine}")
-        if meta["optimizer"] != mine:
-            raise ValueError(f"state_dict was saved by lightning_kron.{meta['optimizer']}, cannot load it into {mine}")
-        self._check_world_size(meta.get("world_size"))
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups) or any(
-            len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
-        ):
-            raise ValueError("state_dict has a different number of parameter groups or parameters than this optimizer")
-        fresh = self._build_groups()
-        # saved ids by position, as torch.optim does: indices from state_dict(), parameter names
-        # from torch.distributed.checkpoint's set_optimizer_state_dict
-        saved_key = {id(param): key for live, saved in zip(self.param_groups, saved_groups)
-                     for param, key in zip(live["params"], saved["params"])}
-        plan = self._copy_plan(fresh, saved_key, state_dict["state"])
-        for target, source in plan:
-            target.copy_(source)
-        for group in fresh:  # host reads per stack, on load only
-            group.refreshed_dims = {dim for dim in group.factored_dims if bool(group.refreshes(dim).any())}
-            group.any_deferred = any(bool(group.deferred(dim).any()) for dim in group.factored_dims)
-        for group, saved in zip(self.param_groups, saved_groups):
-            group.update({key: value for key, value in saved.items() if key not in ("params", META_KEY)})
-        self._groups = fresh
-        self.state.clear()
-        self._expose_state_views(fresh)
-        self.global_step, self.skipped_steps = meta["global_step"], meta["skipped_steps"]
-        self._staleness_current = False  # recomputed from the loaded statistics when read
-        self._reset_shared_steps()
-        if "scheduler" in meta:  # absent from checkpoints made before the scheduler was the one path
-            self.own_scheduler.load_state_dict(meta["scheduler"])
-
-    def _check_world_size(self, saved: Optional[int]) -> None:
-        """Under FSDP2 each rank's state covers its own rows: it only fits the same world size."""
-        current = None if self.shard_layout is None else self.shard_layout.world_size
-        if saved != current:
-            def describe(size):
-                return "unsharded" if size is None else f"sharded over {size} ranks"
-            raise ValueError(f"this state_dict was saved {describe(saved)} and cannot be loaded {describe(current)}: "
-                             "the Kronecker blocks follow the shard rows, so resume at the world size it was saved at")
-
-    def _copy_plan(self, groups: list[FactorGroup], saved_key: dict[int, Any], saved_state: dict) -> list:
-        plan = []
-        for group in groups:
-            for member, views in group.member_views():
-                saved = saved_state.get(saved_key[id(member.param)], {})
-                for key, view in views.items():
-                    name = self._state_key(member.block_number, key)
-                    value = saved.get(name)
-                    if value is None and key.startswith("deferred."):  # saved before the queue was state
-                        continue
-                    if value is None or tuple(value.shape) != tuple(view.shape):
-                        found = None if value is None else tuple(value.shape)
-                        raise ValueError(f"state_dict does not match parameter {member.name!r}: {name} "
-                                         f"expected shape {tuple(view.shape)}, found {found}")
-                    plan.append((view, value))
-        return plan

@@ -1,0 +1,106 @@
+"""Checkpoints of :class:`~lightning_kron.methods.kron_optimizer.KronOptimizer`: ``state_dict`` and an
+all-or-nothing ``load_state_dict``.
+
+The per-parameter state is views of the stacked tensors (``optimizer.state[param]``), so
+torch.optim's own ``state_dict`` and ``torch.distributed.checkpoint`` see ordinary per-parameter
+tensors. What belongs to the optimizer as a whole travels in the first parameter group. A load
+checks every shape before it writes a tensor, then rebuilds the stacks. A mixin of
+``KronOptimizer``, listed before ``torch.optim.Optimizer`` so that its methods wrap torch's; it
+relies on the optimizer's ``_build_groups``, ``_expose_state_views``, ``_state_key``,
+``_reset_shared_steps``, ``update_staleness``, ``own_scheduler``, ``shard_layout``, ``global_step``
+and ``skipped_steps``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from lightning_kron.engine.factor_group import FactorGroup
+
+STATE_FORMAT = 2  # 2: the optimizer-wide entry moved from the top level into param_groups[0]
+META_KEY = "lightning_kron"
+
+
+class Checkpointing:
+    """``state_dict`` / ``load_state_dict`` (see the module docstring)."""
+
+    def state_dict(self) -> dict:
+        """torch.optim's state (per parameter: views of its rows of every stacked tensor) and
+        param_groups. What belongs to the optimizer as a whole (the format, the class, the global
+        and skipped step counts, its own scheduler's deferred factors) travels in the first
+        parameter group under ``"lightning_kron"``: ``torch.distributed.checkpoint`` keeps only
+        ``state`` and ``param_groups`` (``get_optimizer_state_dict`` drops other top-level keys).
+        Under FSDP2 it is a collective (the scheduler gathers every rank's counters): call it on
+        every rank, as ``get_optimizer_state_dict`` does."""
+        self.update_staleness()
+        state = super().state_dict()  # param_groups are fresh dicts: the live groups stay as they are
+        state["param_groups"][0][META_KEY] = {
+            "format": STATE_FORMAT, "optimizer": type(self).__name__,
+            "global_step": self.global_step, "skipped_steps": self.skipped_steps,
+            "scheduler": self.own_scheduler.state_dict(),  # deferred factors of its budget
+            "world_size": None if self.shard_layout is None else self.shard_layout.world_size,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load all or nothing: everything is checked before any tensor is written."""
+        groups = state_dict.get("param_groups") or [{}]
+        meta = groups[0].get(META_KEY, state_dict.get(META_KEY))  # top level: checkpoints before format 2
+        mine = type(self).__name__
+        if meta is None:
+            raise ValueError(f"this state_dict was not saved by a lightning_kron optimizer; cannot load it into {mine}")
+        if meta["optimizer"] != mine:
+            raise ValueError(f"state_dict was saved by lightning_kron.{meta['optimizer']}, cannot load it into {mine}")
+        self._check_world_size(meta.get("world_size"))
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
+        ):
+            raise ValueError("state_dict has a different number of parameter groups or parameters than this optimizer")
+        fresh = self._build_groups()
+        # saved ids by position, as torch.optim does: indices from state_dict(), parameter names
+        # from torch.distributed.checkpoint's set_optimizer_state_dict
+        saved_key = {id(param): key for live, saved in zip(self.param_groups, saved_groups)
+                     for param, key in zip(live["params"], saved["params"])}
+        plan = self._copy_plan(fresh, saved_key, state_dict["state"])
+        for target, source in plan:
+            target.copy_(source)
+        for group in fresh:  # host reads per stack, on load only
+            group.refreshed_dims = {dim for dim in group.factored_dims if bool(group.refreshes(dim).any())}
+            group.any_deferred = any(bool(group.deferred(dim).any()) for dim in group.factored_dims)
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({key: value for key, value in saved.items() if key not in ("params", META_KEY)})
+        self._groups = fresh
+        self.state.clear()
+        self._expose_state_views(fresh)
+        self.global_step, self.skipped_steps = meta["global_step"], meta["skipped_steps"]
+        self._staleness_current = False  # recomputed from the loaded statistics when read
+        self._reset_shared_steps()
+        if "scheduler" in meta:  # absent from checkpoints made before the scheduler was the one path
+            self.own_scheduler.load_state_dict(meta["scheduler"])
+
+    def _check_world_size(self, saved: Optional[int]) -> None:
+        """Under FSDP2 each rank's state covers its own rows: it only fits the same world size."""
+        current = None if self.shard_layout is None else self.shard_layout.world_size
+        if saved != current:
+            def describe(size):
+                return "unsharded" if size is None else f"sharded over {size} ranks"
+            raise ValueError(f"this state_dict was saved {describe(saved)} and cannot be loaded {describe(current)}: "
+                             "the Kronecker blocks follow the shard rows, so resume at the world size it was saved at")
+
+    def _copy_plan(self, groups: list[FactorGroup], saved_key: dict[int, Any], saved_state: dict) -> list:
+        plan = []
+        for group in groups:
+            for member, views in group.member_views():
+                saved = saved_state.get(saved_key[id(member.param)], {})
+                for key, view in views.items():
+                    name = self._state_key(member.block_number, key)
+                    value = saved.get(name)
+                    if value is None and key.startswith("deferred."):  # saved before the queue was state
+                        continue
+                    if value is None or tuple(value.shape) != tuple(view.shape):
+                        found = None if value is None else tuple(value.shape)
+                        raise ValueError(f"state_dict does not match parameter {member.name!r}: {name} "
+                                         f"expected shape {tuple(view.shape)}, found {found}")
+                    plan.append((view, value))
+        return plan
