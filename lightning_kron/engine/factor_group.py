@@ -86,7 +86,7 @@ class FactorGroup:
         #: whether it starts from the identity); shared with subsets, rebuilt on load
         self.refreshed_dims: set[int] = set()
         #: optimizer steps in which every member had a gradient (host-side; see
-        #: ``KronOptimizer._shared_step``): stacks of one parameter group with equal counts have
+        #: ``KronOptimizer._steps_still_shared``): stacks of one parameter group with equal counts have
         #: equal per-member step counts, so they can share one bias correction
         self.host_steps = 0
         #: the buffer whose slice :attr:`steps` is (see :func:`share_step_counts`), or None
