@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from scripts import refresh_study as study
+from scripts.study_records import load_records, paired, save_records, soap_variant
+from scripts.study_schedules import REFERENCE
 
 FRONT_LOADS, EARLY_FRACTIONS, LATE_TAPERS, AGE_POWERS = (1.0, 1.5, 2.0, 3.0), (0.1, 0.2, 0.3, 0.5), (0.0, 0.25, 1.0), (0.0, 1.0)
 
@@ -36,7 +38,7 @@ def shapes() -> dict[str, dict]:
 
 def changes(runs: list[dict], baseline: list[dict]) -> list[float]:
     """Each run's final loss over the baseline's run of its seed on the same kind of CPU."""
-    return [run["val_loss"] / base["val_loss"] - 1 for run, base in study.paired(runs, baseline)]
+    return [run["val_loss"] / base["val_loss"] - 1 for run, base in paired(runs, baseline)]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -54,16 +56,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     seeds = study.parse_seeds(args.seeds)
-    records = study.load_records(args.json)
+    records = load_records(args.json)
     done = {(r["schedule"], r["seed"]) for r in records}
     todo = [(name, seed) for name in shapes() for seed in seeds if (name, seed) not in done]
     for name, seed in tqdm(todo, desc=f"shape grid ({model.name})", disable=args.no_progress):
         policy = BudgetRefresh(every=20, total_steps=model.steps, **shapes()[name])
         records.append(study.run_one(model, name, seed, refresh=policy))
-        study.save_records(args.json, records)
-    stored = [r for r in study.load_records(args.study_json) if r["model"] == model.name]
-    reference = [r for r in stored if r["schedule"] == study.REFERENCE]
-    every10 = [r for r in stored if r["schedule"] == "every10" and r.get("soap") == study.soap_variant()]
+        save_records(args.json, records)
+    stored = [r for r in load_records(args.study_json) if r["model"] == model.name]
+    reference = [r for r in stored if r["schedule"] == REFERENCE]
+    every10 = [r for r in stored if r["schedule"] == "every10" and r.get("soap") == soap_variant()]
     rows = []
     for name in shapes():
         mine = [r for r in records if r["schedule"] == name]

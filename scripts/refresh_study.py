@@ -13,19 +13,20 @@ that refreshes take as the factor size grows. The models are a registry, :data:`
 
 A plain training loop (no Trainer) over the recipes' own modules and optimizer construction
 (``recipes.optimizers.configure_optimization``: the recipes' weight-decay groups and warm-up +
-cosine schedule), so a run costs only its steps.
+cosine schedule), so a run costs only its steps. The parts: the schedules by name
+(``study_schedules.py``), the probes of the first step (``first_step_probes.py``), the stored runs
+(``study_records.py``) and the tables, plot and page (``refresh_report.py``); this file trains and
+is the command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import json
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -33,164 +34,26 @@ import torch
 from tqdm.auto import tqdm
 
 import lightning_kron as lk
-from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from recipes.optimizers import OptimizerConfig, configure_optimization, weight_decay_groups
 from recipes.schedule import warmup_cosine
-from scripts.machine import cpu_kind, describe_cpu, machine_of, same_cpu, same_cpu_run
-from scripts.refresh_candidates import RelativeRefresh, SmallFactorsOnClock
-from scripts.study_models import PROBE_MODELS, STUDY_MODELS, StudyModel, Task, register, study_model  # noqa: F401 (the registry's API)
+from scripts.first_step_probes import AFTER_FIRST_STEP, weights_of
+from scripts.machine import describe_cpu, machine_of, same_cpu
+from scripts.refresh_report import (
+    REFERENCE_ROWS,
+    machine_table,
+    markdown_tables,
+    plot,
+    reference_table,
+    summarize,
+    timing_table,
+    write_report,
+)
+from scripts.study_models import STUDY_MODELS, StudyModel, Task, study_model
+from scripts.study_records import OLD_VARIANT, load_records, record_key, save_records, soap_variant
+from scripts.study_schedules import BETAS_OF, DEFAULT, OPTIMIZER_OF, REFERENCE, SOAP_OVERRIDES, schedules
 
 
-# ----------------------------------------------------------------- the schedules
-def _plain(**budget) -> BudgetRefresh:
-    """The budget ranked by staleness alone (``age_power=0``) at a flat late rate, as it was before
-    the aged ranking and the taper."""
-    return BudgetRefresh(age_power=0.0, late_taper=1.0, **budget)
-
-
-def _flat(**budget) -> BudgetRefresh:
-    """The budget at a flat late rate (``late_taper=1``), as it was before the taper."""
-    return BudgetRefresh(late_taper=1.0, **budget)
-
-
-def schedules(steps: int) -> dict[str, object]:
-    """Baselines, then every candidate default (a loser stays listed: the table reports it)."""
-    def default(**changes) -> BudgetRefresh:
-        """SOAP's default budget for a run of ``steps``, with ``changes``."""
-        return BudgetRefresh(**{"every": 20, "front_load": 3.0, "early_fraction": 0.2, "total_steps": steps, **changes})
-
-    return {
-        "every10": lk.FixedRefresh(every=10),
-        "every1": lk.FixedRefresh(every=1),
-        "every20": lk.FixedRefresh(every=20),
-        # ranked by staleness alone (age_power=0), as the budget was before the aged ranking won
-        "budget20-front": _plain(every=20, front_load=2.0, early_fraction=0.25, total_steps=steps),
-        "budget20-flat": _plain(every=20, front_load=1.0, total_steps=steps),
-        # SOAP(params) alone does not know the length: an even spread, or the early rate for 30 steps
-        "bare-flat": _plain(every=20, front_load=1.0),
-        "bare-early30": _plain(every=20, front_load=3.0, early_steps=30),
-        "budget20-front-check5-qr3": _plain(every=20, front_load=2.0, early_fraction=0.25, total_steps=steps,
-                                            check_every=5, max_iters=3, tolerance=0.02),
-        "budget20-front3": _plain(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
-        "budget20-front1.5": _plain(every=20, front_load=1.5, early_fraction=0.3, total_steps=steps),
-        # the aged ranking (age_power=1), flat; before it, budget20-front3
-        "budget20-front3-aged": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
-        "budget10-front3-aged": _flat(every=10, front_load=3.0, early_fraction=0.2, total_steps=steps),
-        "bare-early30-aged": _flat(every=20, front_load=3.0, early_steps=30),
-        "budget20-front5-aged": _flat(every=20, front_load=5.0, early_fraction=0.1, total_steps=steps),
-        "budget20-front4-aged": _flat(every=20, front_load=4.0, early_fraction=0.15, total_steps=steps),
-        "budget20-front3-aged2": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
-                                       age_power=2.0),
-        "budget20-front3-aged0.5": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
-                                         age_power=0.5),
-        # its stored runs predate the carry-over of what a check's cap holds back (0.39x every=10's count)
-        "budget20-front3-aged-check10": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
-                                              check_every=10),
-        # the default: aged, the late rate tapered to a quarter (late_taper=0.25); then changes to it
-        "budget20-front3-aged-taper": default(),
-        # deciding every 10 steps (one host sync per 10 steps), the held-back budget carried over
-        "budget20-front3-aged-taper-check10": default(check_every=10),
-        "budget20-front3-aged-taper0": default(late_taper=0.0),
-        "budget20-front2-aged-taper": default(front_load=2.0),
-        "budget20-front4-aged-taper": default(front_load=4.0),
-        # a second (third) warm-QR iteration in every refresh: better bases per refresh
-        "budget20-front3-aged-taper-qr2": default(max_iters=2),
-        "budget20-front3-aged-taper-qr3": default(max_iters=3),
-        "budget20-front2-aged-taper0": default(front_load=2.0, late_taper=0.0),
-        "budget20-front2-aged-taper-qr2": default(front_load=2.0, max_iters=2),
-        "budget20-front2-aged-taper0-qr2": default(front_load=2.0, late_taper=0.0, max_iters=2),
-        "budget20-front2-aged-taper0-check5": default(front_load=2.0, late_taper=0.0, check_every=5),
-        "budget20-front2-aged-taper0-check10": default(front_load=2.0, late_taper=0.0, check_every=10),
-        "budget20-front1.5-aged-taper": default(front_load=1.5),
-        "budget20-front2-early0.1-aged-taper": default(front_load=2.0, early_fraction=0.1),
-        "budget20-front3-age8": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps,
-                                      age_power=8.0),
-        "every10-rotate": lk.FixedRefresh(every=10),
-        "budget20-front3-aged-rotate": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
-        # the remaining deviations from the reference undone, one at a time and all together
-        "every10-no-first-update": lk.FixedRefresh(every=10),
-        "every10-plain-eps": lk.FixedRefresh(every=10),
-        "every10-decay-after": lk.FixedRefresh(every=10),
-        "every10-reference-options": lk.FixedRefresh(every=10),
-        "budget20-front3-aged-taper-no-first-update": default(),
-        "every10-first-step-adam": lk.FixedRefresh(every=10),
-        # where the first step's effect sits: its update alone, or the first gradient in the moments
-        "every10-first-step-undone": lk.FixedRefresh(every=10),
-        "every10-first-step-fresh-moments": lk.FixedRefresh(every=10),
-        # ... and which of the two moments carries it: M (or V) alone restarted after the first step
-        "every10-first-step-fresh-m": lk.FixedRefresh(every=10),
-        "every10-first-step-fresh-v": lk.FixedRefresh(every=10),
-        "budget20-front3-aged-taper-first-step-fresh-m": default(),
-        "budget20-front3-aged-taper-reference-options": default(),
-        # the default with the factors of size <= 8 (a convolution's 3x3 kernel dims) on the every=10 clock
-        "budget20-front3-aged-taper-small8-clock": SmallFactorsOnClock(default(), max_size=8, every=10),
-        # EShampoo (exact eigh refreshes; after the step, V by rank, per-dim conv blocks, as SOAP) on its
-        # clock and at its default (the same budget as SOAP's); at AdamW's betas, its own defaults
-        "eshampoo-every10": lk.FixedRefresh(every=10),
-        "eshampoo-default": default(),
-        "eshampoo-every10-adamw-betas": lk.FixedRefresh(every=10),
-        # EShampoo's choices around a refresh before the study (inside the step, V rotated, merged dims)
-        "eshampoo-every10-own-carry": lk.FixedRefresh(every=10),
-        "eshampoo-default-own-carry": default(),
-        "eshampoo-aged-flat-own-carry": _flat(every=20, front_load=3.0, early_fraction=0.2, total_steps=steps),
-        "eshampoo-every10-adamw-betas-own-carry": lk.FixedRefresh(every=10),
-        "relative4": RelativeRefresh(ratio=4.0, floor=0.02),
-        "tol0.1-check10-qr3": lk.AdaptiveRefresh(tolerance=0.1, check_every=10, max_iters=3),
-        "gpt-tuned-0.15early-0.5": lk.AdaptiveRefresh(
-            tolerance=0.5, schedule=lk.TighterEarly(early_tolerance=0.15, early_steps=int(0.2 * steps))),
-    }
-
-
-BASELINES = ("every10", "every1", "every20")
-#: EShampoo's choices around a refresh before the study took SOAP's for it.
-_ESHAMPOO_OWN_CARRY = {"refresh_timing": "in_step", "second_moment_on_refresh": "rotate", "merge_dims": True}
-#: The reference's choices where SOAP's defaults still differ from it (docs/algorithms.md).
-_REMAINING_DEVIATIONS_UNDONE = {"update_at_start": False, "bias_corrected_eps": False,
-                                "weight_decay_mode": "decoupled_after_update"}
-#: Schedules that also change one of SOAP's defaults around a refresh (their name says which).
-SOAP_OVERRIDES = {"every10-rotate": {"second_moment_on_refresh": "rotate"},
-                  "budget20-front3-aged-rotate": {"second_moment_on_refresh": "rotate"},
-                  "every10-no-first-update": {"update_at_start": False},
-                  "every10-plain-eps": {"bias_corrected_eps": False},
-                  "every10-decay-after": {"weight_decay_mode": "decoupled_after_update"},
-                  "every10-reference-options": _REMAINING_DEVIATIONS_UNDONE,
-                  "budget20-front3-aged-taper-no-first-update": {"update_at_start": False},
-                  "every10-first-step-adam": {"update_at_start": False},
-                  **{name: _ESHAMPOO_OWN_CARRY for name in ("eshampoo-every10-own-carry", "eshampoo-default-own-carry",
-                                                            "eshampoo-aged-flat-own-carry",
-                                                            "eshampoo-every10-adamw-betas-own-carry")},
-                  "budget20-front3-aged-taper-reference-options": _REMAINING_DEVIATIONS_UNDONE}
-#: Schedules run with another optimizer than SOAP (same hyperparameters); their baseline is that
-#: optimizer's every=10 (:func:`baseline_of`).
-OPTIMIZER_OF = {name: "eshampoo" for name in ("eshampoo-every10", "eshampoo-default", "eshampoo-every10-adamw-betas",
-                                                "eshampoo-every10-own-carry", "eshampoo-default-own-carry",
-                                                "eshampoo-aged-flat-own-carry", "eshampoo-every10-adamw-betas-own-carry")}
-#: Schedules run at other betas than the study's (0.95, 0.95).
-BETAS_OF = {"eshampoo-every10-adamw-betas": (0.9, 0.999), "eshampoo-every10-adamw-betas-own-carry": (0.9, 0.999)}
-#: The schedule that is SOAP's default (``BudgetRefresh(total_steps=...)``, as KronCallback and the
-#: recipes run it).
-DEFAULT = "budget20-front3-aged-taper"
-#: Not a schedule of ours: the SOAP reference code (``pytorch_optimizer.SOAP``, its every=10) at the
-#: study's hyperparameters, learning-rate schedule and weight-decay groups.
-REFERENCE = "reference"
-#: The variant of records made before SOAP refreshed after the step, kept V by rank and blocked
-#: conv weights per dim (issue 11).
-OLD_VARIANT = "in_step+rotate+merged"
-
-
-def soap_variant() -> str:
-    """``lk.SOAP``'s default refresh timing, second-moment carry-over and conv blocking, as
-    ``"timing+carry+blocking"``: recorded with every run, so runs of other defaults are never
-    compared with these."""
-    parameters = inspect.signature(lk.SOAP).parameters
-    blocking = "merged" if parameters["merge_dims"].default else "per-dim"
-    return f"{parameters['refresh_timing'].default}+{parameters['second_moment_on_refresh'].default}+{blocking}"
-
-
-def _variant_of(record: dict) -> str:
-    return record.get("soap", OLD_VARIANT)
-
-
+# ----------------------------------------------------------------- training
 def _reference_optimizer(model: StudyModel, network: torch.nn.Module) -> tuple[torch.optim.Optimizer, list]:
     """The reference SOAP over the recipes' weight-decay groups, and a list that collects how many
     factors each of its refreshes recomputed."""
@@ -208,73 +71,6 @@ def _reference_optimizer(model: StudyModel, network: torch.nn.Module) -> tuple[t
 
     optimizer.get_orthogonal_matrix_qr = counted
     return optimizer, refreshed
-
-
-@torch.no_grad()
-def _adam_first_step(optimizer: torch.optim.Optimizer, before: list) -> None:
-    """Adam's first step, ``-lr * sign(g)`` (its bias-corrected ``m / sqrt(v)``), on every
-    parameter with a gradient: the first step in the identity basis, for a SOAP whose own first
-    step only set the statistics and bases (``update_at_start=False``)."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            if param.grad is not None:
-                param.add_(param.grad.sign(), alpha=-float(group["lr"]))
-
-
-@torch.no_grad()
-def _undo_first_update(optimizer: torch.optim.Optimizer, before: list) -> None:
-    """The weights put back as they were before the first step: its gradient stays in the
-    statistics, the bases and Adam's moments; only the update is gone."""
-    for param, weight in zip(_weights(optimizer), before):
-        param.copy_(weight)
-
-
-@torch.no_grad()
-def _restart_moments(optimizer: torch.optim.Optimizer, before: list) -> None:
-    """Adam's moments emptied after the first step, with its count taken back: the update stays,
-    the first gradient stays in the statistics and bases, and the moments start at the second."""
-    for group in optimizer.factor_groups():
-        group.tensors["exp_avg"].zero_()
-        group.tensors["exp_avg_sq"].zero_()
-        group.steps.sub_(1)
-
-
-def _restart_one_moment(name: str):
-    """A hook that empties one of Adam's moments (``"exp_avg"``: M, ``"exp_avg_sq"``: V) after the
-    first step and keeps the other. Its bias correction then counts one gradient fewer than the
-    step count: ``1 - beta^(t-1)`` instead of ``1 - beta^t``, put in by rescaling SOAP's ``s`` (and
-    ``e``, which carries ``sqrt(c2)``, for V) on every later step."""
-    def hook(optimizer: torch.optim.Optimizer, before: list) -> None:
-        assert optimizer.update_at_start, "the first step must have updated the moments to restart one of them"
-        for group in optimizer.factor_groups():
-            group.tensors[name].zero_()
-        corrections = optimizer._bias_corrections
-
-        def one_gradient_fewer(items, hyper):
-            eps, scale = corrections(items, hyper)
-            assert hyper.step is not None, "the study's parameter groups share one step count"
-            t = float(hyper.step)
-            if name == "exp_avg":
-                return eps, scale * ((1 - hyper.beta1 ** t) / (1 - hyper.beta1 ** (t - 1)))
-            ratio = math.sqrt((1 - hyper.beta2 ** (t - 1)) / (1 - hyper.beta2 ** t))
-            return (eps * ratio if optimizer.bias_corrected_eps else eps), scale * ratio
-        optimizer._bias_corrections = one_gradient_fewer
-    return hook
-
-
-def _weights(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [param for group in optimizer.param_groups for param in group["params"]]
-
-
-#: Schedules that change what the first step leaves behind: ``hook(optimizer, weights_before)``
-#: runs right after it. Adam's first step in the identity basis instead of SOAP's (whose own then
-#: only sets the statistics and bases), the update undone, or the moments restarted (both, M or V).
-AFTER_FIRST_STEP = {"every10-first-step-adam": _adam_first_step,
-                    "every10-first-step-undone": _undo_first_update,
-                    "every10-first-step-fresh-moments": _restart_moments,
-                    "every10-first-step-fresh-m": _restart_one_moment("exp_avg"),
-                    "every10-first-step-fresh-v": _restart_one_moment("exp_avg_sq"),
-                    "budget20-front3-aged-taper-first-step-fresh-m": _restart_one_moment("exp_avg")}
 
 
 def run_one(model: StudyModel, schedule: str, seed: int, refresh: Optional[object] = None) -> dict:
@@ -301,7 +97,7 @@ def run_one(model: StudyModel, schedule: str, seed: int, refresh: Optional[objec
         optimizer.zero_grad(set_to_none=True)
         task.loss(task.network, batch).backward()
         first_hooked = step == 0 and after_first_step is not None
-        before = [weight.detach().clone() for weight in _weights(optimizer)] if first_hooked else None
+        before = [weight.detach().clone() for weight in weights_of(optimizer)] if first_hooked else None
         optimizer.step()
         if before is not None:
             after_first_step(optimizer, before)
@@ -325,239 +121,36 @@ def evaluate(task: Task) -> float:
     return sum(losses) / len(losses)
 
 
-def _key(record: dict) -> tuple:
-    """A run's identity; the reference does not depend on our defaults, so it has no variant."""
-    variant = None if record["schedule"] == REFERENCE else _variant_of(record)
-    return record["model"], record["schedule"], record["seed"], variant
-
-
-def load_records(*paths: Path) -> list[dict]:
-    """The runs stored in ``paths`` (parallel workers write one file each; missing files: none)."""
-    return [run for path in paths if path.exists() for run in json.loads(path.read_text())["runs"]]
-
-
-def save_records(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"runs": records}, indent=1) + "\n")
-    tmp.replace(path)
-
-
-def run_all(path: Path, models: list[str], names: list[str], seeds: list[int], progress: bool = True) -> list[dict]:
-    """Every (model, schedule, seed) not yet in ``path``; saved after each run (resumable). A file
-    holds the runs of one kind of CPU (``scripts/machine.py``): one made elsewhere is refused."""
-    records = load_records(path)
+def check_request(path: Path, models: list[str], names: list[str]) -> list[StudyModel]:
+    """The models of a request to run, once it is known to be runnable: every model and schedule
+    registered, and ``path`` holding no runs of another kind of CPU (``scripts/machine.py``: runs
+    reproduce only on the CPU that made them). Raises ``ValueError`` before any run."""
     here = describe_cpu()
+    records = load_records(path)
     elsewhere = sorted({machine_of(r) or "a CPU it does not record" for r in records if not same_cpu(machine_of(r), here)})
     if elsewhere:
         raise ValueError(f"{path} holds runs made on {', '.join(elsewhere)}, and this is {here}: runs are compared "
                          f"seed by seed and reproduce only on the CPU that made them; store these in another --json")
-    done = {_key(r) for r in records}
-    current = soap_variant()
     chosen = [study_model(name) for name in models]
     unknown = [name for name in names if name != REFERENCE and name not in schedules(100)]
     if unknown:
         raise ValueError(f"unknown schedules {', '.join(unknown)}; the study's: {', '.join([*schedules(100), REFERENCE])}")
+    return chosen
+
+
+def run_all(path: Path, models: list[str], names: list[str], seeds: list[int], progress: bool = True) -> list[dict]:
+    """Every (model, schedule, seed) not yet in ``path``; saved after each run (resumable). A file
+    holds the runs of one kind of CPU: one made elsewhere is refused (:func:`check_request`)."""
+    chosen = check_request(path, models, names)
+    records = load_records(path)
+    done = {record_key(r) for r in records}
+    current = soap_variant()
     todo = [(m, s, seed) for seed in seeds for m in chosen for s in names
             if (m.name, s, seed, None if s == REFERENCE else current) not in done]
     for model, schedule, seed in tqdm(todo, desc="refresh study", disable=not progress):
         records.append(run_one(model, schedule, seed))
         save_records(path, records)
     return records
-
-
-# ----------------------------------------------------------------- the report
-@dataclass
-class Row:
-    model: str
-    schedule: str
-    refreshes: float
-    refresh_ratio: float
-    loss: float
-    loss_change: float  # mean over seeds of (loss / every10 loss of the same seed - 1)
-    spread: float  # max - min over seeds of that change
-    seeds: int
-    per_seed: list = field(default_factory=list)  # loss changes vs every=10, one per seed
-    losses: list = field(default_factory=list)  # final val losses, one per seed
-
-
-def summarize(records: list[dict], baseline: str = "every10", variant: Optional[str] = None) -> list[Row]:
-    """One row per (model, schedule): refreshes and loss relative to ``baseline`` on the same seeds,
-    over the runs of SOAP's ``variant`` of defaults (the current ones unless told) and the reference.
-    A run is paired with the baseline's run of its seed on the same kind of CPU (its ``machine``),
-    so the runs of several CPUs pool without pairing across them."""
-    variant = variant or soap_variant()
-    by_row: dict[tuple, list[dict]] = {}
-    for r in records:
-        if r["schedule"] == REFERENCE or _variant_of(r) == variant:
-            by_row.setdefault((r["model"], r["schedule"]), []).append(r)
-    rows = []
-    for model, schedule in sorted(by_row, key=_order):
-        pairs = paired(by_row[(model, schedule)], by_row.get((model, baseline_of(schedule, baseline)), []))
-        if not pairs:
-            continue
-        runs, base = [r for r, _ in pairs], [b for _, b in pairs]
-        changes = [r["val_loss"] / b["val_loss"] - 1 for r, b in zip(runs, base)]
-        rows.append(Row(model, schedule, statistics.mean(r["refreshes"] for r in runs),
-                        sum(r["refreshes"] for r in runs) / max(1, sum(b["refreshes"] for b in base)),
-                        statistics.mean(r["val_loss"] for r in runs), statistics.mean(changes),
-                        max(changes) - min(changes), len(runs), changes, [r["val_loss"] for r in runs]))
-    return rows
-
-
-def paired(runs: list[dict], baseline: list[dict]) -> list[tuple[dict, dict]]:
-    """Each of ``runs`` with ``baseline``'s run of its model and seed on the same kind of CPU
-    (:func:`~scripts.machine.same_cpu_run`): round-off makes runs on two kinds of CPU different
-    trajectories, so a run with no such partner is left out and CPUs pool without pairing across."""
-    by_seed: dict[tuple, list[dict]] = {}
-    for run in baseline:
-        by_seed.setdefault((run["model"], run["seed"]), []).append(run)
-    pairs = [(run, same_cpu_run(run, by_seed.get((run["model"], run["seed"]), []))) for run in runs]
-    return [(run, base) for run, base in pairs if base is not None]
-
-
-def baseline_of(schedule: str, baseline: str = "every10") -> str:
-    """What a schedule's row is compared with: SOAP's ``baseline``, or for a run of another
-    optimizer (:data:`OPTIMIZER_OF`) against SOAP's every=10, that optimizer's own every=10 (at
-    the run's betas, :data:`BETAS_OF`)."""
-    optimizer = OPTIMIZER_OF.get(schedule)
-    if optimizer is None or baseline != "every10":
-        return baseline
-    if schedule in BETAS_OF:  # the same optimizer on the clock at the same betas
-        return next(name for name, betas in BETAS_OF.items() if betas == BETAS_OF[schedule]
-                    and OPTIMIZER_OF.get(name) == optimizer and name not in SOAP_OVERRIDES)
-    return f"{optimizer}-every10"
-
-
-#: Our schedules the report's table compares with the reference (``--against`` names others).
-REFERENCE_ROWS = ("every10", DEFAULT, "budget20-front3-aged", "budget10-front3-aged", "bare-early30-aged")
-
-
-def reference_table(records: list[dict], ours: tuple[str, ...] = REFERENCE_ROWS, variant: Optional[str] = None) -> str:
-    """Per model: the reference's mean final loss and each of ``ours`` against it (mean over seeds
-    of the per-seed change, its standard error, the worst seed and on how many seeds ours ended
-    lower, in brackets: the count does not lean on the mean of a noisy loss's ratios)."""
-    rows = {(r.model, r.schedule): r for r in summarize(records, baseline=REFERENCE, variant=variant)}
-    models = list(dict.fromkeys(model for model, schedule in rows if schedule == REFERENCE))
-    shown = [name for name in ours if any((model, name) in rows for model in models)]
-    lines = ["| model | reference (mean) | " + " | ".join(f"ours, {name}" for name in shown) + " |",
-             "|---|---:|" + "---:|" * len(shown)]
-    for model in models:
-        cells = [f"{rows[(model, REFERENCE)].loss:.4f}"]
-        for name in shown:
-            row = rows.get((model, name))
-            error = _standard_error(row.per_seed) if row is not None else ""
-            lower = "" if row is None else sum(change < 0 for change in row.per_seed)
-            cells.append("" if row is None else f"{row.loss:.4f} ({100 * row.loss_change:+.1f}%"
-                         f"{' ± ' + error if error else ''}, worst seed {100 * max(row.per_seed):+.1f}%, "
-                         f"lower on {lower}/{row.seeds})")
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def machine_table(records: list[dict]) -> Optional[str]:
-    """The same run (model, schedule, seed, SOAP's defaults) on two kinds of CPU (by model name):
-    how far round-off alone moves the final loss (the second CPU's over the first's, by name), per
-    model and schedule; None when the runs come from one kind."""
-    machines = sorted({cpu_kind(machine_of(r)) for r in records} - {""})
-    if len(machines) < 2:
-        return None
-    if len(machines) > 2:
-        raise ValueError(f"the runs come from {len(machines)} kinds of CPU ({', '.join(machines)}); compare two at a time")
-    first, second = machines
-    runs = {(r["model"], r["schedule"], r["seed"], _key(r)[3], cpu_kind(machine_of(r))): r["val_loss"] for r in records}
-    lines = [f"| model | schedule | seeds | {second} over {first} (mean) | its standard error | mean size |",
-             "|---|---|---:|---:|---:|---:|"]
-    pairs = sorted({(model, schedule) for model, schedule, _, _, machine in runs if machine == second}, key=_order)
-    for model, schedule in pairs:
-        changes = [loss / runs[(m, s, seed, variant, first)] - 1 for (m, s, seed, variant, machine), loss in runs.items()
-                   if (m, s, machine) == (model, schedule, second) and (m, s, seed, variant, first) in runs]
-        if len(changes) > 1:
-            lines.append(f"| {model} | {schedule} | {len(changes)} | {100 * statistics.mean(changes):+.2f}% | "
-                         f"{_standard_error(changes)} | {100 * statistics.mean(map(abs, changes)):.2f}% |")
-    return "\n".join(lines)
-
-
-def _order(pair: tuple[str, str]) -> tuple:
-    """Registry order of the models (one at another lr, ``name@lrX``, next to its own, by lr), then
-    the schedules' order."""
-    registered = {**STUDY_MODELS, **PROBE_MODELS}
-    models, names = list(registered), [*BASELINES, REFERENCE, *schedules(100)]
-    model, schedule = pair
-    base, _, lr = model.partition("@lr")
-    known = base in registered
-    return (models.index(base) if known else len(models), base, float(lr) if lr else registered[base].lr if known else 0.0,
-            names.index(schedule) if schedule in names else 99, schedule)
-
-
-def _standard_error(changes: list[float]) -> str:
-    """The standard error of the mean of the per-seed changes (the seeds are paired with
-    every=10's, so this is the noise of the comparison itself); blank for one seed."""
-    if len(changes) < 2:
-        return ""
-    return f"{100 * statistics.stdev(changes) / math.sqrt(len(changes)):.2f}%"
-
-
-def markdown_tables(rows: list[Row]) -> str:
-    """Per model: every schedule's refreshes and loss relative to every=10; then a summary per
-    schedule over models (mean and worst loss change, mean refresh ratio)."""
-    lines = ["| model | schedule | seeds | refreshes (mean) | x every=10 | final val loss (mean) | vs every=10 (mean) | "
-             "its standard error | spread over seeds | worst seed |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r.model} | {r.schedule} | {r.seeds} | {r.refreshes:.0f} | {r.refresh_ratio:.2f}x | {r.loss:.4f} | "
-              f"{100 * r.loss_change:+.2f}% | {_standard_error(r.per_seed)} | {100 * r.spread:.2f}% | "
-              f"{100 * max(r.per_seed):+.2f}% |" for r in rows]
-    summary = ["| schedule | models | seeds per model | refreshes x every=10 (mean) | worst refresh ratio | "
-               "loss vs every=10 (mean over models) | worst model (its mean) | worst seed |",
-               "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for schedule in dict.fromkeys(r.schedule for r in rows):
-        mine = [r for r in rows if r.schedule == schedule]
-        worst = max(mine, key=lambda r: r.loss_change)
-        seed = max(mine, key=lambda r: max(r.per_seed))
-        seeds = "-".join(sorted({str(r.seeds) for r in mine}))
-        summary.append(f"| {schedule} | {len(mine)} | {seeds} | {statistics.mean(r.refresh_ratio for r in mine):.2f}x | "
-                       f"{max(r.refresh_ratio for r in mine):.2f}x | {100 * statistics.mean(r.loss_change for r in mine):+.2f}% | "
-                       f"{100 * worst.loss_change:+.2f}% ({worst.model}) | {100 * max(seed.per_seed):+.2f}% ({seed.model}) |")
-    return "\n".join(summary) + "\n\n" + "\n".join(lines)
-
-
-def plot(rows: list[Row], path: Path) -> None:
-    """Final validation loss (mean over seeds, bars: min to max) against total refreshes, one panel
-    per model, one marker per schedule; the dashed line is every=10's loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    models = list(dict.fromkeys(r.model for r in rows))
-    names = list(dict.fromkeys(r.schedule for r in rows))
-    columns, legend_columns = 3, 4
-    legend_height = 0.2 * math.ceil(len(names) / legend_columns) + 0.3  # inches below the panels
-    height = 3.6 * math.ceil(len(models) / columns) + legend_height
-    figure, axes = plt.subplots(math.ceil(len(models) / columns), columns, figsize=(13, height), squeeze=False)
-    markers = "os^vD<>pX*h"
-    for axis, model in zip(axes.flat, models):
-        for index, name in enumerate(names):
-            row = next((r for r in rows if r.model == model and r.schedule == name), None)
-            if row is not None:
-                bars = [[row.loss - min(row.losses)], [max(row.losses) - row.loss]]
-                axis.errorbar(max(row.refreshes, 1), row.loss, yerr=bars, fmt=markers[index % len(markers)],
-                              label=name, capsize=2, ms=6)
-            if name == "every10" and row is not None:
-                axis.axhline(row.loss, color="grey", lw=0.6, ls="--")
-        axis.set_xscale("log")
-        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # 2x10^2, 3x10^2... overlap
-        axis.set_title(model)
-        axis.set_xlabel("total refreshes (log)")
-        axis.set_ylabel("final val loss")
-    for axis in list(axes.flat)[len(models):]:
-        axis.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=legend_columns, fontsize=8)
-    figure.tight_layout(rect=(0, legend_height / height, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 # ----------------------------------------------------------------- the wall-clock view
@@ -581,47 +174,6 @@ def time_factor(size: int, repeats: int = 3) -> dict:
         optimizer.refresh_factors(["w[L]"])
         refresh_times.append(time.perf_counter() - started)
     return {"size": size, "step_seconds": statistics.median(step_times), "refresh_seconds": statistics.median(refresh_times)}
-
-
-def timing_table(timings: list[dict], adaptive_ratio: Optional[float]) -> str:
-    """Share of the step spent refreshing, amortised: 2 factors x refresh / period."""
-    header = "| factor size | step (s) | one refresh (s) | refresh share at every=10 |"
-    header += (f" at the default's {adaptive_ratio:.2f}x |" if adaptive_ratio else "")
-    lines = [header, "|" + "---:|" * (5 if adaptive_ratio else 4)]
-    for t in timings:
-        cells = [str(t["size"]), f"{t['step_seconds']:.3f}", f"{t['refresh_seconds']:.3f}"]
-        for ratio in ([1.0, adaptive_ratio] if adaptive_ratio else [1.0]):
-            amortised = 2 * t["refresh_seconds"] * ratio / 10
-            cells.append(f"{100 * amortised / (t['step_seconds'] + amortised):.0f}%")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def replace_between(text: str, marker: str, content: str) -> str:
-    """``text`` with what lies between ``<!-- marker:begin -->`` and ``<!-- marker:end -->``
-    replaced by ``content`` (the markers stay); appended at the end when the markers are absent."""
-    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    if begin not in text or end not in text:
-        return text.rstrip("\n") + f"\n\n{begin}\n{content}\n{end}\n"
-    head, rest = text.split(begin, 1)
-    return f"{head}{begin}\n{content}\n{end}{rest.split(end, 1)[1]}"
-
-
-def write_report(path: Path, rows: list[Row], timing: Optional[Path], default: str,
-                 reference: Optional[str] = None, marker: str = "refresh-study", machines: Optional[str] = None) -> None:
-    """The study's tables (and the timing table, when measured; the runs of two CPUs compared, when
-    there are two) into ``path`` between markers."""
-    text = path.read_text() if path.exists() else ""
-    text = replace_between(text, marker, markdown_tables(rows))
-    if reference is not None:
-        text = replace_between(text, "refresh-reference", reference)
-    if machines is not None:
-        text = replace_between(text, "refresh-machines", machines)
-    if timing is not None and timing.exists():
-        mine = [r.refresh_ratio for r in rows if r.schedule == default]
-        ratio = statistics.mean(mine) if mine else None
-        text = replace_between(text, "refresh-timing", timing_table(json.loads(timing.read_text())["timings"], ratio))
-    path.write_text(text)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -669,8 +221,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(timing_table(timings, None))
         return 0
     if args.report is None and not args.show:
-        run_all(args.json, args.models.split(","), args.schedules.split(","),
-                args.seeds, not args.no_progress)
+        models, names = args.models.split(","), args.schedules.split(",")
+        try:
+            check_request(args.json, models, names)
+        except ValueError as error:
+            parser.error(str(error))
+        run_all(args.json, models, names, args.seeds, not args.no_progress)
     records = load_records(args.json, *args.also)
     rows = summarize(records, variant=args.variant)
     text = markdown_tables(rows)

@@ -7,6 +7,8 @@ import json
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from scripts import refresh_shape_grid as grid
 from scripts import refresh_study as study
+from scripts import study_records as stored_runs
+from scripts import study_schedules as named
 from scripts import study_models
 from scripts.machine import describe_cpu
 
@@ -23,8 +25,8 @@ def test_the_grid_runs_resumably_and_ranks_the_shapes_against_the_baselines(tmp_
     two = dict(list(grid.shapes().items())[:2])
     monkeypatch.setattr(grid, "shapes", lambda: two)
     baselines = tmp_path / "study.json"
-    stored = [{"model": "toy", "schedule": name, "seed": seed, "val_loss": 1.0, "soap": study.soap_variant(),
-               "machine": describe_cpu()} for name in (study.REFERENCE, "every10") for seed in (0, 1)]
+    stored = [{"model": "toy", "schedule": name, "seed": seed, "val_loss": 1.0, "soap": stored_runs.soap_variant(),
+               "machine": describe_cpu()} for name in (named.REFERENCE, "every10") for seed in (0, 1)]
     baselines.write_text(json.dumps({"runs": stored}))
     arguments = ["--model", "toy", "--json", str(tmp_path / "grid.json"), "--study-json", str(baselines),
                  "--seeds", "0,1", "--no-progress"]
@@ -53,7 +55,7 @@ def test_a_grid_with_no_baseline_of_its_cpu_says_so_instead_of_a_table(tmp_path,
     one = dict(list(grid.shapes().items())[:1])
     monkeypatch.setattr(grid, "shapes", lambda: one)
     baselines = tmp_path / "study.json"
-    baselines.write_text(json.dumps({"runs": [{"model": "toy", "schedule": study.REFERENCE, "seed": 0, "val_loss": 1.0,
+    baselines.write_text(json.dumps({"runs": [{"model": "toy", "schedule": named.REFERENCE, "seed": 0, "val_loss": 1.0,
                                                "machine": "Some Other CPU"}]}))
     assert grid.main(["--model", "toy", "--json", str(tmp_path / "grid.json"), "--study-json", str(baselines),
                       "--seeds", "0", "--no-progress"]) == 1
@@ -82,8 +84,8 @@ def test_a_model_at_another_lr_trains_at_it_and_pairs_with_its_own_baselines(tmp
     monkeypatch.setattr(study, "run_one", lambda model, *args, **kwargs: rates.append(model.lr) or real_run_one(model, *args, **kwargs))
     baselines = tmp_path / "study.json"
     losses = {"toy": 1000.0, "toy@lr0.001": 2.0}  # pairing with the base model's runs would show about -100%
-    stored = [{"model": model, "schedule": name, "seed": seed, "val_loss": loss, "soap": study.soap_variant(),
-               "machine": describe_cpu()} for model, loss in losses.items() for name in (study.REFERENCE, "every10")
+    stored = [{"model": model, "schedule": name, "seed": seed, "val_loss": loss, "soap": stored_runs.soap_variant(),
+               "machine": describe_cpu()} for model, loss in losses.items() for name in (named.REFERENCE, "every10")
               for seed in (0, 1)]
     baselines.write_text(json.dumps({"runs": stored}))
     assert grid.main(["--model", "toy@lr1e-3", "--json", str(tmp_path / "grid.json"), "--study-json", str(baselines),

@@ -10,6 +10,10 @@ import torch
 import pytest
 
 from scripts import refresh_study as study
+from scripts import first_step_probes as probes
+from scripts import refresh_report as report
+from scripts import study_records as stored_runs
+from scripts import study_schedules as named
 from scripts import study_models
 
 
@@ -33,17 +37,17 @@ def test_runs_are_recorded_and_not_repeated(toy, tmp_path, monkeypatch):
 
 def _record(schedule, seed, loss, refreshes, variant=None):
     return {"model": "m", "schedule": schedule, "seed": seed, "val_loss": loss, "refreshes": refreshes,
-            "soap": variant or study.soap_variant()}
+            "soap": variant or stored_runs.soap_variant()}
 
 
 def test_the_summary_is_relative_to_every10_on_the_same_seeds():
     records = [_record("every10", 0, 2.0, 100), _record("every10", 1, 4.0, 100),
                _record("every20", 0, 2.2, 50), _record("every20", 1, 4.0, 50), _record("every20", 2, 9.0, 50)]
-    rows = {row.schedule: row for row in study.summarize(records)}
+    rows = {row.schedule: row for row in report.summarize(records)}
     assert rows["every20"].seeds == 2  # seed 2 has no every=10 run to compare with
     assert rows["every20"].refresh_ratio == pytest.approx(0.5)
     assert rows["every20"].loss_change == pytest.approx(0.05) and rows["every20"].spread == pytest.approx(0.1)
-    table = study.markdown_tables(list(rows.values()))
+    table = report.markdown_tables(list(rows.values()))
     # per-seed changes 0% and +10%: standard error stdev / sqrt(2) = 0.0707 / 1.414 = 5%
     assert "| m | every20 | 2 | 50 | 0.50x | 3.1000 | +5.00% | 5.00% | 10.00% | +10.00% |" in table
 
@@ -51,21 +55,21 @@ def test_the_summary_is_relative_to_every10_on_the_same_seeds():
 def test_another_optimizers_rows_are_relative_to_its_own_every10():
     records = [_record("every10", 0, 2.0, 100), _record("eshampoo-every10", 0, 4.0, 100),
                _record("eshampoo-default", 0, 3.0, 50)]
-    rows = {row.schedule: row for row in study.summarize(records)}
+    rows = {row.schedule: row for row in report.summarize(records)}
     assert rows["eshampoo-default"].loss_change == pytest.approx(-0.25)  # 3.0 / 4.0, not 3.0 / 2.0
     assert rows["eshampoo-every10"].loss_change == 0.0
-    assert study.baseline_of("eshampoo-default", study.REFERENCE) == study.REFERENCE
+    assert named.baseline_of("eshampoo-default", named.REFERENCE) == named.REFERENCE
     # at other betas, the same optimizer's clock at those betas
-    assert study.baseline_of("eshampoo-every10-adamw-betas-own-carry") == "eshampoo-every10-adamw-betas"
+    assert named.baseline_of("eshampoo-every10-adamw-betas-own-carry") == "eshampoo-every10-adamw-betas"
 
 
 def test_the_report_replaces_only_its_own_section(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("intro\n<!-- refresh-study:begin -->\nold\n<!-- refresh-study:end -->\noutro\n")
-    rows = study.summarize([_record("every10", 0, 2.0, 10), _record("every1", 0, 1.9, 100)])
+    rows = report.summarize([_record("every10", 0, 2.0, 10), _record("every1", 0, 1.9, 100)])
     timing = tmp_path / "timing.json"
     timing.write_text(json.dumps({"timings": [{"size": 768, "step_seconds": 0.1, "refresh_seconds": 0.5}]}))
-    study.write_report(page, rows, timing, default="every1")
+    report.write_report(page, rows, timing, default="every1")
     text = page.read_text()
     assert text.startswith("intro\n<!-- refresh-study:begin -->\n| schedule |") and "old" not in text
     assert "outro" in text and "<!-- refresh-timing:begin -->" in text
@@ -74,7 +78,7 @@ def test_the_report_replaces_only_its_own_section(tmp_path):
 
 
 def test_the_reference_runs_in_the_study_and_counts_its_refreshes_like_every10(toy, tmp_path):
-    records = study.run_all(tmp_path / "runs.json", [toy], ["every10", study.REFERENCE], [0], progress=False)
+    records = study.run_all(tmp_path / "runs.json", [toy], ["every10", named.REFERENCE], [0], progress=False)
     ours, reference = records
     # the toy MLP has only matrices: the reference preconditions the same factors, once, at step 10
     assert reference["factors"] == ours["factors"] > 0 and reference["refreshes"] == ours["refreshes"]
@@ -83,23 +87,23 @@ def test_the_reference_runs_in_the_study_and_counts_its_refreshes_like_every10(t
 
 def test_runs_of_other_defaults_are_neither_compared_nor_taken_for_current_ones(toy, tmp_path):
     path = tmp_path / "runs.json"
-    old = {**_record("every10", 0, 1.0, 5, variant=study.OLD_VARIANT), "model": toy, "machine": study.describe_cpu()}
+    old = {**_record("every10", 0, 1.0, 5, variant=stored_runs.OLD_VARIANT), "model": toy, "machine": study.describe_cpu()}
     del old["soap"]  # records made before the variant was recorded are the old defaults
-    study.save_records(path, [old])
+    stored_runs.save_records(path, [old])
     records = study.run_all(path, [toy], ["every10"], [0], progress=False)
-    assert len(records) == 2 and records[1]["soap"] == study.soap_variant()
-    (row,) = study.summarize(records)
+    assert len(records) == 2 and records[1]["soap"] == stored_runs.soap_variant()
+    (row,) = report.summarize(records)
     assert row.losses == [records[1]["val_loss"]]
-    (old_row,) = study.summarize(records, variant=study.OLD_VARIANT)
+    (old_row,) = report.summarize(records, variant=stored_runs.OLD_VARIANT)
     assert old_row.losses == [1.0]
 
 
 def test_the_reference_table_compares_each_seed_with_the_reference():
-    records = [_record(study.REFERENCE, 0, 2.0, 10), _record(study.REFERENCE, 1, 4.0, 10),
+    records = [_record(named.REFERENCE, 0, 2.0, 10), _record(named.REFERENCE, 1, 4.0, 10),
                _record("every10", 0, 1.8, 10), _record("every10", 1, 4.4, 10),
-               _record(study.DEFAULT, 0, 2.0, 5), _record(study.DEFAULT, 1, 3.0, 5)]
-    table = study.reference_table(records)
-    assert table.splitlines()[0] == f"| model | reference (mean) | ours, every10 | ours, {study.DEFAULT} |"
+               _record(named.DEFAULT, 0, 2.0, 5), _record(named.DEFAULT, 1, 3.0, 5)]
+    table = report.reference_table(records)
+    assert table.splitlines()[0] == f"| model | reference (mean) | ours, every10 | ours, {named.DEFAULT} |"
     # every10: -10% and +10% -> mean 0, s.e. 14.14% / sqrt(2) = 10%, worst +10%, lower on one;
     # budget: 0% (a tie is not lower) and -25%
     assert table.splitlines()[2] == ("| m | 3.0000 | 3.1000 (+0.0% ± 10.00%, worst seed +10.0%, lower on 1/2) | "
@@ -126,10 +130,10 @@ def test_the_aged_ranking_lets_a_passed_over_factor_catch_up():
 
 
 def test_every_override_names_a_schedule_of_the_study():
-    names = set(study.schedules(100))
-    assert set(study.SOAP_OVERRIDES) <= names and set(study.OPTIMIZER_OF) <= names
-    assert set(study.AFTER_FIRST_STEP) <= names
-    assert study.SOAP_OVERRIDES["every10-first-step-adam"]["update_at_start"] is False
+    names = set(named.schedules(100))
+    assert set(named.SOAP_OVERRIDES) <= names and set(named.OPTIMIZER_OF) <= names
+    assert set(probes.AFTER_FIRST_STEP) <= names
+    assert named.SOAP_OVERRIDES["every10-first-step-adam"]["update_at_start"] is False
 
 
 def test_a_first_step_in_the_identity_basis_is_adams_sign_step():
@@ -140,7 +144,7 @@ def test_a_first_step_in_the_identity_basis_is_adams_sign_step():
     before = layer.weight.detach().clone()
     optimizer.step()
     assert torch.equal(layer.weight, before)
-    study._adam_first_step(optimizer, [before])
+    probes.adam_first_step(optimizer, [before])
     assert torch.equal(layer.weight.detach(), before - 0.1 * layer.weight.grad.sign())
 
 
@@ -150,21 +154,21 @@ def _first_step(hook):
     layer = torch.nn.Linear(4, 3)
     optimizer = study.lk.SOAP(layer.named_parameters(), lr=0.1)
     layer(torch.randn(5, 4)).sum().backward()
-    before = [weight.detach().clone() for weight in study._weights(optimizer)]
+    before = [weight.detach().clone() for weight in probes.weights_of(optimizer)]
     optimizer.step()
     hook(optimizer, before)
     return before, layer, optimizer
 
 
 def test_the_first_update_undone_leaves_the_weights_and_keeps_the_moments():
-    before, _, optimizer = _first_step(study._undo_first_update)
-    assert all(torch.equal(weight, old) for weight, old in zip(study._weights(optimizer), before))
+    before, _, optimizer = _first_step(probes.undo_first_update)
+    assert all(torch.equal(weight, old) for weight, old in zip(probes.weights_of(optimizer), before))
     groups = optimizer.factor_groups()
     assert all(bool(group.tensors["exp_avg_sq"].abs().sum() > 0) and int(group.steps.min()) == 1 for group in groups)
 
 
 def test_restarted_moments_keep_the_update_and_count_from_the_second_step():
-    before, layer, optimizer = _first_step(study._restart_moments)
+    before, layer, optimizer = _first_step(probes.restart_moments)
     assert not torch.equal(layer.weight.detach(), before[0])
     groups = optimizer.factor_groups()
     assert all(not group.tensors["exp_avg"].any() and not group.tensors["exp_avg_sq"].any() for group in groups)
@@ -181,15 +185,15 @@ def _trajectory(hooks, steps=4):
     for step, batch in enumerate(inputs):
         optimizer.zero_grad()
         layer(batch).square().sum().backward()
-        before = [weight.detach().clone() for weight in study._weights(optimizer)]
+        before = [weight.detach().clone() for weight in probes.weights_of(optimizer)]
         optimizer.step()
         for hook in hooks if step == 0 else ():
             hook(optimizer, before)
-    return optimizer, [weight.detach().clone() for weight in study._weights(optimizer)]
+    return optimizer, [weight.detach().clone() for weight in probes.weights_of(optimizer)]
 
 
 def test_one_moment_restarted_empties_it_and_keeps_the_other():
-    optimizer, _ = _trajectory([study._restart_one_moment("exp_avg")], steps=1)
+    optimizer, _ = _trajectory([probes.restart_one_moment("exp_avg")], steps=1)
     groups = optimizer.factor_groups()
     assert all(not group.tensors["exp_avg"].any() and group.tensors["exp_avg_sq"].any() for group in groups)
 
@@ -197,9 +201,9 @@ def test_one_moment_restarted_empties_it_and_keeps_the_other():
 def test_m_and_v_restarted_one_at_a_time_is_both_restarted_with_the_count_taken_back():
     """The one-moment hooks' rescaled bias corrections compose to the step count taken back: the
     same trajectory to fp64 round-off (a few operations per step in another order)."""
-    _, both = _trajectory([study._restart_moments])
-    _, apart = _trajectory([study._restart_one_moment("exp_avg"), study._restart_one_moment("exp_avg_sq")])
-    _, m_only = _trajectory([study._restart_one_moment("exp_avg")])
+    _, both = _trajectory([probes.restart_moments])
+    _, apart = _trajectory([probes.restart_one_moment("exp_avg"), probes.restart_one_moment("exp_avg_sq")])
+    _, m_only = _trajectory([probes.restart_one_moment("exp_avg")])
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(both, apart))
     assert not all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(both, m_only))
 
@@ -224,16 +228,27 @@ def test_a_bad_model_name_fails_before_any_run(name, tmp_path):
 def test_a_store_of_runs_made_on_another_or_an_unrecorded_cpu_is_refused_before_any_run(tmp_path, machine, said):
     path = tmp_path / "runs.json"
     record = _record("every10", 0, 1.0, 10) if machine is None else {**_record("every10", 0, 1.0, 10), "machine": machine}
-    study.save_records(path, [record])
+    stored_runs.save_records(path, [record])
     with pytest.raises(ValueError, match=said):
         study.run_all(path, ["mlp"], ["every10"], [1], progress=False)
-    assert len(study.load_records(path)) == 1
+    assert len(stored_runs.load_records(path)) == 1
 
 
 def test_an_unknown_schedule_fails_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="unknown schedules every7"):
         study.run_all(tmp_path / "runs.json", ["mlp"], ["every10", "every7"], [0], progress=False)
     assert not (tmp_path / "runs.json").exists()
+
+
+@pytest.mark.parametrize("argv, said", [(["--models", "resnet50"], "unknown study model 'resnet50'"),
+                                         (["--models", "mlp", "--schedules", "every7"], "unknown schedules every7")])
+def test_the_command_line_refuses_a_bad_request_in_one_line_before_any_run(tmp_path, capsys, argv, said):
+    with pytest.raises(SystemExit) as exit_info:
+        study.main([*argv, "--json", str(tmp_path / "runs.json"), "--seeds", "0", "--no-progress"])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert ": error: " in stderr.strip().splitlines()[-1] and said in stderr.strip().splitlines()[-1]
+    assert "Traceback" not in stderr and not (tmp_path / "runs.json").exists()
 
 
 def test_seeds_are_given_as_lists_ranges_or_both():
@@ -245,13 +260,13 @@ def test_seeds_are_given_as_lists_ranges_or_both():
 
 
 def test_show_prints_the_stored_runs_against_the_reference_and_runs_none(tmp_path, capsys):
-    stored = study.load_records(Path(__file__).parents[1] / "docs/figures/refresh_study_runs.json")
-    chosen = [r for r in stored if r["model"] == "mlp" and r["seed"] in (0, 1) and (r["schedule"] == study.REFERENCE or (
-              r["schedule"] == "every10" and r.get("soap") == study.soap_variant()))]
+    stored = stored_runs.load_records(Path(__file__).parents[1] / "docs/figures/refresh_study_runs.json")
+    chosen = [r for r in stored if r["model"] == "mlp" and r["seed"] in (0, 1) and (r["schedule"] == named.REFERENCE or (
+              r["schedule"] == "every10" and r.get("soap") == stored_runs.soap_variant()))]
     path = tmp_path / "runs.json"
-    study.save_records(path, chosen)
+    stored_runs.save_records(path, chosen)
     assert study.main(["--json", str(path), "--show"]) == 0
-    assert study.load_records(path) == chosen
+    assert stored_runs.load_records(path) == chosen
     out = capsys.readouterr().out
     reference = next(line for line in out.splitlines() if line.startswith("| mlp | 0."))
     assert "| mlp | every10 | 2 |" in out and "lower on" in reference and reference.count("/2)") == 1
@@ -259,9 +274,9 @@ def test_show_prints_the_stored_runs_against_the_reference_and_runs_none(tmp_pat
 
 def test_show_compares_the_schedules_it_is_given_with_the_reference(tmp_path, capsys):
     records = [_record(schedule, seed, loss, 10) for seed in (0, 1)
-               for schedule, loss in ((study.REFERENCE, 1.0), ("every10", 1.1), ("every20", 1.2))]
+               for schedule, loss in ((named.REFERENCE, 1.0), ("every10", 1.1), ("every20", 1.2))]
     path = tmp_path / "runs.json"
-    study.save_records(path, records)
+    stored_runs.save_records(path, records)
     assert study.main(["--json", str(path), "--show", "--against", "every20"]) == 0
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| model | reference"))
     assert header.count("ours,") == 1 and "ours, every20" in header
@@ -276,7 +291,7 @@ def test_runs_pair_with_the_baseline_of_their_own_cpu():
                _on("B (AVX512)", _record("every10", 0, 8.0, 10)), _record("every10", 0, 16.0, 10),
                _on("A", _record("every20", 0, 2.2, 5)), _on("B (AVX512)", _record("every20", 0, 8.0, 5)),
                _record("every20", 0, 16.0, 5), _on("B (AVX1)", _record("every20", 0, 1.0, 5))]
-    (row,) = [row for row in study.summarize(records) if row.schedule == "every20"]
+    (row,) = [row for row in report.summarize(records) if row.schedule == "every20"]
     # A with A, AVX512 with AVX512, unrecorded with unrecorded; AVX1 has no baseline of its CPU
     assert row.seeds == 3 and sorted(row.per_seed) == pytest.approx([0.0, 0.0, 0.1])
 
@@ -284,10 +299,10 @@ def test_runs_pair_with_the_baseline_of_their_own_cpu():
 def test_the_machine_table_says_how_far_round_off_alone_moves_a_run():
     records = [_on("A", _record("every10", 0, 2.0, 10)), _on("B", _record("every10", 0, 2.2, 10)),
                _on("A", _record("every10", 1, 4.0, 10)), _on("B", _record("every10", 1, 3.6, 10))]
-    table = study.machine_table(records)
+    table = report.machine_table(records)
     # +10% and -10%: mean 0, standard error 14.14% / sqrt(2) = 10%, mean size 10%
     assert table.splitlines()[2] == "| m | every10 | 2 | +0.00% | 10.00% | 10.00% |"
-    assert study.machine_table([r for r in records if r["machine"] == "A"]) is None
+    assert report.machine_table([r for r in records if r["machine"] == "A"]) is None
 
 
 def test_group_norm_takes_the_place_of_every_batch_norm():
@@ -313,13 +328,13 @@ def test_the_probe_models_train_by_name_but_stay_out_of_the_study():
 def test_the_machine_table_compares_two_cpus_by_name_and_refuses_three():
     records = [_on("A", _record("every10", 0, 2.0, 10)), _on("A (AVX512)", _record("every10", 1, 2.0, 10)),
                _on("B (AVX512)", _record("every10", 0, 2.2, 10)), _on("B", _record("every10", 1, 2.2, 10))]
-    assert study.machine_table(records).splitlines()[2] == "| m | every10 | 2 | +10.00% | 0.00% | 10.00% |"
+    assert report.machine_table(records).splitlines()[2] == "| m | every10 | 2 | +10.00% | 0.00% | 10.00% |"
     with pytest.raises(ValueError, match="3 kinds of CPU"):
-        study.machine_table(records + [_on("C", _record("every10", 0, 1.0, 10))])
+        report.machine_table(records + [_on("C", _record("every10", 0, 1.0, 10))])
 
 
 def test_one_moment_restarted_needs_a_first_step_that_updated_the_moments():
     layer = torch.nn.Linear(4, 3)
     optimizer = study.lk.SOAP(layer.named_parameters(), lr=0.1, update_at_start=False)
     with pytest.raises(AssertionError, match="first step"):
-        study._restart_one_moment("exp_avg")(optimizer, [])
+        probes.restart_one_moment("exp_avg")(optimizer, [])
