@@ -98,6 +98,53 @@ def test_checkpoint_round_trip_is_bit_identical(make_optimizer):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_with_its_model_trains_on_bit_identically_and_apart(make_optimizer, how):
+    """``copy.deepcopy((model, optimizer))`` and a pickle round trip give a working optimizer: the
+    copy's next steps equal the original's, and stepping one leaves the other as it was."""
+    inputs, targets = _regression()
+    model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 5))
+    optimizer = make_optimizer(model.named_parameters())
+    _train(model, optimizer, inputs, targets, 7)
+    if how == "deepcopy":
+        model_copy, optimizer_copy = copy.deepcopy((model, optimizer))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, optimizer), buffer)
+        buffer.seek(0)
+        model_copy, optimizer_copy = torch.load(buffer, weights_only=False)
+    assert optimizer_copy.factor_names() == optimizer.factor_names()
+    assert (optimizer_copy.global_step, optimizer_copy.skipped_steps) == (optimizer.global_step, optimizer.skipped_steps)
+    before = [param.detach().clone() for param in model.parameters()]
+    _train(model_copy, optimizer_copy, inputs, targets, 9)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))  # the original did not move
+    _train(model, optimizer, inputs, targets, 9)
+    for a, b in zip(model.parameters(), model_copy.parameters()):
+        assert torch.equal(a, b)
+    state, state_copy = optimizer.state_dict()["state"], optimizer_copy.state_dict()["state"]
+    timed = [name for key in state for name in state[key] if ".refresh_seconds." in name]  # wall clock
+    assert all(torch.equal(state[key][name], state_copy[key][name])
+               for key in state for name in state[key] if name not in timed)
+
+
+def test_load_state_dict_hooks_run_as_in_torch_optim(make_optimizer):
+    model = nn.Linear(12, 5)
+    optimizer = make_optimizer(model.parameters())
+    _train(model, optimizer, *_regression(), 3)
+    saved, seen = optimizer.state_dict(), []
+
+    def pre_hook(opt, state_dict):
+        seen.append(("pre", opt.global_step))
+        return {**state_dict, "param_groups": [{**group, "lr": 0.125} for group in state_dict["param_groups"]]}
+
+    optimizer.register_load_state_dict_pre_hook(pre_hook)
+    optimizer.register_load_state_dict_post_hook(lambda opt: seen.append(("post", opt.param_groups[0]["lr"])))
+    optimizer.global_step = 99
+    optimizer.load_state_dict(saved)
+    assert seen == [("pre", 99), ("post", 0.125)]
+    assert optimizer.global_step == 3 and saved["param_groups"][0]["lr"] != 0.125  # the caller's dict untouched
+
+
 def test_named_and_unnamed_parameters(make_optimizer):
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     named = make_optimizer(model.named_parameters())

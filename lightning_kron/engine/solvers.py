@@ -22,7 +22,7 @@ Every factor is stored as ``B = Q^T L Q``. A refresh therefore never forms ``L``
   (:func:`cholesky_qr2_step_shift`). Householder takes no shift. Both Cholesky variants report the
   members they could still not orthonormalise (non-finite ones) on the device; those keep their
   basis, and the optimizer refreshes just them again with Householder after one host read for the
-  whole refresh step (``KronOptimizer.refresh_fallbacks``).
+  whole refresh step (``refresh_fallbacks`` of ``methods/owner_interface.py``).
 
 Failure handling: a batched call that raises or returns non-finite values is retried member by
 member with growing diagonal damping, then in fp64; a member that still fails gets the identity

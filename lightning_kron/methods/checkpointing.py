@@ -1,19 +1,22 @@
-"""Checkpoints of :class:`~lightning_kron.methods.kron_optimizer.KronOptimizer`: ``state_dict`` and an
-all-or-nothing ``load_state_dict``.
+"""Checkpoints and copies of :class:`~lightning_kron.methods.kron_optimizer.KronOptimizer`:
+``state_dict``, an all-or-nothing ``load_state_dict``, and ``copy.deepcopy`` / pickle.
 
 The per-parameter state is views of the stacked tensors (``optimizer.state[param]``), so
 torch.optim's own ``state_dict`` and ``torch.distributed.checkpoint`` see ordinary per-parameter
 tensors. What belongs to the optimizer as a whole travels in the first parameter group. A load
 checks every shape before it writes a tensor, then rebuilds the stacks. A mixin of
 ``KronOptimizer``, listed before ``torch.optim.Optimizer`` so that its methods wrap torch's; it
-relies on the optimizer's ``_build_groups``, ``_expose_state_views``, ``_state_key``,
-``_reset_shared_steps``, ``update_staleness``, ``own_scheduler``, ``shard_layout``, ``global_step``
-and ``skipped_steps``.
+relies on the optimizer's ``param_groups``, ``state``, ``_groups``, ``_names``, ``_build_groups``,
+``_expose_state_views``, ``_state_key``, ``_reset_shared_steps``, ``update_staleness``,
+``_staleness_current``, ``own_scheduler``, ``shard_layout``, ``global_step``, ``skipped_steps``,
+``compile`` and ``compilable``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
+
+import torch
 
 from lightning_kron.engine.factor_group import FactorGroup
 
@@ -43,7 +46,20 @@ class Checkpointing:
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load all or nothing: everything is checked before any tensor is written."""
+        """Load all or nothing: everything is checked before any tensor is written. Hooks registered
+        with ``register_load_state_dict_pre_hook`` / ``_post_hook`` run as torch.optim runs them: a
+        pre-hook sees (and may replace) a shallow copy of ``state_dict``, a post-hook runs after the
+        load."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            replaced = pre_hook(self, state_dict)
+            if replaced is not None:
+                state_dict = replaced
+        self._load(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load(self, state_dict: dict) -> None:
         groups = state_dict.get("param_groups") or [{}]
         meta = groups[0].get(META_KEY, state_dict.get(META_KEY))  # top level: checkpoints before format 2
         mine = type(self).__name__
@@ -78,6 +94,24 @@ class Checkpointing:
         self._reset_shared_steps()
         if "scheduler" in meta:  # absent from checkpoints made before the scheduler was the one path
             self.own_scheduler.load_state_dict(meta["scheduler"])
+
+    def __getstate__(self) -> dict:
+        """Everything the optimizer holds, for ``copy.deepcopy`` and pickle (torch.optim keeps only
+        ``defaults``, ``state`` and ``param_groups``, which would leave a copy without its stacks,
+        counters and scheduler). Parameter names travel by position, since ``_names`` is keyed by
+        ``id``, which a copy changes; compiled functions are compiled again in the copy."""
+        state = dict(self.__dict__)
+        state["_names"] = [[self._names[id(param)] for param in group["params"]] for group in self.param_groups]
+        state.pop("_compiled_functions", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        names = state.pop("_names")
+        super().__setstate__(state)
+        self._names = {id(param): name for group, group_names in zip(self.param_groups, names)
+                       for param, name in zip(group["params"], group_names)}
+        self._compiled_functions = {name: torch.compile(function) for name, function in self.compilable.items()} \
+            if self.compile else {}
 
     def _check_world_size(self, saved: Optional[int]) -> None:
         """Under FSDP2 each rank's state covers its own rows: it only fits the same world size."""

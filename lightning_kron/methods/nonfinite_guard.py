@@ -4,8 +4,9 @@ A parameter group whose gradient holds a NaN or Inf skips its step whole: its pa
 statistics and bases stay exactly as they were, and the skip is counted. Everything is decided on
 the device, so the guard costs no host sync (``nonfinite="raise"`` pays one, to raise); under FSDP2
 the flags are all-reduced, so every rank skips the same groups. A mixin of ``KronOptimizer``: it
-relies on the optimizer's ``param_groups``, ``shard_layout`` and ``nonfinite``; the step applies
-the flags it returns (the masked gradient, the kept statistics and directions).
+relies on the optimizer's ``param_groups``, ``shard_layout`` and ``nonfinite``, and on its
+constructor setting ``skipped_steps = 0``; the step applies the flags it returns (the masked
+gradient, the kept statistics and directions).
 """
 
 from __future__ import annotations

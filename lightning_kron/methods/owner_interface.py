@@ -6,8 +6,8 @@ DDP ownership of ``scheduling/ownership.py``, or user code) needs readable facto
 telemetry and a way to refresh chosen factors now, by name or by stack rows. None of it is part of
 a step, so it lives here, apart from the step skeleton, as a mixin of ``KronOptimizer``: it relies
 on the optimizer's ``factor_groups()``, ``update_staleness()``, ``global_step``, ``shard_layout``,
-``solver``, ``shifted_qr_refresh``, ``_orthonormalizer_for``, its parameter names ``_names`` and on
-the optimizer being the refresh's basis-change hooks itself.
+``solver``, ``shifted_qr_refresh``, ``_orthonormalizer_for``, its stacks ``_groups``, its parameter
+names ``_names``, and on the optimizer being the refresh's basis-change hooks itself.
 """
 
 from __future__ import annotations

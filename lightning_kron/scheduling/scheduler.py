@@ -137,7 +137,12 @@ class RefreshScheduler:
     def _attach(self) -> None:
         self.optimizer.scheduler = self
         self._layout_for = None  # another scheduler may have changed the queue meanwhile: reread it
-        self._handle = self.optimizer.register_step_post_hook(lambda *_: self.after_step())
+        self._handle = self.optimizer.register_step_post_hook(self._post_step_hook)
+
+    def _post_step_hook(self, optimizer, args, kwargs) -> None:
+        """The step post-hook: a bound method, not a closure, so that a copy of the optimizer
+        (``copy.deepcopy``, pickle) gets a hook of its own scheduler, not the original's."""
+        self.after_step()
 
     def _release(self) -> None:
         self._handle.remove()
