@@ -145,6 +145,16 @@ def test_load_state_dict_hooks_run_as_in_torch_optim(make_optimizer):
     assert optimizer.global_step == 3 and saved["param_groups"][0]["lr"] != 0.125  # the caller's dict untouched
 
 
+def test_a_state_dict_post_hook_sees_the_optimizer_entry(make_optimizer):
+    model = nn.Linear(12, 5)
+    optimizer = make_optimizer(model.parameters())
+    _train(model, optimizer, *_regression(), 2)
+    seen = []
+    optimizer.register_state_dict_post_hook(lambda opt, state: seen.append(state["param_groups"][0]["lightning_kron"]))
+    optimizer.state_dict()
+    assert [entry["global_step"] for entry in seen] == [2]
+
+
 def test_named_and_unnamed_parameters(make_optimizer):
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     named = make_optimizer(model.named_parameters())

@@ -33,10 +33,15 @@ class Checkpointing:
         and skipped step counts, its own scheduler's deferred factors) travels in the first
         parameter group under ``"lightning_kron"``: ``torch.distributed.checkpoint`` keeps only
         ``state`` and ``param_groups`` (``get_optimizer_state_dict`` drops other top-level keys).
-        Under FSDP2 it is a collective (the scheduler gathers every rank's counters): call it on
-        every rank, as ``get_optimizer_state_dict`` does."""
+        That entry is added by the first state_dict post-hook (:meth:`_add_optimizer_entry`), so
+        hooks a user registers see the whole state. Under FSDP2 it is a collective (the scheduler
+        gathers every rank's counters): call it on every rank, as ``get_optimizer_state_dict``
+        does."""
         self.update_staleness()
-        state = super().state_dict()  # param_groups are fresh dicts: the live groups stay as they are
+        return super().state_dict()  # param_groups are fresh dicts: the live groups stay as they are
+
+    def _add_optimizer_entry(self, optimizer, state: dict) -> dict:
+        """The state_dict post-hook, registered first at construction: the optimizer-wide entry."""
         state["param_groups"][0][META_KEY] = {
             "format": STATE_FORMAT, "optimizer": type(self).__name__,
             "global_step": self.global_step, "skipped_steps": self.skipped_steps,
