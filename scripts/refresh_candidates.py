@@ -109,3 +109,47 @@ class SmallFactorsOnClock:
         ranked = torch.where(small, torch.zeros_like(staleness), staleness)
         due = self.budget.select(ranked, step, total_steps, steps_since_refresh=steps_since_refresh) & ~small
         return due | small if step % self.every == 0 else due
+
+
+class WholeBlocks:
+    """A probe: the budget's choice widened to whole blocks, every factor of a block refreshed on the
+    same step, at the refresh count of a budget ``budget`` of half the rate (so widening a 2-factor
+    block's pick to both keeps the total).
+
+    Why: at the same count of refreshes, the deep MLP ends at the reference's loss on the clock and
+    1% above it under the budget. The clock refreshes both factors of a weight together; the budget
+    ranks factors one by one, so it often refreshes L and R of one weight at different steps, each
+    refresh carrying V over by eigenvalue rank along its own dim. Checking in batches (every 5 or 10
+    steps) did not help, but a batch does not pair the factors of a block. ``bind(optimizer)`` reads
+    which block each factor belongs to, in the scheduler's flat order (group, dim, then rows).
+    """
+
+    uses_refresh_age = True
+
+    def __init__(self, budget: Any) -> None:
+        self.budget = budget
+        self.max_iters = budget.max_iters
+        self._block_of: Optional[torch.Tensor] = None
+        self._blocks = 0
+
+    def bind(self, optimizer: Any) -> None:
+        """Number each block (a group's row) and record it per factor, in the flat order."""
+        block_of, first = [], 0
+        for group in optimizer.factor_groups():
+            for _ in group.factored_dims:
+                block_of.extend(range(first, first + len(group)))
+            first += len(group)
+        self._block_of, self._blocks = torch.tensor(block_of), first
+
+    def checks_at(self, step: int) -> bool:
+        return self.budget.checks_at(step)
+
+    def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None,
+               steps_since_refresh: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Every factor of each block that has a factor among the budget's choice."""
+        if self._block_of is None or self._block_of.numel() != staleness.numel():
+            raise RuntimeError("WholeBlocks.bind(optimizer) must be called once the optimizer is built")
+        block_of = self._block_of.to(staleness.device)
+        due = self.budget.select(staleness, step, total_steps, steps_since_refresh=steps_since_refresh)
+        chosen = torch.zeros(self._blocks, device=staleness.device).index_add_(0, block_of, due.float()) > 0
+        return chosen[block_of]

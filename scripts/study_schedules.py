@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import lightning_kron as lk
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
-from scripts.refresh_candidates import RelativeRefresh, SmallFactorsOnClock
+from scripts.refresh_candidates import RelativeRefresh, SmallFactorsOnClock, WholeBlocks
 
 
 def _plain(**budget) -> BudgetRefresh:
@@ -94,6 +94,9 @@ def schedules(steps: int) -> dict[str, object]:
         "budget20-front3-aged-taper-reference-options": default(),
         # the default with the factors of size <= 8 (a convolution's 3x3 kernel dims) on the every=10 clock
         "budget20-front3-aged-taper-small8-clock": SmallFactorsOnClock(default(), max_size=8, every=10),
+        # every factor of a block refreshed together, at every=20's count (2-factor blocks)
+        "budget40-front3-aged-taper-whole-blocks": WholeBlocks(default(every=40)),
+        "budget39-front3-aged-taper-whole-blocks": WholeBlocks(default(every=39)),
         # EShampoo (exact eigh refreshes; after the step, V by rank, per-dim conv blocks, as SOAP) on its
         # clock and at its default (the same budget as SOAP's); at AdamW's betas, its own defaults
         "eshampoo-every10": lk.FixedRefresh(every=10),

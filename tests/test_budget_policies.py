@@ -1,5 +1,5 @@
 """BudgetRefresh (the default), the study's candidate RelativeRefresh (a policy that keeps state) and
-its probe SmallFactorsOnClock: selection on constructed staleness, budget accounting, checkpoint
+its probes SmallFactorsOnClock and WholeBlocks: selection on constructed staleness, budget accounting, checkpoint
 round trips and refusals at construction."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 
 import lightning_kron as lk
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
-from scripts.refresh_candidates import RelativeRefresh, SmallFactorsOnClock
+from scripts.refresh_candidates import RelativeRefresh, SmallFactorsOnClock, WholeBlocks
 
 
 # ----------------------------------------------------------------- BudgetRefresh: selection
@@ -197,12 +197,12 @@ def test_budget_keeps_no_state_and_a_resumed_run_is_bit_identical():
 
 
 # ----------------------------------------------------------------- SmallFactorsOnClock
-def _refreshes_per_factor(policy) -> dict[tuple[int, str], int]:
-    """(size, name) -> refreshes after 40 steps of a small conv net under ``policy``."""
+def _trained_under(policy) -> lk.SOAP:
+    """A small conv net's SOAP after 40 steps under ``policy`` (bound first, when it binds)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5))
     optimizer = lk.SOAP(model.named_parameters(), lr=1e-2, refresh=policy)
-    if isinstance(policy, SmallFactorsOnClock):
+    if hasattr(policy, "bind"):
         with pytest.raises(RuntimeError, match="bind"):
             policy.select(torch.zeros(6), step=1)
         policy.bind(optimizer)
@@ -211,7 +211,12 @@ def _refreshes_per_factor(policy) -> dict[tuple[int, str], int]:
         optimizer.zero_grad()
         model(torch.randn(8, 1, 6, 6, generator=generator)).square().mean().backward()
         optimizer.step()
-    return {(info.size, info.name): info.refreshes for info in optimizer.factors()}
+    return optimizer
+
+
+def _refreshes_per_factor(policy) -> dict[tuple[int, str], int]:
+    """(size, name) -> refreshes after 40 steps of a small conv net under ``policy``."""
+    return {(info.size, info.name): info.refreshes for info in _trained_under(policy).factors()}
 
 
 def test_small_factors_refresh_on_the_clock_and_the_budget_goes_to_the_large_ones():
@@ -223,6 +228,19 @@ def test_small_factors_refresh_on_the_clock_and_the_budget_goes_to_the_large_one
     budget = BudgetRefresh(every=4, total_steps=40)
     spendable = sum(budget.budget_at(step, len(counts), 40) for step in range(1, 41))
     assert len(large) == 3 and 0 < sum(large) - len(large) <= spendable  # the budget, spent on the large ones only
+
+
+def test_whole_blocks_refresh_every_factor_of_a_block_on_the_same_steps():
+    budget = BudgetRefresh(every=8, total_steps=40)
+    optimizer = _trained_under(WholeBlocks(budget))
+    by_parameter: dict[str, list] = {}
+    for info in optimizer.factors():
+        by_parameter.setdefault(info.parameter, []).append((info.refreshes, info.steps_since_refresh))
+    assert sorted(len(factors) for factors in by_parameter.values()) == [2, 3]  # linear L, R; conv 6, 3, 3
+    assert all(len(set(factors)) == 1 for factors in by_parameter.values())  # same count, same last step
+    extra = sum(refreshes - 1 for factors in by_parameter.values() for refreshes, _ in factors)  # minus step 0's
+    picked = sum(budget.budget_at(step, 5, 40) for step in range(1, 41))
+    assert 0 < extra <= 3 * picked  # each pick widened to its block, of at most 3 factors
 
 
 # ----------------------------------------------------------------- refusals
