@@ -1,8 +1,10 @@
-"""Refresh policies the study measured as candidates for the default (scripts/refresh_study.py),
-kept runnable so their rows in docs/refresh-study.md can be redone. It keeps state, which is
-one reason it is not in the library: its default must decide the same after a resume or on every
-rank. (The other candidate that won, the budget ranked by staleness times age, is the library's
-``BudgetRefresh``: it reads the factors' ``last_refresh`` instead of keeping state.)
+"""Refresh policies the study measured and dropped (scripts/refresh_study.py), kept runnable so their
+rows in docs/refresh-study.md can be redone: a candidate default, ``RelativeRefresh``, and two probes
+of why the budget loses to the clock on some models, ``SmallFactorsOnClock`` and ``WholeBlocks``.
+``RelativeRefresh`` keeps state, one reason it is not in the library: a default must decide the same
+after a resume and on every rank. The probes read the optimizer's layout once (``bind``), which no
+library policy needs. (The candidate that won, the budget ranked by staleness times age, is the
+library's ``BudgetRefresh``: it reads the factors' ``last_refresh`` instead of keeping state.)
 """
 
 from __future__ import annotations
