@@ -146,6 +146,9 @@ class WholeBlocks:
     def checks_at(self, step: int) -> bool:
         return self.budget.checks_at(step)
 
+    def tolerance_at(self, step: int, total_steps: Optional[float] = None) -> float:
+        return self.budget.tolerance_at(step, total_steps)
+
     def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None,
                steps_since_refresh: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Every factor of each block that has a factor among the budget's choice."""

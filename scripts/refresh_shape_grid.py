@@ -51,19 +51,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    try:
+    try:  # everything that can be wrong with the request, before any run
         model = study.study_model(args.model)
+        seeds = study.parse_seeds(args.seeds)
+        records = load_records(args.json)
+        stored = [r for r in load_records(args.study_json) if r["model"] == model.name]
     except ValueError as error:
         parser.error(str(error))
-    seeds = study.parse_seeds(args.seeds)
-    records = load_records(args.json)
     done = {(r["schedule"], r["seed"]) for r in records}
     todo = [(name, seed) for name in shapes() for seed in seeds if (name, seed) not in done]
     for name, seed in tqdm(todo, desc=f"shape grid ({model.name})", disable=args.no_progress):
         policy = BudgetRefresh(every=20, total_steps=model.steps, **shapes()[name])
         records.append(study.run_one(model, name, seed, refresh=policy))
         save_records(args.json, records)
-    stored = [r for r in load_records(args.study_json) if r["model"] == model.name]
     reference = [r for r in stored if r["schedule"] == REFERENCE]
     every10 = [r for r in stored if r["schedule"] == "every10" and r.get("soap") == soap_variant()]
     rows = []

@@ -187,6 +187,14 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def parse_sizes(text: str) -> list[int]:
+    """``"768,1024"``: factor sizes, each a whole number >= 1."""
+    sizes = [int(part) for part in text.split(",")]
+    if any(size < 1 for size in sizes):
+        raise ValueError(f"sizes must be >= 1, got {text}")
+    return sizes
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, default=Path("runs/refresh_study.json"), help="where runs are stored")
@@ -200,7 +208,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--timing", type=Path, default=None, help="measure the wall-clock view into this JSON")
     parser.add_argument("--timing-json", type=Path, default=Path("runs/refresh_timing.json"),
                         help="with --report: the timing measured by --timing, put into the report")
-    parser.add_argument("--sizes", default="768,1024,2048,4096")
+    parser.add_argument("--sizes", type=parse_sizes, default="768,1024,2048,4096",
+                        help="with --timing: the factor sizes, comma-separated")
     parser.add_argument("--default", default=DEFAULT, help="the schedule whose refresh rate the timing uses")
     parser.add_argument("--variant", default=None,
                         help=f"report the runs of these SOAP defaults (timing+carry; default: the current ones, "
@@ -215,7 +224,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.timing is not None:
-        timings = [time_factor(int(size)) for size in tqdm(args.sizes.split(","), desc="timing", disable=args.no_progress)]
+        timings = [time_factor(size) for size in tqdm(args.sizes, desc="timing", disable=args.no_progress)]
         args.timing.parent.mkdir(parents=True, exist_ok=True)
         args.timing.write_text(json.dumps({"timings": timings}, indent=1) + "\n")
         print(timing_table(timings, None))
@@ -227,7 +236,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         except ValueError as error:
             parser.error(str(error))
         run_all(args.json, models, names, args.seeds, not args.no_progress)
-    records = load_records(args.json, *args.also)
+    try:
+        records = load_records(args.json, *args.also)
+    except ValueError as error:
+        parser.error(str(error))
     rows = summarize(records, variant=args.variant)
     text = markdown_tables(rows)
     ours = tuple(args.against.split(",")) if args.against and args.show else REFERENCE_ROWS

@@ -42,7 +42,18 @@ def record_key(record: dict) -> tuple:
 
 def load_records(*paths: Path) -> list[dict]:
     """The runs stored in ``paths`` (parallel workers write one file each; missing files: none)."""
-    return [run for path in paths if path.exists() for run in json.loads(path.read_text())["runs"]]
+    return [run for path in paths if path.exists() for run in _runs_in(path)]
+
+
+def _runs_in(path: Path) -> list[dict]:
+    """The runs of one file; ``ValueError`` naming the file when it is not a file of runs."""
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a file of study runs: not JSON ({error})") from None
+    if not isinstance(stored, dict) or not isinstance(stored.get("runs"), list):
+        raise ValueError(f"{path} is not a file of study runs: it has no list under \"runs\"")
+    return stored["runs"]
 
 
 def save_records(path: Path, records: list[dict]) -> None:

@@ -133,6 +133,20 @@ def check_unsupported_placements_are_refused(rank: int, mesh, out_dir: str) -> N
     _expect_refusal(lambda: lk.SOAP([("w", sharded), ("plain", nn.Parameter(value.clone()))]), "plain tensors")
 
 
+def check_a_sharded_optimizer_refuses_to_be_copied(rank: int, mesh, out_dir: str) -> None:
+    import copy
+    import pickle
+
+    optimizer = _make_soap(_sharded_model(mesh))
+    for attempt in (lambda: copy.deepcopy(optimizer), lambda: pickle.dumps(optimizer)):
+        try:
+            attempt()
+        except TypeError as error:
+            assert "torch.distributed.checkpoint" in str(error) and "\n" not in str(error), str(error)
+        else:
+            raise AssertionError("a sharded optimizer was copied")
+
+
 def _expect_refusal(build, message: str) -> None:
     import re
     try:
@@ -253,6 +267,7 @@ def check_model_parallel_strategy_resumes_exactly(rank: int, mesh, out_dir: str)
 CHECKS = [
     check_methods_match_the_row_chunked_reference,
     check_unsupported_placements_are_refused,
+    check_a_sharded_optimizer_refuses_to_be_copied,
     check_dcp_save_load_continue_is_bit_identical,
     check_other_world_sizes_are_refused,
     check_model_parallel_strategy_resumes_exactly,

@@ -243,6 +243,39 @@ def test_whole_blocks_refresh_every_factor_of_a_block_on_the_same_steps():
     assert 0 < extra <= 3 * picked  # each pick widened to its block, of at most 3 factors
 
 
+def test_whole_blocks_number_the_blocks_of_every_group_row_by_row():
+    class Group:  # what bind reads of a FactorGroup: its rows and its factored dims
+        def __init__(self, rows, dims):
+            self.rows, self.factored_dims = rows, dims
+
+        def __len__(self):
+            return self.rows
+
+    class Optimizer:
+        def factor_groups(self):
+            return [Group(2, (0, 1)), Group(1, (0, 1, 2))]  # flat: g0 L r0, r1; g0 R r0, r1; g1 dims 0-2
+
+    class Picks:  # a budget whose choice is given
+        max_iters = 1
+
+        def __init__(self, picked):
+            self.picked = picked
+
+        def select(self, staleness, step, total_steps=None, steps_since_refresh=None):
+            return torch.tensor([index in self.picked for index in range(staleness.numel())])
+
+    def widened(*picked):
+        policy = WholeBlocks(Picks(set(picked)))
+        policy.bind(Optimizer())
+        return policy.select(torch.zeros(7), step=1).nonzero().flatten().tolist()
+
+    assert widened(1) == [1, 3]  # the second row's L: its R too, not the first row's
+    assert widened(2) == [0, 2]
+    assert widened(5) == [4, 5, 6]
+    assert widened(0, 6) == [0, 2, 4, 5, 6]
+    assert widened() == []
+
+
 # ----------------------------------------------------------------- refusals
 @pytest.mark.parametrize("make, message", [
     (lambda: BudgetRefresh(every=0), "every must be an integer >= 1"),

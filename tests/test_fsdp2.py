@@ -44,6 +44,10 @@ def test_tensor_parallel_replicate_hsdp_and_mixed_parameters_are_refused(outcome
     _assert_passed(outcomes, fsdp2_checks.check_unsupported_placements_are_refused)
 
 
+def test_a_sharded_optimizer_refuses_deepcopy_and_pickle_in_one_line(outcomes):
+    _assert_passed(outcomes, fsdp2_checks.check_a_sharded_optimizer_refuses_to_be_copied)
+
+
 def test_dcp_save_load_and_continuation_are_bit_identical_to_the_uninterrupted_run(outcomes):
     _assert_passed(outcomes, fsdp2_checks.check_dcp_save_load_continue_is_bit_identical)
 

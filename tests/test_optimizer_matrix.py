@@ -98,27 +98,37 @@ def test_checkpoint_round_trip_is_bit_identical(make_optimizer):
         assert torch.equal(a, b)
 
 
+def _train_scheduled(model, optimizer, schedule, inputs, targets, steps: int) -> None:
+    for _ in range(steps):
+        _train(model, optimizer, inputs, targets, 1)
+        schedule.step()
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_copy_with_its_model_trains_on_bit_identically_and_apart(make_optimizer, how):
-    """``copy.deepcopy((model, optimizer))`` and a pickle round trip give a working optimizer: the
-    copy's next steps equal the original's, and stepping one leaves the other as it was."""
+    """``copy.deepcopy((model, optimizer, lr_scheduler))`` and a pickle round trip give a working
+    optimizer: the copy's next steps equal the original's, and stepping one leaves the other as it
+    was (a torch LR scheduler wraps the optimizer's ``step`` on the instance, a wrapper that refers to
+    the original)."""
     inputs, targets = _regression()
     model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 5))
     optimizer = make_optimizer(model.named_parameters())
-    _train(model, optimizer, inputs, targets, 7)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
+    _train_scheduled(model, optimizer, schedule, inputs, targets, 7)
     if how == "deepcopy":
-        model_copy, optimizer_copy = copy.deepcopy((model, optimizer))
+        model_copy, optimizer_copy, schedule_copy = copy.deepcopy((model, optimizer, schedule))
     else:
         buffer = io.BytesIO()
-        torch.save((model, optimizer), buffer)
+        torch.save((model, optimizer, schedule), buffer)
         buffer.seek(0)
-        model_copy, optimizer_copy = torch.load(buffer, weights_only=False)
+        model_copy, optimizer_copy, schedule_copy = torch.load(buffer, weights_only=False)
     assert optimizer_copy.factor_names() == optimizer.factor_names()
     assert (optimizer_copy.global_step, optimizer_copy.skipped_steps) == (optimizer.global_step, optimizer.skipped_steps)
     before = [param.detach().clone() for param in model.parameters()]
-    _train(model_copy, optimizer_copy, inputs, targets, 9)
+    _train_scheduled(model_copy, optimizer_copy, schedule_copy, inputs, targets, 9)
+    assert optimizer.global_step == 7 and optimizer.param_groups[0]["lr"] != optimizer_copy.param_groups[0]["lr"]
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))  # the original did not move
-    _train(model, optimizer, inputs, targets, 9)
+    _train_scheduled(model, optimizer, schedule, inputs, targets, 9)
     for a, b in zip(model.parameters(), model_copy.parameters()):
         assert torch.equal(a, b)
     state, state_copy = optimizer.state_dict()["state"], optimizer_copy.state_dict()["state"]

@@ -240,15 +240,26 @@ def test_an_unknown_schedule_fails_before_any_run(tmp_path):
     assert not (tmp_path / "runs.json").exists()
 
 
-@pytest.mark.parametrize("argv, said", [(["--models", "resnet50"], "unknown study model 'resnet50'"),
-                                         (["--models", "mlp", "--schedules", "every7"], "unknown schedules every7")])
-def test_the_command_line_refuses_a_bad_request_in_one_line_before_any_run(tmp_path, capsys, argv, said):
+@pytest.mark.parametrize("argv, stored, said", [
+    (["--models", "resnet50"], None, "unknown study model 'resnet50'"),
+    (["--models", "mlp", "--schedules", "every7"], None, "unknown schedules every7"),
+    (["--models", "mlp"], '{"runs": [', "is not a file of study runs: not JSON"),
+    (["--show"], '{"records": []}', 'has no list under "runs"'),
+    (["--models", "mlp"], json.dumps({"runs": [{"machine": "Some Other CPU (AVX2)"}]}), "runs made on Some Other CPU"),
+    (["--timing", "timing.json", "--sizes", "768,x"], None, "--sizes"),
+])
+def test_the_command_line_refuses_a_bad_request_in_one_line_before_any_run(tmp_path, capsys, argv, stored, said):
+    path = tmp_path / "runs.json"
+    if stored is not None:
+        path.write_text(stored)
     with pytest.raises(SystemExit) as exit_info:
-        study.main([*argv, "--json", str(tmp_path / "runs.json"), "--seeds", "0", "--no-progress"])
+        study.main([*[str(tmp_path / a) if a == "timing.json" else a for a in argv], "--json", str(path), "--seeds", "0",
+                    "--no-progress"])
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
     assert ": error: " in stderr.strip().splitlines()[-1] and said in stderr.strip().splitlines()[-1]
-    assert "Traceback" not in stderr and not (tmp_path / "runs.json").exists()
+    assert "Traceback" not in stderr and (path.read_text() == stored if stored is not None else not path.exists())
+    assert not (tmp_path / "timing.json").exists()
 
 
 def test_seeds_are_given_as_lists_ranges_or_both():

@@ -60,6 +60,11 @@ class ApproximationProbe:
             for row, member in enumerate(group.members):
                 yield self.optimizer.block_name(member), group, row, member
 
+    def after_step(self, optimizer, args, kwargs) -> None:
+        """The optimizer's step post-hook: :meth:`update`. A bound method, not a closure, so that a
+        copy of the optimizer (``copy.deepcopy``) feeds a probe of its own."""
+        self.update()
+
     def update(self) -> None:
         """Fold the current gradients into ``C`` (call once per optimizer step, after it)."""
         for name, group, _, member in self._probed():

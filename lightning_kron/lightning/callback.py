@@ -192,7 +192,7 @@ class KronCallback(Callback):
         self._window, self._seen_step, self._logs = (replace(self.scheduler.counters), 0), trainer.global_step, 0
         if self.approximation_probe_max_numel and trainer.is_global_zero:
             self.probe = ApproximationProbe(self.optimizer, self.approximation_probe_max_numel)
-            self._hooks.append(self.optimizer.register_step_post_hook(lambda *_: self.probe.update()))
+            self._hooks.append(self.optimizer.register_step_post_hook(self.probe.after_step))
         self.history = StalenessHistory() if self._wandb_loggers(trainer) else None
 
     def _install_optimizer(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> KronOptimizer:

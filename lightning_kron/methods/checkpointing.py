@@ -34,7 +34,7 @@ class Checkpointing:
         parameter group under ``"lightning_kron"``: ``torch.distributed.checkpoint`` keeps only
         ``state`` and ``param_groups`` (``get_optimizer_state_dict`` drops other top-level keys).
         That entry is added by the first state_dict post-hook (:meth:`_add_optimizer_entry`), so
-        hooks a user registers see the whole state. Under FSDP2 it is a collective (the scheduler
+        hooks a user registers see the whole state (unless registered with ``prepend=True``). Under FSDP2 it is a collective (the scheduler
         gathers every rank's counters): call it on every rank, as ``get_optimizer_state_dict``
         does."""
         self.update_staleness()
@@ -104,10 +104,19 @@ class Checkpointing:
         """Everything the optimizer holds, for ``copy.deepcopy`` and pickle (torch.optim keeps only
         ``defaults``, ``state`` and ``param_groups``, which would leave a copy without its stacks,
         counters and scheduler). Parameter names travel by position, since ``_names`` is keyed by
-        ``id``, which a copy changes; compiled functions are compiled again in the copy."""
+        ``id``, which a copy changes; compiled functions are compiled again in the copy. Left
+        behind, as torch.optim leaves them: the ``step`` wrapper a torch LR scheduler installs on
+        the instance (it holds a reference to this optimizer, so a copy's ``step`` would step the
+        original) and its ``_opt_called`` flag. Hooks travel with the copy (the scheduler's and the
+        state_dict hook are the optimizer's own); pickling needs the user's to be picklable. A
+        sharded optimizer (FSDP2) cannot be copied: its layout holds a process group."""
+        if self.shard_layout is not None:
+            raise TypeError("a sharded (FSDP2) lightning_kron optimizer cannot be copied or pickled: its state "
+                            "follows this rank's shard rows; save it with torch.distributed.checkpoint instead")
         state = dict(self.__dict__)
         state["_names"] = [[self._names[id(param)] for param in group["params"]] for group in self.param_groups]
-        state.pop("_compiled_functions", None)
+        for key in ("_compiled_functions", "step", "_opt_called"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
