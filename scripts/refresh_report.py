@@ -12,7 +12,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from scripts.machine import cpu_kind, machine_of
 from scripts.study_models import PROBE_MODELS, STUDY_MODELS
@@ -149,9 +149,17 @@ def markdown_tables(rows: list[Row]) -> str:
     return "\n".join(summary) + "\n\n" + "\n".join(lines)
 
 
-def plot(rows: list[Row], path: Path) -> None:
+#: The schedules of the user page's plot (docs/adaptive-refresh.md), with the names it shows.
+USER_PLOT = {"every1": "every=1", "every10": "every=10", "every20": "every=20", REFERENCE: "the SOAP reference (every=10)",
+             DEFAULT: "the default (BudgetRefresh)"}
+
+
+def plot(rows: list[Row], path: Path, labels: Optional[dict[str, str]] = None) -> list[str]:
     """Final validation loss (mean over seeds, bars: min to max) against total refreshes, one panel
-    per model, one marker per schedule; the dashed line is every=10's loss."""
+    per model, one marker per schedule; the dashed line is every=10's loss. ``labels``: only these
+    schedules, under these names (else every schedule, by its name). Returns the legend's entries."""
+    if labels is not None:
+        rows = [row for row in rows if row.schedule in labels]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,8 +178,10 @@ def plot(rows: list[Row], path: Path) -> None:
             row = next((r for r in rows if r.model == model and r.schedule == name), None)
             if row is not None:
                 bars = [[row.loss - min(row.losses)], [max(row.losses) - row.loss]]
+                # the colour and marker follow the schedule, not the order of the panel's calls (a panel
+                # without some schedule would shift the colour cycle)
                 axis.errorbar(max(row.refreshes, 1), row.loss, yerr=bars, fmt=markers[index % len(markers)],
-                              label=name, capsize=2, ms=6)
+                              color=f"C{index % 10}", label=(labels or {}).get(name, name), capsize=2, ms=6)
             if name == "every10" and row is not None:
                 axis.axhline(row.loss, color="grey", lw=0.6, ls="--")
         axis.set_xscale("log")
@@ -181,12 +191,17 @@ def plot(rows: list[Row], path: Path) -> None:
         axis.set_ylabel("final val loss")
     for axis in list(axes.flat)[len(models):]:
         axis.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=legend_columns, fontsize=8)
+    legend: dict[str, Any] = {}  # every schedule once, in order, whichever panel drew it
+    for axis in axes.flat:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    shown = [label for label in ((labels or {}).get(name, name) for name in names) if label in legend]
+    figure.legend([legend[label] for label in shown], shown, loc="lower center", ncol=legend_columns, fontsize=8)
     figure.tight_layout(rect=(0, legend_height / height, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+    return shown
 
 
 def timing_table(timings: list[dict], adaptive_ratio: Optional[float]) -> str:

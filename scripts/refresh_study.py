@@ -40,6 +40,7 @@ from scripts.first_step_probes import AFTER_FIRST_STEP, weights_of
 from scripts.machine import describe_cpu, machine_of, same_cpu
 from scripts.refresh_report import (
     REFERENCE_ROWS,
+    USER_PLOT,
     machine_table,
     markdown_tables,
     plot,
@@ -205,6 +206,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seeds", type=parse_seeds, default="0,1,2", help="e.g. 0,1,2 or 0-39")
     parser.add_argument("--report", type=Path, default=None, help="write the tables here (markdown) and the plot next to it")
     parser.add_argument("--plot", type=Path, default=Path("docs/figures/refresh_study.png"))
+    parser.add_argument("--user-plot", type=Path, default=Path("docs/figures/refresh_default.png"),
+                        help="with --report: the user page's plot (the clocks, the reference and the default)")
     parser.add_argument("--timing", type=Path, default=None, help="measure the wall-clock view into this JSON")
     parser.add_argument("--timing-json", type=Path, default=Path("runs/refresh_timing.json"),
                         help="with --report: the timing measured by --timing, put into the report")
@@ -252,6 +255,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.report is not None:
         write_report(args.report, rows, args.timing_json, args.default, reference, args.marker, machines)
         plot(rows, args.plot)
+        plot(rows, args.user_plot, USER_PLOT)
     print(text)
     return 0
 

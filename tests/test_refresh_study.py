@@ -349,3 +349,15 @@ def test_one_moment_restarted_needs_a_first_step_that_updated_the_moments():
     optimizer = study.lk.SOAP(layer.named_parameters(), lr=0.1, update_at_start=False)
     with pytest.raises(AssertionError, match="first step"):
         probes.restart_one_moment("exp_avg")(optimizer, [])
+
+
+def test_the_plot_keeps_one_legend_entry_per_schedule_in_order_whichever_panel_has_it(tmp_path):
+    def row(model, schedule, loss):
+        return report.Row(model, schedule, 100.0, 1.0, loss, 0.0, 0.0, 2, [0.0, 0.0], [loss, loss])
+
+    rows = [row("first", "every10", 1.0), row("first", named.DEFAULT, 0.9),  # no every=20 in the first panel
+            row("second", "every10", 2.0), row("second", "every20", 2.2), row("second", named.DEFAULT, 1.9)]
+    shown = report.plot(rows, tmp_path / "all.png")
+    assert shown == ["every10", named.DEFAULT, "every20"] and (tmp_path / "all.png").stat().st_size > 0
+    chosen = report.plot(rows, tmp_path / "user.png", report.USER_PLOT)
+    assert chosen == [report.USER_PLOT[name] for name in ("every10", named.DEFAULT, "every20")]  # the rows' order
