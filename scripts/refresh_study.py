@@ -232,17 +232,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.timing.write_text(json.dumps({"timings": timings}, indent=1) + "\n")
         print(timing_table(timings, None))
         return 0
-    if args.report is None and not args.show:
-        models, names = args.models.split(","), args.schedules.split(",")
-        try:
+    running = args.report is None and not args.show
+    models, names = args.models.split(","), args.schedules.split(",")
+    try:  # a request that cannot run, or a run file that cannot be read, is refused before any run
+        if running:
             check_request(args.json, models, names)
-        except ValueError as error:
-            parser.error(str(error))
-        run_all(args.json, models, names, args.seeds, not args.no_progress)
-    try:
         records = load_records(args.json, *args.also)
     except ValueError as error:
         parser.error(str(error))
+    if running:
+        records = [*run_all(args.json, models, names, args.seeds, not args.no_progress), *load_records(*args.also)]
     rows = summarize(records, variant=args.variant)
     text = markdown_tables(rows)
     ours = tuple(args.against.split(",")) if args.against and args.show else REFERENCE_ROWS

@@ -34,9 +34,9 @@ class Checkpointing:
         parameter group under ``"lightning_kron"``: ``torch.distributed.checkpoint`` keeps only
         ``state`` and ``param_groups`` (``get_optimizer_state_dict`` drops other top-level keys).
         That entry is added by the first state_dict post-hook (:meth:`_add_optimizer_entry`), so
-        hooks a user registers see the whole state (unless registered with ``prepend=True``). Under FSDP2 it is a collective (the scheduler
-        gathers every rank's counters): call it on every rank, as ``get_optimizer_state_dict``
-        does."""
+        hooks a user registers see the whole state (unless registered with ``prepend=True``).
+        Under FSDP2 it is a collective (the scheduler gathers every rank's counters): call it on
+        every rank, as ``get_optimizer_state_dict`` does."""
         self.update_staleness()
         return super().state_dict()  # param_groups are fresh dicts: the live groups stay as they are
 
@@ -65,6 +65,8 @@ class Checkpointing:
             post_hook(self)
 
     def _load(self, state_dict: dict) -> None:
+        """The load itself: the class, the world size, the counts of groups and parameters and
+        every shape checked, then fresh stacks filled and the counters restored."""
         groups = state_dict.get("param_groups") or [{}]
         meta = groups[0].get(META_KEY, state_dict.get(META_KEY))  # top level: checkpoints before format 2
         mine = type(self).__name__
