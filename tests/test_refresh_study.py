@@ -246,15 +246,14 @@ def test_an_unknown_schedule_fails_before_any_run(tmp_path):
     (["--models", "mlp"], '{"runs": [', "is not a file of study runs: not JSON"),
     (["--show"], '{"records": []}', 'has no list under "runs"'),
     (["--models", "mlp"], json.dumps({"runs": [{"machine": "Some Other CPU (AVX2)"}]}), "runs made on Some Other CPU"),
-    (["--timing", "timing.json", "--sizes", "768,x"], None, "--sizes"),
+    (["--timing", "{tmp}/timing.json", "--sizes", "768,x"], None, "--sizes"),
 ])
 def test_the_command_line_refuses_a_bad_request_in_one_line_before_any_run(tmp_path, capsys, argv, stored, said):
     path = tmp_path / "runs.json"
     if stored is not None:
         path.write_text(stored)
     with pytest.raises(SystemExit) as exit_info:
-        study.main([*[str(tmp_path / a) if a == "timing.json" else a for a in argv], "--json", str(path), "--seeds", "0",
-                    "--no-progress"])
+        study.main([*(a.format(tmp=tmp_path) for a in argv), "--json", str(path), "--seeds", "0", "--no-progress"])
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
     assert ": error: " in stderr.strip().splitlines()[-1] and said in stderr.strip().splitlines()[-1]

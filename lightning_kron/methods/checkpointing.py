@@ -8,15 +8,13 @@ checks every shape before it writes a tensor, then rebuilds the stacks. A mixin 
 ``KronOptimizer``, listed before ``torch.optim.Optimizer`` so that its methods wrap torch's; it
 relies on the optimizer's ``param_groups``, ``state``, ``_groups``, ``_names``, ``_build_groups``,
 ``_expose_state_views``, ``_state_key``, ``_reset_shared_steps``, ``update_staleness``,
-``_staleness_current``, ``own_scheduler``, ``shard_layout``, ``global_step``, ``skipped_steps``,
-``compile`` and ``compilable``.
+``_staleness_current``, ``own_scheduler``, ``shard_layout``, ``global_step``, ``skipped_steps``
+and ``_compile_functions``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
-
-import torch
 
 from lightning_kron.engine.factor_group import FactorGroup
 
@@ -126,8 +124,7 @@ class Checkpointing:
         super().__setstate__(state)
         self._names = {id(param): name for group, group_names in zip(self.param_groups, names)
                        for param, name in zip(group["params"], group_names)}
-        self._compiled_functions = {name: torch.compile(function) for name, function in self.compilable.items()} \
-            if self.compile else {}
+        self._compiled_functions = self._compile_functions()
 
     def _check_world_size(self, saved: Optional[int]) -> None:
         """Under FSDP2 each rank's state covers its own rows: it only fits the same world size."""

@@ -242,7 +242,7 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         #: ``compile=True``: the :attr:`compilable` functions, compiled (never the whole ``step``:
         #: Dynamo drops the attribute updates of an Optimizer subclass, e.g. ``global_step``)
         self.compile = compile
-        self._compiled_functions = {name: torch.compile(function) for name, function in self.compilable.items()} if compile else {}
+        self._compiled_functions = self._compile_functions()
         groups, self._names = _split_named(params)
         #: Where the FSDP2-sharded parameters live (None when no parameter is a DTensor): each rank
         #: then preconditions its own rows, and the step all-reduces its finite-gradient flags.
@@ -609,6 +609,11 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         for item in items:
             if item.rows is not None:
                 item.source.absorb(item.group, item.rows)
+
+    def _compile_functions(self) -> dict[str, Callable]:
+        """The :attr:`compilable` functions, each ``torch.compile``d, with ``compile=True`` (else none);
+        built at construction and again in a copy (``checkpointing.py``)."""
+        return {name: torch.compile(function) for name, function in self.compilable.items()} if self.compile else {}
 
     def _compiled(self, name: str) -> Optional[Callable]:
         """The ``torch.compile``d copy of a pure per-group function (``compile=True``), else None
