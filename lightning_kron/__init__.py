@@ -15,10 +15,10 @@ from lightning_kron.methods.kron_optimizer import KronOptimizer
 from lightning_kron.methods.shampoo import Shampoo
 from lightning_kron.methods.soap import SOAP, EShampoo
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
-from lightning_kron.scheduling.policies import AdaptiveRefresh, FixedRefresh
+from lightning_kron.scheduling.policies import AdaptiveRefresh, FixedRefresh, RefreshPolicy
 from lightning_kron.scheduling.tolerance_schedule import LinearRamp, TighterEarly
 
-__all__ = ["SOAP", "EShampoo", "Shampoo", "KrADagrad", "KronCallback", "KronOptimizer", "FixedRefresh", "AdaptiveRefresh", "BudgetRefresh", "TighterEarly", "LinearRamp", "FactorInfo"]
+__all__ = ["SOAP", "EShampoo", "Shampoo", "KrADagrad", "KronCallback", "KronOptimizer", "FixedRefresh", "AdaptiveRefresh", "BudgetRefresh", "RefreshPolicy", "TighterEarly", "LinearRamp", "FactorInfo"]
 __version__ = "0.1.0"
 
 

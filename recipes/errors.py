@@ -46,20 +46,51 @@ _GENERIC_UNION_LINES = ("Not a valid subclass", "Expected a <class", "Subclass t
 def one_line(message: Any) -> str:
     """A (possibly multi-line) parser or validation message as one line.
 
-    jsonargparse's "Does not validate against any of the Union subtypes" lists every type it tried;
-    only the specific reason (e.g. the callback's own ``method must be one of ...``) is kept.
+    jsonargparse's "Does not validate against any of the Union subtypes" lists every type it tried,
+    and nests the same block for an argument inside a class given by ``class_path`` (a callback's
+    refresh policy). Only the path down to the specific reason is kept, e.g. ``Parser key
+    "trainer.callbacks": Problem with given class_path 'lightning_kron.KronCallback': Parser key
+    "refresh": ... Option 'evry' is not accepted``.
     """
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    lines = [(len(line) - len(line.lstrip()), line.strip()) for line in str(message).splitlines() if line.strip()]
     if not lines:
         return "invalid input"
-    head, union = "", "Does not validate against any of the Union subtypes"
-    if lines[0].startswith("Parser key") and len(lines) > 1 and lines[1].startswith(union):
-        head, lines = lines[0] + " ", lines[1:]
-    elif lines[0].startswith("Parser key") and union in lines[0]:
-        head, lines = lines[0].split(union)[0], [union, *lines[1:]]
-    if lines[0].startswith(union):
-        reasons = [line[2:].strip() for line in lines[1:] if line.startswith("- ")
-                   and not any(generic in line for generic in _GENERIC_UNION_LINES)]
-        if reasons:
-            return head + reasons[0]
-    return head + " ".join(lines)
+    return " ".join(_reason_path(lines))
+
+
+_UNION = "Does not validate against any of the Union subtypes"
+
+
+def _reason_path(lines: list[tuple[int, str]]) -> list[str]:
+    """The headings down to the first specific reason of a union error (see :func:`one_line`);
+    any other message is joined as it is."""
+    parts: list[str] = []
+    while lines:
+        indent, text = lines[0]
+        if text.startswith("Parser key") and _UNION in text:  # "Parser key ...: Does not validate ..." on one line
+            head, _, rest = text.partition(_UNION)
+            parts.append(head.strip())
+            lines = [(indent, _UNION + rest), *lines[1:]]
+            continue
+        if text.startswith("Parser key") and len(lines) > 1 and lines[1][1].startswith(_UNION):
+            parts.append(text)
+            lines = lines[1:]
+            continue
+        if not text.startswith(_UNION):
+            return parts + [line for _, line in lines]
+        specific = [number for number, (_, line) in enumerate(lines) if number and line.startswith("- ")
+                    and not any(generic in line for generic in _GENERIC_UNION_LINES)]
+        if not specific:
+            return parts + [line for _, line in lines]
+        first = specific[0]
+        child_indent, child = lines[first][0], lines[first][1][2:].strip()
+        below = lines[first + 1:]
+        end = next((number for number, (depth, _) in enumerate(below) if depth <= child_indent), len(below))
+        if child.startswith(_UNION):  # a nested union (an argument of a class given by class_path)
+            lines = [(child_indent, child), *below[:end]]
+            continue
+        parts.append(child)
+        if not child.endswith(":"):
+            return parts
+        lines = below[:end]  # the nested block that explains this reason
+    return parts

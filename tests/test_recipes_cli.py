@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 
+import lightning_kron as lk
 from recipes import gpt, vision
 from recipes.cli import run_cli, wandb_configured
 from recipes.quiet import quiet_dependencies
@@ -70,6 +71,15 @@ KRON_CALLBACK = ["--trainer.callbacks+=lightning_kron.KronCallback"]
     ([*KRON_CALLBACK, "--trainer.callbacks.method", "soapp"],
      "error: method must be one of 'soap', 'eshampoo', 'shampoo', 'kradagrad' or None; got 'soapp'"),
     (["--trainer.enable_checkpointing", "false"], "error: Trainer was configured with `enable_checkpointing=False`"),
+    # a mistake inside the callback's refresh policy names the policy's own option, not just the callback
+    ([*KRON_CALLBACK, "--trainer.callbacks.refresh", '{"class_path": "lightning_kron.BudgetRefresh", '
+                                                     '"init_args": {"evry": 10}}'],
+     """Parser key "refresh": Problem with given class_path 'lightning_kron.BudgetRefresh': Option 'evry' is not accepted"""),
+    ([*KRON_CALLBACK, "--trainer.callbacks.refresh", '{"class_path": "lightning_kron.BudgetRefresh", '
+                                                     '"init_args": {"every": 0}}'],
+     "error: every must be an integer >= 1, got 0"),
+    ([*KRON_CALLBACK, "--trainer.callbacks.refresh", '{"class_path": "lightning_kron.LinearRamp"}'],
+     "lightning_kron.LinearRamp does not implement protocol RefreshPolicy"),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_bad_input_is_one_error_line_before_training(extra, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the YAML logs to ./runs: nothing may appear there
@@ -80,6 +90,35 @@ def test_bad_input_is_one_error_line_before_training(extra, message, capsys, tmp
     assert len(captured.err.splitlines()) == 1 and captured.err.startswith("error: "), captured.err
     assert message in captured.err
     assert captured.out == "" and list(tmp_path.iterdir()) == []  # no log dir, no checkpoint: nothing started
+
+
+class EveryOtherStep:
+    """A user-written refresh policy, given to the callback by its import path in the config."""
+
+    def checks_at(self, step: int) -> bool:
+        return step % 2 == 0
+
+    def select(self, staleness, step, total_steps=None):
+        return staleness >= 0
+
+
+@pytest.mark.parametrize("policy, expected", [
+    ('{"class_path": "lightning_kron.BudgetRefresh", "init_args": {"every": 10}}', "BudgetRefresh"),
+    ('{"class_path": "lightning_kron.FixedRefresh", "init_args": {"every": 5}}', "FixedRefresh"),
+    ('{"class_path": "lightning_kron.AdaptiveRefresh", "init_args": {"tolerance": 0.1}}', "AdaptiveRefresh"),
+    (f'{{"class_path": "{__name__}.EveryOtherStep"}}', "EveryOtherStep"),
+], ids=lambda value: value if value.isidentifier() else None)
+def test_the_callbacks_refresh_policy_can_be_any_policy_in_a_config(policy, expected, tmp_path):
+    """The default policy (BudgetRefresh), the other built-ins and a user-written one all pass the
+    CLI's type check (the callback's ``refresh`` is typed by the policy protocol) and drive the run."""
+    cli = run_gpt_cli(small_gpt_args(tmp_path, 4, "--model.optimizer.name", "adamw", *KRON_CALLBACK,
+                                     "--trainer.callbacks.refresh", policy))
+    callback = next(each for each in cli.trainer.callbacks if isinstance(each, lk.KronCallback))
+    assert type(callback.scheduler.policy).__name__ == expected
+    assert type(cli.trainer.optimizers[0]).__name__ == "SOAP" and cli.trainer.optimizers[0].global_step == 4
+    if expected == "EveryOtherStep":  # it checks the even steps and refreshes every factor there
+        counters = callback.scheduler.counters
+        assert counters.checks >= 1 and counters.refreshes == counters.checks * callback.scheduler.factor_count
 
 
 def test_no_config_runs_the_tiny_config(tmp_path, monkeypatch, capsys):

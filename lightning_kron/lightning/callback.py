@@ -46,7 +46,7 @@ from lightning_kron.methods.registry import METHODS
 from lightning_kron.scheduling.ownership import gather_from_all
 from lightning_kron.scheduling.policies import (
     AdaptiveRefresh,
-    FixedRefresh,
+    RefreshPolicy,
     check_policy,
 )
 from lightning_kron.scheduling.scheduler import RefreshCounters, RefreshScheduler
@@ -70,7 +70,8 @@ class KronCallback(Callback):
         method: ``"soap"``, ``"eshampoo"``, ``"shampoo"`` or ``"kradagrad"``; ``None`` means
             ``"soap"`` when replacing Adam, and "whatever the module returned" when taking over.
         refresh: ``BudgetRefresh(every=...)``, ``AdaptiveRefresh(tolerance=..., check_every=...)``,
-            ``FixedRefresh(every=...)`` or any ``RefreshPolicy``; ``None`` keeps the optimizer's own
+            ``FixedRefresh(every=...)`` or any ``RefreshPolicy`` (in a LightningCLI config, any of
+            them by ``class_path``, a user-written class included); ``None`` keeps the optimizer's own
             (SOAP and EShampoo: ``BudgetRefresh()``, every=20's count of refreshes on the factors
             most stale for their age, which the callback front-loads and tapers over the Trainer's
             planned steps; chosen by the ten-model study of docs/refresh-study.md).
@@ -99,7 +100,7 @@ class KronCallback(Callback):
     Example::
 
         >>> import torch, lightning as L
-        >>> from lightning_kron import KronCallback, AdaptiveRefresh
+        >>> from lightning_kron import KronCallback
         >>> class Regression(L.LightningModule):
         ...     def __init__(self):
         ...         super().__init__()
@@ -110,7 +111,7 @@ class KronCallback(Callback):
         ...         return torch.optim.AdamW(self.parameters(), lr=1e-2)
         >>> data = torch.utils.data.TensorDataset(torch.randn(32, 8), torch.randn(32, 4))
         >>> trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        ...                     enable_model_summary=False, callbacks=[KronCallback(refresh=AdaptiveRefresh(0.05))])
+        ...                     enable_model_summary=False, callbacks=[KronCallback()])
         >>> trainer.fit(Regression(), torch.utils.data.DataLoader(data, batch_size=8))
         >>> type(trainer.optimizers[0]).__name__, trainer.optimizers[0].factor_names()
         ('SOAP', ['layer.weight[L]', 'layer.weight[R]'])
@@ -119,7 +120,7 @@ class KronCallback(Callback):
     def __init__(
         self,
         method: Optional[str] = None,
-        refresh: Optional[AdaptiveRefresh | FixedRefresh] = None,
+        refresh: Optional[RefreshPolicy] = None,
         tolerance_schedule=None,
         max_refreshes_per_step: Optional[int] = None,
         log_every_n_steps: Optional[int] = None,

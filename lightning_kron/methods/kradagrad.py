@@ -122,7 +122,7 @@ from lightning_kron.methods.root_preconditioner import (
     scale_modes,
 )
 from lightning_kron.methods.step_hyperparameters import StepHyperparameters
-from lightning_kron.scheduling.policies import FixedRefresh
+from lightning_kron.scheduling.policies import FixedRefresh, RefreshPolicy
 
 VARIANTS = ("star", "alternating")
 DAMPINGS = ("absolute", "relative")
@@ -170,7 +170,7 @@ class KrADagrad(RootPreconditionedOptimizer):
                  weight_decay: float = 0.0, *, variant: str = "star", graft: Optional[str] = None,
                  graft_eps: float = 1e-8, shampoo_beta: Optional[float] = 1.0, domination_scale: str = "trace",
                  damping: Optional[str] = None,
-                 weight_decay_mode: str = "decoupled", refresh=None, solver: str = "qr", **options: Any) -> None:
+                 weight_decay_mode: str = "decoupled", refresh: Optional[RefreshPolicy] = None, solver: str = "qr", **options: Any) -> None:
         self.variant = check_choice("variant", variant, VARIANTS)
         self.domination_scale = check_choice("domination_scale", domination_scale, DOMINATION_SCALES)
         alternating = self.variant == "alternating"

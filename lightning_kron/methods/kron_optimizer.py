@@ -54,8 +54,8 @@ from lightning_kron.methods.nonfinite_guard import NonfiniteGuard
 from lightning_kron.methods.owner_interface import OwnerInterface
 from lightning_kron.methods.step_hyperparameters import StepHyperparameters
 from lightning_kron.scheduling.policies import (
-    AdaptiveRefresh,
     FixedRefresh,
+    RefreshPolicy,
     check_policy,
 )
 from lightning_kron.scheduling.scheduler import RefreshScheduler
@@ -192,7 +192,7 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         split_large_dims: bool = False,
         precondition_1d: bool = False,
         start_preconditioning_step: int = 1,
-        refresh: FixedRefresh | AdaptiveRefresh | None = None,
+        refresh: Optional[RefreshPolicy] = None,
         solver: str = "qr",
         orthonormalizer: str = "auto",
         nonfinite: str = "skip",

@@ -41,7 +41,7 @@ from lightning_kron.engine.validation import check_choice, check_flag
 from lightning_kron.methods.kron_optimizer import KronOptimizer
 from lightning_kron.methods.step_hyperparameters import StepHyperparameters
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
-from lightning_kron.scheduling.policies import FixedRefresh
+from lightning_kron.scheduling.policies import FixedRefresh, RefreshPolicy
 
 SECOND_MOMENT_ON_REFRESH = ("keep", "rotate")
 #: ``SOAP(params, lr, betas, eps, weight_decay, **REFERENCE_OPTIONS)`` computes the trajectory of the
@@ -226,7 +226,7 @@ class SOAP(EigenvalueCorrectedOptimizer):
     """
 
     def __init__(self, params: Any, lr: float = 3e-3, betas=(0.95, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.01, *, refresh=None, solver: str = "qr",
+                 weight_decay: float = 0.01, *, refresh: Optional[RefreshPolicy] = None, solver: str = "qr",
                  second_moment_on_refresh: str = "keep", refresh_timing: str = "after_step", merge_dims: bool = False,
                  **options: Any) -> None:
         refresh = refresh if refresh is not None else BudgetRefresh()
@@ -252,7 +252,7 @@ class EShampoo(EigenvalueCorrectedOptimizer):
     """
 
     def __init__(self, params: Any, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, *, refresh=None, solver: str = "eigh",
+                 weight_decay: float = 0.01, *, refresh: Optional[RefreshPolicy] = None, solver: str = "eigh",
                  second_moment_on_refresh: str = "keep", refresh_timing: str = "after_step", merge_dims: bool = False,
                  **options: Any) -> None:
         refresh = refresh if refresh is not None else BudgetRefresh()

@@ -55,17 +55,21 @@ class RefreshPolicy(Protocol):
     (True, False)
     """
 
-    def checks_at(self, step: int) -> bool: ...
+    # Unannotated on purpose: LightningCLI (jsonargparse) accepts a class for a Protocol-typed
+    # argument (the callback's and the optimizers' ``refresh``) only when its annotations equal the
+    # Protocol's; annotations here would refuse, in a YAML config, the built-in policies
+    # (``step: Optional[int]``) and any user-written one annotated otherwise.
+    def checks_at(self, step): ...
 
-    def select(self, staleness: torch.Tensor, step: int, total_steps: Optional[float] = None) -> torch.Tensor: ...
+    def select(self, staleness, step, total_steps=None): ...
 
 
 def check_policy(policy: Any) -> Any:
     """Refuse, at construction, an object that is not a :class:`RefreshPolicy` or whose optional
     attributes are out of range; returns the policy."""
     if not isinstance(policy, RefreshPolicy) or not (callable(policy.checks_at) and callable(policy.select)):
-        raise ValueError(f"refresh must be FixedRefresh, AdaptiveRefresh or an object with checks_at(step) and "
-                         f"select(staleness, step, total_steps=None) methods, got {policy!r}")
+        raise ValueError(f"refresh must be BudgetRefresh, FixedRefresh, AdaptiveRefresh or an object with "
+                         f"checks_at(step) and select(staleness, step, total_steps=None) methods, got {policy!r}")
     check_positive_int("max_iters", getattr(policy, "max_iters", 1))
     if getattr(policy, "max_per_step", None) is not None:
         check_positive_int("max_per_step", policy.max_per_step)
