@@ -76,7 +76,8 @@ class KronCallback(Callback):
             most stale for their age, which the callback front-loads and tapers over the Trainer's
             planned steps; chosen by the ten-model study of docs/refresh-study.md).
         tolerance_schedule: e.g. ``TighterEarly(early_tolerance=0.01, early_fraction=0.1)``: a tighter
-            tolerance early in training, when basis accuracy matters most (needs AdaptiveRefresh).
+            tolerance early in training, when basis accuracy matters most (needs
+            ``refresh=AdaptiveRefresh(...)``, given here: the optimizers' defaults have no tolerance).
         max_refreshes_per_step: at most this many factor refreshes per optimizer step (over all
             ranks), most stale first; the rest wait for the next steps, so no step stalls.
         log_every_n_steps: telemetry interval in optimizer steps; ``None`` uses the Trainer's.
@@ -135,8 +136,11 @@ class KronCallback(Callback):
             check_policy(refresh)
         if tolerance_schedule is not None and not callable(tolerance_schedule):
             raise ValueError(f"tolerance_schedule must be callable(step, total_steps, tolerance), got {tolerance_schedule!r}")
-        if tolerance_schedule is not None and refresh is not None and not isinstance(refresh, AdaptiveRefresh):
-            raise ValueError("tolerance_schedule needs refresh=AdaptiveRefresh(...): a fixed frequency has no tolerance")
+        if tolerance_schedule is not None and not isinstance(refresh, AdaptiveRefresh):
+            # refresh=None too: no optimizer's default refresh has a tolerance (SOAP/EShampoo's budget,
+            # Shampoo/KrADagrad's clock), so this is refused here rather than at on_fit_start
+            raise ValueError(f"tolerance_schedule needs refresh=AdaptiveRefresh(...), got refresh={refresh!r}: "
+                             "a budget or a fixed frequency has no tolerance to schedule")
         for name, value in (("max_refreshes_per_step", max_refreshes_per_step), ("log_every_n_steps", log_every_n_steps)):
             if value is not None:
                 check_positive_int(name, value)
