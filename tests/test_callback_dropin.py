@@ -18,6 +18,7 @@ from lightning_kron import (
     FixedRefresh,
     KronCallback,
     Shampoo,
+    TighterEarly,
 )
 from lightning_kron.methods.registry import METHODS
 from lightning_kron.scheduling.scheduler import RefreshScheduler
@@ -105,6 +106,41 @@ def test_other_methods_and_adam_l2_decay(method, kind):
         assert optimizer.graft_eps == 1e-7 and optimizer.param_groups[0]["eps"] == 1e-12
 
 
+def test_a_weight_decay_mode_option_reaches_every_group():
+    """The decay mode is a group key: an explicit option must be written into the converted groups
+    (it was once overridden there by AdamW's "decoupled"), so REFERENCE_OPTIONS through the callback
+    trains exactly as a SOAP built with them in configure_optimizers."""
+    from lightning_kron.methods.soap import REFERENCE_OPTIONS
+
+    def built_by_the_module(module):
+        return SOAP(module.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-7, weight_decay=0.01, **REFERENCE_OPTIONS)
+
+    converted = fit(TinyRegression(), [KronCallback(optimizer_options=dict(REFERENCE_OPTIONS))], max_steps=6)
+    taken_over = fit(TinyRegression(optimizer=built_by_the_module), [KronCallback()], max_steps=6)
+    groups = converted.optimizers[0].param_groups
+    assert {group["weight_decay_mode"] for group in groups} == {"decoupled_after_update"}
+    for mine, theirs in zip(parameters_of(converted.lightning_module), parameters_of(taken_over.lightning_module)):
+        assert torch.equal(mine, theirs)
+
+
+def test_a_tolerance_schedule_needs_an_adaptive_policy_by_fit_start():
+    """Without refresh=, the policy is known at on_fit_start: a taken-over AdaptiveRefresh takes the
+    schedule; SOAP's default budget is refused there in one message, before any step."""
+    schedule = TighterEarly(early_tolerance=0.0, early_steps=3)
+
+    def adaptive(module):
+        return SOAP(module.parameters(), lr=1e-2, refresh=AdaptiveRefresh(0.2))
+
+    trainer = fit(TinyRegression(optimizer=adaptive), [callback := KronCallback(tolerance_schedule=schedule)],
+                  max_steps=4)
+    assert callback.scheduler.policy.tolerance_at(2) == 0.0 and callback.scheduler.policy.tolerance_at(3) == 0.2
+    assert trainer.global_step == 4
+    module = TinyRegression()
+    with pytest.raises(MisconfigurationException, match="needs refresh=AdaptiveRefresh.*BudgetRefresh"):
+        fit(module, [KronCallback(tolerance_schedule=schedule)], max_steps=4)
+    assert module.trainer.global_step == 0
+
+
 def test_kradagrad_drop_in_grafts_adam_and_trains():
     from lightning_kron.methods.kradagrad import KrADagrad
 
@@ -188,7 +224,6 @@ def test_tensor_parallelism_is_refused_at_setup():
     (dict(method="adam"), "method must be one of"),
     (dict(refresh=10), "refresh must be"),
     (dict(refresh=FixedRefresh(5), tolerance_schedule=lambda *a: 0.1), "needs refresh=AdaptiveRefresh"),
-    (dict(tolerance_schedule=lambda *a: 0.1), r"needs refresh=AdaptiveRefresh\(...\), got refresh=None"),
     (dict(max_refreshes_per_step=0), "max_refreshes_per_step"),
     (dict(log_every_n_steps=-1), "log_every_n_steps"),
     (dict(approximation_probe_max_numel=-5), "approximation_probe_max_numel"),

@@ -2,7 +2,7 @@
 
 This is the "drop-in" of ``KronCallback``, kept free of Lightning. The new optimizer gets the same
 parameter groups with the same lr, betas, eps and weight decay (AdamW's decay stays decoupled,
-Adam's stays L2), parameter names for readable telemetry, and ``initial_lr`` so LR schedulers keep
+Adam's stays L2, unless ``weight_decay_mode`` is among the options), parameter names for readable telemetry, and ``initial_lr`` so LR schedulers keep
 their base rates; the schedulers are then re-pointed at it.
 
 How the Adam hyperparameters map (why): SOAP and EShampoo run Adam in the eigenbasis, so every
@@ -24,7 +24,7 @@ is given ``graft="adam"`` (unless ``optimizer_options`` says otherwise) and Adam
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -63,13 +63,18 @@ def convert_adam(optimizer: torch.optim.Adam, method: str, names: Mapping[str, t
         raise TypeError(f"expected torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
     name_of = {id(param): name for name, param in names.items()}
     spec = method_spec(method)
-    groups = [_convert_group(group, optimizer, spec.adam_eps_option == "eps", name_of) for group in optimizer.param_groups]
+    mode = options.get("weight_decay_mode")  # asked for explicitly: it wins over the mode Adam's class implies
+    groups = [_convert_group(group, optimizer, spec.adam_eps_option == "eps", name_of, mode)
+              for group in optimizer.param_groups]
     if spec.adam_eps_option != "eps":  # AdamW's eps belongs to the graft; the method keeps its own eps
         options = {spec.adam_eps_option: optimizer.param_groups[0]["eps"], **options}
     return spec.optimizer(groups, **{**spec.from_adam, **options})
 
 
-def _convert_group(group: dict, optimizer: torch.optim.Adam, keeps_eps: bool, name_of: Mapping[int, str]) -> dict:
+def _convert_group(group: dict, optimizer: torch.optim.Adam, keeps_eps: bool, name_of: Mapping[int, str],
+                   weight_decay_mode: Optional[str] = None) -> dict:
+    """One Adam group as a lightning_kron group. The decay mode is a group key, which the step reads
+    before the optimizer's default, so an explicit ``weight_decay_mode`` option is written here."""
     for flag in ("amsgrad", "maximize"):
         if group.get(flag):
             raise ValueError(f"torch.optim.{type(optimizer).__name__}({flag}=True) has no lightning_kron "
@@ -79,7 +84,7 @@ def _convert_group(group: dict, optimizer: torch.optim.Adam, keeps_eps: bool, na
     # user keys such as a group "name"
     converted = {key: _as_float(value) for key, value in group.items() if key not in _ADAM_ONLY}
     converted["betas"] = tuple(_as_float(beta) for beta in group["betas"])
-    converted["weight_decay_mode"] = "decoupled" if decoupled else "l2"
+    converted["weight_decay_mode"] = weight_decay_mode or ("decoupled" if decoupled else "l2")
     converted["params"] = [(name_of.get(id(param)), param) for param in group["params"]]
     if not keeps_eps:
         del converted["eps"]

@@ -77,7 +77,8 @@ class KronCallback(Callback):
             planned steps; chosen by the ten-model study of docs/refresh-study.md).
         tolerance_schedule: e.g. ``TighterEarly(early_tolerance=0.01, early_fraction=0.1)``: a tighter
             tolerance early in training, when basis accuracy matters most (needs
-            ``refresh=AdaptiveRefresh(...)``, given here: the optimizers' defaults have no tolerance).
+            ``refresh=AdaptiveRefresh(...)``, or a taken-over optimizer built with one: the optimizers'
+            default refreshes have no tolerance; refused at ``on_fit_start`` otherwise).
         max_refreshes_per_step: at most this many factor refreshes per optimizer step (over all
             ranks), most stale first; the rest wait for the next steps, so no step stalls.
         log_every_n_steps: telemetry interval in optimizer steps; ``None`` uses the Trainer's.
@@ -136,11 +137,9 @@ class KronCallback(Callback):
             check_policy(refresh)
         if tolerance_schedule is not None and not callable(tolerance_schedule):
             raise ValueError(f"tolerance_schedule must be callable(step, total_steps, tolerance), got {tolerance_schedule!r}")
-        if tolerance_schedule is not None and not isinstance(refresh, AdaptiveRefresh):
-            # refresh=None too: no optimizer's default refresh has a tolerance (SOAP/EShampoo's budget,
-            # Shampoo/KrADagrad's clock), so this is refused here rather than at on_fit_start
-            raise ValueError(f"tolerance_schedule needs refresh=AdaptiveRefresh(...), got refresh={refresh!r}: "
-                             "a budget or a fixed frequency has no tolerance to schedule")
+        if tolerance_schedule is not None and refresh is not None and not isinstance(refresh, AdaptiveRefresh):
+            raise ValueError("tolerance_schedule needs refresh=AdaptiveRefresh(...): a budget or a fixed frequency "
+                             "has no tolerance")
         for name, value in (("max_refreshes_per_step", max_refreshes_per_step), ("log_every_n_steps", log_every_n_steps)):
             if value is not None:
                 check_positive_int(name, value)
@@ -186,6 +185,12 @@ class KronCallback(Callback):
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.optimizer = self._install_optimizer(trainer, pl_module)
+        if self.tolerance_schedule is not None and not isinstance(self.refresh or self.optimizer.refresh, AdaptiveRefresh):
+            # refresh=None is known only now: a taken-over optimizer may have an AdaptiveRefresh
+            raise MisconfigurationException(
+                f"KronCallback(tolerance_schedule=...) needs refresh=AdaptiveRefresh(...) or an optimizer built "
+                f"with one; {type(self.optimizer).__name__} refreshes with {self.optimizer.refresh!r}, which has no "
+                "tolerance")
         self.scheduler = RefreshScheduler(self.optimizer, self.refresh, tolerance_schedule=self.tolerance_schedule,
                                           max_per_step=self.max_refreshes_per_step)
         # the planned length (inf when unknown): fraction-based schedules and BudgetRefresh use it
