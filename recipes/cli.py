@@ -23,6 +23,7 @@ import logging
 import netrc
 import os
 import sys
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from jsonargparse import ActionYesNo, ArgumentError
@@ -142,10 +143,28 @@ def check_trainer_options(config) -> None:
         raise OptionError.refused("trainer.max_steps", max_steps,
                                   "a positive number of optimizer steps, or -1 for no step limit (trainer.max_epochs decides)")
     ckpt_path = config.get("ckpt_path")
+    if str(ckpt_path) == "last":
+        config["ckpt_path"] = ckpt_path = latest_last_checkpoint(trainer)
     if ckpt_path and str(ckpt_path) not in CKPT_PATH_NAMES and not str(ckpt_path).startswith("registry:") \
             and "://" not in str(ckpt_path) and not os.path.isfile(ckpt_path):
         raise OptionError.refused("ckpt_path", str(ckpt_path), "an existing checkpoint file such as "
                                   "runs/<name>/version_N/checkpoints/last.ckpt, or one of " + ", ".join(CKPT_PATH_NAMES))
+
+
+def latest_last_checkpoint(trainer_config) -> str:
+    """``--ckpt_path last`` as a user means it: the newest ``last.ckpt`` of this recipe's earlier
+    runs (``<save_dir>/<name>/version_*/checkpoints``). Lightning's own ``last`` looks only in the
+    new run's version folder, which is empty, and then trains from scratch with a warning."""
+    logger = trainer_config.get("logger")
+    first = logger[0] if isinstance(logger, list) and logger else logger
+    init_args = (first.get("init_args") if hasattr(first, "get") else None) or {}
+    save_dir, name = init_args.get("save_dir") or ".", init_args.get("name") or "lightning_logs"
+    found = sorted(Path(save_dir, name).glob("version_*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
+    if not found:
+        raise OptionError.refused("ckpt_path", "last", f"a run to resume, but {Path(save_dir, name)}/version_*/"
+                                  "checkpoints/ holds no last.ckpt (give the checkpoint's path)")
+    print(f"resuming from {_shown(str(found[-1]))}", file=sys.stderr)
+    return str(found[-1])
 
 
 def _shown(path: Optional[str]) -> str:

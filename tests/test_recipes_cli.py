@@ -68,6 +68,7 @@ KRON_CALLBACK = ["--trainer.callbacks+=lightning_kron.KronCallback"]
                                     "or -1 for no step limit"),
     (["--trainer.max_steps", "0"], "error: trainer.max_steps: got 0, expected a positive number"),
     (["--ckpt_path", "missing/last.ckpt"], "error: ckpt_path: got 'missing/last.ckpt', expected an existing checkpoint file"),
+    (["--ckpt_path", "last"], "error: ckpt_path: got 'last', expected a run to resume, but runs/gpt_tiny/version_*/"),
     ([*KRON_CALLBACK, "--trainer.callbacks.method", "soapp"],
      "error: method must be one of 'soap', 'eshampoo', 'shampoo', 'kradagrad' or None; got 'soapp'"),
     (["--trainer.enable_checkpointing", "false"], "error: Trainer was configured with `enable_checkpointing=False`"),
@@ -188,7 +189,7 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(tmp_path):
     saved = torch.load(last, weights_only=True)
     assert saved["global_step"] == 4
     assert saved["optimizer_states"][0]["param_groups"][0]["lightning_kron"]["global_step"] == 4
-    cli = run_gpt_cli(args + ["--ckpt_path", str(last)])
+    cli = run_gpt_cli(args + ["--ckpt_path", "last"])  # the newest last.ckpt of the earlier runs: this one
     assert cli.trainer.global_step == 6
     assert cli.trainer.optimizers[0].global_step == 6  # the SOAP state continued, not restarted
 
