@@ -47,6 +47,14 @@ DEFAULT_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
 
 
 REFRESH_SCHEDULES = ("fixed", "budget", "adaptive")
+# The OptimizerConfig fields each refresh schedule reads; a field set away from its default under
+# a schedule (or an optimizer) that does not read it is refused instead of silently doing nothing.
+FIELDS_OF_SCHEDULE = {
+    "fixed": ("refresh_every",),
+    "budget": ("refresh_budget_every", "check_every", "max_iters"),
+    "adaptive": ("tolerance", "check_every", "early_tolerance", "early_fraction", "max_iters", "max_refreshes_per_step"),
+}
+REFRESH_FIELDS = tuple(dict.fromkeys(name for fields in FIELDS_OF_SCHEDULE.values() for name in fields))
 
 
 def method_and_refresh(name: str) -> tuple[Optional[MethodSpec], Optional[str]]:
@@ -76,16 +84,21 @@ class OptimizerConfig:
             (:class:`~lightning_kron.BudgetRefresh`: as many refreshes as every=``refresh_budget_every``,
             front-loaded, most stale factors first; chosen by scripts/refresh_study.py across ten
             models, docs/refresh-study.md) or ``"adaptive"``; ``None``: the method's own
-            (``recipe_refresh`` in the method registry: ``budget`` for soap and eshampoo).
+            (``recipe_refresh`` in the method registry: ``budget`` for soap and eshampoo, ``fixed`` for
+            shampoo and kradagrad).
         refresh_every: eigenbasis refresh period of the fixed schedule (``shampoo``'s default).
         refresh_budget_every: the fixed clock whose refresh count the budget schedule spends.
-        tolerance: staleness threshold of ``soap_adaptive`` and ``eshampoo``.
-        check_every: how often (steps) those two compare staleness with ``tolerance``.
+        tolerance: staleness threshold of the adaptive schedule (``soap_adaptive``, or
+            ``refresh_schedule: adaptive``).
+        check_every: how often (steps) the adaptive or the budget schedule looks at staleness.
         early_tolerance, early_fraction: when set, ``tolerance`` is replaced by ``early_tolerance``
             for the first ``early_fraction`` of training (basis accuracy matters most early; see
             ``scripts/refresh_sweep.py``). Needs the training length: set ``max_steps``.
-        max_iters: warm-QR iterations an adaptive refresh may take to get below ``tolerance``.
-        max_refreshes_per_step: cap on factors refreshed in one step (adaptive policies only).
+        max_iters: warm-QR iterations a refresh may take (adaptive: to get below ``tolerance``;
+            budget: repeated ``max_iters`` times).
+        max_refreshes_per_step: cap on factors refreshed in one step (the adaptive schedule only).
+        A refresh field set away from its default where the chosen schedule does not read it is
+        refused (``FIELDS_OF_SCHEDULE`` lists what each reads).
         options: any further keyword arguments of the optimizer class (e.g. ``max_precond_dim``; a
             ``refresh`` policy object here replaces the one the fields above describe).
     """
@@ -132,7 +145,27 @@ class OptimizerConfig:
             value = getattr(self, option)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise refuse(f"optimizer.{option}", value, "a number in [0, 1]" + (" or null" if option == "early_tolerance" else ""))
+        self._check_refresh_fields()
         self._check_options()
+
+    def _check_refresh_fields(self) -> None:
+        """Refuse a refresh field set for a schedule that does not read it (``tolerance`` with the
+        budget, ``refresh_every`` with AdamW, anything beside a ``refresh`` in ``options``)."""
+        spec, refresh = method_and_refresh(self.name)
+        if spec is None and self.refresh_schedule is not None:
+            raise OptionError.refused("optimizer.refresh_schedule", self.refresh_schedule, "null: adamw has no "
+                                      "eigenbasis to refresh")
+        schedule = None if spec is None or "refresh" in self.options else self.refresh_schedule or refresh
+        read = FIELDS_OF_SCHEDULE.get(schedule, ())
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        for option in REFRESH_FIELDS:
+            if option not in read and getattr(self, option) != defaults[option]:
+                what = ("adamw, which refreshes nothing" if spec is None else
+                        "the refresh policy given in optimizer.options" if "refresh" in self.options else
+                        f"{self.name} with refresh_schedule {schedule}")
+                uses = f" (it reads {', '.join(read)})" if read else ""
+                raise OptionError.refused(f"optimizer.{option}", getattr(self, option),
+                                          f"its default, {defaults[option]!r}: it is not read by {what}{uses}")
 
     def _check_options(self) -> None:
         """Unknown ``options`` keys, and values the optimizer class refuses (``rotation_dtype: bf17``),
@@ -266,7 +299,8 @@ def _construct(config: OptimizerConfig, groups: list[dict], total_steps: Optiona
     if refresh == "fixed":
         settings["refresh"] = lk.FixedRefresh(every=config.refresh_every)
     elif refresh == "budget":
-        settings["refresh"] = lk.BudgetRefresh(every=config.refresh_budget_every, total_steps=_known_length(total_steps))
+        settings["refresh"] = lk.BudgetRefresh(every=config.refresh_budget_every, total_steps=_known_length(total_steps),
+                                               check_every=config.check_every, max_iters=config.max_iters)
     elif refresh == "adaptive":
         settings["refresh"] = lk.AdaptiveRefresh(tolerance=config.tolerance, check_every=config.check_every,
                                                  max_iters=config.max_iters, max_per_step=config.max_refreshes_per_step,

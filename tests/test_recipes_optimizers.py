@@ -2,6 +2,7 @@
 
 import doctest
 import importlib
+import re
 
 import pytest
 import torch
@@ -68,6 +69,31 @@ def test_refresh_options_reach_the_policy():
     adaptive = build_optimizer(OptimizerConfig(name="soap_adaptive", tolerance=0.2, check_every=5, max_refreshes_per_step=3), network)
     assert fixed.refresh == lightning_kron.FixedRefresh(every=7)
     assert adaptive.refresh == lightning_kron.AdaptiveRefresh(tolerance=0.2, check_every=5, max_per_step=3)
+
+
+def test_the_budget_reads_check_every_and_max_iters_and_kradagrad_its_clock():
+    network = torch.nn.Linear(4, 4)
+    budget = build_optimizer(OptimizerConfig(name="soap", check_every=10, max_iters=2), network, total_steps=300)
+    assert budget.refresh == lightning_kron.BudgetRefresh(total_steps=300, check_every=10, max_iters=2)
+    clock = build_optimizer(OptimizerConfig(name="kradagrad", refresh_every=5), network)
+    assert clock.refresh == lightning_kron.FixedRefresh(every=5)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(name="soap", tolerance=0.3), "optimizer.tolerance: got 0.3, expected its default, 0.05: it is not read by "
+                                       "soap with refresh_schedule budget (it reads refresh_budget_every, check_every"),
+    (dict(name="eshampoo", max_refreshes_per_step=2), "optimizer.max_refreshes_per_step: got 2"),
+    (dict(name="shampoo", refresh_budget_every=5), "not read by shampoo with refresh_schedule fixed (it reads refresh_every)"),
+    (dict(name="soap_adaptive", refresh_every=5), "optimizer.refresh_every: got 5"),
+    (dict(name="adamw", refresh_schedule="fixed"), "optimizer.refresh_schedule: got 'fixed', expected null: adamw"),
+    (dict(name="adamw", tolerance=0.1), "not read by adamw, which refreshes nothing"),
+    (dict(name="soap", refresh_budget_every=10, options={"refresh": lightning_kron.FixedRefresh(every=3)}),
+     "not read by the refresh policy given in optimizer.options"),
+])
+def test_a_refresh_field_the_chosen_schedule_does_not_read_is_refused(fields, message):
+    """A field that would do nothing fails at construction, naming what the schedule reads."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        OptimizerConfig(**fields)
 
 
 def test_soap_and_eshampoo_default_to_the_front_loaded_budget_over_the_runs_length():

@@ -81,7 +81,7 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType({spec.name: spec for spec i
                lr=1e-3, betas=(0.9, 0.999), recipe_refresh="fixed",
                variants={"adam_graft": Variant({"graft": "adam"})}),
     MethodSpec("kradagrad", "KrADagrad", KrADagrad, adam_eps_option="graft_eps", from_adam={"graft": "adam"},
-               variants={
+               recipe_refresh="fixed", variants={
                    "star": Variant(lr_scale=10.0),
                    "alternating": Variant({"variant": "alternating"}, lr_scale=10.0),
                    "star_adam_graft": Variant({"graft": "adam"}),
