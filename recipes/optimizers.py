@@ -174,6 +174,11 @@ class OptimizerConfig:
             accepted = accepted_options(self.name)
         except ValueError:  # KrADagrad not shipped: building it says so
             return
+        if given_elsewhere := sorted(set(self.options) & set(_set_by_config(self.name))):
+            field_of = {"graft_eps": "eps"}  # Shampoo's and KrADagrad's graft eps is AdamW's eps
+            raise OptionError("optimizer.options", "got " + ", ".join(
+                f"{key!r}, which the recipe sets from optimizer.{field_of.get(key, key)} (give it there)"
+                for key in given_elsewhere))
         if unknown := sorted(set(self.options) - set(accepted)):
             raise OptionError("optimizer.options", f"got unknown key{'s' if len(unknown) > 1 else ''} "
                               f"{', '.join(map(repr, unknown))}, expected keys of {_class_of(self.name).__name__}: "

@@ -109,8 +109,8 @@ def test_linear_ramp_refreshes_at_a_tight_tolerance_first_then_loosens():
 
 
 def test_fractional_schedules_need_a_known_training_length():
-    for schedule in (LinearRamp(start_tolerance=0.1), TighterEarly(early_tolerance=0.01)):
-        with pytest.raises(ValueError, match="finite training length"):
+    for schedule, in_steps in ((LinearRamp(start_tolerance=0.1), "ramp_steps"), (TighterEarly(early_tolerance=0.01), "early_steps")):
+        with pytest.raises(ValueError, match=f"needs the planned training length.*max_steps.*{in_steps}=N"):
             schedule(3, None, 0.5)
     with pytest.raises(ValueError, match="start_tolerance"):
         LinearRamp(start_tolerance=1.5)

@@ -120,6 +120,8 @@ def test_bad_names_and_options_fail_at_construction():
     with pytest.raises(ValueError, match="optimizer.options: rotation_dtype must be None or one of .*got 'bf17'"):
         OptimizerConfig(name="soap", options={"rotation_dtype": "bf17"})
     assert OptimizerConfig(name="soap", options={"rotation_dtype": "bf16"}).options == {"rotation_dtype": "bf16"}
+    with pytest.raises(ValueError, match="optimizer.options: got 'graft_eps', which the recipe sets from optimizer.eps"):
+        OptimizerConfig(name="shampoo", options={"graft_eps": 1e-3})
     assert "amsgrad" in accepted_options("adamw") and "lr" not in accepted_options("adamw")
     assert {"graft", "shampoo_beta"} <= set(accepted_options("kradagrad"))
 

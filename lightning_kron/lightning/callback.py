@@ -135,6 +135,9 @@ class KronCallback(Callback):
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))} or None; got {method!r}")
         if refresh is not None:
             check_policy(refresh)
+        if refresh is not None and "refresh" in optimizer_options:
+            raise ValueError("refresh is given twice, as KronCallback(refresh=...) and in optimizer_options: "
+                             "keep one (the callback's scheduler runs the policy either way)")
         if tolerance_schedule is not None and not callable(tolerance_schedule):
             raise ValueError(f"tolerance_schedule must be callable(step, total_steps, tolerance), got {tolerance_schedule!r}")
         if tolerance_schedule is not None and refresh is not None and not isinstance(refresh, AdaptiveRefresh):

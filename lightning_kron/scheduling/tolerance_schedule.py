@@ -30,9 +30,11 @@ def _planned_steps(fraction: float, steps: Optional[int], total_steps: Optional[
     if steps is not None:
         return steps
     if total_steps is None or not math.isfinite(total_steps):
+        steps_option = "early_steps" if name == "TighterEarly" else "ramp_steps"
         raise ValueError(
-            f"{name}(..._fraction=...) needs a finite training length (set max_steps or max_epochs); "
-            "or pass the step count instead"
+            f"{name}(..._fraction=...) needs the planned training length, which is unknown here: under "
+            f"KronCallback set the Trainer's max_steps or max_epochs; with the optimizer alone, give "
+            f"{name}({steps_option}=N) in steps instead"
         )
     return int(fraction * total_steps)
 
