@@ -2,8 +2,9 @@
 
 This is the "drop-in" of ``KronCallback``, kept free of Lightning. The new optimizer gets the same
 parameter groups with the same lr, betas, eps and weight decay (AdamW's decay stays decoupled,
-Adam's stays L2, unless ``weight_decay_mode`` is among the options), parameter names for readable telemetry, and ``initial_lr`` so LR schedulers keep
-their base rates; the schedulers are then re-pointed at it.
+Adam's stays L2, unless ``weight_decay_mode`` is among the options), parameter names for readable
+telemetry, and ``initial_lr`` so LR schedulers keep their base rates; the schedulers are then
+re-pointed at it.
 
 How the Adam hyperparameters map (why): SOAP and EShampoo run Adam in the eigenbasis, so every
 number means what it meant for AdamW. Shampoo's ``eps`` is a damping of the factor eigenvalues
