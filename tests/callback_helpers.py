@@ -73,3 +73,14 @@ def fit(module: L.LightningModule, callbacks, batch_size: int = 8, count: int = 
 
 def parameters_of(module: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in module.parameters()]
+
+
+class EveryOtherStep:
+    """A user-written refresh policy (the protocol's two methods only): every factor on even steps.
+    Configs name it by its import path, ``callback_helpers.EveryOtherStep``."""
+
+    def checks_at(self, step: int) -> bool:
+        return step % 2 == 0
+
+    def select(self, staleness, step, total_steps=None):
+        return staleness >= 0

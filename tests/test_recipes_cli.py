@@ -93,21 +93,11 @@ def test_bad_input_is_one_error_line_before_training(extra, message, capsys, tmp
     assert captured.out == "" and list(tmp_path.iterdir()) == []  # no log dir, no checkpoint: nothing started
 
 
-class EveryOtherStep:
-    """A user-written refresh policy, given to the callback by its import path in the config."""
-
-    def checks_at(self, step: int) -> bool:
-        return step % 2 == 0
-
-    def select(self, staleness, step, total_steps=None):
-        return staleness >= 0
-
-
 @pytest.mark.parametrize("policy, expected", [
     ('{"class_path": "lightning_kron.BudgetRefresh", "init_args": {"every": 10}}', "BudgetRefresh"),
     ('{"class_path": "lightning_kron.FixedRefresh", "init_args": {"every": 5}}', "FixedRefresh"),
     ('{"class_path": "lightning_kron.AdaptiveRefresh", "init_args": {"tolerance": 0.1}}', "AdaptiveRefresh"),
-    (f'{{"class_path": "{__name__}.EveryOtherStep"}}', "EveryOtherStep"),
+    ('{"class_path": "callback_helpers.EveryOtherStep"}', "EveryOtherStep"),
 ], ids=lambda value: value if value.isidentifier() else None)
 def test_the_callbacks_refresh_policy_can_be_any_policy_in_a_config(policy, expected, tmp_path):
     """The default policy (BudgetRefresh), the other built-ins and a user-written one all pass the

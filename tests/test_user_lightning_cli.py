@@ -3,26 +3,17 @@ policy by ``class_path`` (the optimizers' ``refresh`` is typed by the RefreshPol
 
 import pytest
 import torch
+from callback_helpers import EveryOtherStep
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 
 import lightning_kron as lk
 
 
-class EveryOtherStep:
-    """A user-written policy, named in the command line by its import path."""
-
-    def checks_at(self, step):
-        return step % 2 == 0
-
-    def select(self, staleness, step, total_steps=None):
-        return staleness >= 0
-
-
 @pytest.mark.parametrize("optimizer", ["SOAP", "EShampoo", "Shampoo", "KrADagrad"])
 @pytest.mark.parametrize("policy, expected", [
     ('{"class_path": "lightning_kron.BudgetRefresh", "init_args": {"every": 10}}', lk.BudgetRefresh),
-    (f'{{"class_path": "{__name__}.EveryOtherStep"}}', EveryOtherStep),
+    ('{"class_path": "callback_helpers.EveryOtherStep"}', EveryOtherStep),
 ], ids=["BudgetRefresh", "user-written"])
 def test_optimizer_flag_takes_a_refresh_policy_by_class_path(optimizer, policy, expected, tmp_path):
     cli = LightningCLI(BoringModel, BoringDataModule, run=False, save_config_callback=None, args=[
