@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from recipes.errors import RecipeInputError
+from recipes.resumable_shuffle import ResumableTrainData
 from recipes.splits import split_by_name, split_by_position
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -72,7 +73,7 @@ def _labels(values: np.ndarray, path: Path) -> torch.Tensor:
     return labels
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(ResumableTrainData, L.LightningDataModule):
     """Images and labels for :class:`recipes.vision.ImageClassifier` (see the module docstring).
 
     ``num_classes`` and ``channels`` are known right after construction (the CLI links them to the
@@ -185,9 +186,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set = TensorDataset((val_x - mean) / std, val_y)
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=generator, num_workers=self.num_workers)
+        return self.shuffled_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)

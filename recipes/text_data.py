@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from recipes.errors import RecipeInputError
+from recipes.resumable_shuffle import ResumableTrainData
 from recipes.splits import split_by_name
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs",
@@ -170,7 +171,7 @@ class ByteWindows(Dataset):
         return torch.from_numpy(window)
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(ResumableTrainData, L.LightningDataModule):
     """Byte-level language-modelling data; see the module docstring for sources and splitting.
 
     Args:
@@ -226,9 +227,8 @@ class TextDataModule(L.LightningDataModule):
                                    f"window of {self.context_length + 1}; raise val_fraction or add text")
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(ByteWindows(self.train_tokens, self.context_length), batch_size=self.batch_size,
-                          shuffle=True, drop_last=True, generator=generator, num_workers=self.num_workers)
+        return self.shuffled_loader(ByteWindows(self.train_tokens, self.context_length), self.batch_size,
+                                    self.seed, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         windows = ByteWindows(self.val_tokens, self.context_length)

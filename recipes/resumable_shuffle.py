@@ -1,0 +1,159 @@
+"""A shuffled training loader that a checkpoint can stop and resume mid-epoch, batch for batch.
+
+Why: Lightning resumes an interrupted epoch by drawing the remaining batches from a fresh iterator,
+which for a plain shuffling ``DataLoader`` is a new permutation: some examples are seen twice,
+others not at all, and a resumed run's losses leave the uninterrupted run's at the cut. Here the
+data module saves, with the checkpoint, the generator state the running epoch's order was drawn
+from and how many of its batches the trainer has finished; the resumed epoch redraws the same
+order and skips those batches (by index: nothing is loaded for them).
+
+The order is ``DataLoader(dataset, batch_size, shuffle=True, drop_last=True, generator=seeded)``'s
+as Lightning consumes it (it stops at an epoch's last batch), batch for batch, epoch after epoch, so
+runs made before this loader existed are reproduced; unlike that loader's, it does not change with
+``num_workers``.
+
+The saved state lives in the data module (``state_dict``/``load_state_dict``, which Lightning
+stores in the checkpoint), not in the loader: Lightning hands a loader its saved state only if the
+loader is built after the checkpoint is restored, and the recipes' ``configure_optimizers`` builds
+it earlier (through ``trainer.estimated_stepping_batches``). The batches done are read from the
+trainer's own progress counter, so the resume point is the batch the trainer itself restarts at:
+the next one after a checkpoint taken between steps, the interrupted one after Ctrl-C in a step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
+
+
+@dataclass
+class ShufflePosition:
+    """Shared by a data module and its training batch sampler (and any copy Lightning makes of the
+    sampler, e.g. around a ``DistributedSampler``): where the running epoch's order came from, and
+    a checkpoint's resume point waiting for the next epoch to start."""
+
+    started: bool = False
+    epoch_start: Optional[torch.Tensor] = None
+    pending: Optional[dict] = None
+
+
+def _skip_loader_seed_draw(generator: torch.Generator) -> None:
+    """A DataLoader draws one int64 from its generator (its workers' base seed) each time it starts
+    an epoch, before the sampler draws the permutation; a resume at an epoch boundary repeats it."""
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+
+
+class ResumableBatchSampler(BatchSampler):
+    """``BatchSampler`` whose epoch can restart at a saved batch; same constructor as the base (plus
+    the shared position) so Lightning can rebuild it around a distributed sampler."""
+
+    def __init__(self, sampler: Sampler, batch_size: int, drop_last: bool,
+                 position: Optional[ShufflePosition] = None) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.position = position if position is not None else ShufflePosition()
+
+    @property
+    def _generator(self) -> Optional[torch.Generator]:
+        return getattr(self.sampler, "generator", None)  # a DistributedSampler orders by epoch instead
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip = self._apply_pending()
+        generator = self._generator
+        self.position.started = True
+        self.position.epoch_start = generator.get_state() if generator is not None else None
+        # stop after the last batch without asking the sampler for more: asking would draw a second
+        # permutation from the generator, so the next epoch's order would depend on whether the
+        # consumer (Lightning stops at the last batch) or a worker's read-ahead (it asks) got there
+        for index, batch in enumerate(itertools.islice(super().__iter__(), len(self))):
+            if index >= skip:
+                yield batch
+
+    def _apply_pending(self) -> int:
+        """Restore a checkpoint's generator state (once) and return the batches to skip."""
+        pending, self.position.pending = self.position.pending, None
+        if pending is None:
+            return 0
+        layout = self._layout()
+        if pending.get("layout") != layout:
+            warnings.warn(f"the checkpoint's training data came as {_describe(pending.get('layout'))}, this run's as "
+                          f"{_describe(layout)}: the resumed epoch is a fresh shuffle, not the interrupted one's "
+                          "remaining batches", stacklevel=2)
+            return 0
+        generator = self._generator
+        if generator is not None and pending["generator"] is not None:
+            generator.set_state(pending["generator"])
+            if pending["next_epoch"]:
+                _skip_loader_seed_draw(generator)
+        return pending["batches_done"]
+
+    def resume_point(self, batches_done: int) -> dict:
+        """What a checkpoint must hold to restart after ``batches_done`` batches of this epoch."""
+        generator = self._generator
+        if batches_done >= len(self) or not self.position.started:
+            # the epoch is over (or none began): the next one draws from the generator as it is now
+            state = generator.get_state() if generator is not None else None
+            return {"generator": state, "batches_done": 0, "next_epoch": self.position.started, "layout": self._layout()}
+        return {"generator": self.position.epoch_start, "batches_done": batches_done, "next_epoch": False,
+                "layout": self._layout()}
+
+    def _layout(self) -> list[int]:
+        """Examples and batch size: a resume point means nothing for other data or batches."""
+        return [len(self.sampler), self.batch_size]
+
+
+def _describe(layout: Optional[list[int]]) -> str:
+    if not layout:
+        return "an unknown layout"
+    return f"{layout[0]} examples in batches of {layout[1]}"
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` that tells Lightning it resumes mid-epoch (Lightning checks for
+    ``state_dict``/``load_state_dict`` and otherwise warns that it does not). Its state travels in
+    the data module's checkpoint entry instead (see the module docstring), so these hold nothing."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+class ResumableTrainData:
+    """Mixin for a ``LightningDataModule``: build the training loader with :meth:`shuffled_loader`
+    and a checkpoint resumes its epoch at the batch where the trainer stopped."""
+
+    def shuffled_loader(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(seed)
+        batches = ResumableBatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=True,
+                                        position=self._shuffle_position)
+        return ResumableLoader(dataset, batch_sampler=batches, generator=generator, num_workers=num_workers)
+
+    @property
+    def _shuffle_position(self) -> ShufflePosition:
+        if "_position" not in self.__dict__:
+            self._position = ShufflePosition()
+        return self._position
+
+    def state_dict(self) -> dict[str, Any]:
+        batches = self._live_batch_sampler()
+        if batches is None:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_shuffle": batches.resume_point(done)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_shuffle" in state_dict:
+            self._shuffle_position.pending = dict(state_dict["train_shuffle"])
+
+    def _live_batch_sampler(self) -> Optional[ResumableBatchSampler]:
+        """The batch sampler of the loader the trainer iterates (Lightning may have rebuilt it)."""
+        trainer = getattr(self, "trainer", None)
+        loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
+        batches = getattr(loader, "batch_sampler", None)
+        return batches if isinstance(batches, ResumableBatchSampler) else None
