@@ -4,8 +4,8 @@ What it adds to ``LightningCLI``:
 
 - bad input (:class:`~recipes.errors.RecipeInputError`, a ``ValueError`` while the model, data
   and callbacks are built, a parser error such as an unknown key, a ``trainer.max_steps`` other
-  than -1 or a positive count, a ``--ckpt_path`` that is not a file) is printed as ``error: ...``
-  on one line with exit status 2, before training starts;
+  than -1 or a positive count, a ``--ckpt_path`` that is not a file, data too small for one batch)
+  is printed as ``error: ...`` on one line with exit status 2, before the Trainer is built;
 - no ``--config``: the recipe's tiny config (``recipes/configs/<recipe>_tiny.yaml``) is used, so
   ``kron-gpt fit`` alone is a bounded CPU-sized run into ``runs/``, not Lightning's 1000 epochs;
 - deprecation warnings and vendor tips of dependencies are not printed (:mod:`recipes.quiet`);
@@ -124,10 +124,19 @@ class RecipeCLI(LightningCLI):
             raise RecipeInputError(one_line(error)) from error       # the Trainer refusing a setting
 
     def instantiate_trainer(self, **kwargs: Any):
+        self._check_data()
         if self._subcommand_config().get("wandb"):
             existing = _logger_list(self._get(self.config_init, "trainer", default={}).get("logger"))
             kwargs["logger"] = [*existing, wandb_logger(existing)]
         return super().instantiate_trainer(**kwargs)
+
+
+    def _check_data(self) -> None:
+        """The data modules refuse data too small for one batch in ``setup``; run it before the
+        Trainer is built, so the refusal is the only output and no empty run folder is left. Lightning's
+        own ``setup`` call later finds the data loaded."""
+        if self.subcommand and self.datamodule is not None:
+            self.datamodule.setup(self.subcommand)
 
 
 CKPT_PATH_NAMES = ("last", "best", "hpc", "registry")  # what Lightning resolves itself

@@ -148,6 +148,30 @@ def test_empty_image_folder_is_one_error_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: data folder")
 
 
+@pytest.mark.parametrize("recipe, too_large, message", [
+    ("vision_vit_tiny.yaml", ["--data.batch_size", "5000"], "error: 1437 training images, fewer than one batch of 5000"),
+    ("gpt_tiny.yaml", ["--data.batch_size", "1000"], "training bytes, fewer than one batch needs (128001)"),
+])
+def test_data_too_small_for_a_batch_is_refused_before_the_trainer_exists(recipe, too_large, message, tmp_path, capsys):
+    config = next(path for path in CONFIGS if path.name == recipe)
+    source = [] if recipe.startswith("vision") else ["--data.source", str(Path(TEXT_FOLDER) / "decoder.py"),
+                                                   "--data.cache_dir", str(tmp_path / "cache")]
+    lightning_output = io.StringIO()
+    handler = logging.StreamHandler(lightning_output)
+    logging.getLogger("lightning.pytorch").addHandler(handler)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            recipe_main(config)(["fit", "--config", str(config), *source, *too_large,
+                             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
+    assert exit_info.value.code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
+    assert "GPU available" not in lightning_output.getvalue()  # the Trainer was never built
+    assert not (tmp_path / "runs").exists()
+
+
 class InterruptAtStep(L.Callback):
     """Raises KeyboardInterrupt after the given optimizer step, as Ctrl-C would."""
 
