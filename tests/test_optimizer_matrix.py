@@ -156,13 +156,17 @@ def test_load_state_dict_hooks_run_as_in_torch_optim(make_optimizer):
 
 
 def test_a_state_dict_post_hook_sees_the_optimizer_entry(make_optimizer):
+    """Prepended or appended, and in the order registered among the user's own hooks."""
     model = nn.Linear(12, 5)
     optimizer = make_optimizer(model.parameters())
     _train(model, optimizer, *_regression(), 2)
     seen = []
-    optimizer.register_state_dict_post_hook(lambda opt, state: seen.append(state["param_groups"][0]["lightning_kron"]))
+    for name, prepend in [("appended", False), ("prepended", True), ("prepended last", True)]:
+        optimizer.register_state_dict_post_hook(
+            lambda opt, state, name=name: seen.append((name, state["param_groups"][0]["lightning_kron"]["global_step"])),
+            prepend=prepend)
     optimizer.state_dict()
-    assert [entry["global_step"] for entry in seen] == [2]
+    assert seen == [("prepended last", 2), ("prepended", 2), ("appended", 2)]
 
 
 def test_named_and_unnamed_parameters(make_optimizer):

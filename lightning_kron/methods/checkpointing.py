@@ -31,12 +31,21 @@ class Checkpointing:
         and skipped step counts, its own scheduler's deferred factors) travels in the first
         parameter group under ``"lightning_kron"``: ``torch.distributed.checkpoint`` keeps only
         ``state`` and ``param_groups`` (``get_optimizer_state_dict`` drops other top-level keys).
-        That entry is added by the first state_dict post-hook (:meth:`_add_optimizer_entry`), so
-        hooks a user registers see the whole state (unless registered with ``prepend=True``).
+        That entry is added by the first state_dict post-hook (:meth:`_add_optimizer_entry`), which
+        stays first, so every hook a user registers sees the whole state, ``prepend=True`` or not.
         Under FSDP2 it is a collective (the scheduler gathers every rank's counters): call it on
         every rank, as ``get_optimizer_state_dict`` does."""
         self.update_staleness()
         return super().state_dict()  # param_groups are fresh dicts: the live groups stay as they are
+
+    def register_state_dict_post_hook(self, hook, prepend: bool = False):
+        """torch.optim's, except that a ``prepend=True`` hook runs second: after the hook that
+        adds the optimizer-wide entry, so it sees what will be saved."""
+        handle = super().register_state_dict_post_hook(hook, prepend=prepend)
+        entry_hook = getattr(self, "_entry_hook_id", None)  # None while the entry's own is registered
+        if entry_hook in self._optimizer_state_dict_post_hooks:
+            self._optimizer_state_dict_post_hooks.move_to_end(entry_hook, last=False)
+        return handle
 
     def _add_optimizer_entry(self, optimizer, state: dict) -> dict:
         """The state_dict post-hook, registered first at construction: the optimizer-wide entry."""

@@ -250,7 +250,7 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         self._groups: Optional[list[FactorGroup]] = None
         self._staleness_current = True  # every factor is still zero, and so is its staleness
         super().__init__(groups, defaults)
-        self.register_state_dict_post_hook(self._add_optimizer_entry, prepend=True)
+        self._entry_hook_id = self.register_state_dict_post_hook(self._add_optimizer_entry, prepend=True).id
         #: The optimizer's own scheduler over ``refresh``; an owner's scheduler replaces it in
         #: :attr:`scheduler` while attached.
         self.own_scheduler = RefreshScheduler(self, self.refresh)
