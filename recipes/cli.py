@@ -130,7 +130,6 @@ class RecipeCLI(LightningCLI):
             kwargs["logger"] = [*existing, wandb_logger(existing)]
         return super().instantiate_trainer(**kwargs)
 
-
     def _check_data(self) -> None:
         """The data modules refuse data too small for one batch in ``setup``; run it before the
         Trainer is built, so the refusal is the only output and no empty run folder is left. Lightning's

@@ -81,8 +81,8 @@ class ResumableBatchSampler(BatchSampler):
         layout = self._layout()
         if pending.get("layout") != layout:
             warnings.warn(f"the checkpoint's training data came as {_describe(pending.get('layout'))}, this run's as "
-                          f"{_describe(layout)}: the resumed epoch is a fresh shuffle, not the interrupted one's "
-                          "remaining batches", stacklevel=2)
+                          f"{_describe(layout)}: the resumed epoch takes the seed's first order, not the interrupted "
+                          "epoch's remaining batches", stacklevel=2)
             return 0
         generator = self._generator
         if generator is not None and pending["generator"] is not None:
