@@ -1,5 +1,6 @@
 """The recipe CLIs: every shipped config parses, bad input is one line, Ctrl-C leaves a resumable run."""
 
+import contextlib
 import io
 import json
 import logging
@@ -148,6 +149,18 @@ def test_empty_image_folder_is_one_error_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: data folder")
 
 
+@contextlib.contextmanager
+def listening_to_lightning():
+    """What Lightning's own logger says (it does not propagate to the root logger or to capsys)."""
+    output = io.StringIO()
+    handler = logging.StreamHandler(output)
+    logging.getLogger("lightning.pytorch").addHandler(handler)
+    try:
+        yield output
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
+
+
 @pytest.mark.parametrize("recipe, too_large, message", [
     ("vision_vit_tiny.yaml", ["--data.batch_size", "5000"], "error: 1437 training images, fewer than one batch of 5000"),
     ("gpt_tiny.yaml", ["--data.batch_size", "1000"], "training bytes, fewer than one batch needs (128001)"),
@@ -156,15 +169,9 @@ def test_data_too_small_for_a_batch_is_refused_before_the_trainer_exists(recipe,
     config = next(path for path in CONFIGS if path.name == recipe)
     source = [] if recipe.startswith("vision") else ["--data.source", str(Path(TEXT_FOLDER) / "decoder.py"),
                                                    "--data.cache_dir", str(tmp_path / "cache")]
-    lightning_output = io.StringIO()
-    handler = logging.StreamHandler(lightning_output)
-    logging.getLogger("lightning.pytorch").addHandler(handler)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            recipe_main(config)(["fit", "--config", str(config), *source, *too_large,
+    with listening_to_lightning() as lightning_output, pytest.raises(SystemExit) as exit_info:
+        recipe_main(config)(["fit", "--config", str(config), *source, *too_large,
                              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
-    finally:
-        logging.getLogger("lightning.pytorch").removeHandler(handler)
     assert exit_info.value.code == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
@@ -233,18 +240,12 @@ def test_no_config_short_run_logs_to_runs_without_dependency_warnings_or_tips(tm
     """``kron-gpt fit`` with no --config: the tiny config's ./runs/gpt_tiny, not ./lightning_logs; and none
     of torch's/Lightning's deprecation warnings or Lightning's "💡 Tip" lines reach the output."""
     monkeypatch.chdir(tmp_path)
-    lightning_output = io.StringIO()  # Lightning's own logger does not propagate: listen to it directly
-    handler = logging.StreamHandler(lightning_output)
-    logging.getLogger("lightning.pytorch").addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            gpt.main(["fit", "--data.source", TEXT_FOLDER, "--data.context_length", "16", "--data.batch_size", "4",
-                      "--data.cache_dir", str(tmp_path / "cache"), "--trainer.max_steps", "2",
-                      "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-                      "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
-    finally:
-        logging.getLogger("lightning.pytorch").removeHandler(handler)
+    with listening_to_lightning() as lightning_output, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        gpt.main(["fit", "--data.source", TEXT_FOLDER, "--data.context_length", "16", "--data.batch_size", "4",
+                  "--data.cache_dir", str(tmp_path / "cache"), "--trainer.max_steps", "2",
+                  "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                  "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     assert (tmp_path / "runs" / "gpt_tiny" / "version_0" / "checkpoints" / "last.ckpt").is_file()
     assert not (tmp_path / "lightning_logs").exists()
     assert "no --config given: using" in capsys.readouterr().err
