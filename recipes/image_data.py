@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from recipes.errors import RecipeInputError
-from recipes.resumable_shuffle import ResumableTrainData
+from recipes.resumable_shuffle import ResumableTrainData, fingerprint
 from recipes.splits import split_by_name, split_by_position
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -105,6 +105,7 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
         self.num_classes = len(self.class_names)
         self.train_set: Optional[TensorDataset] = None
         self.val_set: Optional[TensorDataset] = None
+        self.data_id: Optional[str] = None  # set by setup: a hash of the training set
 
     def _inspect(self, source: Optional[str]) -> tuple[str, list[str], int]:
         """Kind of source, class names and channel count; refuses unusable paths."""
@@ -177,6 +178,8 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
         if self.train_set is not None:
             return
         train_x, train_y, val_x, val_y = self._load()
+        # hashed as loaded: resizing and normalising round differently on other CPUs
+        self.data_id = fingerprint(train_x, train_y)
         train_x, val_x = self._resize(train_x), self._resize(val_x)
         mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
         std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
@@ -186,7 +189,7 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
         self.val_set = TensorDataset((val_x - mean) / std, val_y)
 
     def train_dataloader(self) -> DataLoader:
-        return self.shuffled_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
+        return self.shuffled_loader(self.train_set, self.batch_size, self.seed, self.num_workers, data_id=self.data_id)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)

@@ -18,15 +18,19 @@ loader is built after the checkpoint is restored, and the recipes' ``configure_o
 it earlier (through ``trainer.estimated_stepping_batches``). The batches done are read from the
 trainer's own progress counter, so the resume point is the batch the trainer itself restarts at:
 the next one after a checkpoint taken between steps, the interrupted one after Ctrl-C in a step.
+A resume point also names the data it belongs to (size, batch size, a hash of the content), and
+is not applied to other data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
@@ -40,6 +44,19 @@ class ShufflePosition:
     started: bool = False
     epoch_start: Optional[torch.Tensor] = None
     pending: Optional[dict] = None
+    data_id: Optional[str] = None
+
+
+def fingerprint(*arrays: torch.Tensor | np.ndarray) -> str:
+    """A short hash of the arrays' shapes and bytes, to tell a resumed run's data from the
+    checkpoint's when both have the same size. Not a security hash: SHA-1 for its speed (0.32 s
+    for a CIFAR-10-sized 0.6 GB on one AMD EPYC core)."""
+    digest = hashlib.sha1()
+    for array in arrays:
+        array = np.ascontiguousarray(array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else array)
+        digest.update(repr((array.shape, array.dtype.str)).encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()[:20]
 
 
 def _skip_loader_seed_draw(generator: torch.Generator) -> None:
@@ -78,11 +95,10 @@ class ResumableBatchSampler(BatchSampler):
         pending, self.position.pending = self.position.pending, None
         if pending is None:
             return 0
-        layout = self._layout()
-        if pending.get("layout") != layout:
-            warnings.warn(f"the checkpoint's training data came as {_describe(pending.get('layout'))}, this run's as "
-                          f"{_describe(layout)}: the resumed epoch takes the seed's first order, not the interrupted "
-                          "epoch's remaining batches", stacklevel=2)
+        mismatch = _layout_mismatch(pending.get("layout"), self._layout())
+        if mismatch:
+            warnings.warn(f"{mismatch}: the resumed epoch takes the seed's first order, not the interrupted epoch's "
+                          "remaining batches", stacklevel=2)
             return 0
         generator = self._generator
         if generator is not None and pending["generator"] is not None:
@@ -101,12 +117,25 @@ class ResumableBatchSampler(BatchSampler):
         return {"generator": self.position.epoch_start, "batches_done": batches_done, "next_epoch": False,
                 "layout": self._layout()}
 
-    def _layout(self) -> list[int]:
-        """Examples and batch size: a resume point means nothing for other data or batches."""
-        return [len(self.sampler), self.batch_size]
+    def _layout(self) -> list:
+        """Examples, batch size and (where the data module gave one) the data's identity: a resume
+        point means nothing for other data or batches."""
+        return [len(self.sampler), self.batch_size, self.position.data_id]
 
 
-def _describe(layout: Optional[list[int]]) -> str:
+def _layout_mismatch(saved: Optional[list], now: list) -> Optional[str]:
+    """Why a checkpoint's resume point does not fit this run's data, or None if it does. A data
+    identity is compared only where both runs have one (checkpoints before it had none)."""
+    if not saved or list(saved[:2]) != now[:2]:
+        return f"the checkpoint's training data came as {_describe(saved)}, this run's as {_describe(now)}"
+    saved_id = saved[2] if len(saved) > 2 else None
+    if saved_id is not None and now[2] is not None and saved_id != now[2]:
+        return (f"the checkpoint's training data are not this run's ({_describe(now)} in both, but another source "
+                f"or content: data id {saved_id}, now {now[2]})")
+    return None
+
+
+def _describe(layout: Optional[list]) -> str:
     if not layout:
         return "an unknown layout"
     return f"{layout[0]} examples in batches of {layout[1]}"
@@ -128,8 +157,12 @@ class ResumableTrainData:
     """Mixin for a ``LightningDataModule``: build the training loader with :meth:`shuffled_loader`
     and a checkpoint resumes its epoch at the batch where the trainer stopped."""
 
-    def shuffled_loader(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int) -> DataLoader:
+    def shuffled_loader(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int,
+                        data_id: Optional[str] = None) -> DataLoader:
+        """``data_id`` names the data's content (e.g. :func:`fingerprint`), so that a resume on other
+        data of the same size is noticed."""
         generator = torch.Generator().manual_seed(seed)
+        self._shuffle_position.data_id = data_id
         batches = ResumableBatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=True,
                                         position=self._shuffle_position)
         return ResumableLoader(dataset, batch_sampler=batches, generator=generator, num_workers=num_workers)

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from recipes.errors import RecipeInputError
-from recipes.resumable_shuffle import ResumableTrainData
+from recipes.resumable_shuffle import ResumableTrainData, fingerprint
 from recipes.splits import split_by_name
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs",
@@ -228,7 +228,7 @@ class TextDataModule(ResumableTrainData, L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self.shuffled_loader(ByteWindows(self.train_tokens, self.context_length), self.batch_size,
-                                    self.seed, self.num_workers)
+                                    self.seed, self.num_workers, data_id=fingerprint(self.train_tokens))
 
     def val_dataloader(self) -> DataLoader:
         windows = ByteWindows(self.val_tokens, self.context_length)

@@ -8,15 +8,18 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 from recipes.gpt import CausalLM
 from recipes.image_data import ImageDataModule
 from recipes.optimizers import OptimizerConfig
-from recipes.resumable_shuffle import ResumableTrainData
+from recipes.resumable_shuffle import ResumableTrainData, fingerprint
+from recipes.splits import split_by_position
 from recipes.text_data import TextDataModule
 from recipes.vision import ImageClassifier
 
@@ -24,9 +27,9 @@ TOTAL_STEPS = 26
 BATCHES_PER_EPOCH = 11  # 1437 training digits in batches of 128, the last partial batch dropped
 
 
-def build(num_workers: int = 0) -> tuple[ImageClassifier, ImageDataModule]:
+def build(num_workers: int = 0, source=None) -> tuple[ImageClassifier, ImageDataModule]:
     L.seed_everything(0, verbose=False)
-    data = ImageDataModule(image_size=8, batch_size=128, seed=3, num_workers=num_workers)
+    data = ImageDataModule(source=source, image_size=8, batch_size=128, seed=3, num_workers=num_workers)
     model = ImageClassifier(family="vit", size="tiny", num_classes=data.num_classes, channels=data.channels,
                             image_size=8, optimizer=OptimizerConfig(name="soap", warmup_steps=2))
     return model, data
@@ -109,6 +112,50 @@ def test_a_resume_with_another_batch_size_warns_and_shuffles_afresh(straight_run
     assert seen.batches[:3] != straight_batches[5:8]
 
 
+def digits_npz(path: Path, change_one_image: bool = False) -> str:
+    """The recipe's built-in digits written to an .npz (the same training set); optionally with one
+    training image changed: the same size, other content."""
+    images = (load_digits().images[:, None] / 16.0).astype(np.float32)
+    if change_one_image:
+        first_training_image = split_by_position(len(images), 0.2)[0][0]
+        images[first_training_image, 0, 0, 0] += 0.5
+    np.savez(path, x=images, y=load_digits().target)
+    return str(path)
+
+
+def test_the_same_data_from_another_source_resumes_where_it_stopped(straight_run, tmp_path):
+    """The data's identity is its content, not where it came from (a moved data set resumes)."""
+    _, straight_batches, folder = straight_run
+    seen = SeenBatches()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*resumed epoch")
+        fit([seen], ckpt_path=folder / "step=5.ckpt", built=build(source=digits_npz(tmp_path / "digits.npz")), max_steps=8)
+    assert seen.batches == straight_batches[5:8]
+
+
+def test_other_data_of_the_same_size_warns_and_shuffles_afresh(straight_run, tmp_path):
+    _, straight_batches, folder = straight_run
+    changed = digits_npz(tmp_path / "changed.npz", change_one_image=True)
+    seen = SeenBatches()
+    with pytest.warns(UserWarning, match="training data are not this run's .*1437 examples in batches of 128 in both"):
+        fit([seen], ckpt_path=folder / "step=5.ckpt", built=build(source=changed), max_steps=8)
+    assert seen.batches == straight_batches[:3] != straight_batches[5:8]
+
+
+def test_a_checkpoint_without_a_data_identity_still_resumes(straight_run, tmp_path):
+    """Checkpoints written before the resume point named the data hold only its size and batches."""
+    _, straight_batches, folder = straight_run
+    checkpoint = torch.load(folder / "step=5.ckpt", weights_only=False)
+    point = checkpoint["ImageDataModule"]["train_shuffle"]
+    point["layout"] = point["layout"][:2]
+    torch.save(checkpoint, tmp_path / "older.ckpt")
+    seen = SeenBatches()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*resumed epoch")
+        fit([seen], ckpt_path=tmp_path / "older.ckpt", max_steps=8)
+    assert seen.batches == straight_batches[5:8]
+
+
 class InterruptAt(L.Callback):
     """Ctrl-C at ``step`` (the optimizer steps taken), raised from ``hook``."""
 
@@ -185,3 +232,14 @@ def test_ddp_resumes_bit_identical(tmp_path):
     fit_on_two_processes([SaveWeights(tmp_path / "resumed.pt")], ckpt_path=tmp_path / "step=3.ckpt")
     straight, resumed = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
     assert_same_weights_dicts(resumed, straight)
+
+
+def test_the_data_fingerprint_sees_content_shape_and_dtype_but_not_memory_layout():
+    images = torch.arange(24.0).reshape(4, 6)
+    same = fingerprint(images)
+    assert fingerprint(images.t().contiguous().t()) == same == fingerprint(images.numpy())
+    one_changed = images.clone()
+    one_changed[3, 5] = 0.0
+    for other in (one_changed, images.reshape(6, 4), images.double()):
+        assert fingerprint(other) != same
+    assert fingerprint(images, torch.zeros(4)) != fingerprint(images, torch.ones(4))
