@@ -32,7 +32,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 
 @dataclass
@@ -45,6 +45,7 @@ class ShufflePosition:
     epoch_start: Optional[torch.Tensor] = None
     pending: Optional[dict] = None
     data_id: Optional[str] = None
+    seed: Optional[int] = None
 
 
 def fingerprint(*arrays: torch.Tensor | np.ndarray) -> str:
@@ -73,6 +74,10 @@ class ResumableBatchSampler(BatchSampler):
                  position: Optional[ShufflePosition] = None) -> None:
         super().__init__(sampler, batch_size, drop_last)
         self.position = position if position is not None else ShufflePosition()
+        if isinstance(sampler, DistributedSampler) and self.position.seed is not None:
+            # Lightning seeds the sampler it puts in under DDP with the global seed; the data's own
+            # seed decides the order, as it does on one process
+            sampler.seed = self.position.seed
 
     @property
     def _generator(self) -> Optional[torch.Generator]:
@@ -162,7 +167,7 @@ class ResumableTrainData:
         """``data_id`` names the data's content (e.g. :func:`fingerprint`), so that a resume on other
         data of the same size is noticed."""
         generator = torch.Generator().manual_seed(seed)
-        self._shuffle_position.data_id = data_id
+        self._shuffle_position.data_id, self._shuffle_position.seed = data_id, seed
         batches = ResumableBatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=True,
                                         position=self._shuffle_position)
         return ResumableLoader(dataset, batch_sampler=batches, generator=generator, num_workers=num_workers)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.datasets import load_digits
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from recipes.gpt import CausalLM
 from recipes.image_data import ImageDataModule
@@ -206,14 +206,19 @@ def test_the_order_is_the_shuffling_dataloaders_as_lightning_reads_it():
 
 
 class SaveWeights(L.Callback):
-    """Rank 0's final weights to a file (a ``ddp_spawn`` run trains in other processes)."""
+    """Rank 0's final weights and batches to files (a ``ddp_spawn`` run trains in other processes)."""
 
-    def __init__(self, path) -> None:
-        self.path = str(path)
+    def __init__(self, folder, name: str) -> None:
+        self.weights, self.batches = str(folder / f"{name}.pt"), folder / f"{name}.batches.json"
+        self.seen = SeenBatches()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.seen.on_train_batch_start(trainer, module, batch, batch_idx)
 
     def on_train_end(self, trainer, module) -> None:
         if trainer.global_rank == 0:
-            torch.save(module.state_dict(), self.path)
+            torch.save(module.state_dict(), self.weights)
+            self.batches.write_text(json.dumps(self.seen.batches))
 
 
 def fit_on_two_processes(callbacks, ckpt_path=None) -> None:
@@ -224,14 +229,31 @@ def fit_on_two_processes(callbacks, ckpt_path=None) -> None:
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
 
 
-def test_ddp_resumes_bit_identical(tmp_path):
+def rank_zero_batches(data_seed: int, steps: int) -> list[int]:
+    """What rank 0 of two sees if a DistributedSampler seeded with ``data_seed`` orders the data."""
+    _, data = build()
+    data.setup("fit")
+    sampler = DistributedSampler(data.train_set, num_replicas=2, rank=0, shuffle=True, seed=data_seed)
+    labels, batches = data.train_set.tensors[1], []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        batches += [int(labels[order[start:start + 8]].sum()) for start in range(0, len(order) - 127, 128)]
+    return batches[:steps]
+
+
+def test_ddp_resumes_bit_identical_in_the_data_seeds_order(tmp_path):
     """Under DDP Lightning rebuilds the batch sampler around a DistributedSampler, which orders by
-    epoch (5 batches of 128 per process and epoch here); the cut at step 3 is mid-epoch."""
-    fit_on_two_processes([SaveWeights(tmp_path / "straight.pt"),
+    epoch (5 batches of 128 per process and epoch here); the cut at step 3 is mid-epoch. The order
+    is the data module's seed's (3), not the global seed's (0) that Lightning gives its sampler."""
+    fit_on_two_processes([SaveWeights(tmp_path, "straight"),
                           ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")])
-    fit_on_two_processes([SaveWeights(tmp_path / "resumed.pt")], ckpt_path=tmp_path / "step=3.ckpt")
+    fit_on_two_processes([SaveWeights(tmp_path, "resumed")], ckpt_path=tmp_path / "step=3.ckpt")
     straight, resumed = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
     assert_same_weights_dicts(resumed, straight)
+    seen = json.loads((tmp_path / "straight.batches.json").read_text())
+    assert seen == rank_zero_batches(data_seed=3, steps=8) != rank_zero_batches(data_seed=0, steps=8)
+    assert json.loads((tmp_path / "resumed.batches.json").read_text()) == seen[3:]
 
 
 def test_the_data_fingerprint_sees_content_shape_and_dtype_but_not_memory_layout():
