@@ -245,10 +245,32 @@ def test_nonfinite_gradient_can_raise(make_optimizer):
     ({"rotation_dtype": "bfloat61"}, "rotation_dtype"),
     ({"statistics_dtype": torch.bfloat16}, "statistics_dtype"),
     ({"compile": "false"}, "compile must be True or False"),
+    ({"betas": 0.9}, "betas must be a pair"),
+    ({"refresh": lk.FixedRefresh}, "refresh must be a policy object, e.g. FixedRefresh"),
 ])
 def test_invalid_hyperparameters_fail_at_construction(make_optimizer, bad, match):
     with pytest.raises(ValueError, match=match):
         make_optimizer(nn.Linear(3, 2).parameters(), **bad)
+
+
+@pytest.mark.parametrize("optimizer", [lk.SOAP, lk.EShampoo, lk.Shampoo, lk.KrADagrad])
+@pytest.mark.parametrize("bad", [{"lr": "0.1"}, {"lr": True}, {"betas": (0.9, "0.99")}, {"eps": False}])
+def test_a_hyperparameter_that_is_not_a_number_is_refused(optimizer, bad):
+    """A string from a config, or a bool, is not taken for a number (the matrix's factories scale lr)."""
+    with pytest.raises(ValueError, match=f"{next(iter(bad))}.* must be"):
+        optimizer(nn.Linear(3, 2).parameters(), **bad)
+
+
+@pytest.mark.parametrize("params, error, match", [
+    ([], ValueError, "empty parameter list"),
+    (iter([]), ValueError, "empty parameter list"),
+    ([torch.zeros(3, dtype=torch.long)], ValueError, "torch.int64: only floating-point"),
+    ([("a", nn.Parameter(torch.ones(2))), ("a", nn.Parameter(torch.ones(3)))], ValueError, "both named 'a'"),
+    ([1.0], TypeError, "is a float, not a tensor"),
+])
+def test_unusable_parameters_fail_at_construction(make_optimizer, params, error, match):
+    with pytest.raises(error, match=match):
+        make_optimizer(params)
 
 
 def test_load_state_dict_from_another_model_or_optimizer_fails_cleanly(make_optimizer):
@@ -266,6 +288,8 @@ def test_load_state_dict_from_another_model_or_optimizer_fails_cleanly(make_opti
     adamw = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match="not saved by a lightning_kron optimizer"):
         optimizer.load_state_dict(adamw.state_dict())
+    with pytest.raises(TypeError, match="state_dict must be a dict"):
+        optimizer.load_state_dict("last.ckpt")
     after = {k: v for p in model.parameters() for k, v in optimizer.state[p].items()}
     assert all(torch.equal(snapshot[k], after[k]) for k in snapshot)
 

@@ -159,6 +159,21 @@ def test_external_owner_can_refresh_named_factors():
     assert set(stale) <= set(optimizer.factor_names()) and stale
 
 
+@pytest.mark.parametrize("call, error, match", [
+    (lambda o: o.refresh_factors(solver="svd"), ValueError, "solver must be one of 'qr', 'eigh'"),
+    (lambda o: o.refresh_factors(max_iters=0), ValueError, "max_iters must be an integer >= 1"),
+    (lambda o: o.refresh_factors(tolerance=-1.0), ValueError, r"tolerance must be in \[0, 1\]"),
+    (lambda o: o.refresh_factors("2.weight[L]"), TypeError, "not one string"),
+    (lambda o: o.stale_factors("0.1"), ValueError, r"tolerance must be in \[0, 1\]"),
+])
+def test_an_owners_bad_refresh_request_fails_before_any_refresh(call, error, match):
+    _, optimizer = _run(lk.FixedRefresh(every=1000), steps=2)
+    before = [f.refreshes for f in optimizer.factors()]
+    with pytest.raises(error, match=match):
+        call(optimizer)
+    assert [f.refreshes for f in optimizer.factors()] == before
+
+
 def test_failed_eigendecomposition_keeps_old_basis_and_is_counted(monkeypatch):
     param = nn.Parameter(torch.zeros(5, 4))
     optimizer = lk.SOAP([param], lr=1e-3, solver="eigh", refresh=lk.FixedRefresh(every=1))

@@ -89,6 +89,20 @@ def test_a_policy_without_the_protocol_fails_at_construction():
             make()
 
 
+@pytest.mark.parametrize("answer, got", [
+    (lambda staleness: staleness[:1] > 0, r"torch.bool of shape \(1,\)"),   # would broadcast to every factor
+    (lambda staleness: staleness, "torch.float32 of shape"),                 # nonzero would mean "refresh"
+    (lambda staleness: [True] * len(staleness), "got list"),
+])
+def test_a_policy_answering_in_the_wrong_form_is_named(answer, got):
+    class Careless(EveryThird):
+        def select(self, staleness, step, total_steps=None):
+            return answer(staleness)
+
+    with pytest.raises(ValueError, match=rf"Careless.select must return a bool tensor of shape \(\d+,\).*{got}"):
+        _train(Careless(), steps=4)
+
+
 @pytest.mark.parametrize("owner", [False, True], ids=["optimizer", "owner"])
 def test_tolerance_zero_is_the_fixed_clock_exactly_even_for_diagonal_factors(owner):
     """``AdaptiveRefresh(tolerance=0, check_every=f)`` and ``FixedRefresh(every=f)``: the same

@@ -12,17 +12,21 @@ from typing import Iterable, Union
 import torch
 
 
+def _is_number(value: object) -> bool:
+    """An int or float, not a bool (``True`` is no learning rate) and not a string from a config."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_nonnegative(name: str, value: float) -> float:
     """A finite number >= 0 (learning rates, eps, weight decay)."""
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
 def check_unit_interval(name: str, value: float, *, closed_right: bool = False) -> float:
     """A decay rate in [0, 1) (or [0, 1] when ``closed_right``)."""
-    upper_ok = value <= 1 if closed_right else value < 1
-    if not isinstance(value, (int, float)) or not (0 <= value and upper_ok):
+    if not _is_number(value) or not (0 <= value and (value <= 1 if closed_right else value < 1)):
         interval = "[0, 1]" if closed_right else "[0, 1)"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
     return float(value)
@@ -30,7 +34,7 @@ def check_unit_interval(name: str, value: float, *, closed_right: bool = False) 
 
 def check_betas(betas: Iterable[float]) -> tuple[float, float]:
     """Two decay rates, each in [0, 1)."""
-    betas = tuple(betas)
+    betas = tuple(betas) if isinstance(betas, (tuple, list, torch.Tensor)) else (betas,)
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     return (check_unit_interval("betas[0]", betas[0]), check_unit_interval("betas[1]", betas[1]))

@@ -14,6 +14,7 @@ and ``_compile_functions``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Optional
 
 from lightning_kron.engine.factor_group import FactorGroup
@@ -62,7 +63,9 @@ class Checkpointing:
         with ``register_load_state_dict_pre_hook`` / ``_post_hook`` run as torch.optim runs them: a
         pre-hook sees (and may replace) a shallow copy of ``state_dict``, a post-hook runs after the
         load."""
-        state_dict = state_dict.copy()
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict (an optimizer's state_dict()), got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             replaced = pre_hook(self, state_dict)
             if replaced is not None:

@@ -110,7 +110,7 @@ import torch
 from lightning_kron.engine.factor_group import FactorGroup
 from lightning_kron.engine.mode_products import unfold
 from lightning_kron.engine.staleness import inverse_factor_staleness
-from lightning_kron.engine.validation import check_choice
+from lightning_kron.engine.validation import check_betas, check_choice
 from lightning_kron.methods.inverse_factor_update import (
     DOMINATION_SCALES,
     exact_from_isotropic,
@@ -178,7 +178,7 @@ class KrADagrad(RootPreconditionedOptimizer):
         self.damping = check_choice("damping", damping, DAMPINGS)
         if eps is None:
             eps = RELATIVE_EPS if self.damping == "relative" else ABSOLUTE_EPS
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        defaults = dict(lr=lr, betas=check_betas(betas), eps=eps, weight_decay=weight_decay,
                         weight_decay_mode=weight_decay_mode, shampoo_beta=shampoo_beta)
         refresh = refresh if refresh is not None else FixedRefresh(every=10)
         super().__init__(params, defaults, graft="none" if graft is None else graft, graft_eps=graft_eps,

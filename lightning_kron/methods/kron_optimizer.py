@@ -144,6 +144,7 @@ def _split_named(params: Any, first_group: int = 0) -> tuple[list[dict], dict[in
     params = list(params)
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
     names: dict[int, str] = {}
+    taken: set[str] = set()
     plain_groups = []
     for group_index, group in enumerate(groups, start=first_group):
         group = dict(group)
@@ -154,12 +155,25 @@ def _split_named(params: Any, first_group: int = 0) -> tuple[list[dict], dict[in
             name, param = item if isinstance(item, tuple) else (None, item)
             if id(param) in names:  # tied weights: one Parameter, handled once
                 continue
-            names[id(param)] = name or f"group{group_index}.param{position}"
+            names[id(param)] = _checked_name(name or f"group{group_index}.param{position}", param, taken)
             kept.append(param)
         group["params"] = kept
         group.pop("param_names", None)
         plain_groups.append(group)
     return plain_groups, names
+
+
+def _checked_name(name: str, param: Any, taken: set[str]) -> str:
+    """Refuse, before any state exists, what the step could not precondition or the telemetry could
+    not tell apart: a non-tensor, an integer tensor, a name given to two different tensors."""
+    if not isinstance(param, torch.Tensor):
+        raise TypeError(f"parameter {name!r} is a {type(param).__name__}, not a tensor")
+    if not param.is_floating_point():
+        raise ValueError(f"parameter {name!r} is {param.dtype}: only floating-point parameters can be optimized")
+    if name in taken:
+        raise ValueError(f"two different parameters are both named {name!r}; factor names and metrics need unique names")
+    taken.add(name)
+    return name
 
 
 class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.Optimizer):
@@ -244,6 +258,8 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         self.compile = compile
         self._compiled_functions = self._compile_functions()
         groups, self._names = _split_named(params)
+        if not self._names:
+            raise ValueError("optimizer got an empty parameter list")
         #: Where the FSDP2-sharded parameters live (None when no parameter is a DTensor): each rank
         #: then preconditions its own rows, and the step all-reduces its finite-gradient flags.
         self.shard_layout: Optional[ShardLayout] = self._check_sharding(groups)

@@ -18,12 +18,13 @@ from typing import Iterable, Optional
 
 import torch
 
-from lightning_kron.engine.basis_refresh import RefreshRequest, refresh_factor
+from lightning_kron.engine.basis_refresh import SOLVERS, RefreshRequest, refresh_factor
 from lightning_kron.engine.blocking import factor_label
 from lightning_kron.engine.factor_group import TELEMETRY_KEYS, FactorGroup, Member
 from lightning_kron.engine.factor_info import FactorInfo
 from lightning_kron.engine.precision import cuda_matmul_precision
 from lightning_kron.engine.solvers import FALLBACK
+from lightning_kron.engine.validation import check_choice, check_positive_int, check_unit_interval
 
 #: what ``kron_optimizer._split_named`` calls an unnamed parameter (``adopt_names`` replaces these)
 GENERATED_NAME = re.compile(r"group\d+\.param\d+")
@@ -98,6 +99,7 @@ class OwnerInterface:
 
     def stale_factors(self, tolerance: float) -> list[str]:
         """Names of factors whose staleness after the last step exceeds ``tolerance``."""
+        check_unit_interval("tolerance", tolerance, closed_right=True)
         return [info.name for info in self.factors() if info.staleness > tolerance]
 
     def refresh_factors(self, names: Optional[Iterable[str]] = None, *, tolerance: float = 0.0,
@@ -106,6 +108,12 @@ class OwnerInterface:
 
         For code that refreshes on its own terms; the :attr:`scheduler` keeps deciding as well.
         """
+        check_unit_interval("tolerance", tolerance, closed_right=True)
+        check_positive_int("max_iters", max_iters)
+        if solver is not None:
+            check_choice("solver", solver, SOLVERS)
+        if isinstance(names, str):  # set("a.weight[L]") would be its characters
+            raise TypeError(f"names must be a list of factor names, not one string; use [{names!r}]")
         wanted = None if names is None else set(names)
         index = self._factor_index()
         if wanted is not None and (unknown := wanted - {name for name, *_ in index}):

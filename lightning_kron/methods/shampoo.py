@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from lightning_kron.engine.factor_group import FactorGroup
+from lightning_kron.engine.validation import check_betas
 from lightning_kron.methods.grafting import graft_direction
 from lightning_kron.methods.root_preconditioner import RootPreconditionedOptimizer
 from lightning_kron.methods.step_hyperparameters import StepHyperparameters
@@ -42,7 +43,7 @@ class Shampoo(RootPreconditionedOptimizer):
                  weight_decay: float = 0.0, *, graft: str = "adam", graft_eps: float = 1e-8,
                  shampoo_beta: Optional[float] = None, weight_decay_mode: str = "decoupled",
                  solver: str = "eigh", **options: Any) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        defaults = dict(lr=lr, betas=check_betas(betas), eps=eps, weight_decay=weight_decay,
                         weight_decay_mode=weight_decay_mode, shampoo_beta=shampoo_beta)
         super().__init__(params, defaults, graft=graft, graft_eps=graft_eps, solver=solver, **options)
 

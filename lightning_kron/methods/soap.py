@@ -37,7 +37,7 @@ import torch
 
 from lightning_kron.engine.basis_change import permute_buffer, rotate_buffer
 from lightning_kron.engine.factor_group import FactorGroup
-from lightning_kron.engine.validation import check_choice, check_flag
+from lightning_kron.engine.validation import check_betas, check_choice, check_flag
 from lightning_kron.methods.kron_optimizer import KronOptimizer
 from lightning_kron.methods.step_hyperparameters import StepHyperparameters
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
@@ -105,7 +105,7 @@ class EigenvalueCorrectedOptimizer(KronOptimizer):
         self.second_moment_on_refresh = second_moment_on_refresh
         self.update_at_start = update_at_start
         self.bias_corrected_eps = bias_corrected_eps
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        defaults = dict(lr=lr, betas=check_betas(betas), eps=eps, weight_decay=weight_decay,
                         weight_decay_mode=weight_decay_mode, shampoo_beta=shampoo_beta)
         super().__init__(params, defaults, **options)
 

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from lightning_kron.engine.validation import check_positive_int, check_unit_interval
+from lightning_kron.engine.validation import check_nonnegative, check_positive_int, check_unit_interval
 
 
 def _most_stale(score: torch.Tensor, count: int, eligible: torch.Tensor) -> torch.Tensor:
@@ -141,8 +141,7 @@ class BudgetRefresh:
         check_positive_int("early_steps_if_unknown", self.early_steps_if_unknown, minimum=0)
         if self.total_steps is not None:
             check_positive_int("total_steps", self.total_steps)
-        if not isinstance(self.age_power, (int, float)) or not 0.0 <= self.age_power < math.inf:
-            raise ValueError(f"age_power must be a finite number >= 0, got {self.age_power!r}")
+        check_nonnegative("age_power", self.age_power)
         if not isinstance(self.front_load, (int, float)) or not 1.0 <= self.front_load:
             raise ValueError(f"front_load must be a number >= 1, got {self.front_load!r}")
         if self.front_load * self.early_fraction > 1.0 and self.early_steps is None:

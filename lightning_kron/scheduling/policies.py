@@ -67,6 +67,8 @@ class RefreshPolicy(Protocol):
 def check_policy(policy: Any) -> Any:
     """Refuse, at construction, an object that is not a :class:`RefreshPolicy` or whose optional
     attributes are out of range; returns the policy."""
+    if isinstance(policy, type):
+        raise ValueError(f"refresh must be a policy object, e.g. {policy.__name__}(...), got the class itself")
     if not isinstance(policy, RefreshPolicy) or not (callable(policy.checks_at) and callable(policy.select)):
         raise ValueError(f"refresh must be BudgetRefresh, FixedRefresh, AdaptiveRefresh or an object with "
                          f"checks_at(step) and select(staleness, step, total_steps=None) methods, got {policy!r}")

@@ -225,7 +225,12 @@ class RefreshScheduler:
     def _due(self, staleness: torch.Tensor, step: int, slots: list[_Slot]) -> torch.Tensor:
         ages = {"steps_since_refresh": self._ages(slots)} if getattr(self.policy, "uses_refresh_age", False) else {}
         due = self.policy.select(staleness, step, self.total_steps, **ages)
-        return due.to(device=staleness.device, dtype=torch.bool)
+        if not isinstance(due, torch.Tensor) or due.dtype != torch.bool or due.shape != staleness.shape:
+            # shapes and dtypes are metadata: checking them costs no host sync
+            got = f"{due.dtype} of shape {tuple(due.shape)}" if isinstance(due, torch.Tensor) else type(due).__name__
+            raise ValueError(f"{type(self.policy).__name__}.select must return a bool tensor of shape "
+                             f"{tuple(staleness.shape)} (one entry per factor), got {got}")
+        return due.to(device=staleness.device)
 
     def _ages(self, slots: list[_Slot]) -> torch.Tensor:
         """Optimizer steps since each factor's last refresh (its ``last_refresh`` state), on device."""
