@@ -23,6 +23,7 @@ import logging
 import netrc
 import os
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -157,6 +158,18 @@ def check_trainer_options(config) -> None:
             and "://" not in str(ckpt_path) and not os.path.isfile(ckpt_path):
         raise OptionError.refused("ckpt_path", str(ckpt_path), "an existing checkpoint file such as "
                                   "runs/<name>/version_N/checkpoints/last.ckpt, or one of " + ", ".join(CKPT_PATH_NAMES))
+    if ckpt_path and os.path.isfile(ckpt_path) and not looks_like_a_torch_file(ckpt_path):
+        raise OptionError.refused("ckpt_path", str(ckpt_path), "a checkpoint that Lightning saved (this file is "
+                                  "neither the zip archive torch.save writes nor a legacy pickle)")
+
+
+def looks_like_a_torch_file(path: str) -> bool:
+    """What ``torch.save`` writes, by its first bytes: a zip archive, or (before torch 1.6) a pickle.
+    Reading a whole multi-GB checkpoint twice to check it is what this avoids."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as handle:
+        return handle.read(1) == b"\x80"  # the pickle protocol opcode
 
 
 def latest_last_checkpoint(trainer_config) -> str:

@@ -38,6 +38,12 @@ class OptionError(RecipeInputError):
         return OptionError(prefix + self.option, self.detail)
 
 
+def check_num_workers(num_workers: int) -> None:
+    """DataLoader refuses a negative count only once training starts; refuse it with the data."""
+    if num_workers < 0:
+        raise OptionError.refused("data.num_workers", num_workers, "0 (load in the training process) or more")
+
+
 # Lines of a jsonargparse union error that only say which *other* types were tried.
 _GENERIC_UNION_LINES = ("Not a valid subclass", "Expected a <class", "Subclass types expect", "a class path",
                         "a dict with", "a dict without", "Given value", "Subtypes:", "Errors:")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
-from recipes.errors import RecipeInputError
+from recipes.errors import OptionError, RecipeInputError
 from recipes.optimizers import OptimizerConfig
 from recipes.recipe_module import RecipeModule
 
@@ -99,6 +99,10 @@ class CausalLM(RecipeModule):
     def __init__(self, family: Family = "gpt2", size: Size = "tiny", context_length: int = 128,
                  dropout: float = 0.0, optimizer: OptimizerConfig = OptimizerConfig()) -> None:
         super().__init__(optimizer)
+        if context_length < 1:  # linked from the data module's option, which the user sets
+            raise OptionError.refused("data.context_length", context_length, "a positive integer")
+        if not 0.0 <= dropout < 1.0:
+            raise OptionError.refused("model.dropout", dropout, "a probability in [0, 1)")
         self.network = build_network(family, size, context_length, dropout)
         self.val_perplexity = Perplexity()
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from recipes.errors import RecipeInputError
+from recipes.errors import OptionError, RecipeInputError, check_num_workers
 from recipes.resumable_shuffle import ResumableTrainData, fingerprint
 from recipes.splits import split_by_name, split_by_position
 
@@ -67,7 +67,13 @@ def _as_nchw(images: np.ndarray, path: Path) -> torch.Tensor:
 
 
 def _labels(values: np.ndarray, path: Path) -> torch.Tensor:
-    labels = torch.as_tensor(np.asarray(values)).long().flatten()
+    values = np.asarray(values)
+    whole = np.issubdtype(values.dtype, np.integer) or (
+        np.issubdtype(values.dtype, np.floating) and bool(np.all(np.mod(values, 1) == 0)))
+    if not whole:  # .long() would truncate 0.7 to class 0
+        raise RecipeInputError(f"{path}: labels must be class indices (whole numbers), got {values.dtype} "
+                               f"values such as {np.round(values.flatten()[:3], 4).tolist()}")
+    labels = torch.as_tensor(values).long().flatten()
     if labels.numel() and labels.min() < 0:
         raise RecipeInputError(f"{path}: labels must be non-negative integers")
     return labels
@@ -92,10 +98,13 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
     def __init__(self, source: Optional[str] = None, image_size: int = 32, batch_size: int = 64,
                  val_fraction: float = 0.2, grayscale: bool = False, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
-        if image_size < 4 or batch_size < 1:
-            raise RecipeInputError(f"image_size must be >= 4 and batch_size >= 1, got {image_size} and {batch_size}")
+        if image_size < 4:
+            raise OptionError.refused("data.image_size", image_size, "an integer >= 4")
+        if batch_size < 1:
+            raise OptionError.refused("data.batch_size", batch_size, "a positive integer")
         if not 0.0 < val_fraction < 1.0:
-            raise RecipeInputError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+            raise OptionError.refused("data.val_fraction", val_fraction, "a number strictly between 0 and 1")
+        check_num_workers(num_workers)
         self.image_size, self.batch_size, self.val_fraction = image_size, batch_size, val_fraction
         self.grayscale, self.seed, self.num_workers = grayscale, seed, num_workers
         self.path = None if source is None else Path(source).expanduser()
@@ -136,6 +145,17 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
             val_labels = _labels(arrays["y_val"], self.path) if "y_val" in arrays else None
         if len(images) != len(labels) or len(images) == 0:
             raise RecipeInputError(f"{self.path}: {len(images)} images but {len(labels)} labels")
+        if (val_images is None) != (val_labels is None):
+            raise RecipeInputError(f"{self.path}: x_val and y_val come together (one of them is missing)")
+        if val_images is not None:
+            if val_images.shape[1:] != images.shape[1:]:
+                raise RecipeInputError(f"{self.path}: x_val images are {list(val_images.shape[1:])} (C, H, W), "
+                                       f"the training images {list(images.shape[1:])}")
+            if len(val_images) != len(val_labels) or len(val_images) == 0:
+                raise RecipeInputError(f"{self.path}: {len(val_images)} x_val images but {len(val_labels)} y_val labels")
+        for name, array in (("images", images), ("x_val", val_images)):
+            if array is not None and not torch.isfinite(array).all():
+                raise RecipeInputError(f"{self.path}: {name} hold NaN or infinite pixel values")
         return images, labels, val_images, val_labels
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from recipes.errors import RecipeInputError
+from recipes.errors import OptionError, RecipeInputError, check_num_workers
 from recipes.resumable_shuffle import ResumableTrainData, fingerprint
 from recipes.splits import split_by_name
 
@@ -191,10 +191,13 @@ class TextDataModule(ResumableTrainData, L.LightningDataModule):
                  val_fraction: float = 0.05, val_windows: int = 256, text_field: str = "text",
                  cache_dir: Optional[str] = None, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
-        if context_length < 1 or batch_size < 1 or val_windows < 1:
-            raise RecipeInputError("context_length, batch_size and val_windows must be positive integers")
+        for option, value in (("context_length", context_length), ("batch_size", batch_size),
+                              ("val_windows", val_windows)):
+            if value < 1:
+                raise OptionError.refused(f"data.{option}", value, "a positive integer")
         if not 0.0 < val_fraction < 1.0:
-            raise RecipeInputError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+            raise OptionError.refused("data.val_fraction", val_fraction, "a number strictly between 0 and 1")
+        check_num_workers(num_workers)
         self.source = resolve_text_source(source)
         self.context_length, self.batch_size = context_length, batch_size
         self.val_fraction, self.val_windows, self.text_field = val_fraction, val_windows, text_field

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from recipes.errors import RecipeInputError
+from recipes.errors import OptionError, RecipeInputError
 from recipes.optimizers import OptimizerConfig
 from recipes.recipe_module import RecipeModule
 
@@ -88,6 +88,8 @@ class ImageClassifier(RecipeModule):
     def __init__(self, family: Family = "vit", size: Size = "tiny", num_classes: int = 10, channels: int = 1,
                  image_size: int = 32, label_smoothing: float = 0.0, optimizer: OptimizerConfig = OptimizerConfig()) -> None:
         super().__init__(optimizer)
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise OptionError.refused("model.label_smoothing", label_smoothing, "a number in [0, 1]")
         self.network = build_classifier(family, size, num_classes, channels, image_size)
         self.label_smoothing = label_smoothing
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -68,6 +69,10 @@ KRON_CALLBACK = ["--trainer.callbacks+=lightning_kron.KronCallback"]
     (["--trainer.max_steps", "-5"], "error: trainer.max_steps: got -5, expected a positive number of optimizer steps, "
                                     "or -1 for no step limit"),
     (["--trainer.max_steps", "0"], "error: trainer.max_steps: got 0, expected a positive number"),
+    (["--data.context_length", "-4"], "error: data.context_length: got -4, expected a positive integer"),
+    (["--data.val_windows", "0"], "error: data.val_windows: got 0, expected a positive integer"),
+    (["--data.num_workers", "-1"], "error: data.num_workers: got -1, expected 0"),
+    (["--model.dropout", "1.5"], "error: model.dropout: got 1.5, expected a probability in [0, 1)"),
     (["--ckpt_path", "missing/last.ckpt"], "error: ckpt_path: got 'missing/last.ckpt', expected an existing checkpoint file"),
     (["--ckpt_path", "last"], "error: ckpt_path: got 'last', expected a run to resume, but runs/gpt_tiny/version_*/"),
     ([*KRON_CALLBACK, "--trainer.callbacks.method", "soapp"],
@@ -138,6 +143,46 @@ def test_unknown_key_in_a_yaml_file_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         gpt.main(["fit", "--config", str(config)])
     assert exit_info.value.code == 2 and "sise" in capsys.readouterr().err
+
+
+def test_a_file_that_is_no_checkpoint_is_one_error_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        gpt.main(["fit", "--config", GPT_TINY, "--ckpt_path", "notes.ckpt"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ckpt_path: got 'notes.ckpt', expected a checkpoint that Lightning saved") and err.count("\n") == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.ckpt"]
+
+
+def _images_npz(path: Path, **change) -> str:
+    generator = np.random.default_rng(0)
+    arrays = {"x": generator.random((200, 1, 8, 8), dtype=np.float32), "y": np.arange(200) % 3}
+    arrays.update(change)
+    np.savez(path, **{key: value for key, value in arrays.items() if value is not None})
+    return str(path)
+
+
+@pytest.mark.parametrize("change, extra, message", [
+    ({"x_val": np.zeros((20, 3, 8, 8), np.float32), "y_val": np.arange(20) % 3}, [],
+     "x_val images are [3, 8, 8] (C, H, W), the training images [1, 8, 8]"),
+    ({"x_val": np.zeros((20, 1, 8, 8), np.float32)}, [], "x_val and y_val come together"),
+    ({"x": np.full((200, 1, 8, 8), np.nan, np.float32)}, [], "images hold NaN or infinite pixel values"),
+    ({"y": np.linspace(0, 2, 200)}, [], "labels must be class indices (whole numbers), got float64 values such as [0.0, 0.0101"),
+    ({}, ["--model.label_smoothing", "-0.5"], "error: model.label_smoothing: got -0.5, expected a number in [0, 1]"),
+    ({}, ["--data.image_size", "2"], "error: data.image_size: got 2, expected an integer >= 4"),
+], ids=["val-channels", "val-labels-missing", "nan-images", "fractional-labels", "label-smoothing", "image-size"])
+def test_bad_image_data_is_one_error_line_before_training(change, extra, message, tmp_path, capsys, monkeypatch):
+    source = _images_npz(tmp_path / "data.npz", **change)
+    monkeypatch.chdir(tmp_path)
+    config = next(path for path in CONFIGS if path.name == "vision_vit_tiny.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        vision.main(["fit", "--config", str(config), "--data.source", source, "--data.batch_size", "16", *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data.npz"]  # no run folder
 
 
 def test_empty_image_folder_is_one_error_line(tmp_path, capsys):
