@@ -23,6 +23,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -77,8 +78,15 @@ CONTENDERS = (
 RECIPES = ("gpt", "vision")
 
 
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default in ``--help``."""
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     parser.add_argument("--recipe", choices=RECIPES, default="gpt")
     parser.add_argument("--optimizers", default=",".join(c.key for c in CONTENDERS),
                         help="comma-separated subset of: " + ", ".join(c.key for c in CONTENDERS))
@@ -87,22 +95,46 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="data path (default: the recipe's built-in data)")
     parser.add_argument("--family", default=None, help="model family (gpt: gpt2|llama, vision: vit|resnet)")
     parser.add_argument("--size", default="tiny", help="model size")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--context-length", type=int, default=128, help="GPT only")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (gpt), 64 (vision)")
+    parser.add_argument("--context-length", type=int, default=None, help="GPT only; default: 128")
     parser.add_argument("--lr", action="append", default=[], metavar="NAME=LR", help="override one optimizer's lr")
     parser.add_argument("--options", action="append", default=[], metavar="NAME=JSON",
                         help="extra keyword arguments of one optimizer, a JSON object, e.g. "
                              "soap='{\"second_moment_on_refresh\": \"rotate\"}'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    parser.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="Lightning accelerator")
     parser.add_argument("--out", default="runs/compare", help="folder for the table and plots")
     parser.add_argument("--cache-dir", default=None, help="token cache folder (GPT)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.eval_every < 1:
-        parser.error("--steps and --eval-every must be positive")
+    if problem := _argument_problem(args):
+        parser.error(problem)
     return args
+
+
+def _argument_problem(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with the command line, found before any run starts (None when nothing is)."""
+    for flag, value in (("--steps", args.steps), ("--eval-every", args.eval_every), ("--threads", args.threads),
+                        ("--batch-size", args.batch_size), ("--context-length", args.context_length)):
+        if value is not None and value < 1:
+            return f"{flag} must be a positive integer, got {value}"
+    if args.recipe != "gpt" and args.context_length is not None:
+        return f"--context-length is a GPT option; the {args.recipe} recipe has no context"
+    if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        return f"--accelerator {args.accelerator}: no CUDA GPU is visible to torch here"
+    return _out_problem(Path(args.out))
+
+
+def _out_problem(out: Path) -> Optional[str]:
+    """``--out`` must be a folder that can be made and written, checked without creating it: the
+    table is written after every run, and a bad path then would throw the runs away."""
+    if out.exists():
+        return None if out.is_dir() and os.access(out, os.W_OK) else f"--out {out}: not a writable folder"
+    parent = next(folder for folder in out.absolute().parents if folder.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        return f"--out {out}: {parent} is not a writable folder, so the results folder cannot be made there"
+    return None
 
 
 def known_contenders() -> dict[str, Contender]:
@@ -120,8 +152,12 @@ def select_contenders(args: argparse.Namespace) -> list[Contender]:
     """The requested contenders with ``--lr`` overrides; unknown names -> RecipeInputError."""
     known = known_contenders()
     wanted = [key.strip() for key in args.optimizers.split(",") if key.strip()]
+    if not wanted:
+        raise RecipeInputError(f"--optimizers names none; choose from {', '.join(known)}")
     if unknown := [key for key in wanted if key not in known]:
         raise RecipeInputError(f"unknown optimizer(s) {unknown}; choose from {', '.join(known)}")
+    if repeated := sorted({key for key in wanted if wanted.count(key) > 1}):
+        raise RecipeInputError(f"--optimizers names {', '.join(repeated)} more than once")
     overrides = {}
     for item in args.lr:
         name, _, value = item.partition("=")
@@ -134,6 +170,8 @@ def select_contenders(args: argparse.Namespace) -> list[Contender]:
                                    f"number, got {item!r}")
         overrides[name] = lr
     options = _option_overrides(args.options, known)
+    if unused := sorted((set(overrides) | set(options)) - set(wanted)):
+        raise RecipeInputError(f"--lr/--options given for {', '.join(unused)}, which --optimizers does not select")
     chosen = []
     for key in wanted:
         contender = known[key]
@@ -168,9 +206,10 @@ def build_recipe(args: argparse.Namespace, optimizer: OptimizerConfig) -> tuple[
         from recipes.gpt import CausalLM
         from recipes.text_data import TextDataModule
 
-        data = TextDataModule(source=args.data, context_length=args.context_length, batch_size=args.batch_size or 32,
+        context_length = args.context_length or 128
+        data = TextDataModule(source=args.data, context_length=context_length, batch_size=args.batch_size or 32,
                               cache_dir=args.cache_dir, seed=args.seed)
-        model = CausalLM(family=args.family or "gpt2", size=args.size, context_length=args.context_length, optimizer=optimizer)
+        model = CausalLM(family=args.family or "gpt2", size=args.size, context_length=context_length, optimizer=optimizer)
         return model, data
     from recipes.image_data import ImageDataModule
     from recipes.vision import ImageClassifier
@@ -290,6 +329,8 @@ def _compare(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     try:
         contenders = select_contenders(args)
+        _, data = build_recipe(args, contenders[0].optimizer)  # bad model or data names, data too small:
+        data.setup("fit")                                      # refused before the first run starts
         notes: list[str] = []
         records = [train_one(args, c) for c in tqdm(contenders, desc="optimizers", disable=args.no_progress)]
     except RecipeInputError as error:

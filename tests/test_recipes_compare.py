@@ -69,6 +69,44 @@ def test_unknown_optimizer_or_bad_lr_override_is_one_error_line(capsys):
                        f"eshampoo and LR a positive number, got '{bad}'\n")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--optimizers", ""], "error: --optimizers names none; choose from adamw,"),
+    (["--optimizers", "adamw,adamw"], "error: --optimizers names adamw more than once"),
+    (["--optimizers", "adamw", "--lr", "soap=0.1"], "error: --lr/--options given for soap, which --optimizers does not"),
+    (["--optimizers", "adamw", "--size", "huge"], "error: unknown model size 'huge'"),
+    (["--optimizers", "adamw", "--data", "/no/such/corpus"], "error: data path '/no/such/corpus' does not exist"),
+    (["--optimizers", "adamw", "--batch-size", "100000", "--data", TEXT_FOLDER + "/tool.py"],
+     "training bytes, fewer than one batch needs (12800001)"),
+], ids=["none", "twice", "lr-unselected", "size", "data", "too-small"])
+def test_bad_choices_are_one_error_line_before_any_run(argv, message, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert compare.main([*argv, "--out", str(out)]) == 2  # progress bars on: nothing may have started
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "--threads must be a positive integer, got 0"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--recipe", "vision", "--context-length", "64"], "--context-length is a GPT option"),
+    (["--accelerator", "tpuu"], "argument --accelerator: invalid choice: 'tpuu'"),
+], ids=["threads", "batch-size", "context-on-vision", "accelerator"])
+def test_bad_flags_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unwritable_out_is_refused_before_any_run(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+        with pytest.raises(SystemExit):
+            compare.main(["--optimizers", "adamw", "--out", str(out)])
+        assert f"--out {out}" in capsys.readouterr().err
+    assert compare._out_problem(tmp_path / "new" / "deeper") is None  # made when the results are written
+
+
 def test_every_registered_method_can_be_compared():
     """The tuned contenders first, then each registry method not among them at the recipe defaults."""
     known = compare.known_contenders()
