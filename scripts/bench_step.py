@@ -278,6 +278,17 @@ def print_refresh_table(model: str, stacks: list[torch.Tensor], repeats: int) ->
               f"| {shift_figures(stacks, *REFRESH_ROWS[name])} |")
 
 
+def rows_named(rows: dict[str, Callable], only: list[str] | None, parser: argparse.ArgumentParser) -> dict[str, Callable]:
+    """The rows whose names hold one of ``--only``'s substrings (all without it); none is an error,
+    said before any model is built."""
+    if not only:
+        return rows
+    chosen = {name: make for name, make in rows.items() if any(part.lower() in name.lower() for part in only)}
+    if not chosen:
+        parser.error(f"--only {' '.join(only)} matches no row; the rows are: {'; '.join(rows)}")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["gpt-mini", "gpt2-small"], choices=list(MODELS))
@@ -293,6 +304,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="time one warm refresh of every factor per orthonormalizer instead (CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="--refresh-orthonormalizers: repeats per row")
     args = parser.parse_args(argv)
+    for flag, value, minimum in (("--every", args.every, 1), ("--max-precond-dim", args.max_precond_dim, 1),
+                                 ("--repeats", args.repeats, 1)):
+        if value < minimum:
+            parser.error(f"{flag} must be an integer >= {minimum}, got {value}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
     if args.refresh_orthonormalizers:
         print(f"torch={torch.__version__} threads={torch.get_num_threads()} every={args.every}")
         for model in args.models:
@@ -303,12 +322,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps must be >= 1")
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first step is never timed)")
-    device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda given but no CUDA device is available")
     rows = candidates(args.max_precond_dim, args.every)
-    if args.only:
-        rows = {name: f for name, f in rows.items() if any(s.lower() in name.lower() for s in args.only)}
+    rows = rows_named(rows, args.only, parser)
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"max_precond_dim={args.max_precond_dim} timed steps={args.steps} after {args.warmup} untimed")
     for model in args.models:

@@ -47,6 +47,7 @@ from scripts.bench_step import (
     gpt_parameter_shapes,
     gradient_sets,
     rival_rows,
+    rows_named,
 )
 
 _SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique", "_unique2",
@@ -237,12 +238,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.every < 2:
         parser.error("--every must be >= 2 (step 2 is the ordinary step)")
+    if args.max_precond_dim < 1:
+        parser.error(f"--max-precond-dim must be an integer >= 1, got {args.max_precond_dim}")
+    rows_named(candidates(args.max_precond_dim, args.every), args.only, parser)  # refuse a bad --only first
     torch.manual_seed(0)
     for model in args.models:
         shapes = gpt_parameter_shapes(*MODELS[model])
-        rows = candidates(args.max_precond_dim, args.every)
-        if args.only:
-            rows = {k: v for k, v in rows.items() if any(s.lower() in k.lower() for s in args.only)}
+        rows = rows_named(candidates(args.max_precond_dim, args.every), args.only, parser)
         results = count_model(rows, shapes, args.every)
         print(f"\n### {model}: {len(shapes)} tensors, max_precond_dim {args.max_precond_dim}\n")
         print("| optimizer | step | kernels | host syncs | matmul GFLOP | GB touched |")

@@ -246,12 +246,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "(1e-12 is Shampoo's library default)")
     parser.add_argument("--methods", nargs="*", default=None, help="subset of method names (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=Path("runs/illconditioned"))
+    parser.add_argument("--out", type=Path, default=Path("runs/illconditioned"),
+                        help="folder for curves.csv, sweep.csv, summary.md and loss.png (made if missing)")
     args = parser.parse_args(argv)
     if args.size < 2 or (args.cols is not None and args.cols < 2) or not args.scale > 0 or args.steps < 1 or not args.condition >= 1 or args.noise < 0 or args.threads < 1:
         parser.error("need --size >= 2, --cols >= 2, --scale > 0, --steps >= 1, --condition >= 1, --noise >= 0, --threads >= 1")
     if not all(0 < eps < 1 for eps in args.eps):
         parser.error("every --eps must be in (0, 1)")
+    if args.lrs and not all(0 < lr < float("inf") for lr in args.lrs):
+        parser.error(f"every --lrs must be a positive learning rate, got {args.lrs}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; it names the folder the CSVs, table and plot go to")
     return args
 
 

@@ -1,6 +1,9 @@
 """scripts/bench_step.py at a tiny scale: every row is timed and the table is printed."""
 
+import importlib
 import math
+
+import pytest
 
 from scripts import bench_step
 
@@ -48,3 +51,19 @@ def test_refresh_orthonormalizers_counts_failures_and_times_every_row(monkeypatc
     assert all(float(seconds) > 0 for _, _, seconds, _, _ in table.values())
     assert float(table["cholesky_qr3 (shifted)"][4]) < float(table["cholesky_qr2 (shifted)"][4])
     assert table["householder"][3:] == ["-", "-"]
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("bench_step", ["--every", "0"], "--every must be an integer >= 1, got 0"),
+    ("bench_step", ["--max-precond-dim", "0"], "--max-precond-dim must be an integer >= 1, got 0"),
+    ("bench_step", ["--device", "foo"], "--device 'foo' is not a torch device"),
+    ("bench_step", ["--only", "nomatch"], "--only nomatch matches no row; the rows are: torch AdamW"),
+    ("count_ops", ["--only", "nomatch"], "--only nomatch matches no row; the rows are: torch AdamW"),
+    ("illconditioned", ["--lrs", "-1"], "every --lrs must be a positive learning rate"),
+])
+def test_a_benchmarks_bad_flag_is_refused_before_any_model_is_built(module, argv, message, capsys, monkeypatch):
+    script = importlib.import_module(f"scripts.{module}")
+    monkeypatch.setattr(script, "gpt_parameter_shapes", None, raising=False)  # building a model would fail
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
