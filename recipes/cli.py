@@ -94,8 +94,24 @@ class RecipeCLI(LightningCLI):
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def parse_arguments(self, parser, args) -> None:
+        self._model_flags = model_flags_given(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
         check_trainer_options(self.config[self.config["subcommand"]] if self.config.get("subcommand") else self.config)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model's settings with the checkpoint's when it resumes; a model
+        option given on the command line that the checkpoint overrules is refused, not dropped."""
+        if not self.config.get("subcommand"):
+            return super()._parse_ckpt_path()
+        config = self.config[self.config["subcommand"]]
+        asked = {key: config.get(key) for key in self._model_flags}
+        super()._parse_ckpt_path()
+        config = self.config[self.config["subcommand"]]
+        for key, value in asked.items():
+            if config.get(key) != value:
+                raise OptionError(key, f"got {value!r}, but {config.get('ckpt_path')} was trained with "
+                                       f"{config.get(key)!r}: a resumed run keeps the checkpoint's model and "
+                                       "optimizer settings (drop the option, or start a new run without --ckpt_path)")
 
     def _set_seed(self) -> None:
         # Lightning logs "Seed set to N" here, before the classes are built; said after them instead,
@@ -140,6 +156,15 @@ class RecipeCLI(LightningCLI):
 
 
 CKPT_PATH_NAMES = ("last", "best", "hpc", "registry")  # what Lightning resolves itself
+
+
+def model_flags_given(args: Any) -> list[str]:
+    """The ``model.*`` options named on the command line (``--model.optimizer.lr 0.01`` or
+    ``--model.optimizer.lr=0.01``); a config file's values are not "given" in this sense."""
+    if not isinstance(args, (list, tuple)):
+        return []
+    keys = [str(arg)[2:].split("=", 1)[0] for arg in args if str(arg).startswith("--model.")]
+    return list(dict.fromkeys(keys))
 
 
 def check_trainer_options(config) -> None:

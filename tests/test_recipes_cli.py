@@ -260,6 +260,20 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(tmp_path):
     assert cli.trainer.optimizers[0].global_step == 6  # the SOAP state continued, not restarted
 
 
+def test_resuming_refuses_a_model_option_the_checkpoint_overrules(tmp_path, capsys):
+    """Lightning takes a resumed run's model settings from the checkpoint; asking for others is an
+    error line, not a run that silently trains with the checkpoint's optimizer."""
+    run_gpt_cli(small_gpt_args(tmp_path, 2, "--model.optimizer.name", "soap"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_gpt_cli(small_gpt_args(tmp_path, 4, "--model.optimizer.name=adamw", "--ckpt_path", "last"))
+    assert exit_info.value.code == 2
+    resuming, error = capsys.readouterr().err.splitlines()  # "--ckpt_path last" says which file it took
+    assert resuming.startswith("resuming from ") and resuming.endswith("version_0/checkpoints/last.ckpt")
+    assert error.startswith("error: model.optimizer.name: got 'adamw', but ") and "was trained with 'soap'" in error
+    assert sorted(path.name for path in (tmp_path / "gpt_tiny").iterdir()) == ["version_0"]  # no new run
+
+
 def test_wandb_flag_adds_an_offline_wandb_logger(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
