@@ -176,6 +176,7 @@ def check_trainer_options(config) -> None:
     if max_steps is not None and (max_steps == 0 or max_steps < -1):
         raise OptionError.refused("trainer.max_steps", max_steps,
                                   "a positive number of optimizer steps, or -1 for no step limit (trainer.max_epochs decides)")
+    check_trainer_counts(trainer)
     ckpt_path = config.get("ckpt_path")
     if str(ckpt_path) == "last":
         config["ckpt_path"] = ckpt_path = latest_last_checkpoint(trainer)
@@ -186,6 +187,24 @@ def check_trainer_options(config) -> None:
     if ckpt_path and os.path.isfile(ckpt_path) and not looks_like_a_torch_file(ckpt_path):
         raise OptionError.refused("ckpt_path", str(ckpt_path), "a checkpoint that Lightning saved (this file is "
                                   "neither the zip archive torch.save writes nor a legacy pickle)")
+
+
+def check_trainer_counts(trainer: dict) -> None:
+    """Trainer settings that Lightning accepts and then fails on (a division by zero after the
+    first step) or that train nothing without saying so."""
+    interval = trainer.get("val_check_interval")
+    if interval is not None and not interval > 0:
+        raise OptionError.refused("trainer.val_check_interval", interval, "a positive number of steps, or a "
+                                  "fraction of an epoch in (0, 1]")
+    accumulate = trainer.get("accumulate_grad_batches")
+    if accumulate is not None and accumulate < 1:
+        raise OptionError.refused("trainer.accumulate_grad_batches", accumulate, "an integer >= 1")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and clip < 0:
+        raise OptionError.refused("trainer.gradient_clip_val", clip, "a norm >= 0, or null for no clipping")
+    if trainer.get("max_epochs") == 0:
+        raise OptionError.refused("trainer.max_epochs", 0, "a positive number of epochs, or -1 for no epoch "
+                                  "limit (0 trains nothing)")
 
 
 def looks_like_a_torch_file(path: str) -> bool:

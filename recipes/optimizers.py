@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -145,6 +146,9 @@ class OptimizerConfig:
             value = getattr(self, option)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise refuse(f"optimizer.{option}", value, "a number in [0, 1]" + (" or null" if option == "early_tolerance" else ""))
+        if self.early_tolerance is not None and self.early_tolerance > self.tolerance:
+            raise refuse("optimizer.early_tolerance", self.early_tolerance, f"a number <= optimizer.tolerance "
+                         f"({self.tolerance}): the early phase refreshes at a tighter tolerance, not a looser one")
         self._check_refresh_fields()
         self._check_options()
 
@@ -328,5 +332,8 @@ def build_optimizer(config: OptimizerConfig, model: torch.nn.Module,
 def configure_optimization(config: OptimizerConfig, model: torch.nn.Module, total_steps: float) -> dict:
     """What ``LightningModule.configure_optimizers`` returns: the optimizer and its per-step schedule."""
     optimizer = build_optimizer(config, model, total_steps)
+    if config.warmup_steps >= total_steps:
+        warnings.warn(f"optimizer.warmup_steps {config.warmup_steps} is not shorter than the run's {total_steps:g} "
+                      "optimizer steps: the learning rate never reaches its peak", stacklevel=2)
     scheduler = warmup_cosine(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -3,6 +3,7 @@
 import doctest
 import importlib
 import re
+import warnings
 
 import pytest
 import torch
@@ -132,6 +133,14 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(values[4:], values[5:])) and values[20] == pytest.approx(0.1)
     assert warmup_cosine_factor(2, float("inf"), 0.1)(1000) == 1.0
+
+
+def test_a_warmup_as_long_as_the_run_warns():
+    with pytest.warns(UserWarning, match="warmup_steps 10 is not shorter than the run's 10 optimizer steps"):
+        configure_optimization(OptimizerConfig(name="adamw", warmup_steps=10), torch.nn.Linear(3, 3), 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        configure_optimization(OptimizerConfig(name="adamw", warmup_steps=9), torch.nn.Linear(3, 3), 10)
 
 
 def test_configured_scheduler_steps_every_optimizer_step():
