@@ -182,7 +182,8 @@ def test_manual_optimization_is_supported():
     assert callback.scheduler.counters.refreshes == 2 * 6
 
 
-@pytest.mark.parametrize("kind, message", [("two", "exactly one optimizer"), ("sgd", "replaces torch.optim.Adam/AdamW")])
+@pytest.mark.parametrize("kind, message", [("two", "exactly one optimizer"), ("sgd", "replaces torch.optim.Adam/AdamW"),
+                                           (lambda module: None, "configure_optimizers returned no optimizer")])
 def test_unsupported_optimizers_are_refused_at_fit_start(kind, message):
     with pytest.raises(MisconfigurationException, match=message):
         fit(TinyRegression(optimizer=kind), [KronCallback()], max_steps=1)

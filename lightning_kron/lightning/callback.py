@@ -15,6 +15,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.core.optimizer import _MockOptimizer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import (
     DeepSpeedStrategy,
@@ -216,6 +217,11 @@ class KronCallback(Callback):
                 "groups for different hyperparameters."
             )
         current = trainer.optimizers[0]
+        if isinstance(current, _MockOptimizer):  # what Lightning puts in when configure_optimizers gives None
+            raise MisconfigurationException(
+                "KronCallback replaces the module's AdamW, but configure_optimizers returned no optimizer. "
+                "Return torch.optim.AdamW(self.parameters(), ...) (or a lightning_kron optimizer)."
+            )
         if isinstance(current, KronOptimizer):
             return self._take_over(current, pl_module)
         if not isinstance(current, torch.optim.Adam):
