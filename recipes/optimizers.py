@@ -132,6 +132,8 @@ class OptimizerConfig:
             raise refuse("optimizer.lr", self.lr, "a positive number, or null for the optimizer's default")
         if not self.eps > 0:
             raise refuse("optimizer.eps", self.eps, "a positive number")
+        if self.betas is not None and (len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas)):
+            raise refuse("optimizer.betas", list(self.betas), "two decay rates in [0, 1), e.g. [0.9, 0.95]")
         for option in ("weight_decay", "warmup_steps"):
             if getattr(self, option) < 0:
                 raise refuse(f"optimizer.{option}", getattr(self, option), "a number >= 0")

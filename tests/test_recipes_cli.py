@@ -58,6 +58,8 @@ KRON_CALLBACK = ["--trainer.callbacks+=lightning_kron.KronCallback"]
     (["--model.size", "huge"], 'model.size'),
     (["--model.optimizer.name", "sgd"], "model.optimizer.name"),
     (["--model.optimizer.lr", "-1"], "error: model.optimizer.lr: got -1.0, expected a positive number"),
+    (["--model.optimizer.name", "adamw", "--model.optimizer.betas", "[1.5, 0.9]"],
+     "error: model.optimizer.betas: got [1.5, 0.9], expected two decay rates in [0, 1)"),
     (["--model.colour", "red"], "--model.colour"),
     (["--model.optimizer.name", "soap_adaptive", "--model.optimizer.tolerance", "-1"],
      "error: model.optimizer.tolerance: got -1.0, expected a number in [0, 1]"),
