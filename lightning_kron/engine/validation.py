@@ -34,7 +34,8 @@ def check_unit_interval(name: str, value: float, *, closed_right: bool = False) 
 
 def check_betas(betas: Iterable[float]) -> tuple[float, float]:
     """Two decay rates, each in [0, 1)."""
-    betas = tuple(betas) if isinstance(betas, (tuple, list, torch.Tensor)) else (betas,)
+    # any iterable (a list from a config, OmegaConf's ListConfig); a lone number or string is not a pair
+    betas = tuple(betas) if isinstance(betas, Iterable) and not isinstance(betas, str) else (betas,)
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     return (check_unit_interval("betas[0]", betas[0]), check_unit_interval("betas[1]", betas[1]))
