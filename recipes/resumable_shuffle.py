@@ -74,9 +74,11 @@ class ResumableBatchSampler(BatchSampler):
                  position: Optional[ShufflePosition] = None) -> None:
         super().__init__(sampler, batch_size, drop_last)
         self.position = position if position is not None else ShufflePosition()
+        #: the seed Lightning gave the sampler it put in under DDP (the global seed): what ordered a
+        #: DDP checkpoint written before resume points recorded their seed
+        self._lightning_seed = getattr(sampler, "seed", None)
         if isinstance(sampler, DistributedSampler) and self.position.seed is not None:
-            # Lightning seeds the sampler it puts in under DDP with the global seed; the data's own
-            # seed decides the order, as it does on one process
+            # the data's own seed decides the order, as it does on one process
             sampler.seed = self.position.seed
 
     @property
@@ -105,6 +107,7 @@ class ResumableBatchSampler(BatchSampler):
             warnings.warn(f"{mismatch}: the resumed epoch takes the seed's first order, not the interrupted epoch's "
                           "remaining batches", stacklevel=2)
             return 0
+        self._continue_the_checkpoints_seed(pending)
         generator = self._generator
         if generator is not None and pending["generator"] is not None:
             generator.set_state(pending["generator"])
@@ -112,15 +115,34 @@ class ResumableBatchSampler(BatchSampler):
                 _skip_loader_seed_draw(generator)
         return pending["batches_done"]
 
+    def _continue_the_checkpoints_seed(self, pending: dict) -> None:
+        """A resumed run continues the checkpoint's order: on one process its generator state does
+        that, under DDP the sampler's seed must be the checkpoint's. Another ``seed`` is said, not
+        silently dropped."""
+        distributed = isinstance(self.sampler, DistributedSampler)
+        saved = pending.get("seed", self._lightning_seed if distributed else None)
+        if saved is None:
+            return
+        if self.position.seed is not None and saved != self.position.seed:
+            warnings.warn(f"the checkpoint's training order was shuffled with seed {saved}; the resumed run "
+                          f"continues it (this run's data seed {self.position.seed} is not used)", stacklevel=3)
+        if distributed:
+            self.sampler.seed = saved
+
     def resume_point(self, batches_done: int) -> dict:
         """What a checkpoint must hold to restart after ``batches_done`` batches of this epoch."""
         generator = self._generator
         if batches_done >= len(self) or not self.position.started:
             # the epoch is over (or none began): the next one draws from the generator as it is now
             state = generator.get_state() if generator is not None else None
-            return {"generator": state, "batches_done": 0, "next_epoch": self.position.started, "layout": self._layout()}
+            return {"generator": state, "batches_done": 0, "next_epoch": self.position.started, "layout": self._layout(),
+                    "seed": self._seed()}
         return {"generator": self.position.epoch_start, "batches_done": batches_done, "next_epoch": False,
-                "layout": self._layout()}
+                "layout": self._layout(), "seed": self._seed()}
+
+    def _seed(self) -> Optional[int]:
+        """The seed the running order was drawn from (a distributed sampler's own, under DDP)."""
+        return self.sampler.seed if isinstance(self.sampler, DistributedSampler) else self.position.seed
 
     def _layout(self) -> list:
         """Examples, batch size and (where the data module gave one) the data's identity: a resume

@@ -27,9 +27,9 @@ TOTAL_STEPS = 26
 BATCHES_PER_EPOCH = 11  # 1437 training digits in batches of 128, the last partial batch dropped
 
 
-def build(num_workers: int = 0, source=None) -> tuple[ImageClassifier, ImageDataModule]:
+def build(num_workers: int = 0, source=None, data_seed: int = 3) -> tuple[ImageClassifier, ImageDataModule]:
     L.seed_everything(0, verbose=False)
-    data = ImageDataModule(source=source, image_size=8, batch_size=128, seed=3, num_workers=num_workers)
+    data = ImageDataModule(source=source, image_size=8, batch_size=128, seed=data_seed, num_workers=num_workers)
     model = ImageClassifier(family="vit", size="tiny", num_classes=data.num_classes, channels=data.channels,
                             image_size=8, optimizer=OptimizerConfig(name="soap", warmup_steps=2))
     return model, data
@@ -142,12 +142,21 @@ def test_other_data_of_the_same_size_warns_and_shuffles_afresh(straight_run, tmp
     assert seen.batches == straight_batches[:3] != straight_batches[5:8]
 
 
+def test_another_data_seed_on_resume_is_said_and_the_checkpoints_order_continues(straight_run):
+    _, straight_batches, folder = straight_run
+    seen = SeenBatches()
+    with pytest.warns(UserWarning, match="shuffled with seed 3; the resumed run continues it .this run's data seed 4"):
+        fit([seen], ckpt_path=folder / "step=5.ckpt", built=build(data_seed=4), max_steps=8)
+    assert seen.batches == straight_batches[5:8]
+
+
 def test_a_checkpoint_without_a_data_identity_still_resumes(straight_run, tmp_path):
     """Checkpoints written before the resume point named the data hold only its size and batches."""
     _, straight_batches, folder = straight_run
     checkpoint = torch.load(folder / "step=5.ckpt", weights_only=False)
     point = checkpoint["ImageDataModule"]["train_shuffle"]
     point["layout"] = point["layout"][:2]
+    del point["seed"]
     torch.save(checkpoint, tmp_path / "older.ckpt")
     seen = SeenBatches()
     with warnings.catch_warnings():
@@ -221,8 +230,8 @@ class SaveWeights(L.Callback):
             self.batches.write_text(json.dumps(self.seen.batches))
 
 
-def fit_on_two_processes(callbacks, ckpt_path=None) -> None:
-    model, data = build()
+def fit_on_two_processes(callbacks, ckpt_path=None, data_seed: int = 3) -> None:
+    model, data = build(data_seed=data_seed)
     trainer = L.Trainer(max_steps=8, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
                         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0)
@@ -254,6 +263,9 @@ def test_ddp_resumes_bit_identical_in_the_data_seeds_order(tmp_path):
     seen = json.loads((tmp_path / "straight.batches.json").read_text())
     assert seen == rank_zero_batches(data_seed=3, steps=8) != rank_zero_batches(data_seed=0, steps=8)
     assert json.loads((tmp_path / "resumed.batches.json").read_text()) == seen[3:]
+    # another --data.seed on resume: the checkpoint's order continues (as on one process)
+    fit_on_two_processes([SaveWeights(tmp_path, "reseeded")], ckpt_path=tmp_path / "step=3.ckpt", data_seed=5)
+    assert json.loads((tmp_path / "reseeded.batches.json").read_text()) == seen[3:]
 
 
 def test_the_data_fingerprint_sees_content_shape_and_dtype_but_not_memory_layout():
