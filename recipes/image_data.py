@@ -68,11 +68,13 @@ def _as_nchw(images: np.ndarray, path: Path) -> torch.Tensor:
 
 def _labels(values: np.ndarray, path: Path) -> torch.Tensor:
     values = np.asarray(values)
-    whole = np.issubdtype(values.dtype, np.integer) or (
-        np.issubdtype(values.dtype, np.floating) and bool(np.all(np.mod(values, 1) == 0)))
-    if not whole:  # .long() would truncate 0.7 to class 0
-        raise RecipeInputError(f"{path}: labels must be class indices (whole numbers), got {values.dtype} "
-                               f"values such as {np.round(values.flatten()[:3], 4).tolist()}")
+    if np.issubdtype(values.dtype, np.floating):  # .long() would truncate 0.7 to class 0
+        fractional = values[np.mod(values, 1) != 0]  # NaN counts as fractional
+        if fractional.size:
+            raise RecipeInputError(f"{path}: labels must be class indices (whole numbers), got {values.dtype} "
+                                   f"values such as {np.round(fractional[:3], 4).tolist()}")
+    elif not (np.issubdtype(values.dtype, np.integer) or values.dtype == np.bool_):
+        raise RecipeInputError(f"{path}: labels must be class indices (integers), got an array of {values.dtype}")
     labels = torch.as_tensor(values).long().flatten()
     if labels.numel() and labels.min() < 0:
         raise RecipeInputError(f"{path}: labels must be non-negative integers")
@@ -148,9 +150,9 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
         if (val_images is None) != (val_labels is None):
             raise RecipeInputError(f"{self.path}: x_val and y_val come together (one of them is missing)")
         if val_images is not None:
-            if val_images.shape[1:] != images.shape[1:]:
-                raise RecipeInputError(f"{self.path}: x_val images are {list(val_images.shape[1:])} (C, H, W), "
-                                       f"the training images {list(images.shape[1:])}")
+            if val_images.shape[1] != images.shape[1]:  # sizes may differ: both are resized to image_size
+                raise RecipeInputError(f"{self.path}: x_val images have {val_images.shape[1]} channels, the "
+                                       f"training images {images.shape[1]}")
             if len(val_images) != len(val_labels) or len(val_images) == 0:
                 raise RecipeInputError(f"{self.path}: {len(val_images)} x_val images but {len(val_labels)} y_val labels")
         for name, array in (("images", images), ("x_val", val_images)):

@@ -148,11 +148,12 @@ class OptimizerConfig:
             value = getattr(self, option)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise refuse(f"optimizer.{option}", value, "a number in [0, 1]" + (" or null" if option == "early_tolerance" else ""))
-        if self.early_tolerance is not None and self.early_tolerance > self.tolerance:
-            raise refuse("optimizer.early_tolerance", self.early_tolerance, f"a number <= optimizer.tolerance "
-                         f"({self.tolerance}): the early phase refreshes at a tighter tolerance, not a looser one")
         self._check_refresh_fields()
         self._check_options()
+        if self.early_tolerance is not None and self.early_tolerance > self.tolerance:
+            # a warning, not a refusal: checkpoints of runs made so must still resume
+            warnings.warn(f"optimizer.early_tolerance {self.early_tolerance} is above optimizer.tolerance "
+                          f"{self.tolerance}: the early phase refreshes less, not more", stacklevel=3)
 
     def _check_refresh_fields(self) -> None:
         """Refuse a refresh field set for a schedule that does not read it (``tolerance`` with the

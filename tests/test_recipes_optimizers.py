@@ -139,8 +139,16 @@ def test_a_warmup_as_long_as_the_run_warns():
     with pytest.warns(UserWarning, match="warmup_steps 10 is not shorter than the run's 10 optimizer steps"):
         configure_optimization(OptimizerConfig(name="adamw", warmup_steps=10), torch.nn.Linear(3, 3), 10)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.filterwarnings("error", message=".*warmup_steps")
         configure_optimization(OptimizerConfig(name="adamw", warmup_steps=9), torch.nn.Linear(3, 3), 10)
+
+
+def test_an_early_tolerance_looser_than_the_later_one_warns():
+    """A warning, not an error: a checkpoint of a run made so must resume (its settings are restored)."""
+    with pytest.warns(UserWarning, match="early_tolerance 0.9 is above optimizer.tolerance 0.1"):
+        OptimizerConfig(name="soap_adaptive", tolerance=0.1, early_tolerance=0.9)
+    with pytest.raises(ValueError, match="early_tolerance"):  # a field soap's schedule does not read: refused first
+        OptimizerConfig(name="soap", early_tolerance=0.9)
 
 
 def test_configured_scheduler_steps_every_optimizer_step():
