@@ -265,12 +265,23 @@ def test_a_hyperparameter_that_is_not_a_number_is_refused(optimizer, bad):
     ([], ValueError, "empty parameter list"),
     (iter([]), ValueError, "empty parameter list"),
     ([torch.zeros(3, dtype=torch.long)], ValueError, "torch.int64: only floating-point"),
-    ([("a", nn.Parameter(torch.ones(2))), ("a", nn.Parameter(torch.ones(3)))], ValueError, "both named 'a'"),
     ([1.0], TypeError, "is a float, not a tensor"),
 ])
 def test_unusable_parameters_fail_at_construction(make_optimizer, params, error, match):
     with pytest.raises(error, match=match):
         make_optimizer(params)
+
+
+def test_two_modules_named_parameters_in_two_groups_keep_apart(make_optimizer):
+    """Each module names its weight "0.weight": the later one gets its group as a prefix, also
+    when it comes in through add_param_group, and an empty first group is allowed (as in torch)."""
+    encoder, decoder, head = (nn.Sequential(nn.Linear(3, 3)) for _ in range(3))
+    optimizer = make_optimizer([{"params": encoder.named_parameters()}, {"params": decoder.named_parameters()}])
+    optimizer.add_param_group({"params": list(head.named_parameters())})
+    names = optimizer.factor_names()
+    assert len(names) == len(set(names))
+    assert {"0.weight[L]", "group1.0.weight[L]", "group2.0.weight[L]"} <= set(names)
+    make_optimizer([{"params": []}]).add_param_group({"params": list(head.parameters())})
 
 
 def test_load_state_dict_from_another_model_or_optimizer_fails_cleanly(make_optimizer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -157,6 +158,7 @@ def test_external_owner_can_refresh_named_factors():
         optimizer.refresh_factors(["nope[L]"])
     stale = optimizer.stale_factors(0.0)
     assert set(stale) <= set(optimizer.factor_names()) and stale
+    assert optimizer.stale_factors(np.float32(0.0)) == optimizer.stale_factors(torch.tensor(0.0)) == stale
 
 
 @pytest.mark.parametrize("call, error, match", [

@@ -7,14 +7,16 @@ construction with a message the user can act on instead of surfacing as NaNs lat
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable, Union
 
 import torch
 
 
 def _is_number(value: object) -> bool:
-    """An int or float, not a bool (``True`` is no learning rate) and not a string from a config."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number (Python's or numpy's), not a bool (``True`` is no learning rate) and not a
+    string from a config."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy's bool is no Real
 
 
 def check_nonnegative(name: str, value: float) -> float:

@@ -137,14 +137,17 @@ def _replace_rows(stack: torch.Tensor, rows, transform) -> torch.Tensor:
     return stack
 
 
-def _split_named(params: Any, first_group: int = 0) -> tuple[list[dict], dict[int, str]]:
-    """Accept tensors, (name, tensor) pairs or group dicts; return plain groups and names by id."""
+def _split_named(params: Any, first_group: int = 0, taken: Optional[set[str]] = None) -> tuple[list[dict], dict[int, str]]:
+    """Accept tensors, (name, tensor) pairs or group dicts; return plain groups and names by id.
+    ``taken``: names already in use (a group added later must not reuse them)."""
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, not a tensor")
     params = list(params)
-    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    if not params:
+        raise ValueError("optimizer got an empty parameter list")
+    groups = params if isinstance(params[0], dict) else [{"params": params}]
     names: dict[int, str] = {}
-    taken: set[str] = set()
+    taken = set() if taken is None else taken
     plain_groups = []
     for group_index, group in enumerate(groups, start=first_group):
         group = dict(group)
@@ -155,7 +158,7 @@ def _split_named(params: Any, first_group: int = 0) -> tuple[list[dict], dict[in
             name, param = item if isinstance(item, tuple) else (None, item)
             if id(param) in names:  # tied weights: one Parameter, handled once
                 continue
-            names[id(param)] = _checked_name(name or f"group{group_index}.param{position}", param, taken)
+            names[id(param)] = _unique_name(name or f"group{group_index}.param{position}", group_index, param, taken)
             kept.append(param)
         group["params"] = kept
         group.pop("param_names", None)
@@ -163,17 +166,20 @@ def _split_named(params: Any, first_group: int = 0) -> tuple[list[dict], dict[in
     return plain_groups, names
 
 
-def _checked_name(name: str, param: Any, taken: set[str]) -> str:
-    """Refuse, before any state exists, what the step could not precondition or the telemetry could
-    not tell apart: a non-tensor, an integer tensor, a name given to two different tensors."""
+def _unique_name(name: str, group_index: int, param: Any, taken: set[str]) -> str:
+    """Refuse, before any state exists, what the step could not precondition (a non-tensor, an
+    integer tensor); a name another parameter already has (two modules' ``named_parameters()`` in
+    two groups) gets its group as a prefix, so factor names and metrics stay apart."""
     if not isinstance(param, torch.Tensor):
         raise TypeError(f"parameter {name!r} is a {type(param).__name__}, not a tensor")
     if not param.is_floating_point():
         raise ValueError(f"parameter {name!r} is {param.dtype}: only floating-point parameters can be optimized")
-    if name in taken:
-        raise ValueError(f"two different parameters are both named {name!r}; factor names and metrics need unique names")
-    taken.add(name)
-    return name
+    unique, copy = name, 1
+    while unique in taken:
+        unique = f"group{group_index}.{name}" if copy == 1 else f"group{group_index}.{name}#{copy}"
+        copy += 1
+    taken.add(unique)
+    return unique
 
 
 class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.Optimizer):
@@ -258,8 +264,6 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         self.compile = compile
         self._compiled_functions = self._compile_functions()
         groups, self._names = _split_named(params)
-        if not self._names:
-            raise ValueError("optimizer got an empty parameter list")
         #: Where the FSDP2-sharded parameters live (None when no parameter is a DTensor): each rank
         #: then preconditions its own rows, and the step all-reduces its finite-gradient flags.
         self.shard_layout: Optional[ShardLayout] = self._check_sharding(groups)
@@ -279,7 +283,7 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
     def add_param_group(self, param_group: dict) -> None:
         """Add a group (also after construction, e.g. Lightning's ``BaseFinetuning`` unfreezing):
         its parameters are named and stacked on their own; existing state is kept."""
-        plain, names = _split_named([param_group], first_group=len(self.param_groups))
+        plain, names = _split_named([param_group], first_group=len(self.param_groups), taken=set(self._names.values()))
         for key, name in names.items():
             self._names.setdefault(key, name)
         if getattr(self, "_groups", None) is not None:  # the constructor checked its own groups already

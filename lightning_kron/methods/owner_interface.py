@@ -26,6 +26,12 @@ from lightning_kron.engine.precision import cuda_matmul_precision
 from lightning_kron.engine.solvers import FALLBACK
 from lightning_kron.engine.validation import check_choice, check_positive_int, check_unit_interval
 
+
+def _plain(value):
+    """A one-element tensor as the number it holds (a tolerance computed on the device)."""
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+
+
 #: what ``kron_optimizer._split_named`` calls an unnamed parameter (``adopt_names`` replaces these)
 GENERATED_NAME = re.compile(r"group\d+\.param\d+")
 
@@ -99,7 +105,7 @@ class OwnerInterface:
 
     def stale_factors(self, tolerance: float) -> list[str]:
         """Names of factors whose staleness after the last step exceeds ``tolerance``."""
-        check_unit_interval("tolerance", tolerance, closed_right=True)
+        tolerance = check_unit_interval("tolerance", _plain(tolerance), closed_right=True)
         return [info.name for info in self.factors() if info.staleness > tolerance]
 
     def refresh_factors(self, names: Optional[Iterable[str]] = None, *, tolerance: float = 0.0,
@@ -108,7 +114,7 @@ class OwnerInterface:
 
         For code that refreshes on its own terms; the :attr:`scheduler` keeps deciding as well.
         """
-        check_unit_interval("tolerance", tolerance, closed_right=True)
+        tolerance = check_unit_interval("tolerance", _plain(tolerance), closed_right=True)
         check_positive_int("max_iters", max_iters)
         if solver is not None:
             check_choice("solver", solver, SOLVERS)
