@@ -105,13 +105,35 @@ class RecipeCLI(LightningCLI):
             return super()._parse_ckpt_path()
         config = self.config[self.config["subcommand"]]
         asked = {key: config.get(key) for key in self._model_flags}
-        super()._parse_ckpt_path()
+        saved = self._checkpoint_model_settings(super()._parse_ckpt_path)
         config = self.config[self.config["subcommand"]]
         for key, value in asked.items():
             if config.get(key) != value:
                 raise OptionError(key, f"got {value!r}, but {config.get('ckpt_path')} was trained with "
                                        f"{config.get(key)!r}: a resumed run keeps the checkpoint's model and "
                                        "optimizer settings (drop the option, or start a new run without --ckpt_path)")
+        for source, target, *when in self.links:  # a linked option would rebuild the model another size
+            trained = saved.get(target.removeprefix("model."), config.get(source))
+            if not when and config.get(source) != trained:
+                raise OptionError(source, f"got {config.get(source)!r}, but the model in {config.get('ckpt_path')} "
+                                          f"was built for {trained!r}: a resumed run needs the checkpoint's value")
+
+    def _checkpoint_model_settings(self, parse) -> dict:
+        """Run Lightning's ``parse`` of the checkpoint's hyperparameters, keeping what it read (the
+        model's own settings, before links are applied again)."""
+        seen: dict = {}
+        parse_object = self.parser.parse_object
+
+        def keep(settings, *args, **kwargs):
+            seen.update(settings.get(self.config["subcommand"], {}).get("model", {}))
+            return parse_object(settings, *args, **kwargs)
+
+        self.parser.parse_object = keep
+        try:
+            parse()
+        finally:
+            del self.parser.parse_object
+        return seen.get("dict_kwargs", seen)
 
     def _set_seed(self) -> None:
         # Lightning logs "Seed set to N" here, before the classes are built; said after them instead,
