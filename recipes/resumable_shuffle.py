@@ -54,7 +54,11 @@ def fingerprint(*arrays: torch.Tensor | np.ndarray) -> str:
     for a CIFAR-10-sized 0.6 GB on one AMD EPYC core)."""
     digest = hashlib.sha1()
     for array in arrays:
-        array = np.ascontiguousarray(array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else array)
+        if isinstance(array, torch.Tensor):
+            tensor = array.detach().cpu()
+            # numpy has no bfloat16: its bytes are hashed as int16 (the shape and bytes still differ)
+            array = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
+        array = np.ascontiguousarray(array)
         digest.update(repr((array.shape, array.dtype.str)).encode())
         digest.update(memoryview(array).cast("B"))
     return digest.hexdigest()[:20]

@@ -110,6 +110,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if problem := _argument_problem(args):
         parser.error(problem)
+    if args.recipe == "gpt" and args.context_length is None:
+        args.context_length = 128  # resolved here, so results.json records what ran
     return args
 
 
@@ -200,24 +202,43 @@ def _option_overrides(items: list[str], known: dict[str, Contender]) -> dict[str
     return overrides
 
 
-def build_recipe(args: argparse.Namespace, optimizer: OptimizerConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
-    """Fresh model and data module for one run (the caller seeds first, so inits are identical)."""
+def build_data(args: argparse.Namespace) -> L.LightningDataModule:
+    """The recipe's data module (bad paths and options raise RecipeInputError here)."""
     if args.recipe == "gpt":
-        from recipes.gpt import CausalLM
         from recipes.text_data import TextDataModule
 
-        context_length = args.context_length or 128
-        data = TextDataModule(source=args.data, context_length=context_length, batch_size=args.batch_size or 32,
+        return TextDataModule(source=args.data, context_length=args.context_length, batch_size=args.batch_size or 32,
                               cache_dir=args.cache_dir, seed=args.seed)
-        model = CausalLM(family=args.family or "gpt2", size=args.size, context_length=context_length, optimizer=optimizer)
-        return model, data
     from recipes.image_data import ImageDataModule
+
+    return ImageDataModule(source=args.data, batch_size=args.batch_size or 64, seed=args.seed)
+
+
+def build_recipe(args: argparse.Namespace, optimizer: OptimizerConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
+    """Fresh model and data module for one run (the caller seeds first, so inits are identical)."""
+    data = build_data(args)
+    if args.recipe == "gpt":
+        from recipes.gpt import CausalLM
+
+        model = CausalLM(family=args.family or "gpt2", size=args.size, context_length=args.context_length, optimizer=optimizer)
+        return model, data
     from recipes.vision import ImageClassifier
 
-    data = ImageDataModule(source=args.data, batch_size=args.batch_size or 64, seed=args.seed)
     model = ImageClassifier(family=args.family or "vit", size=args.size, num_classes=data.num_classes,
                             channels=data.channels, image_size=data.image_size, optimizer=optimizer)
     return model, data
+
+
+def check_model_names(args: argparse.Namespace) -> None:
+    """An unknown family or size, found without building a model (a 124m one takes a while)."""
+    if args.recipe == "gpt":
+        from recipes.gpt import transformer_config
+
+        transformer_config(args.family or "gpt2", args.size, args.context_length, 0.0)
+    else:
+        from recipes.vision import vision_config
+
+        vision_config(args.family or "vit", args.size, 10, 1, 32)
 
 
 def train_one(args: argparse.Namespace, contender: Contender) -> RunRecord:
@@ -329,8 +350,8 @@ def _compare(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     try:
         contenders = select_contenders(args)
-        _, data = build_recipe(args, contenders[0].optimizer)  # bad model or data names, data too small:
-        data.setup("fit")                                      # refused before the first run starts
+        check_model_names(args)  # bad model or data names and data too small: refused before the first run
+        build_data(args).setup("fit")
         notes: list[str] = []
         records = [train_one(args, c) for c in tqdm(contenders, desc="optimizers", disable=args.no_progress)]
     except RecipeInputError as error:

@@ -63,7 +63,8 @@ def test_refresh_orthonormalizers_counts_failures_and_times_every_row(monkeypatc
 ])
 def test_a_benchmarks_bad_flag_is_refused_before_any_model_is_built(module, argv, message, capsys, monkeypatch):
     script = importlib.import_module(f"scripts.{module}")
-    monkeypatch.setattr(script, "gpt_parameter_shapes", None, raising=False)  # building a model would fail
+    builder = "make_problem" if module == "illconditioned" else "gpt_parameter_shapes"
+    monkeypatch.setattr(script, builder, None)  # building a model or problem would fail
     with pytest.raises(SystemExit) as exit_info:
         script.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -274,6 +274,6 @@ def test_the_data_fingerprint_sees_content_shape_and_dtype_but_not_memory_layout
     assert fingerprint(images.t().contiguous().t()) == same == fingerprint(images.numpy())
     one_changed = images.clone()
     one_changed[3, 5] = 0.0
-    for other in (one_changed, images.reshape(6, 4), images.double()):
+    for other in (one_changed, images.reshape(6, 4), images.double(), images.bfloat16()):
         assert fingerprint(other) != same
     assert fingerprint(images, torch.zeros(4)) != fingerprint(images, torch.ones(4))
