@@ -109,8 +109,9 @@ class RecipeCLI(LightningCLI):
         config = self.config[self.config["subcommand"]]
         for key, value in asked.items():
             if config.get(key) != value:
+                trained = "the default" if config.get(key) is None else repr(config.get(key))
                 raise OptionError(key, f"got {value!r}, but {config.get('ckpt_path')} was trained with "
-                                       f"{config.get(key)!r}: a resumed run keeps the checkpoint's model and "
+                                       f"{trained}: a resumed run keeps the checkpoint's model and "
                                        "optimizer settings (drop the option, or start a new run without --ckpt_path)")
         for source, target, *when in self.links:  # a linked option would rebuild the model another size
             trained = saved.get(target.removeprefix("model."), config.get(source))
@@ -208,7 +209,7 @@ def check_trainer_options(config) -> None:
                                   "runs/<name>/version_N/checkpoints/last.ckpt, or one of " + ", ".join(CKPT_PATH_NAMES))
     if ckpt_path and os.path.isfile(ckpt_path) and not looks_like_a_torch_file(ckpt_path):
         raise OptionError.refused("ckpt_path", str(ckpt_path), "a checkpoint that Lightning saved (this file is "
-                                  "neither the zip archive torch.save writes nor a legacy pickle)")
+                                  "neither the zip archive torch.save writes nor a pickle)")
 
 
 def check_trainer_counts(trainer: dict) -> None:
@@ -230,10 +231,12 @@ def check_trainer_counts(trainer: dict) -> None:
 
 
 def looks_like_a_torch_file(path: str) -> bool:
-    """What ``torch.save`` writes, by its first bytes: a zip archive, or (before torch 1.6) a pickle.
-    Reading a whole multi-GB checkpoint twice to check it is what this avoids."""
+    """What ``torch.save`` writes: a zip archive holding ``<name>/data.pkl`` (read from the archive's
+    directory alone), or before torch 1.6 a pickle (by its first byte). Reading a whole multi-GB
+    checkpoint twice to check it is what this avoids."""
     if zipfile.is_zipfile(path):
-        return True
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist())
     with open(path, "rb") as handle:
         return handle.read(1) == b"\x80"  # the pickle protocol opcode
 

@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import warnings
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -151,8 +152,13 @@ def test_unknown_key_in_a_yaml_file_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 2 and "sise" in capsys.readouterr().err
 
 
-def test_a_file_that_is_no_checkpoint_is_one_error_line(tmp_path, capsys, monkeypatch):
-    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+@pytest.mark.parametrize("kind", ["text", "zip"])
+def test_a_file_that_is_no_checkpoint_is_one_error_line(kind, tmp_path, capsys, monkeypatch):
+    if kind == "zip":  # a zip archive, but not one torch.save wrote
+        with zipfile.ZipFile(tmp_path / "notes.ckpt", "w") as archive:
+            archive.writestr("notes/readme.txt", "not a checkpoint")
+    else:
+        (tmp_path / "notes.ckpt").write_text("not a checkpoint")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         gpt.main(["fit", "--config", GPT_TINY, "--ckpt_path", "notes.ckpt"])
