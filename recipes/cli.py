@@ -19,10 +19,12 @@ What it adds to ``LightningCLI``:
 
 from __future__ import annotations
 
+import json
 import logging
 import netrc
 import os
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -105,8 +107,10 @@ class RecipeCLI(LightningCLI):
             return super()._parse_ckpt_path()
         config = self.config[self.config["subcommand"]]
         asked = {key: config.get(key) for key in self._model_flags}
+        configured = _leaves(config.get("model"))
         saved = self._checkpoint_model_settings(super()._parse_ckpt_path)
         config = self.config[self.config["subcommand"]]
+        _say_what_the_checkpoint_replaced(configured, _leaves(config.get("model")), skip=self._model_flags)
         for key, value in asked.items():
             if config.get(key) != value:
                 trained = "the default" if config.get(key) is None else repr(config.get(key))
@@ -179,6 +183,24 @@ class RecipeCLI(LightningCLI):
 
 
 CKPT_PATH_NAMES = ("last", "best", "hpc", "registry")  # what Lightning resolves itself
+
+
+def _leaves(model_config: Any) -> dict[str, Any]:
+    """``{"optimizer.lr": 0.01, ...}`` of a parsed model config (nothing for another type)."""
+    return dict(model_config.items()) if hasattr(model_config, "items") else {}
+
+
+def _say_what_the_checkpoint_replaced(configured: dict, resumed: dict, skip: Sequence[str]) -> None:
+    """Config-file values the checkpoint's settings replaced, in one warning (flags are refused
+    instead, see ``_parse_ckpt_path``); tuples and lists of the same numbers count as equal."""
+    def shown(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+
+    replaced = [f"{key} {shown(value)} -> {shown(resumed[key])}" for key, value in configured.items()
+                if key in resumed and f"model.{key}" not in skip and shown(value) != shown(resumed[key])]
+    if replaced:
+        warnings.warn("resuming: the checkpoint's model settings replace the config's: " + ", ".join(replaced),
+                      stacklevel=2)
 
 
 def model_flags_given(args: Any) -> list[str]:

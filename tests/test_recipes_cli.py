@@ -294,6 +294,9 @@ def test_resuming_refuses_a_model_option_the_checkpoint_overrules(tmp_path, caps
     assert resuming.startswith("resuming from ") and resuming.endswith("version_0/checkpoints/last.ckpt")
     assert error.startswith("error: model.optimizer.name: got 'adamw', but ") and "was trained with 'soap'" in error
     assert sorted(path.name for path in (tmp_path / "gpt_tiny").iterdir()) == ["version_0"]  # no new run
+    with pytest.warns(UserWarning, match=r"checkpoint's model settings replace the config's: optimizer.name "
+                                         r'"adamw" -> "soap"'):  # the YAML's adamw, not a flag: said, not refused
+        run_gpt_cli(small_gpt_args(tmp_path, 3, "--ckpt_path", "last"))
     with pytest.raises(SystemExit):  # linked into the model: it would be built another size
         run_gpt_cli(small_gpt_args(tmp_path, 4, "--data.context_length", "32", "--ckpt_path", "last"))
     error = capsys.readouterr().err.splitlines()[-1]
