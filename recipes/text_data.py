@@ -205,6 +205,7 @@ class TextDataModule(ResumableTrainData, L.LightningDataModule):
         self.seed, self.num_workers = seed, num_workers
         self.train_tokens: Optional[np.ndarray] = None
         self.val_tokens: Optional[np.ndarray] = None
+        self.data_id: Optional[str] = None  # set by setup: a hash of the training bytes
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         key = cache_key(self.source, self.val_fraction, self.text_field)
@@ -221,6 +222,7 @@ class TextDataModule(ResumableTrainData, L.LightningDataModule):
         if self.train_tokens is not None:
             return
         self.train_tokens, self.val_tokens = self._arrays()
+        self.data_id = fingerprint(self.train_tokens)  # once: the loader may be rebuilt every epoch
         needed = self.batch_size * self.context_length + 1
         if len(self.train_tokens) < needed:
             raise RecipeInputError(f"{self.source.label}: {len(self.train_tokens)} training bytes, fewer than one batch "
@@ -231,7 +233,7 @@ class TextDataModule(ResumableTrainData, L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self.shuffled_loader(ByteWindows(self.train_tokens, self.context_length), self.batch_size,
-                                    self.seed, self.num_workers, data_id=fingerprint(self.train_tokens))
+                                    self.seed, self.num_workers, data_id=self.data_id)
 
     def val_dataloader(self) -> DataLoader:
         windows = ByteWindows(self.val_tokens, self.context_length)
