@@ -279,7 +279,8 @@ def test_whole_blocks_number_the_blocks_of_every_group_row_by_row():
 # ----------------------------------------------------------------- refusals
 @pytest.mark.parametrize("make, message", [
     (lambda: BudgetRefresh(every=0), "every must be an integer >= 1"),
-    (lambda: BudgetRefresh(front_load=0.5), "front_load must be a number >= 1"),
+    (lambda: BudgetRefresh(front_load=0.5), "front_load must be a finite number >= 1"),
+    (lambda: BudgetRefresh(front_load="3"), "front_load must be a finite number >= 1"),
     (lambda: BudgetRefresh(front_load=3.0, early_fraction=0.5), "front_load \\* early_fraction must be <= 1"),
     (lambda: BudgetRefresh(early_fraction=1.5), "early_fraction must be in"),
     (lambda: BudgetRefresh(total_steps=0), "total_steps must be an integer >= 1"),

@@ -13,7 +13,7 @@ from typing import Iterable, Union
 import torch
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
     """A real number (Python's or numpy's), not a bool (``True`` is no learning rate) and not a
     string from a config."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy's bool is no Real
@@ -21,14 +21,14 @@ def _is_number(value: object) -> bool:
 
 def check_nonnegative(name: str, value: float) -> float:
     """A finite number >= 0 (learning rates, eps, weight decay)."""
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
+    if not is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
 def check_unit_interval(name: str, value: float, *, closed_right: bool = False) -> float:
     """A decay rate in [0, 1) (or [0, 1] when ``closed_right``)."""
-    if not _is_number(value) or not (0 <= value and (value <= 1 if closed_right else value < 1)):
+    if not is_number(value) or not (0 <= value and (value <= 1 if closed_right else value < 1)):
         interval = "[0, 1]" if closed_right else "[0, 1)"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
     return float(value)

@@ -158,7 +158,9 @@ def _split_named(params: Any, first_group: int = 0, taken: Optional[set[str]] = 
             name, param = item if isinstance(item, tuple) else (None, item)
             if id(param) in names:  # tied weights: one Parameter, handled once
                 continue
-            names[id(param)] = _unique_name(name or f"group{group_index}.param{position}", group_index, param, taken)
+            name = name or f"group{group_index}.param{position}"
+            _check_parameter(name, param)
+            names[id(param)] = _unique_name(name, group_index, taken)
             kept.append(param)
         group["params"] = kept
         group.pop("param_names", None)
@@ -166,14 +168,17 @@ def _split_named(params: Any, first_group: int = 0, taken: Optional[set[str]] = 
     return plain_groups, names
 
 
-def _unique_name(name: str, group_index: int, param: Any, taken: set[str]) -> str:
-    """Refuse, before any state exists, what the step could not precondition (a non-tensor, an
-    integer tensor); a name another parameter already has (two modules' ``named_parameters()`` in
-    two groups) gets its group as a prefix, so factor names and metrics stay apart."""
+def _check_parameter(name: str, param: Any) -> None:
+    """Refuse, before any state exists, what the step could not precondition."""
     if not isinstance(param, torch.Tensor):
         raise TypeError(f"parameter {name!r} is a {type(param).__name__}, not a tensor")
     if not param.is_floating_point():
         raise ValueError(f"parameter {name!r} is {param.dtype}: only floating-point parameters can be optimized")
+
+
+def _unique_name(name: str, group_index: int, taken: set[str]) -> str:
+    """``name``, or, when another parameter already has it (two modules' ``named_parameters()`` in
+    two groups), the name with its group as a prefix, so factor names and metrics stay apart."""
     unique, copy = name, 1
     while unique in taken:
         unique = f"group{group_index}.{name}" if copy == 1 else f"group{group_index}.{name}#{copy}"

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from lightning_kron.engine.validation import check_nonnegative, check_positive_int, check_unit_interval
+from lightning_kron.engine.validation import check_nonnegative, check_positive_int, check_unit_interval, is_number
 
 
 def _most_stale(score: torch.Tensor, count: int, eligible: torch.Tensor) -> torch.Tensor:
@@ -142,8 +142,8 @@ class BudgetRefresh:
         if self.total_steps is not None:
             check_positive_int("total_steps", self.total_steps)
         check_nonnegative("age_power", self.age_power)
-        if not isinstance(self.front_load, (int, float)) or not 1.0 <= self.front_load:
-            raise ValueError(f"front_load must be a number >= 1, got {self.front_load!r}")
+        if not is_number(self.front_load) or not 1.0 <= self.front_load < math.inf:
+            raise ValueError(f"front_load must be a finite number >= 1, got {self.front_load!r}")
         if self.front_load * self.early_fraction > 1.0 and self.early_steps is None:
             raise ValueError(f"front_load * early_fraction must be <= 1 (the early phase cannot spend more than the "
                              f"whole budget), got {self.front_load} * {self.early_fraction}")
