@@ -2,7 +2,9 @@
 
 ``pytorch_optimizer.SOAP`` (a port of the SOAP authors' code) and ``lk.SOAP`` in the *matched*
 configuration (:data:`MATCHED`: ``lightning_kron.methods.soap.REFERENCE_OPTIONS``) compute the
-same trajectory to float round-off (tests/test_reference_parity.py). Starting from there, this script switches on our deviations one at
+same trajectory to float round-off where every factor has full rank (tests/test_reference_parity.py).
+Where a first factor is rank-deficient (the CNN's), its null-space eigenvectors are arbitrary and
+the two part by about 1e-4 within a few steps, in fp64 too. Starting from there, this script switches on our deviations one at
 a time ("matched + X"), switches them all on (our defaults before issue 11, :data:`OLD_DEFAULTS`)
 and off again one at a time ("old defaults - X"), and runs ``lk.SOAP`` at its current defaults, all
 at the reference's hyperparameters (lr 3e-3, betas (0.95, 0.95), eps 1e-8, no weight decay) and the

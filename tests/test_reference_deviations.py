@@ -15,19 +15,25 @@ def test_each_deviation_changes_one_matched_option():
 
 
 def test_tiny_run_prints_tables_and_the_matched_row_follows_the_reference(tmp_path, capsys):
+    """Two steps on the LSTM: the reference's first step only sets its statistics and bases, so the
+    old defaults (which update on the first step) have made two updates where the reference made one,
+    an algorithmic gap of 1.2e-3 to 1.5e-3 relative (seeds 0-3, 2-core AMD EPYC). The matched row
+    differs from the reference only by fp32 round-off, 2.7e-6 to 7.9e-6 on the same seeds; it is
+    asserted at 1e-4, over 12 times that. Not the CNN: its first factors are rank-deficient, their
+    null-space eigenvectors arbitrary, and the two implementations part by 1e-4 even in fp64, by
+    2.6e-4 in fp32 on an AVX2 CPU (the fp64 parity of full-rank models is tests/test_reference_parity.py).
+    """
     pytest.importorskip("pytorch_optimizer")
     path = tmp_path / "runs.json"
-    status = reference_deviations.main(["--tasks", "cnn", "--configs", "reference", "matched", "old_defaults",
-                                        "--seeds", "0", "--every", "1", "--steps", "4", "--json", str(path),
+    status = reference_deviations.main(["--tasks", "lstm", "--configs", "reference", "matched", "old_defaults",
+                                        "--seeds", "0", "--every", "1", "--steps", "2", "--json", str(path),
                                         "--no-progress"])
     assert status == 0
     out = capsys.readouterr().out
-    assert "| validation loss, refresh every 1 | cnn |" in out and "| training loss, refresh every 1 | cnn |" in out
+    assert "| validation loss, refresh every 1 | lstm |" in out and "| training loss, refresh every 1 | lstm |" in out
     losses = {run["config"]: run["val_loss"] for run in json.loads(path.read_text())}
-    # fp32 round-off apart (measured 2e-5 relative; equal in fp64: tests/test_reference_parity.py),
-    # while our old defaults are measurably elsewhere after 4 steps (5e-3)
-    assert losses["matched"] == pytest.approx(losses["reference"], rel=2e-4)
-    assert abs(losses["old_defaults"] - losses["reference"]) > 1e-3 * losses["reference"]
+    assert losses["matched"] == pytest.approx(losses["reference"], rel=1e-4)
+    assert abs(losses["old_defaults"] - losses["reference"]) > 5e-4 * losses["reference"]
 
 
 def test_unknown_rows_are_refused():
