@@ -179,6 +179,30 @@ def test_first_update_is_exact_and_diagonal_in_its_basis():
         assert torch.allclose(basis @ stats @ basis.T, expected, rtol=0, atol=1e-12)
 
 
+def test_a_parameter_first_gradded_late_gets_the_exact_first_update():
+    """The exact first downdate is each stack's own first step, not the optimizer's: a layer that
+    gets its first gradient at step 4 (unfrozen, or added by add_param_group) gets ``X_1`` exactly,
+    as if it had been there from the start."""
+    early = nn.Parameter(torch.randn(4, 6, dtype=torch.float64))
+    late = nn.Parameter(torch.zeros(3, 5, dtype=torch.float64))
+    optimizer = lk.KrADagrad([early, late], eps=0.5)
+    grads = [torch.randn(3, 5, dtype=torch.float64) for _ in range(2)]
+    for step in range(5):
+        early.grad = torch.randn(4, 6, dtype=torch.float64)
+        late.grad = grads[step - 3].clone() if step >= 3 else None
+        optimizer.step()
+    alone = nn.Parameter(torch.zeros(3, 5, dtype=torch.float64))
+    reference = lk.KrADagrad([alone], eps=0.5)
+    for grad in grads:
+        alone.grad = grad.clone()
+        reference.step()
+    for dim in (0, 1):
+        ours, theirs = optimizer.state[late], reference.state[alone]
+        factor = ours[f"block0.basis.{dim}"] @ ours[f"block0.stats.{dim}"] @ ours[f"block0.basis.{dim}"].T
+        expected = theirs[f"block0.basis.{dim}"] @ theirs[f"block0.stats.{dim}"] @ theirs[f"block0.basis.{dim}"].T
+        assert torch.allclose(factor, expected, rtol=0, atol=1e-12), dim
+
+
 @pytest.mark.parametrize("variant, eps", [("star", 1e-6), ("alternating", 1e-3)])
 def test_fp32_and_fp64_runs_agree_on_an_ill_conditioned_problem(variant, eps):
     """Condition 1e3 per factor (1e6 for the Kronecker product), 60 steps with loss down ~100x: the

@@ -331,6 +331,68 @@ def test_param_group_added_after_steps_keeps_existing_state(make_optimizer):
     assert optimizer.state[head.weight]["block0.step"] == 2
 
 
+def test_a_group_added_after_steps_is_refreshed_by_the_schedule(make_optimizer):
+    """``add_param_group`` after the scheduler has run: the new group's factors join its decisions
+    (they used to stay outside them, never refreshed, the scheduler's factor count unchanged)."""
+    inputs, targets = _regression()
+    body, head = nn.Linear(12, 8), nn.Linear(8, 5)
+    model = nn.Sequential(body, head)
+    head.requires_grad_(False)
+    optimizer = make_optimizer(body.named_parameters(), refresh=lk.FixedRefresh(every=2))
+    _train(model, optimizer, inputs, targets, 3)
+    head.requires_grad_(True)
+    optimizer.add_param_group({"params": list(head.named_parameters(prefix="head"))})
+    _train(model, optimizer, inputs, targets, 8)
+    assert optimizer.scheduler.factor_count == len(optimizer.factors())
+    added = [info for info in optimizer.factors() if info.name.startswith("head.")]
+    assert added and all(info.refreshes >= 3 for info in added)  # 8 steps on a 2-step clock
+
+
+def test_a_refused_param_group_is_not_added(make_optimizer):
+    model = nn.Linear(4, 3)
+    extra = nn.Parameter(torch.randn(5, 4))
+    optimizer = make_optimizer(model.parameters())
+    with pytest.raises(ValueError, match="lr"):
+        optimizer.add_param_group({"params": [extra], "lr": -1.0})
+    assert len(optimizer.param_groups) == 1 and extra not in optimizer.state
+    optimizer.add_param_group({"params": [extra], "lr": 1e-3})  # a corrected retry is accepted
+    assert len(optimizer.param_groups) == 2
+
+
+def test_a_refused_nonfinite_step_is_not_counted(make_optimizer):
+    """``nonfinite="raise"``: the refused step leaves no trace, so the run continues exactly as one
+    that never saw it (its first exact refresh included)."""
+    inputs, targets = _regression()
+    torch.manual_seed(3)
+    model = nn.Linear(12, 5)
+    twin = copy.deepcopy(model)
+    optimizer = make_optimizer(model.parameters(), nonfinite="raise")
+    model.weight.grad = torch.full_like(model.weight, float("nan"))
+    with pytest.raises(FloatingPointError):
+        optimizer.step()
+    assert optimizer.global_step == 0
+    _train(model, optimizer, inputs, targets, 4)
+    _train(twin, make_optimizer(twin.parameters(), nonfinite="raise"), inputs, targets, 4)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_a_parameter_without_gradients_at_refreshes_stays_finite(make_optimizer):
+    """A layer that gets no gradient for its first steps (a head attached late) while the clock
+    refreshes every factor: its zero statistics must not turn into 0/0 in a bias correction."""
+    inputs, targets = _regression()
+    body, head = nn.Linear(12, 8), nn.Linear(8, 5)
+    model = nn.Sequential(body, head)
+    optimizer = make_optimizer(model.parameters(), refresh=lk.FixedRefresh(every=3))
+    for step in range(14):
+        optimizer.zero_grad()
+        (model(inputs) - targets).square().mean().backward()
+        if step < 7:
+            head.weight.grad = None
+        optimizer.step()
+    assert all(torch.isfinite(param).all() for param in model.parameters())
+    assert all(torch.isfinite(value).all() for value in optimizer.state[head.weight].values() if value.is_floating_point())
+
+
 def test_nonfinite_gradient_in_one_group_leaves_the_other_stepping(make_optimizer):
     first, second = nn.Linear(4, 3), nn.Linear(4, 3)
     optimizer = make_optimizer([{"params": first.parameters()}, {"params": second.parameters()}])

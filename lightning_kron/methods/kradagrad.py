@@ -121,7 +121,7 @@ from lightning_kron.methods.root_preconditioner import (
     RootPreconditionedOptimizer,
     scale_modes,
 )
-from lightning_kron.methods.step_hyperparameters import StepHyperparameters
+from lightning_kron.methods.step_hyperparameters import StepHyperparameters, bias_correction
 from lightning_kron.scheduling.policies import FixedRefresh, RefreshPolicy
 
 VARIANTS = ("star", "alternating")
@@ -240,12 +240,19 @@ class KrADagrad(RootPreconditionedOptimizer):
             group.failures(dim).add_((~definite if hyper.finite is None else ~definite & hyper.finite).long())
 
     def _first_update(self, group: FactorGroup, dim: int) -> bool:
-        """Is this the step that first downdates ``dim`` from ``X_0 = I / eps``? (host-side, no sync)
+        """May this step first downdate ``dim`` from ``X_0 = I / eps``? (host-side, no sync)
 
         Star updates every dim at step 1; alternating updates dim number ``j`` first at step ``j+1``.
-        A factor whose first step was skipped (non-finite gradient) starts with dominated downdates.
+        With star, a stack that joins later (a layer unfrozen, or added by ``add_param_group``) gets
+        its exact first update at its own first step: ``host_steps`` counts the steps the whole
+        stack took part in, this one included, and the device decides which members really are at
+        their first (:meth:`_exact_first_update`). Alternating keeps the optimizer's clock: its
+        dims take turns by the global step, so a late stack's turns start mid-cycle. A factor whose
+        first step was skipped (non-finite gradient) starts with dominated downdates.
         """
-        return self.global_step <= (len(group.factored_dims) if self.variant == "alternating" else 1)
+        if self.variant == "alternating":
+            return self.global_step <= len(group.factored_dims)
+        return self.global_step == 1 or group.host_steps == 1
 
     def _exact_first_update(self, group: FactorGroup, dim: int, factor: torch.Tensor,
                             hyper: StepHyperparameters, fallback: torch.Tensor) -> torch.Tensor:
@@ -265,6 +272,8 @@ class KrADagrad(RootPreconditionedOptimizer):
         vectors, values, ok = exact_from_isotropic(factor, hyper.eps, weight, relative=self.damping == "relative")
         if hyper.finite is not None:  # a skipped group's factor stays X_0, its basis the identity
             ok = ok & hyper.finite
+        if self.variant == "star" and self.global_step > 1:  # a late stack: its members at their first step
+            ok = ok & (group.steps == 1)
         keep = ok[:, None, None]
         basis = group.basis(dim)
         basis.copy_(torch.where(keep, basis @ vectors, basis))
@@ -298,7 +307,7 @@ class KrADagrad(RootPreconditionedOptimizer):
         """``(c x)^p`` from X's eigenvalue estimates ``x``; ``c = 1 - beta^t`` undoes the EMA's bias."""
         eigenvalues = eigenvalues.clamp_min(torch.finfo(eigenvalues.dtype).tiny)
         if hyper.shampoo_beta < 1:
-            eigenvalues = eigenvalues * (1.0 - torch.pow(hyper.shampoo_beta, step))[:, None]
+            eigenvalues = eigenvalues * bias_correction(hyper.shampoo_beta, step, eigenvalues)
         return eigenvalues.pow(self._exponent(group))
 
     def _preconditioned(self, group: FactorGroup, momentum: torch.Tensor, hyper: StepHyperparameters) -> torch.Tensor:

@@ -289,15 +289,17 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         """Add a group (also after construction, e.g. Lightning's ``BaseFinetuning`` unfreezing):
         its parameters are named and stacked on their own; existing state is kept."""
         plain, names = _split_named([param_group], first_group=len(self.param_groups), taken=set(self._names.values()))
+        # checked before anything is recorded: a refused group leaves no trace, and a corrected retry works
+        self._validate_group({**self.defaults, **{key: value for key, value in plain[0].items() if key != "params"}})
         for key, name in names.items():
             self._names.setdefault(key, name)
         if getattr(self, "_groups", None) is not None:  # the constructor checked its own groups already
             self._check_sharding([*self.param_groups, plain[0]])
         super().add_param_group(plain[0])
-        self._validate_group(self.param_groups[-1])
         if getattr(self, "_groups", None) is not None:
             added = self._build_groups([len(self.param_groups) - 1])
-            self._groups.extend(added)
+            # a new list, not extend(): the scheduler rebuilds its factor layout when the list changes
+            self._groups = [*self._groups, *added]
             self._expose_state_views(added)
 
     def _validate_group(self, group: dict) -> None:
@@ -484,7 +486,11 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         groups = self.factor_groups()
         self.global_step += 1
         with cuda_matmul_precision("ieee", any(group.device.type == "cuda" for group in groups)):
-            pending = self._gather_and_update_statistics(groups)
+            try:
+                pending = self._gather_and_update_statistics(groups)
+            except FloatingPointError:  # nonfinite="raise" refused the step before any state changed
+                self.global_step -= 1
+                raise
             self._first_refresh(pending)
             self._run_scheduler(pending)
             for items in _by_param_group(pending).values():

@@ -22,7 +22,7 @@ from lightning_kron.engine.factor_group import FactorGroup
 from lightning_kron.engine.validation import check_betas
 from lightning_kron.methods.grafting import graft_direction
 from lightning_kron.methods.root_preconditioner import RootPreconditionedOptimizer
-from lightning_kron.methods.step_hyperparameters import StepHyperparameters
+from lightning_kron.methods.step_hyperparameters import StepHyperparameters, bias_correction
 
 
 class Shampoo(RootPreconditionedOptimizer):
@@ -69,7 +69,7 @@ class Shampoo(RootPreconditionedOptimizer):
         """``(lambda_hat + eps)^(-1/(2k))`` from the bias-corrected factor eigenvalues ``diag(B)``."""
         step = group.read_rows(group.steps, rows)
         eigenvalues = group.read_rows(group.stats(dim), rows).diagonal(dim1=-2, dim2=-1).clamp_min(0)
-        if hyper.shampoo_beta < 1:
-            eigenvalues = eigenvalues / (1.0 - torch.pow(hyper.shampoo_beta, step))[:, None]
+        if hyper.shampoo_beta < 1:  # clamped: a member without a gradient yet (t = 0) gets no 0/0
+            eigenvalues = eigenvalues / bias_correction(hyper.shampoo_beta, step, eigenvalues)
         exponent = -1.0 / (2 * len(group.factored_dims))
         return (eigenvalues + hyper.eps).pow(exponent)
