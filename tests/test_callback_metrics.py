@@ -114,3 +114,36 @@ def test_probe_ignores_a_skipped_nonfinite_step():
     probe.update()
     assert optimizer.skipped_steps == 1
     assert probe.errors() == before and before
+
+
+def test_probe_skips_the_block_of_a_group_the_optimizer_skipped():
+    """A NaN in the bias skips the whole parameter group, the weight's finite gradient included: the
+    probe must not fold that gradient into the weight's moment either."""
+    weight, bias = torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(3))
+    optimizer = SOAP([("w", weight), ("b", bias)], lr=1e-2)
+    probe = ApproximationProbe(optimizer, max_numel=64)
+    for _ in range(3):
+        weight.grad, bias.grad = torch.randn(3, 2), torch.randn(3)
+        optimizer.step()
+        probe.update()
+    before = probe.moments["w"].clone()
+    weight.grad, bias.grad = torch.randn(3, 2), torch.full((3,), float("nan"))
+    optimizer.step()
+    probe.update()
+    assert optimizer.skipped_steps == 1
+    assert torch.equal(probe.moments["w"], before)
+
+
+def test_probe_of_an_inverse_factor_method_compares_the_factor_not_its_inverse():
+    """KrADagrad stores ``X = (eps I + L)^-1`` where SOAP stores ``L``: the probe compares ``L``. A
+    rank-1 gradient has a Kronecker covariance, so the error is round-off (fp64; it read 1.08 when
+    the probe took ``X`` for ``L``)."""
+    from lightning_kron import KrADagrad
+
+    weight = torch.nn.Parameter(torch.zeros(3, 4, dtype=torch.float64))
+    optimizer = KrADagrad([("w", weight)])
+    probe = ApproximationProbe(optimizer, max_numel=12)
+    weight.grad = torch.randn(3, 1, dtype=torch.float64) @ torch.randn(1, 4, dtype=torch.float64)
+    optimizer.step()
+    probe.update()
+    assert probe.errors()["kron/approx_error/shampoo/w"] < 1e-10

@@ -4,7 +4,8 @@ full-matrix Adam, per block?
 For every fully factored block with at most ``max_numel`` entries the probe keeps the full second
 moment ``C = EMA(vec(G) vec(G)^T)`` (``n x n``, the statistics' own EMA rate) and compares it with
 
-* Shampoo's Kronecker approximation ``L_1 kron ... kron L_k`` (``L_i = Q_i B_i Q_i^T``), and
+* Shampoo's Kronecker approximation ``L_1 kron ... kron L_k`` (``L_i = Q_i B_i Q_i^T``; KrADagrad,
+  which tracks the inverse factor, gives its ``L_i`` back from it), and
 * the eigenvalue-corrected one ``K diag(vec V) K^T`` with ``K = Q_1 kron ... kron Q_k``
   (eigenvalue-corrected optimizers only),
 
@@ -68,7 +69,7 @@ class ApproximationProbe:
     def update(self) -> None:
         """Fold the current gradients into ``C`` (call once per optimizer step, after it)."""
         for name, group, _, member in self._probed():
-            if member.param.grad is None:
+            if member.param.grad is None or self._skipped(group):
                 continue
             vec = member.grad_block().reshape(-1).to(group.state_dtype)
             if not bool(torch.isfinite(vec).all()):  # the optimizer skipped this step; so does C
@@ -78,6 +79,12 @@ class ApproximationProbe:
             if moment is None:
                 moment = self.moments[name] = torch.zeros(vec.numel(), vec.numel(), dtype=vec.dtype, device=vec.device)
             moment.mul_(beta if beta < 1 else 1.0).addr_(vec, vec, alpha=1.0 - beta if beta < 1 else 1.0)
+
+    def _skipped(self, group) -> bool:
+        """Whether the last step skipped ``group``'s parameter group: a NaN anywhere in it skips the
+        whole group, finite blocks included (one host read of the optimizer's flag)."""
+        finite = getattr(self.optimizer, "step_finite", {}).get(group.param_group)
+        return finite is not None and not bool(finite)
 
     def _beta(self, group) -> float:
         options = self.optimizer.param_groups[group.param_group]
@@ -93,13 +100,18 @@ class ApproximationProbe:
                 continue
             target = _unit_trace(moment)
             bases = [group.basis(dim)[row] for dim in range(group.order)]
-            factors = [basis @ group.stats(dim)[row] @ basis.mT for dim, basis in enumerate(bases)]
+            factors = [self._factor(group, dim, row, basis) for dim, basis in enumerate(bases)]
             metrics[f"{PREFIX}/approx_error/shampoo/{name}"] = _relative_error(target, reduce(torch.kron, factors))
             if "exp_avg_sq" in group.tensors:
                 kron_basis = reduce(torch.kron, bases)
                 corrected = kron_basis * group.tensors["exp_avg_sq"][row].reshape(1, -1) @ kron_basis.mT
                 metrics[f"{PREFIX}/approx_error/corrected/{name}"] = _relative_error(target, corrected)
         return metrics
+
+    def _factor(self, group, dim: int, row: int, basis: torch.Tensor) -> torch.Tensor:
+        """``Q L Q^T`` of one member in parameter coordinates, in the probe's dtype."""
+        factor = self.optimizer.factor_in_basis(group, dim, row).to(basis.dtype)
+        return basis @ factor @ basis.mT
 
 
 def _unit_trace(matrix: torch.Tensor) -> torch.Tensor:

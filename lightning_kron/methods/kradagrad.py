@@ -203,6 +203,15 @@ class KrADagrad(RootPreconditionedOptimizer):
     def factor_staleness(self, stats: torch.Tensor) -> torch.Tensor:
         return inverse_factor_staleness(stats)
 
+    def factor_in_basis(self, group: FactorGroup, dim: int, row: int) -> torch.Tensor:
+        """``L`` from the tracked ``X ~ (c I + L)^-1`` (in fp64: ``X`` may be near-singular in fp32),
+        ``c = eps`` or, with relative damping, ``eps tr(L) / d`` (so ``tr X^-1 = (1 + eps) tr L``)."""
+        inverse = torch.linalg.inv(group.stats(dim)[row].double())
+        eps = self.param_groups[group.param_group]["eps"]
+        size = inverse.shape[-1]
+        damping = eps * inverse.trace() / (size * (1.0 + eps)) if self.damping == "relative" else eps
+        return inverse - damping * torch.eye(size, dtype=inverse.dtype, device=inverse.device)
+
     # ----------------------------------------------------------------- statistics
     def _dims_this_step(self, group: FactorGroup) -> list[int]:
         dims = group.factored_dims

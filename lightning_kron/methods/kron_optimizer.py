@@ -473,6 +473,11 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         """``e(Q, L)`` of each member from its stored ``stats`` (overridden for inverse factors)."""
         return staleness(stats)
 
+    def factor_in_basis(self, group: FactorGroup, dim: int, row: int) -> torch.Tensor:
+        """The statistic ``L`` of one member, expressed in its basis (what ``stats`` holds here;
+        overridden for inverse factors): the approximation probe compares ``Q L Q^T`` with Adam's."""
+        return group.stats(dim)[row]
+
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
