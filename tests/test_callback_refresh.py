@@ -116,6 +116,20 @@ def test_fractional_schedules_need_a_known_training_length():
         LinearRamp(start_tolerance=1.5)
 
 
+def test_a_bare_optimizer_refuses_a_fractional_schedule_before_its_first_step_changes_anything():
+    """Alone, the optimizer does not know the run's length: the first step fails at once, with the
+    state untouched (it used to fail at the first check step, after the statistics were updated)."""
+    model = torch.nn.Linear(4, 3)
+    optimizer = SOAP(model.parameters(), refresh=AdaptiveRefresh(0.1, schedule=TighterEarly(early_tolerance=0.01)))
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    before = {key: value.clone() for key, value in optimizer.state[model.weight].items()}
+    with pytest.raises(ValueError, match="early_steps=N"):
+        optimizer.step()
+    assert optimizer.global_step == 0
+    assert all(torch.equal(before[key], value) for key, value in optimizer.state[model.weight].items())
+
+
 def test_owner_refreshes_inside_the_step_like_the_optimizers_own_policy():
     """An owner's scheduler refreshes where the optimizer's own would: in the step, or with
     ``refresh_timing="after_step"`` (SOAP's default) from the post-hook, exactly as a scheduler

@@ -57,3 +57,29 @@ def test_callback_state_is_held_until_the_optimizer_exists():
     scheduler.load_state_dict(saved["scheduler"])
     with pytest.raises(ValueError, match="state is for 6 factors, this optimizer has 2"):
         scheduler.factor_count
+
+
+def test_the_first_log_after_a_resume_counts_its_window_from_the_restored_step(tmp_path):
+    """Every 2 steps all 6 factors refresh, logs every 4 steps: each window holds 12 refreshes over
+    4 steps x 6 factors, fraction 0.5, the resumed run's first window (steps 9-12) included (it used
+    to start at step 0, reading 12 / (12 * 6))."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    def trainer(max_steps, name):
+        options = {**FAST_TRAINER, "logger": CSVLogger(tmp_path, name=name)}
+        return L.Trainer(callbacks=[KronCallback(refresh=FixedRefresh(every=2), log_every_n_steps=4)],
+                         max_steps=max_steps, **options)
+
+    first = trainer(8, "first")
+    first.fit(TinyRegression(), loader())
+    path = tmp_path / "cut.ckpt"
+    first.save_checkpoint(path)
+    resumed = trainer(16, "resumed")
+    resumed.fit(TinyRegression(), loader(), ckpt_path=path)
+    with open(tmp_path / "resumed" / "version_0" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("kron/refresh/fraction")]
+    assert [int(row["step"]) for row in rows] == [12, 16]
+    assert [float(row["kron/refresh/count"]) for row in rows] == [12.0, 12.0]
+    assert [float(row["kron/refresh/fraction"]) for row in rows] == [0.5, 0.5]

@@ -3,9 +3,10 @@
 A buffer stored in rotated coordinates (SOAP's first moment ``M'`` and second moment ``V``) is
 only meaningful together with the basis it was accumulated in. When a refresh changes the basis by
 ``P = Q_old^T Q_new``, the first moment is re-expressed exactly (``M' <- M' x_i P^T``); the second
-moment is carried over approximately with the squared rotation (``"rotate"``, EShampoo's default,
+moment is carried over approximately with the squared rotation (``"rotate"``,
 ``V <- V x_i (P^T o P^T)``, which keeps it non-negative), or by position, following the eigenvalue
-ranking of old and new columns (``"keep"``, SOAP's default and the SOAP reference's choice).
+ranking of old and new columns (``"keep"``: the default of SOAP and EShampoo, and the SOAP
+reference's choice).
 """
 
 from __future__ import annotations

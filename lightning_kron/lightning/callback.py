@@ -2,9 +2,10 @@ r"""``KronCallback``: one callback turns a Lightning module's AdamW into SOAP / 
 KrADagrad, owns the per-factor eigenbasis refresh, and logs how stale each factor is.
 
 This is the only module of the package that imports Lightning. The pieces it glues together are
-Lightning-free: ``torch_conversion`` (AdamW -> Kronecker optimizer, schedulers re-pointed),
-``refresh_scheduler`` (which factor to refresh when, DDP ownership via ``distributed``),
-``metrics`` and ``approximation_probe`` (the numbers) and ``wandb_views`` (the W&B-only views).
+Lightning-free: ``adam_conversion`` (AdamW -> Kronecker optimizer, schedulers re-pointed),
+``lightning_kron.scheduling`` (which factor to refresh when: ``scheduler``; DDP ownership:
+``ownership``), ``metrics`` and ``approximation_probe`` (the numbers) and ``wandb_views`` (the
+W&B-only views).
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ class KronCallback(Callback):
         if self._held_state is not None:  # restored before the optimizer existed (resume)
             self.scheduler.load_state_dict(self._held_state)
             self._held_state = None
-        self._window, self._seen_step, self._logs = (replace(self.scheduler.counters), 0), trainer.global_step, 0
+        self._seen_step, self._logs = trainer.global_step, 0
         if self.approximation_probe_max_numel and trainer.is_global_zero:
             self.probe = ApproximationProbe(self.optimizer, self.approximation_probe_max_numel)
             self._hooks.append(self.optimizer.register_step_post_hook(self.probe.after_step))
@@ -251,6 +252,12 @@ class KronCallback(Callback):
         return optimizer
 
     # ----------------------------------------------------------------- telemetry
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """The first log's window starts here: a resumed run's optimizer step count and the
+        scheduler's counters are restored by now, not yet at ``on_fit_start``."""
+        self._window = (replace(self.scheduler.counters), self.optimizer.global_step)
+
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -332,5 +339,6 @@ class KronCallback(Callback):
         held = state_dict.get("scheduler")
         if self.scheduler is not None and held is not None:
             self.scheduler.load_state_dict(held)
+            self._window = (replace(self.scheduler.counters), self.optimizer.global_step)
         else:
             self._held_state = held

@@ -489,6 +489,8 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
             with torch.enable_grad():
                 loss = closure()
         groups = self.factor_groups()
+        if self.scheduler is not None:  # a schedule that cannot run here fails before any state changes
+            self.scheduler.tolerance_at(max(self.global_step + 1 - self.start_preconditioning_step, 0))
         self.global_step += 1
         with cuda_matmul_precision("ieee", any(group.device.type == "cuda" for group in groups)):
             try:
