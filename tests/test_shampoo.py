@@ -45,6 +45,53 @@ def test_adam_graft_takes_adams_step_norm_per_block():
         assert not torch.allclose(step_s, step_a, atol=1e-3)  # same size, different direction
 
 
+def test_diagonal_factors_with_an_ema_reduce_to_bias_corrected_rmsprop():
+    """``shampoo_beta < 1``: the factors are EMAs, bias-corrected before the root,
+    ``L_hat = L / (1 - beta^t)``. Diagonal gradients then give ``g / sqrt(v_hat)`` with ``v_hat`` the
+    bias-corrected EMA of ``g^2``; without the correction the first step would be
+    ``sqrt(1 - beta)`` = 0.32 times too short. fp64: asserted to round-off."""
+    generator = torch.Generator().manual_seed(0)
+    param = nn.Parameter(torch.zeros(5, 5, dtype=torch.float64))
+    beta = 0.9
+    optimizer = lk.Shampoo([param], lr=1.0, betas=(0.0, 0.999), eps=1e-30, graft="none", shampoo_beta=beta,
+                           refresh=lk.FixedRefresh(every=1), solver="eigh")
+    average = torch.zeros(5, dtype=torch.float64)
+    for step in range(1, 7):
+        values = torch.rand(5, generator=generator, dtype=torch.float64) + 0.5
+        average = beta * average + (1 - beta) * values.square()
+        before = param.detach().clone()
+        set_grads([param], [torch.diag(values)])
+        optimizer.step()
+        expected = values / (average / (1 - beta**step)).sqrt()
+        torch.testing.assert_close(before - param.detach(), torch.diag(expected), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("graft, reference", [
+    ("adagrad", lambda params: torch.optim.Adagrad(params, lr=0.1, eps=1e-8)),
+    ("rmsprop", lambda params: torch.optim.RMSprop(params, lr=0.1, alpha=0.99, eps=1e-8)),
+    ("sgd", lambda params: torch.optim.SGD(params, lr=0.1)),
+], ids=["adagrad", "rmsprop", "sgd"])
+def test_each_graft_takes_its_methods_step_norm_per_block(graft, reference):
+    """With ``betas[0] = 0`` the filtered gradient is the gradient, so each graft's step has exactly
+    the norm of torch's own optimizer's step (``betas[1]`` is RMSprop's ``alpha``; the graft's eps
+    sits outside the square root, as in torch)."""
+    generator = torch.Generator().manual_seed(1)
+    shampoo_param = nn.Parameter(torch.zeros(6, 4, dtype=torch.float64))
+    torch_param = nn.Parameter(torch.zeros(6, 4, dtype=torch.float64))
+    shampoo = lk.Shampoo([shampoo_param], lr=0.1, betas=(0.0, 0.99), graft=graft, weight_decay=0.0)
+    other = reference([torch_param])
+    for _ in range(8):
+        gradient = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+        before_s, before_t = shampoo_param.detach().clone(), torch_param.detach().clone()
+        set_grads([shampoo_param], [gradient])
+        set_grads([torch_param], [gradient])
+        shampoo.step()
+        other.step()
+        step_s, step_t = shampoo_param.detach() - before_s, torch_param.detach() - before_t
+        torch.testing.assert_close(step_s.norm(), step_t.norm(), rtol=1e-10, atol=0)
+        assert not torch.allclose(step_s, step_t, atol=1e-3)  # same size, different direction
+
+
 @pytest.mark.parametrize("graft", ["adam", "adagrad", "rmsprop", "sgd", "none"])
 def test_every_graft_trains(graft):
     torch.manual_seed(2)
