@@ -166,6 +166,10 @@ def test_loss_scale_invariance():
     plain = _trajectory(factory, loss, start, 25)
     scaled = _trajectory(factory, lambda w: 1000.0 * loss(w), start, 25)
     torch.testing.assert_close(plain, scaled, rtol=1e-7, atol=1e-9)
+    # Adam is scale invariant too: the preconditioned steps must have taken this run elsewhere
+    unpreconditioned = _trajectory(lambda params: lk.SOAP(params, lr=1e-2, eps=1e-14, weight_decay=0.0,
+                                                          start_preconditioning_step=10**9), loss, start, 25)
+    assert (plain - unpreconditioned).abs().max() > 1e-2
 
 
 #: The refresh configuration the precision bounds below were measured with (SOAP's defaults of that
