@@ -207,8 +207,8 @@ def _fp32_curve(seed: int) -> torch.Tensor:
 
 
 BF16_SEEDS = range(8)
-BF16_MAX_CURVE_GAP = 0.40  # per seed, anywhere on the curve
-BF16_MAX_MEAN_SHIFT = 0.15  # mean final loss over BF16_SEEDS, relative to fp32
+BF16_MAX_CURVE_GAP = 0.50  # per seed, anywhere on the curve
+BF16_MAX_MEAN_SHIFT = 0.25  # mean final loss over BF16_SEEDS, relative to fp32
 
 
 @pytest.mark.parametrize("low_precision", [{"rotation_dtype": torch.bfloat16},
@@ -227,12 +227,16 @@ def test_bf16_rotations_leave_the_loss_curve_unchanged(low_precision):
     weights by 2^-8 (one bf16 ulp, relative) moves single final losses by up to 12% but their mean by
     +0.2% +- 1.7%; the +7% is a real, small cost on this model (the GPT recipe measured +0.13%).
 
+    An AMD EPYC without AVX512 (Zen 3, AVX2, 2 threads) measured more: +10.4% / +5.0% over seeds 0-7,
+    per-seed ratios up to 1.30, curve gaps up to 30% / 19%.
+
     So the test bounds what holds with margin wherever bf16 matmuls accumulate in fp32, and catches
-    real breakage: per seed the curves stay within 40% (measured <= 26% over 16 seeds here; a stale
-    bf16 basis after a refresh gives 66-80% on every seed, moments not re-expressed at a refresh
-    24-96%), and over 8 seeds the mean final loss within 15% (measured here +6.2% / +1.6% on 1 thread,
-    +8.1% / +3.2% on 2 threads, curve gaps <= 14.5%; sem ~2.6%;
-    the two bugs +18% / +46%). Costs ~25 s on 2 idle cores for both parametrizations (was ~15 s; the
+    real breakage: per seed the curves stay within 50% (measured <= 26% over 16 seeds on the Xeon,
+    <= 30% on the AVX2 EPYC; a stale bf16 basis after a refresh gives 66-80% on every seed, moments
+    not re-expressed at a refresh 24-96%), and over 8 seeds the mean final loss within 25% (measured
+    +6.2% / +1.6% on 1 thread and +8.1% / +3.2% on 2 threads on the Xeon, +10.4% / +5.0% on the
+    EPYC, sem ~2.6%, so the bound is 5 standard errors above the worst machine; the two bugs +18%,
+    caught by the curve gap, and +46%). Costs ~25 s on 2 idle cores for both parametrizations (the
     fp32 curves are computed once and shared).
     """
     pairs = [(_fp32_curve(seed), _bf16_test_curve(low_precision, seed)) for seed in BF16_SEEDS]
