@@ -179,6 +179,24 @@ def test_first_update_is_exact_and_diagonal_in_its_basis():
         assert torch.allclose(basis @ stats @ basis.T, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("beta", [0.9, 0.5])
+def test_the_ema_factor_is_bias_corrected_before_its_root(beta):
+    """``shampoo_beta < 1``: ``X`` tracks ``(eps I + L)^-1`` of an EMA ``L``, and the root is of the
+    bias-corrected EMA. At the first step the bias-corrected EMA is the gradient's own statistic,
+    so the step equals the sum's (``shampoo_beta=1``) up to eps: ``eps / ((1 - beta) a)`` relative,
+    ~1e-11 for eps 1e-12 (asserted at 1e-9). Without the correction it is ``(1 - beta)^-1/4`` per
+    factor too long."""
+    grad = torch.randn(4, 6, dtype=torch.float64)
+    steps = {}
+    for shampoo_beta in (1.0, beta):
+        weight = nn.Parameter(torch.zeros(4, 6, dtype=torch.float64))
+        optimizer = lk.KrADagrad([weight], lr=1.0, eps=1e-12, shampoo_beta=shampoo_beta)
+        weight.grad = grad.clone()
+        optimizer.step()
+        steps[shampoo_beta] = weight.detach().clone()
+    torch.testing.assert_close(steps[beta], steps[1.0], rtol=1e-9, atol=0)
+
+
 def test_a_parameter_first_gradded_late_gets_the_exact_first_update():
     """The exact first downdate is each stack's own first step, not the optimizer's: a layer that
     gets its first gradient at step 4 (unfrozen, or added by add_param_group) gets ``X_1`` exactly,
