@@ -401,9 +401,11 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         return name if self.shard_layout is None else self.shard_layout.state_prefix() + name
 
     def _shard_record(self, param: torch.Tensor) -> torch.Tensor:
-        """``[rank, world size, local rows]`` of a sharded parameter: a resume checks it."""
+        """``[rank, world size, local rows, global step]`` of a sharded parameter. The step is
+        stamped at every ``state_dict()``; a load compares it with the optimizer-wide entry's, which
+        tells this rank's own saved state from a stand-in (see ``_check_rank_state``)."""
         rows = local_tensor(param).shape[0] if param.dim() else 1
-        return torch.tensor([self.shard_layout.rank, self.shard_layout.world_size, rows])
+        return torch.tensor([self.shard_layout.rank, self.shard_layout.world_size, rows, self.global_step])
 
     # ----------------------------------------------------------------- hooks for subclasses
     def _init_state(self, group: FactorGroup) -> None:
