@@ -305,6 +305,24 @@ def test_load_state_dict_from_another_model_or_optimizer_fails_cleanly(make_opti
     assert all(torch.equal(snapshot[k], after[k]) for k in snapshot)
 
 
+@pytest.mark.parametrize("saved, loading", [({"max_precond_dim": 32}, {"max_precond_dim": 16}),
+                                             ({"precondition_1d": True}, {"precondition_1d": False})],
+                         ids=["max_precond_dim", "precondition_1d"])
+def test_a_state_saved_with_another_blocking_is_refused(make_optimizer, saved, loading):
+    """The same shapes, fewer factors: the saved moments live in bases the loader would drop, so
+    the load is refused (it used to keep what matched and ignore the rest)."""
+    inputs = torch.randn(64, 20)
+    model = nn.Linear(20, 10)
+    optimizer = make_optimizer(model.parameters(), **saved)
+    _train(model, optimizer, inputs, torch.randn(64, 10), 3)
+    loader = make_optimizer(model.parameters(), **loading)
+    before = {k: v.clone() for p in model.parameters() for k, v in loader.state[p].items()}
+    with pytest.raises(ValueError, match="with another blocking"):
+        loader.load_state_dict(optimizer.state_dict())
+    after = {k: v for p in model.parameters() for k, v in loader.state[p].items()}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_loading_another_kron_optimizer_type_is_refused():
     model = nn.Linear(3, 2)
     soap, shampoo = lk.SOAP(model.parameters()), lk.Shampoo(model.parameters())

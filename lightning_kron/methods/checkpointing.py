@@ -24,6 +24,9 @@ STATE_FORMAT = 2  # 2: the optimizer-wide entry moved from the top level into pa
 META_KEY = "lightning_kron"
 
 
+_OTHER_LAYOUT = ("it was saved by another model, or with another blocking (max_precond_dim, merge_dims, "
+                 "split_large_dims, precondition_1d) or method options (graft)")
+
 class Checkpointing:
     """``state_dict`` / ``load_state_dict`` (see the module docstring)."""
 
@@ -180,18 +183,34 @@ class Checkpointing:
                              "the Kronecker blocks follow the shard rows, so resume at the world size it was saved at")
 
     def _copy_plan(self, groups: list[FactorGroup], saved_key: dict[int, Any], saved_state: dict) -> list:
-        plan = []
+        plan, expected = [], {}
         for group in groups:
             for member, views in group.member_views():
                 saved = saved_state.get(saved_key[id(member.param)], {})
+                names = expected.setdefault(id(member.param), (member.name, saved, {self._state_key(None, "shard")}))[2]
                 for key, view in views.items():
                     name = self._state_key(member.block_number, key)
+                    names.add(name)
                     value = saved.get(name)
                     if value is None and key.startswith("deferred."):  # saved before the queue was state
                         continue
-                    if value is None or tuple(value.shape) != tuple(view.shape):
-                        found = None if value is None else tuple(value.shape)
+                    if value is None:
+                        raise ValueError(f"state_dict does not match parameter {member.name!r}: it has no {name}; "
+                                         f"{_OTHER_LAYOUT}")
+                    if tuple(value.shape) != tuple(view.shape):
                         raise ValueError(f"state_dict does not match parameter {member.name!r}: {name} "
-                                         f"expected shape {tuple(view.shape)}, found {found}")
+                                         f"expected shape {tuple(view.shape)}, found {tuple(value.shape)}")
                     plan.append((view, value))
+        self._refuse_unknown_state(expected.values())
         return plan
+
+    @staticmethod
+    def _refuse_unknown_state(expected) -> None:
+        """A saved entry with blocks or factors this optimizer does not have was saved with another
+        layout: loading the rest would leave moments expressed in bases that are dropped."""
+        for name, saved, names in expected:
+            unknown = sorted(set(saved) - names)
+            if unknown:
+                raise ValueError(
+                    f"state_dict does not match parameter {name!r}: it holds {', '.join(unknown[:3])}"
+                    f"{' ...' if len(unknown) > 3 else ''}, which this optimizer does not have; {_OTHER_LAYOUT}")
