@@ -139,3 +139,43 @@ def test_the_optimizers_budget_defers_and_resumes_bit_identically():
     for a, b in zip(reference_model.parameters(), model.parameters()):
         assert torch.equal(a, b)
     assert _refreshes(reference) == _refreshes(resumed)
+
+
+@pytest.mark.parametrize("owner", ["optimizer", "attached scheduler"])
+def test_a_rollback_redecides_the_step_it_returns_to(owner):
+    """Load an earlier state into the same optimizer and take the step again: it refreshes as a
+    fresh load of that state does (an attached scheduler used to remember having decided that step
+    number already, and skipped its refreshes)."""
+    def grads(step):
+        return torch.randn(6, 5, generator=torch.Generator().manual_seed(step))
+
+    def make(weight):
+        optimizer = lk.SOAP([("w", weight)], lr=1e-2, refresh=lk.FixedRefresh(every=1))
+        if owner == "attached scheduler":
+            RefreshScheduler(optimizer, lk.FixedRefresh(every=1))
+        return optimizer
+
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(6, 5))
+    optimizer = make(weight)
+    for step in range(5):
+        weight.grad = grads(step)
+        optimizer.step()
+    saved_weight, saved = weight.detach().clone(), optimizer.state_dict()
+    saved = {"state": {k: {n: t.clone() for n, t in v.items()} for k, v in saved["state"].items()},
+             "param_groups": saved["param_groups"]}
+    weight.grad = grads(5)
+    optimizer.step()
+    with torch.no_grad():
+        weight.copy_(saved_weight)
+    optimizer.load_state_dict(saved)
+    weight.grad = grads(5)
+    optimizer.step()
+
+    fresh_weight = nn.Parameter(saved_weight.clone())
+    fresh = make(fresh_weight)
+    fresh.load_state_dict(saved)
+    fresh_weight.grad = grads(5)
+    fresh.step()
+    assert [f.refreshes for f in optimizer.factors()] == [f.refreshes for f in fresh.factors()] == [6, 6]
+    assert torch.equal(weight, fresh_weight)

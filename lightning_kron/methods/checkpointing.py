@@ -126,6 +126,8 @@ class Checkpointing:
         self._reset_shared_steps()
         if "scheduler" in meta:  # absent from checkpoints made before the scheduler was the one path
             self.own_scheduler.load_state_dict(meta["scheduler"])
+        for scheduler in {id(s): s for s in (self.own_scheduler, self.scheduler) if s is not None}.values():
+            scheduler.optimizer_state_replaced()  # an attached one too: a rollback must not skip a refresh
 
     def __getstate__(self) -> dict:
         """Everything the optimizer holds, for ``copy.deepcopy`` and pickle (torch.optim keeps only

@@ -396,8 +396,13 @@ class RefreshScheduler:
             self.policy.load_state_dict(state["policy"])
         saved = state.get("deferred")  # format 1 kept the queue here: applied once the layout is known
         self._saved_deferred = None if saved is None else tuple(saved)
+        self.optimizer_state_replaced()
+
+    def optimizer_state_replaced(self) -> None:
+        """The optimizer loaded a state: reread its factor layout, and decide its next step afresh
+        (its step counter may have moved back to a step this scheduler already decided)."""
         self._layout_for = None
-        self._decided_at = -1  # the optimizer's step counter may have moved back
+        self._decided_at = -1
 
     def _restore_deferred(self, factor_count: int) -> None:
         """Apply a format-1 state's queue (flat factor indices) to the optimizer's factors."""
