@@ -106,6 +106,21 @@ def test_other_methods_and_adam_l2_decay(method, kind):
         assert optimizer.graft_eps == 1e-7 and optimizer.param_groups[0]["eps"] == 1e-12
 
 
+def test_adam_groups_with_different_eps_need_an_explicit_graft_eps():
+    """Shampoo's graft_eps is one value for the optimizer, where Adam's eps is per group: two
+    different ones are refused with the option to set (the first group's used to be taken silently);
+    an explicit graft_eps converts."""
+    from lightning_kron.lightning.adam_conversion import convert_adam
+
+    net = make_net()
+    adam = torch.optim.AdamW([{"params": net[0].parameters(), "eps": 1e-8}, {"params": net[2].parameters(), "eps": 1e-3}])
+    names = dict(net.named_parameters())
+    with pytest.raises(ValueError, match=r"different eps \(1e-08, 0.001\).*graft_eps"):
+        convert_adam(adam, "shampoo", names)
+    assert convert_adam(adam, "shampoo", names, graft_eps=1e-6).graft_eps == 1e-6
+    assert [group["eps"] for group in convert_adam(adam, "soap", names).param_groups] == [1e-8, 1e-3]  # SOAP's eps is per group
+
+
 def test_a_weight_decay_mode_option_reaches_every_group():
     """The decay mode is a group key: an explicit option must be written into the converted groups
     (it was once overridden there by AdamW's "decoupled"), so REFERENCE_OPTIONS through the callback

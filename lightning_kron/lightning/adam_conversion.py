@@ -67,9 +67,20 @@ def convert_adam(optimizer: torch.optim.Adam, method: str, names: Mapping[str, t
     mode = options.get("weight_decay_mode")  # asked for explicitly: it wins over the mode Adam's class implies
     groups = [_convert_group(group, optimizer, spec.adam_eps_option == "eps", name_of, mode)
               for group in optimizer.param_groups]
-    if spec.adam_eps_option != "eps":  # AdamW's eps belongs to the graft; the method keeps its own eps
-        options = {spec.adam_eps_option: optimizer.param_groups[0]["eps"], **options}
+    if spec.adam_eps_option != "eps" and spec.adam_eps_option not in options:
+        # AdamW's eps belongs to the graft, an option of the whole optimizer; the method keeps its own eps
+        options = {spec.adam_eps_option: _shared_eps(optimizer, spec.adam_eps_option), **options}
     return spec.optimizer(groups, **{**spec.from_adam, **options})
+
+
+def _shared_eps(optimizer: torch.optim.Adam, option: str) -> float:
+    """The one eps of all Adam groups, for an option that is not per group."""
+    values = sorted({float(group["eps"]) for group in optimizer.param_groups})
+    if len(values) > 1:
+        raise ValueError(f"the Adam parameter groups have different eps ({', '.join(map(str, values))}), but {option} "
+                         f"is one value for the whole optimizer; give it explicitly, e.g. optimizer_options="
+                         f"{{'{option}': {values[0]}}}")
+    return values[0]
 
 
 def _convert_group(group: dict, optimizer: torch.optim.Adam, keeps_eps: bool, name_of: Mapping[int, str],
