@@ -22,10 +22,10 @@ from lightning_kron.engine.sharding import gather_over_shards
 
 STATE_FORMAT = 2  # 2: the optimizer-wide entry moved from the top level into param_groups[0]
 META_KEY = "lightning_kron"
-
-
+#: why a saved entry's keys can differ from the ones this optimizer expects (said when they do)
 _OTHER_LAYOUT = ("it was saved by another model, or with another blocking (max_precond_dim, merge_dims, "
                  "split_large_dims, precondition_1d) or method options (graft)")
+
 
 class Checkpointing:
     """``state_dict`` / ``load_state_dict`` (see the module docstring)."""
