@@ -217,28 +217,6 @@ def check_other_world_sizes_are_refused(rank: int, mesh, out_dir: str) -> None:
         raise AssertionError("a state saved at another world size was loaded")
 
 
-def check_a_full_state_dict_is_refused_on_every_rank(rank: int, mesh, out_dir: str) -> None:
-    """A full (single-file) state dict keeps rank 0's rows only; loading it used to hand rank 1 its
-    fresh state as if it were the saved one (step counts 0 under a global step of 3)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    model = _sharded_model(mesh)
-    optimizer = _make_soap(model)
-    _train(model, optimizer, rank, 0, 3)
-    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    fresh = _sharded_model(mesh)
-    fresh_optimizer = _make_soap(fresh)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    try:
-        set_optimizer_state_dict(fresh, fresh_optimizer, full if rank == 0 else {}, options=options)
-    except ValueError as error:
-        assert "no saved state for the shards of rank(s) [1]" in str(error), str(error)
-        assert "full_state_dict=False" in str(error), str(error)
-    else:
-        raise AssertionError("a full state dict of a sharded optimizer was loaded")
-    assert fresh_optimizer.global_step == 0  # refused before anything was written
-
-
 def _fit(out_dir: str, rank: int, max_epochs: int, ckpt_path=None, logger=False):
     """A KronCallback run under ModelParallelStrategy(tensor_parallel_size=1), FSDP2 in configure_model."""
     import lightning as L
@@ -292,7 +270,6 @@ CHECKS = [
     check_a_sharded_optimizer_refuses_to_be_copied,
     check_dcp_save_load_continue_is_bit_identical,
     check_other_world_sizes_are_refused,
-    check_a_full_state_dict_is_refused_on_every_rank,
     check_model_parallel_strategy_resumes_exactly,
 ]
 

@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from lightning_kron.engine.factor_group import FactorGroup
-from lightning_kron.engine.sharding import gather_over_shards
 
 STATE_FORMAT = 2  # 2: the optimizer-wide entry moved from the top level into param_groups[0]
 META_KEY = "lightning_kron"
@@ -41,16 +40,7 @@ class Checkpointing:
         Under FSDP2 it is a collective (the scheduler gathers every rank's counters): call it on
         every rank, as ``get_optimizer_state_dict`` does."""
         self.update_staleness()
-        if self.shard_layout is not None:
-            self._stamp_shard_records()
         return super().state_dict()  # param_groups are fresh dicts: the live groups stay as they are
-
-    def _stamp_shard_records(self) -> None:
-        """Write the current step into every shard record (``[rank, world, rows, step]``)."""
-        key = self._state_key(None, "shard")
-        for entry in self.state.values():
-            if key in entry:
-                entry[key][3] = self.global_step
 
     def register_state_dict_post_hook(self, hook, prepend: bool = False):
         """torch.optim's, except that a ``prepend=True`` hook runs second: after the hook that
@@ -99,8 +89,6 @@ class Checkpointing:
             raise ValueError(f"state_dict was saved by lightning_kron.{meta['optimizer']}, cannot load it into {mine}")
         self._check_world_size(meta.get("world_size"))
         saved_groups = state_dict["param_groups"]
-        if self.shard_layout is not None:
-            self._check_rank_state(saved_groups, state_dict["state"], meta["global_step"])
         if len(saved_groups) != len(self.param_groups) or any(
             len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
         ):
@@ -154,26 +142,6 @@ class Checkpointing:
         self._names = {id(param): name for group, group_names in zip(self.param_groups, names)
                        for param, name in zip(group["params"], group_names)}
         self._compiled_functions = self._compile_functions()
-
-    def _check_rank_state(self, saved_groups: list, saved_state: dict, saved_step: int) -> None:
-        """Under FSDP2, refuse state that is not every rank's saved state (a collective: every rank
-        refuses together). Each rank's state is kept under its own ``rank{r}.`` keys, so a *full*
-        (single-file) state dict holds rank 0's alone, and ``set_optimizer_state_dict`` then hands
-        the other ranks their current state as if it were the saved one: their shard records carry
-        another step than the saved entry's."""
-        key = self._state_key(None, "shard")
-        stale = {int(record[3]) for saved in saved_groups for saved_id in saved["params"]
-                 for record in [saved_state.get(saved_id, {}).get(key)]
-                 if record is not None and record.numel() >= 4 and int(record[3]) != saved_step}
-        found = gather_over_shards(min(stale) if stale else None, self.shard_layout)
-        bad = [rank for rank, step in enumerate(found) if step is not None]
-        if bad:
-            raise ValueError(
-                f"this state_dict holds no saved state for the shards of rank(s) {bad} (their records are from "
-                f"step {found[bad[0]]}, the checkpoint from step {saved_step}): a full (single-file) state dict of "
-                "a sharded lightning_kron optimizer keeps rank 0's rows only. Save with torch.distributed.checkpoint's "
-                "sharded state dict (full_state_dict=False; in Lightning, ModelParallelStrategy("
-                "save_distributed_checkpoint=True), the default)")
 
     def _check_world_size(self, saved: Optional[int]) -> None:
         """Under FSDP2 each rank's state covers its own rows: it only fits the same world size."""

@@ -291,11 +291,17 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         plain, names = _split_named([param_group], first_group=len(self.param_groups), taken=set(self._names.values()))
         # checked before anything is recorded: a refused group leaves no trace, and a corrected retry works
         self._validate_group({**self.defaults, **{key: value for key, value in plain[0].items() if key != "params"}})
-        for key, name in names.items():
-            self._names.setdefault(key, name)
-        if getattr(self, "_groups", None) is not None:  # the constructor checked its own groups already
-            self._check_sharding([*self.param_groups, plain[0]])
-        super().add_param_group(plain[0])
+        added_names = [key for key in names if key not in self._names]
+        for key in added_names:
+            self._names[key] = names[key]
+        try:
+            if getattr(self, "_groups", None) is not None:  # the constructor checked its own groups already
+                self._check_sharding([*self.param_groups, plain[0]])
+            super().add_param_group(plain[0])
+        except Exception:
+            for key in added_names:
+                del self._names[key]
+            raise
         if getattr(self, "_groups", None) is not None:
             added = self._build_groups([len(self.param_groups) - 1])
             # a new list, not extend(): the scheduler rebuilds its factor layout when the list changes
@@ -401,11 +407,9 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         return name if self.shard_layout is None else self.shard_layout.state_prefix() + name
 
     def _shard_record(self, param: torch.Tensor) -> torch.Tensor:
-        """``[rank, world size, local rows, global step]`` of a sharded parameter. The step is
-        stamped at every ``state_dict()``; a load compares it with the optimizer-wide entry's, which
-        tells this rank's own saved state from a stand-in (see ``_check_rank_state``)."""
+        """``[rank, world size, local rows]`` of a sharded parameter: a resume checks it."""
         rows = local_tensor(param).shape[0] if param.dim() else 1
-        return torch.tensor([self.shard_layout.rank, self.shard_layout.world_size, rows, self.global_step])
+        return torch.tensor([self.shard_layout.rank, self.shard_layout.world_size, rows])
 
     # ----------------------------------------------------------------- hooks for subclasses
     def _init_state(self, group: FactorGroup) -> None:
@@ -614,8 +618,8 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
             if low != high:
                 self._unshared_steps.add(index)
             self._host_steps[index] = high
-            for group in groups:
-                group.host_steps = high
+            for group in groups:  # each stack its own count: one never gradded yet keeps 0
+                group.host_steps = int(group.steps.max())
 
     def update_staleness(self) -> None:
         """Bring every factor's ``staleness`` up to date with its statistics.
