@@ -217,7 +217,39 @@ def check_other_world_sizes_are_refused(rank: int, mesh, out_dir: str) -> None:
         raise AssertionError("a state saved at another world size was loaded")
 
 
-def _fit(out_dir: str, rank: int, max_epochs: int, ckpt_path=None, logger=False):
+def check_a_full_state_dict_is_refused_on_every_rank(rank: int, mesh, out_dir: str) -> None:
+    """A full (single-file) state dict keeps rank 0's rows only; loading it used to hand rank 1 its
+    current state as if it were the saved one. Refused on every rank, before anything is written,
+    both into a fresh optimizer and as a rollback of the run two steps on (rank 1's counts 0 and 5
+    against the saved 3)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    model = _sharded_model(mesh)
+    optimizer = _make_soap(model)
+    _train(model, optimizer, rank, 0, 3)
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    path = os.path.join(out_dir, "full_optimizer.pt")
+    if rank == 0:  # saved as a file: on CPU the full state dict's plain tensors are views of the live state
+        torch.save(full, path)
+    dist.barrier()
+    full = torch.load(path, weights_only=True) if rank == 0 else {}
+    fresh = _sharded_model(mesh)
+    fresh_optimizer = _make_soap(fresh)
+    _train(model, optimizer, rank, 3, 2)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    for target, target_optimizer in [(fresh, fresh_optimizer), (model, optimizer)]:
+        step_before = target_optimizer.global_step
+        try:
+            set_optimizer_state_dict(target, target_optimizer, full, options=options)
+        except ValueError as error:
+            assert "no saved state for the shards of rank(s) [1]" in str(error), str(error)
+            assert "full_state_dict=False" in str(error), str(error)
+        else:
+            raise AssertionError("a full state dict of a sharded optimizer was loaded")
+        assert target_optimizer.global_step == step_before  # refused before anything was written
+
+
+def _fit(out_dir: str, rank: int, max_epochs: int, ckpt_path=None, logger=False, distributed_checkpoint=True):
     """A KronCallback run under ModelParallelStrategy(tensor_parallel_size=1), FSDP2 in configure_model."""
     import lightning as L
     from callback_helpers import TinyRegression, loader
@@ -231,7 +263,8 @@ def _fit(out_dir: str, rank: int, max_epochs: int, ckpt_path=None, logger=False)
     os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0")
     callback = lk.KronCallback(refresh=lk.FixedRefresh(every=5), max_refreshes_per_step=1)
     trainer = L.Trainer(
-        strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1), accelerator="cpu",
+        strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1,
+                                       save_distributed_checkpoint=distributed_checkpoint), accelerator="cpu",
         devices=WORLD, max_epochs=max_epochs, callbacks=[callback], logger=logger, enable_checkpointing=False,
         log_every_n_steps=4,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -264,13 +297,29 @@ def check_model_parallel_strategy_resumes_exactly(rank: int, mesh, out_dir: str)
         assert any(".shard0[" in column for column in columns) and any(".shard1[" in column for column in columns)
 
 
+def check_model_parallel_strategy_refuses_a_full_checkpoint(rank: int, mesh, out_dir: str) -> None:
+    """Lightning's single-file checkpoint (save_distributed_checkpoint=False) of a sharded run is
+    refused on resume, on every rank, instead of continuing from rank 1's fresh state."""
+    interrupted, _, _ = _fit(out_dir, rank, max_epochs=1, distributed_checkpoint=False)
+    path = os.path.join(out_dir, "full.ckpt")
+    interrupted.save_checkpoint(path)
+    try:
+        _fit(out_dir, rank, max_epochs=2, ckpt_path=path, distributed_checkpoint=False)
+    except ValueError as error:
+        assert "no saved state for the shards of rank(s) [1]" in str(error), str(error)
+    else:
+        raise AssertionError("a full checkpoint of a sharded run was resumed")
+
+
 CHECKS = [
     check_methods_match_the_row_chunked_reference,
     check_unsupported_placements_are_refused,
     check_a_sharded_optimizer_refuses_to_be_copied,
     check_dcp_save_load_continue_is_bit_identical,
     check_other_world_sizes_are_refused,
+    check_a_full_state_dict_is_refused_on_every_rank,
     check_model_parallel_strategy_resumes_exactly,
+    check_model_parallel_strategy_refuses_a_full_checkpoint,
 ]
 
 

@@ -56,5 +56,13 @@ def test_a_state_saved_at_another_world_size_is_refused(outcomes):
     _assert_passed(outcomes, fsdp2_checks.check_other_world_sizes_are_refused)
 
 
+def test_a_full_state_dict_of_a_sharded_optimizer_is_refused_on_every_rank(outcomes):
+    _assert_passed(outcomes, fsdp2_checks.check_a_full_state_dict_is_refused_on_every_rank)
+
+
 def test_kron_callback_under_model_parallel_strategy_resumes_equal_to_the_uninterrupted_run(outcomes):
     _assert_passed(outcomes, fsdp2_checks.check_model_parallel_strategy_resumes_exactly)
+
+
+def test_a_single_file_model_parallel_checkpoint_is_refused_on_resume(outcomes):
+    _assert_passed(outcomes, fsdp2_checks.check_model_parallel_strategy_refuses_a_full_checkpoint)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from lightning_kron.engine.factor_group import FactorGroup
+from lightning_kron.engine.sharding import gather_over_shards
 
 STATE_FORMAT = 2  # 2: the optimizer-wide entry moved from the top level into param_groups[0]
 META_KEY = "lightning_kron"
@@ -98,6 +99,8 @@ class Checkpointing:
         # from torch.distributed.checkpoint's set_optimizer_state_dict
         saved_key = {id(param): key for live, saved in zip(self.param_groups, saved_groups)
                      for param, key in zip(live["params"], saved["params"])}
+        if self.shard_layout is not None:
+            self._check_every_rank_saved(fresh, saved_key, state_dict["state"], meta["global_step"])
         plan = self._copy_plan(fresh, saved_key, state_dict["state"])
         for target, source in plan:
             target.copy_(source)
@@ -151,6 +154,37 @@ class Checkpointing:
                 return "unsharded" if size is None else f"sharded over {size} ranks"
             raise ValueError(f"this state_dict was saved {describe(saved)} and cannot be loaded {describe(current)}: "
                              "the Kronecker blocks follow the shard rows, so resume at the world size it was saved at")
+
+    def _check_every_rank_saved(self, groups: list[FactorGroup], saved_key: dict[int, Any], saved_state: dict,
+                                saved_step: int) -> None:
+        """Under FSDP2, refuse a state in which the ranks' step counts disagree (a collective: every
+        rank refuses together). Every rank updates the rows of the same parameters at the same steps,
+        so a saved state has one step count per parameter on all ranks. A *full* (single-file) state
+        dict holds rank 0's ``rank0.`` entries alone, and ``set_optimizer_state_dict`` hands every
+        other rank its current state as if it were the saved one: the counts then differ, a fresh
+        optimizer's being 0. The saved keys and shapes stay as they are, so older sharded
+        checkpoints still load."""
+        counts: dict[int, int] = {}
+        for group in groups:
+            for member, _ in group.member_views():
+                value = saved_state.get(saved_key[id(member.param)], {}).get(self._state_key(member.block_number, "step"))
+                if value is not None:
+                    counts[saved_key[id(member.param)]] = max(counts.get(saved_key[id(member.param)], 0), int(value))
+        gathered = gather_over_shards(counts, self.shard_layout)
+        reference = {}
+        for rank_counts in gathered:  # the lowest rank that holds rows of a parameter is its reference
+            for key, count in rank_counts.items():
+                reference.setdefault(key, count)
+        bad = [rank for rank, rank_counts in enumerate(gathered)
+               if any(count != reference[key] for key, count in rank_counts.items())]
+        if bad:
+            found = sorted({count for key, count in gathered[bad[0]].items() if count != reference[key]})
+            raise ValueError(
+                f"this state_dict holds no saved state for the shards of rank(s) {bad}: their step counts "
+                f"({', '.join(map(str, found[:3]))}) are not the other ranks' (the checkpoint is from step {saved_step}). "
+                "A full (single-file) state dict of a sharded lightning_kron optimizer keeps rank 0's rows only; save "
+                "the sharded state dict (torch.distributed.checkpoint with full_state_dict=False; in Lightning, "
+                "ModelParallelStrategy(save_distributed_checkpoint=True), the default)")
 
     def _copy_plan(self, groups: list[FactorGroup], saved_key: dict[int, Any], saved_state: dict) -> list:
         plan, expected = [], {}
