@@ -5,6 +5,7 @@ round trips and refusals at construction."""
 from __future__ import annotations
 
 import math
+import numpy
 import random
 
 import pytest
@@ -13,6 +14,7 @@ from torch import nn
 
 import lightning_kron as lk
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
+from lightning_kron.scheduling.scheduler import RefreshScheduler
 from scripts.refresh_candidates import RelativeRefresh, SmallFactorsOnClock, WholeBlocks
 
 
@@ -43,7 +45,18 @@ def test_budget_ranks_by_staleness_times_the_steps_since_each_factors_last_refre
     squared = BudgetRefresh(every=4, front_load=1.0, age_power=2.0)  # 0.30, 0.29, 1.60, 0.20
     assert squared.select(staleness, step=1, steps_since_refresh=ages).nonzero().flatten().tolist() == [2]
     at_tolerance = BudgetRefresh(every=4, front_load=1.0, tolerance=0.2)  # 0.10 x 4 is not eligible
-    assert at_tolerance.select(staleness, step=1, steps_since_refresh=ages).tolist() == [False] * 4
+    assert at_tolerance.select(staleness, step=1, steps_since_refresh=ages).tolist() == [True, False, False, False]
+
+
+def test_a_factor_the_policy_refuses_never_takes_the_slot_of_one_it_would_refresh():
+    """Ranked before the tolerance was applied, an old factor just below it (or a NaN staleness,
+    which sorts first) took the one slot, and nothing was refreshed while 0.5 waited."""
+    policy = BudgetRefresh(every=2, front_load=1.0, tolerance=0.1)  # 2 factors / every=2: one per step
+    ages = torch.tensor([100.0, 1.0])
+    assert policy.select(torch.tensor([0.09, 0.5]), step=1, steps_since_refresh=ages).tolist() == [False, True]
+    nan_first = torch.tensor([float("nan"), 0.5])
+    assert BudgetRefresh(every=2, front_load=1.0).select(nan_first, step=1, steps_since_refresh=ages).tolist() == [
+        False, True]
 
 
 class _RecordingAges:
@@ -79,21 +92,35 @@ def test_the_scheduler_gives_a_policy_that_asks_the_steps_since_each_factors_las
 @pytest.mark.parametrize("check_every, length", [(1, 121), (3, 121), (1, 150), (1, 200)])
 def test_budget_spends_exactly_the_fixed_clocks_count_over_a_known_length(check_every, length):
     """The scheduler decides steps 1 .. length - 1; there the clock makes (length - 1) // 20 whole
-    refreshes per factor (6 at 121 steps, 7 at 150, 9 at 200), and so does the budget."""
+    refreshes per factor (6 at 121 steps, 7 at 150, 9 at 200), and so does the budget: exactly, its
+    allowance reaching the whole count at the last decided step (it used to one step later, so a run
+    of the planned length made up to one refresh per factor fewer than the clock)."""
     policy = BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=length, check_every=check_every)
     factors = 13
     spent = sum(policy.budget_at(step, factors) for step in range(1, length) if policy.checks_at(step))
     whole = factors * ((length - 1) // 20)
-    assert whole - factors < spent <= whole  # A reaches it at step `length`, one past the last decided step
+    assert spent == whole
     clock = lk.FixedRefresh(every=10)
     assert 2 * spent <= factors * sum(clock.checks_at(step) for step in range(1, length))  # at most half of every=10
+
+
+def test_an_early_phase_in_steps_longer_than_the_budget_allows_never_overspends():
+    """front_load * early_steps above the length: the early phase used to run on past the whole
+    budget (3x every=20's count with early_steps >= the length) and the tapered allowance then fell."""
+    with pytest.raises(ValueError, match="front_load \\* early_steps must be <= total_steps"):
+        BudgetRefresh(total_steps=100, early_steps=50)
+    for early_steps in (100, 300):  # the length known only when the scheduler passes it
+        policy = BudgetRefresh(every=20, early_steps=early_steps)
+        allowance = [policy.allowance(step, 200) for step in range(0, 200)]
+        assert all(b >= a for a, b in zip(allowance, allowance[1:]))  # never falls
+        assert sum(policy.budget_at(step, 4, 200) for step in range(1, 200)) == 4 * (199 // 20)
 
 
 def test_budget_is_front_loaded():
     policy = BudgetRefresh(every=20, front_load=2.0, early_fraction=0.25, total_steps=201)
     early = sum(policy.budget_at(step, 10) for step in range(1, 51))
     late = sum(policy.budget_at(step, 10) for step in range(51, 202))
-    assert early == 49  # twice the average rate (10 per factor over 201 steps) in the first quarter: 49.75
+    assert early == 50  # twice the average rate (10 per factor over the 200 decided steps) in their first quarter
     assert early + late == 10 * 200 // 20 and late < 3 * early
 
 
@@ -294,11 +321,20 @@ def test_whole_blocks_number_the_blocks_of_every_group_row_by_row():
     (lambda: RelativeRefresh(floor=1.0), "floor must be in"),
     (lambda: RelativeRefresh(max_iters=0), "max_iters must be an integer >= 1"),
     (lambda: SmallFactorsOnClock(BudgetRefresh(), max_size=0), "max_size must be an integer >= 1"),
+    (lambda: RefreshScheduler(lk.SOAP([torch.nn.Parameter(torch.ones(2, 2))]), total_steps=0),
+     "total_steps must be None \\(unknown\\) or a number of optimizer steps > 0"),
+    (lambda: RefreshScheduler(lk.SOAP([torch.nn.Parameter(torch.ones(2, 2))]), total_steps=float("nan")),
+     "total_steps must be None"),
 ])
 def test_invalid_hyperparameters_fail_at_construction_with_one_line(make, message):
     with pytest.raises(ValueError, match=message) as error:
         make()
     assert "\n" not in str(error.value)
+
+
+def test_numpy_integers_are_accepted_where_an_integer_is_asked():
+    every = numpy.int64(10)  # e.g. from a sweep's numpy grid
+    assert lk.FixedRefresh(every=every).every == 10 and BudgetRefresh(every=every).allowance(21, 101) > 0
 
 
 def test_the_callbacks_default_is_the_budget_front_loaded_over_the_trainers_length():
@@ -318,21 +354,21 @@ def test_the_tapered_late_rate_spends_the_same_budget_and_less_of_it_at_the_end(
     factors = 20
     spent = {name: [policy.budget_at(step, factors) for step in range(1, 300)]
              for name, policy in (("tapered", tapered), ("flat", flat))}
-    whole = factors * (299 // 20)  # A(300) = 14 per factor, reached one past the last decided step
-    assert sum(spent["tapered"]) == sum(spent["flat"]) and whole - factors < sum(spent["flat"]) <= whole
+    whole = factors * (299 // 20)  # A(299) = 14 per factor, reached at the last decided step
+    assert sum(spent["tapered"]) == sum(spent["flat"]) == whole
     assert spent["tapered"][:60] == spent["flat"][:60]  # the same early phase
-    assert sum(spent["tapered"][-60:]) < sum(spent["flat"][-60:]) and tapered.allowance(300) == pytest.approx(14.0)
+    assert sum(spent["tapered"][-60:]) < sum(spent["flat"][-60:]) and tapered.allowance(299) == pytest.approx(14.0)
     # the rate after the early phase falls linearly to late_taper of its start: 4 x the end's rate
     start = tapered.allowance(61) - tapered.allowance(60)
-    end = tapered.allowance(300) - tapered.allowance(299)
+    end = tapered.allowance(299) - tapered.allowance(298)
     assert start == pytest.approx(4 * end, rel=0.02)  # one-step differences of the quadratic: 2% off
 
 
 @pytest.mark.parametrize("late_taper", [0.0, 0.25, 1.0])
 def test_a_run_longer_than_planned_keeps_refreshing_at_the_clocks_rate(late_taper):
     policy = BudgetRefresh(every=20, total_steps=100, late_taper=late_taper)
-    assert policy.allowance(100) == pytest.approx(99 // 20)
-    assert policy.allowance(160) - policy.allowance(100) == pytest.approx(60 / 20)
+    assert policy.allowance(99) == pytest.approx(99 // 20)  # the last decided step: the whole budget
+    assert policy.allowance(160) - policy.allowance(99) == pytest.approx(61 / 20)
     assert all(policy.budget_at(step, 10) >= 0 for step in range(1, 300))
 
 

@@ -44,8 +44,9 @@ def check_betas(betas: Iterable[float]) -> tuple[float, float]:
 
 
 def check_positive_int(name: str, value: int, *, minimum: int = 1) -> int:
-    """An integer >= ``minimum`` (bools are refused: ``True`` is not a step count)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """An integer >= ``minimum``, Python's or numpy's (bools are refused: ``True`` is not a step
+    count)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 

@@ -54,7 +54,7 @@ import torch
 from lightning_kron.engine.basis_refresh import reorthonormalization_due
 from lightning_kron.engine.factor_group import FactorGroup
 from lightning_kron.engine.sharding import gather_over_shards
-from lightning_kron.engine.validation import check_positive_int
+from lightning_kron.engine.validation import check_positive_int, is_number
 from lightning_kron.scheduling.ownership import (
     OwnedRows,
     assign_owners,
@@ -119,6 +119,9 @@ class RefreshScheduler:
         if max_per_step is not None:
             check_positive_int("max_per_step", max_per_step)
         self.max_per_step = max_per_step if max_per_step is not None else getattr(policy, "max_per_step", None)
+        if total_steps is not None and not (is_number(total_steps) and total_steps > 0):
+            raise ValueError(f"total_steps must be None (unknown) or a number of optimizer steps > 0 (inf: unknown), "
+                             f"got {total_steps!r}")
         self.total_steps = total_steps
         self.counters = RefreshCounters()
         #: whether any factor waits in the budget's queue (known on the host from each decision, so
