@@ -31,6 +31,44 @@ def test_staleness_matches_definition_and_reconstruction_error():
     assert staleness((vectors.T @ factor @ vectors)[None])[0] < 1e-12
 
 
+@pytest.mark.parametrize("size", [1024, 2048])
+def test_staleness_of_a_large_fp32_factor_is_accurate_at_small_e(size):
+    """Read as ``||B||^2 - ||diag B||^2`` from fp32 norms, the off-diagonal squares vanished in the
+    diagonal's round-off: e = 0.05 read 0.011 at d = 2048, an exactly diagonal B 1.5e-3. The
+    off-diagonal part reduced on its own is exact to the fp32 reduction's relative round-off
+    (about log2(d^2) * 6e-8, under 2e-6), so 1e-3 relative is a wide bound."""
+    generator = torch.Generator().manual_seed(size)
+    diagonal = torch.diag(torch.logspace(0, -6, size, dtype=torch.float64))  # a power-law spectrum
+    noise = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    noise = noise + noise.T
+    noise.diagonal().zero_()
+    assert staleness(diagonal.float()[None])[0] == 0
+    for target in (0.005, 0.01, 0.05):
+        stats = (diagonal + noise * (target * diagonal.norm() / noise.norm())).float()[None]
+        exact64 = stats[0].double()  # the definition, on the same fp32 matrix, in fp64
+        exact = (torch.linalg.matrix_norm(exact64 - torch.diag(exact64.diagonal())) / torch.linalg.matrix_norm(exact64)).item()
+        assert abs(staleness(stats)[0].item() - exact) <= 1e-3 * exact, (target, exact)
+
+
+def test_a_non_finite_factor_reads_nan_not_fresh_and_a_failed_eigh_keeps_its_b_exactly():
+    """An overflowed factor read 0.0 (perfectly fresh); the member-by-member eigh fallback returned
+    I B I for a failed member, which turns an Inf entry into NaN everywhere (0 * inf)."""
+    from lightning_kron.engine.staleness import inverse_factor_staleness
+
+    fine = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    overflowed = fine.clone()
+    overflowed[0, 1] = float("inf")
+    stack = torch.stack([fine, torch.full_like(fine, float("nan")), overflowed])
+    for measure in (staleness, inverse_factor_staleness):
+        read = measure(stack)
+        assert read[0] > 0 and read[1:].isnan().all(), (measure.__name__, read)
+    assert staleness(torch.zeros(1, 3, 3))[0] == 0  # an empty factor: nothing off the diagonal
+    rotation, new_stats, ok = solvers.eigh_in_basis(stack)
+    assert ok.tolist() == [True, False, False]
+    assert torch.equal(new_stats[2], stack[2]) and new_stats[1].isnan().all()  # kept as they were
+    assert staleness(new_stats[:1])[0] < 1e-12
+
+
 def _warm_qr_step(basis, factor, orthonormalizer):
     """The refresh path: a QR-algorithm step on B with its columns sorted by diag(B)."""
     stats = (basis.T @ factor @ basis)[None]

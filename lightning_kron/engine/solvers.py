@@ -122,8 +122,9 @@ def _eigh_member_by_member(symmetric: torch.Tensor):
         vectors = _eigh_one(matrix) if torch.isfinite(matrix).all() else None
         ok.append(vectors is not None)
         rotations.append(torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device) if vectors is None else vectors)
-    rotation = torch.stack(rotations)
-    return rotation, rotation.mT @ symmetric @ rotation, torch.tensor(ok, device=symmetric.device)
+    rotation, solved = torch.stack(rotations), torch.tensor(ok, device=symmetric.device)
+    # a failed member keeps its B exactly (I B I would turn an Inf entry into NaN everywhere: 0 * inf)
+    return rotation, torch.where(solved[:, None, None], rotation.mT @ symmetric @ rotation, symmetric), solved
 
 
 def householder_qr(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
