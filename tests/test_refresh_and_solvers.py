@@ -461,6 +461,11 @@ def test_a_failed_cholesky_refresh_falls_back_to_householder_with_one_more_host_
     torch.testing.assert_close(state["block0.basis.1"], expected["block0.basis.1"])
     failures = int(state["block0.failures.1"])
     assert (failures, syncs[2]) == ((1, 1) if orthonormalizer == "householder" else (2, 2))
+    # the retry is the same refresh: counted once (it used to count twice), and the failed factor
+    # keeps the step of its last good refresh, so an age-ranked budget picks it first next time
+    assert int(state["block0.refreshes.1"]) == int(expected["block0.refreshes.1"]) == 2  # steps 1 and 3
+    first, second = int(state["block0.last_refresh.1"]), int(state["block0.last_refresh.0"])
+    assert (first, second) == (optimizer.start_preconditioning_step, optimizer.global_step), (first, second)
 
 
 @pytest.mark.parametrize("kwargs, match", [

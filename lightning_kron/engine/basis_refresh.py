@@ -53,13 +53,16 @@ class RefreshRequest:
     is above ``tolerance``, at most ``max_iters`` times. ``shift=False`` declines the QR-step shift
     of an orthonormalizer that has one (Cholesky-QR's,
     :func:`~lightning_kron.engine.solvers.cholesky_qr3_step_shift`): for full-rank factors whose
-    small eigenvalues matter most (KrADagrad's inverses)."""
+    small eigenvalues matter most (KrADagrad's inverses). ``retry``: a second attempt, this step,
+    at members whose first failed (Cholesky-QR's fallback to Householder), counted as the same
+    refresh, so the refresh counter and the re-orthonormalisation clock keyed on it move once."""
 
     solver: str = "qr"
     orthonormalizer: str = "householder"
     tolerance: float = 0.0
     max_iters: int = 1
     shift: bool = True
+    retry: bool = False
 
 
 def _identity_order(order: torch.Tensor) -> torch.Tensor:
@@ -137,7 +140,8 @@ def refresh_factor(
     if reorthonormalize is None:  # one host read, for callers outside the step
         reorthonormalize = reorthonormalization_due(group.read_rows(group.refreshes(dim), rows)).tolist()
     basis = _reorthonormalize(basis, reorthonormalize)
-    _store(group, dim, rows, basis, stats, ~ok, step, time.perf_counter() - started, hooks.factor_staleness(stats))
+    _store(group, dim, rows, basis, stats, ~ok, step, time.perf_counter() - started, hooks.factor_staleness(stats),
+           counted=not request.retry)
     hooks.after_refresh(group, rows, dim)
     exact = request.solver == "eigh" or never_refreshed
     return None if exact or request.orthonormalizer not in FALLBACK else ok
@@ -164,13 +168,17 @@ def _reorthonormalize(basis: torch.Tensor, due: Sequence[bool]) -> torch.Tensor:
     return basis
 
 
-def _store(group, dim, rows, basis, stats, failed, step, seconds, stale) -> None:
+def _store(group, dim, rows, basis, stats, failed, step, seconds, stale, counted: bool = True) -> None:
+    """Write a refresh's results. A failed member keeps the step of its last successful refresh,
+    so a policy ranking by age (BudgetRefresh) picks it again first, not last."""
     group.refreshed_dims.add(dim)
     read, write = group.read_rows, group.write_rows
     write(group.basis(dim), rows, basis)
     write(group.stats(dim), rows, stats)
     write(group.staleness(dim), rows, stale)
-    write(group.refreshes(dim), rows, read(group.refreshes(dim), rows) + 1)
+    if counted:
+        write(group.refreshes(dim), rows, read(group.refreshes(dim), rows) + 1)
     write(group.failures(dim), rows, read(group.failures(dim), rows) + failed.long())
-    write(group.last_refresh(dim), rows, torch.full_like(read(group.last_refresh(dim), rows), step))
+    last = read(group.last_refresh(dim), rows)
+    write(group.last_refresh(dim), rows, torch.where(failed, last, torch.full_like(last, step)))
     write(group.refresh_seconds(dim), rows, read(group.refresh_seconds(dim), rows) + seconds / basis.shape[0])

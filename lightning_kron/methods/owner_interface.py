@@ -138,7 +138,7 @@ class OwnerInterface:
     def refresh_rows(self, group: FactorGroup, dim: int, rows: list[int], *, tolerance: float = 0.0,
                      max_iters: int = 1, solver: Optional[str] = None,
                      reorthonormalize: Optional[list[bool]] = None, orthonormalizer: Optional[str] = None,
-                     defer_fallback: bool = False) -> Optional["PendingFallback"]:
+                     defer_fallback: bool = False, retry: bool = False) -> Optional["PendingFallback"]:
         """Refresh factor ``dim`` of the members ``rows`` of one of :meth:`factor_groups`.
 
         The index-based form of :meth:`refresh_factors`, for owners that decide on the stacked
@@ -148,11 +148,12 @@ class OwnerInterface:
         read). With Cholesky-QR the members it could not orthonormalise are refreshed again with
         Householder (:meth:`refresh_fallbacks`, one host read); ``defer_fallback`` returns them
         instead, so that a caller refreshing many stacks reads all their failures at once.
+        ``retry``: that second attempt, counted as the same refresh.
         """
         row_index = None if len(rows) == len(group) else torch.tensor(rows, device=group.device)
         request = RefreshRequest(solver=solver or self.solver, tolerance=tolerance, max_iters=max_iters,
                                  orthonormalizer=orthonormalizer or self._orthonormalizer_for(group.device),
-                                 shift=self.shifted_qr_refresh)
+                                 shift=self.shifted_qr_refresh, retry=retry)
         with cuda_matmul_precision("ieee", group.device.type == "cuda"):
             succeeded = refresh_factor(group, dim, row_index, request, self, self.global_step, reorthonormalize)
         if succeeded is None:
@@ -179,6 +180,6 @@ class OwnerInterface:
                 self.refresh_rows(item.group, item.dim, failed, tolerance=item.request.tolerance,
                                   max_iters=item.request.max_iters, solver=item.request.solver,
                                   reorthonormalize=[False] * len(failed),
-                                  orthonormalizer=FALLBACK[item.request.orthonormalizer])
+                                  orthonormalizer=FALLBACK[item.request.orthonormalizer], retry=True)
                 count += len(failed)
         return count
