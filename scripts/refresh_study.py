@@ -234,6 +234,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     running = args.report is None and not args.show
     models, names = args.models.split(","), args.schedules.split(",")
+    if not running:  # --show and --report read runs: a mistyped path must not look like "no runs stored"
+        missing = [str(path) for path in (args.json, *args.also) if not path.exists()]
+        if missing:
+            parser.error(f"no stored runs at {', '.join(missing)} (--json/--also name the run files to read)")
     try:  # a request that cannot run, or a run file that cannot be read, is refused before any run
         if running:
             check_request(args.json, models, names)

@@ -68,10 +68,30 @@ def parse_pieces(text: str) -> tuple[tuple[float, float], ...]:
     pieces = []
     for item in text.split(","):
         until, _, value = item.partition(":")
-        pieces.append((math.inf if until == "inf" else float(until), float(value)))
+        try:
+            pieces.append((math.inf if until == "inf" else float(until), float(value)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"each piece of {text!r} must be UNTIL:VALUE (numbers, UNTIL may be "
+                                             f"'inf'), got {item!r}") from None
     if not pieces or pieces[-1][0] != math.inf:
         raise argparse.ArgumentTypeError(f"the last piece of {text!r} must start with 'inf:'")
     return tuple(pieces)
+
+
+def _policies(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list:
+    """Every run's policy, built before any training, so a bad schedule fails in one line at once."""
+    policies = []
+    for _, mode, pieces in args.run:
+        if mode not in ("fixed", "adaptive"):
+            parser.error(f"MODE must be fixed or adaptive, got {mode!r}")
+        try:
+            parsed = parse_pieces(pieces)
+            if mode == "fixed" and any(value < 1 or value != int(value) for _, value in parsed):
+                raise argparse.ArgumentTypeError(f"a fixed schedule's periods must be whole numbers >= 1, got {pieces!r}")
+            policies.append(make_policy(mode, parsed, args.max_iters))
+        except (argparse.ArgumentTypeError, ValueError) as error:
+            parser.error(str(error))
+    return policies
 
 
 def train(args: argparse.Namespace, name: str, policy, solver: str,
@@ -111,9 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    for _, mode, _ in args.run:
-        if mode not in ("fixed", "adaptive"):
-            parser.error(f"MODE must be fixed or adaptive, got {mode!r}")
+    policies = _policies(parser, args)
     torch.set_num_threads(args.threads)
     recipe_args = compare.parse_args(["--steps", str(args.steps), "--eval-every", str(args.eval_every),
                                       "--seed", str(args.seed), "--accelerator", "cpu",
@@ -121,8 +139,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      + (["--no-progress"] if args.no_progress else []))
     recipe_args.data, recipe_args.batch_size, recipe_args.cache_dir = args.data, args.batch_size, args.cache_dir
     rows, reference = [], None
-    for name, mode, pieces in tqdm(args.run, desc="schedules", disable=args.no_progress):
-        policy = make_policy(mode, parse_pieces(pieces), args.max_iters)
+    for (name, mode, pieces), policy in tqdm(list(zip(args.run, policies)), desc="schedules", disable=args.no_progress):
         loss, refreshes, early = train(recipe_args, name, policy, args.solver, _precision(args))
         reference = loss if reference is None else reference
         rows.append(f"| {name} | {mode} {pieces} | {refreshes} | {early} | {loss:.4f} | {100 * (loss / reference - 1):+.2f}% |")

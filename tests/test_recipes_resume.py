@@ -234,7 +234,8 @@ def fit_on_two_processes(callbacks, ckpt_path=None, data_seed: int = 3) -> None:
     model, data = build(data_seed=data_seed)
     trainer = L.Trainer(max_steps=8, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
                         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0)
+                        limit_val_batches=0, num_sanity_val_steps=0,
+                        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks))
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
 
 

@@ -632,3 +632,30 @@ def test_a_member_whose_warm_qr_fails_keeps_its_basis_and_the_others_refresh(max
         torch.testing.assert_close(rotation[member].T @ factors[member] @ rotation[member], new_stats[member],
                                    rtol=1e-4, atol=1e-4)
         assert staleness(new_stats[member:member + 1])[0] < staleness(factors[member:member + 1])[0]
+
+
+def test_after_a_skipped_first_step_every_member_gets_an_exact_first_refresh():
+    """The default budget refreshes the members of a stack a few at a time. Whether a refresh
+    starts from the identity used to be known per stack, so after a skipped first step (NaN) only
+    the first member refreshed got eigh; the others got one warm QR step from the identity
+    (staleness 0.08-0.16 right after it). Now each member's first refresh is exact (fp64)."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 6, bias=False, dtype=torch.float64) for _ in range(3)]  # one stack of 3
+    optimizer = lk.SOAP([layer.weight for layer in layers], lr=1e-3)
+    inputs = torch.randn(32, 6, dtype=torch.float64) * torch.linspace(0.2, 2, 6, dtype=torch.float64)
+    group = optimizer.factor_groups()[0]
+    first_staleness = {}
+    for step in range(1, 16):
+        optimizer.zero_grad()
+        sum(layer(inputs).square().mean() for layer in layers).backward()
+        if step == 1:
+            layers[0].weight.grad[0, 0] = float("nan")  # the whole group skips its first step
+        before = [group.refreshes(dim).clone() for dim in group.factored_dims]
+        optimizer.step()
+        optimizer.update_staleness()
+        for dim in group.factored_dims:
+            for row in range(len(group)):
+                if before[dim][row] == 0 and group.refreshes(dim)[row] == 1:
+                    first_staleness[(dim, row)] = float(group.staleness(dim)[row])
+    assert len(first_staleness) == 6  # every factor of the stack had its first refresh
+    assert max(first_staleness.values()) < 1e-10, first_staleness

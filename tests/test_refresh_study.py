@@ -360,3 +360,12 @@ def test_the_plot_keeps_one_legend_entry_per_schedule_in_order_whichever_panel_h
     assert shown == ["every10", named.DEFAULT, "every20"] and (tmp_path / "all.png").stat().st_size > 0
     chosen = report.plot(rows, tmp_path / "user.png", report.USER_PLOT)
     assert chosen == [report.USER_PLOT[name] for name in ("every10", named.DEFAULT, "every20")]  # the rows' order
+
+
+def test_show_with_a_mistyped_run_file_is_refused_in_one_line(tmp_path, capsys):
+    """It printed two empty tables and exited 0, as if no runs were stored."""
+    from scripts import refresh_study
+
+    with pytest.raises(SystemExit) as stop:
+        refresh_study.main(["--show", "--json", str(tmp_path / "typo.json")])
+    assert stop.value.code == 2 and "no stored runs at" in capsys.readouterr().err

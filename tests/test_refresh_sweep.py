@@ -56,3 +56,20 @@ def test_rotation_dtype_reaches_every_run(monkeypatch, capsys):
     assert seen == [(torch.bfloat16, None)] * 2
     refresh_sweep.main(["--run", "a", "fixed", "inf:10", "--statistics-product-dtype", "bfloat16", "--no-progress"])
     assert seen[-1] == (None, torch.bfloat16)
+
+
+@pytest.mark.parametrize("runs, message", [
+    (["a", "fixed", "inf:10", "b", "fixed", "10:5"], "the last piece of '10:5' must start with 'inf:'"),
+    (["a", "adaptive", "garbage"], "each piece of 'garbage' must be UNTIL:VALUE"),
+    (["a", "fixed", "inf:0"], "periods must be whole numbers >= 1"),
+    (["a", "adaptive", "inf:2"], "tolerance must be in"),
+])
+def test_every_schedule_is_checked_before_any_run_trains(runs, message, monkeypatch, capsys):
+    """A bad second schedule used to fail after the first had trained (a traceback, its result lost)."""
+    monkeypatch.setattr(refresh_sweep, "train", lambda *args, **kwargs: pytest.fail("a run trained"))
+    argv = ["--steps", "3"]
+    for start in range(0, len(runs), 3):
+        argv += ["--run", *runs[start:start + 3]]
+    with pytest.raises(SystemExit) as stop:
+        refresh_sweep.main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -110,13 +110,15 @@ def _warm_qr(stats: torch.Tensor, request: RefreshRequest, criterion=staleness):
 def refresh_factor(
     group: FactorGroup,
     dim: int,
-    rows: Optional[torch.Tensor],
+    rows: Optional[list[int]],
     request: RefreshRequest,
     hooks: BasisChangeHooks,
     step: int,
     reorthonormalize: Optional[Sequence[bool]] = None,
 ) -> Optional[torch.Tensor]:
-    """Recompute ``basis.dim`` (and re-express ``stats.dim``) for ``rows`` of ``group``.
+    """Recompute ``basis.dim`` (and re-express ``stats.dim``) for ``rows`` of ``group`` (all when
+    None). Members that still hold the identity basis get an exact refresh (eigh), the others the
+    requested one: a call mixing both refreshes each kind separately.
 
     Returns, for an orthonormalizer with a fallback (Cholesky-QR), which of the refreshed members
     succeeded (a bool per row, on the device; the others kept their basis and are counted as
@@ -124,11 +126,17 @@ def refresh_factor(
 
     No host sync when the caller says which rows are due for re-orthonormalisation
     (``reorthonormalize``, one flag per refreshed row, from :func:`reorthonormalization_due`):
-    the first refresh of a stack is known on the host (``group.refreshed_dims``), and members whose
-    warm QR step fails (a non-finite result) keep their basis and are counted as failures.
+    which members start from the identity is known on the host (``Member.refreshed_dims``), and
+    members whose warm QR step fails (a non-finite result) keep their basis and are counted as
+    failures.
     """
+    selected = list(range(len(group))) if rows is None else list(rows)
+    fresh = group.identity_rows(dim, selected)
+    if fresh and len(fresh) < len(selected):  # e.g. after a skipped first step, refreshed a few at a time
+        return _refresh_fresh_and_others(group, dim, selected, fresh, request, hooks, step, reorthonormalize)
+    never_refreshed = bool(fresh)  # every selected basis still the identity: start exactly
     started = time.perf_counter()
-    never_refreshed = dim not in group.refreshed_dims  # every basis still the identity: start exactly
+    rows = None if len(selected) == len(group) else torch.tensor(selected, device=group.device)
     stats = group.read_rows(group.stats(dim), rows)
     if request.solver == "eigh" or never_refreshed:
         rotation, stats, ok, order = _eigh(stats)
@@ -142,9 +150,26 @@ def refresh_factor(
     basis = _reorthonormalize(basis, reorthonormalize)
     _store(group, dim, rows, basis, stats, ~ok, step, time.perf_counter() - started, hooks.factor_staleness(stats),
            counted=not request.retry)
+    group.mark_refreshed(dim, selected)
     hooks.after_refresh(group, rows, dim)
     exact = request.solver == "eigh" or never_refreshed
     return None if exact or request.orthonormalizer not in FALLBACK else ok
+
+
+def _refresh_fresh_and_others(group, dim, selected, fresh, request, hooks, step, reorthonormalize):
+    """:func:`refresh_factor` of a selection of which only ``fresh`` hold the identity basis: those
+    exactly, then the others as requested. Returns the others' success flags (in their order among
+    ``selected``), padded with True for the fresh rows, whose exact refresh has no fallback."""
+    fresh_set = set(fresh)
+    others = [row for row in selected if row not in fresh_set]
+    flags = None if reorthonormalize is None else dict(zip(selected, reorthonormalize))
+    refresh_factor(group, dim, fresh, request, hooks, step, None if flags is None else [False] * len(fresh))
+    ok = refresh_factor(group, dim, others, request, hooks, step, None if flags is None else [flags[row] for row in others])
+    if ok is None:
+        return None
+    by_row = dict(zip(others, ok.unbind(0)))
+    true = torch.ones((), dtype=torch.bool, device=ok.device)
+    return torch.stack([by_row.get(row, true) for row in selected])
 
 
 def reorthonormalization_due(refreshes: torch.Tensor) -> torch.Tensor:
@@ -171,7 +196,6 @@ def _reorthonormalize(basis: torch.Tensor, due: Sequence[bool]) -> torch.Tensor:
 def _store(group, dim, rows, basis, stats, failed, step, seconds, stale, counted: bool = True) -> None:
     """Write a refresh's results. A failed member keeps the step of its last successful refresh,
     so a policy ranking by age (BudgetRefresh) picks it again first, not last."""
-    group.refreshed_dims.add(dim)
     read, write = group.read_rows, group.write_rows
     write(group.basis(dim), rows, basis)
     write(group.stats(dim), rows, stats)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -44,6 +44,10 @@ class Member:
     block_number: int
     block: Block
     view_shape: tuple[int, ...]
+    #: factored dims whose basis has been refreshed at least once (host-side, so a refresh needs no
+    #: sync to know which members still start from the identity and need an exact first refresh);
+    #: kept per member, which stacks and their in-step subsets share, and rebuilt on load
+    refreshed_dims: set[int] = field(default_factory=set, compare=False, hash=False)
 
     def param_block(self) -> torch.Tensor:
         """The slice of the parameter that this block covers: a writable view when the parameter
@@ -82,9 +86,6 @@ class FactorGroup:
         self.state_dtype = state_dtype
         self.device = first.param.device
         self.tensors: dict[str, torch.Tensor] = {}
-        #: factored dims refreshed at least once (host-side, so a refresh needs no sync to know
-        #: whether it starts from the identity); shared with subsets, rebuilt on load
-        self.refreshed_dims: set[int] = set()
         #: optimizer steps in which every member had a gradient (host-side; see
         #: ``KronOptimizer._steps_still_shared``): stacks of one parameter group with equal counts have
         #: equal per-member step counts, so they can share one bias correction
@@ -267,6 +268,15 @@ class FactorGroup:
         return bases
 
     # ----------------------------------------------------------------- subsets
+    def identity_rows(self, dim: int, rows: Optional[list[int]] = None) -> list[int]:
+        """Which of ``rows`` (all when None) still hold the identity basis in ``dim`` (host-side)."""
+        return [row for row in (range(len(self)) if rows is None else rows) if dim not in self.members[row].refreshed_dims]
+
+    def mark_refreshed(self, dim: int, rows: Optional[list[int]] = None) -> None:
+        """Record that ``rows`` (all when None) hold a refreshed basis in ``dim``."""
+        for row in range(len(self)) if rows is None else rows:
+            self.members[row].refreshed_dims.add(dim)
+
     def has_grads(self) -> list[bool]:
         return [member.param.grad is not None for member in self.members]
 

@@ -105,7 +105,8 @@ class Checkpointing:
         for target, source in plan:
             target.copy_(source)
         for group in fresh:  # host reads per stack, on load only
-            group.refreshed_dims = {dim for dim in group.factored_dims if bool(group.refreshes(dim).any())}
+            for dim in group.factored_dims:
+                group.mark_refreshed(dim, [row for row, count in enumerate(group.refreshes(dim).tolist()) if count])
             group.any_deferred = any(bool(group.deferred(dim).any()) for dim in group.factored_dims)
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({key: value for key, value in saved.items() if key not in ("params", META_KEY)})

@@ -287,7 +287,7 @@ class KrADagrad(RootPreconditionedOptimizer):
         basis = group.basis(dim)
         basis.copy_(torch.where(keep, basis @ vectors, basis))
         group.refreshes(dim).add_(ok.long())
-        group.refreshed_dims.add(dim)  # the basis may have moved: later refreshes start from it
+        group.mark_refreshed(dim)  # the basis may have moved: later refreshes start from it
         last = group.last_refresh(dim)
         last.copy_(torch.where(ok, self.global_step, last))
         if self.global_step >= self.start_preconditioning_step:

@@ -150,12 +150,11 @@ class OwnerInterface:
         instead, so that a caller refreshing many stacks reads all their failures at once.
         ``retry``: that second attempt, counted as the same refresh.
         """
-        row_index = None if len(rows) == len(group) else torch.tensor(rows, device=group.device)
         request = RefreshRequest(solver=solver or self.solver, tolerance=tolerance, max_iters=max_iters,
                                  orthonormalizer=orthonormalizer or self._orthonormalizer_for(group.device),
                                  shift=self.shifted_qr_refresh, retry=retry)
         with cuda_matmul_precision("ieee", group.device.type == "cuda"):
-            succeeded = refresh_factor(group, dim, row_index, request, self, self.global_step, reorthonormalize)
+            succeeded = refresh_factor(group, dim, rows, request, self, self.global_step, reorthonormalize)
         if succeeded is None:
             return None
         pending = PendingFallback(group, dim, rows, succeeded, request)

@@ -322,8 +322,9 @@ class RefreshScheduler:
         self._refresh_blocks(mine, groups, tolerance, flagged)
         if world > 1:
             share_rows(self._pieces(owners, groups))
-            for (group_index, _), dims in blocks.items():  # every rank now holds these bases, not the identity
-                groups[group_index].refreshed_dims.update(dims)
+            for (group_index, row), dims in blocks.items():  # every rank now holds these bases, not the identity
+                for dim in dims:
+                    groups[group_index].mark_refreshed(dim, [row])
         elapsed = time.perf_counter() - started
         self.counters.refreshes += len(chosen)
         self.counters.computed_here += sum(len(dims) for _, dims in mine)
