@@ -7,6 +7,8 @@ variants, ungrafted and grafted, through tests/test_optimizer_matrix.py (factori
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -219,6 +221,39 @@ def test_a_parameter_first_gradded_late_gets_the_exact_first_update():
         factor = ours[f"block0.basis.{dim}"] @ ours[f"block0.stats.{dim}"] @ ours[f"block0.basis.{dim}"].T
         expected = theirs[f"block0.basis.{dim}"] @ theirs[f"block0.stats.{dim}"] @ theirs[f"block0.basis.{dim}"].T
         assert torch.allclose(factor, expected, rtol=0, atol=1e-12), dim
+
+
+def test_a_resume_before_a_parameters_first_gradient_continues_bit_identically():
+    """A layer first gradded after a resume: the loaded optimizer must know that its stack has had
+    no step yet (each stack's own host count, not the optimizer's), so it takes the same exact
+    first downdate as the uninterrupted run."""
+    torch.manual_seed(0)
+    start_early, start_late = torch.randn(4, 6, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    early_grads = [torch.randn(4, 6, dtype=torch.float64) for _ in range(6)]
+    late_grads = [torch.randn(3, 5, dtype=torch.float64) for _ in range(6)]
+
+    def build():
+        params = [nn.Parameter(start_early.clone()), nn.Parameter(start_late.clone())]
+        return params, lk.KrADagrad(params, eps=0.5)
+
+    def run(params, optimizer, steps):
+        for step in steps:
+            params[0].grad = early_grads[step].clone()
+            params[1].grad = late_grads[step].clone() if step >= 3 else None
+            optimizer.step()
+
+    straight, straight_optimizer = build()
+    run(straight, straight_optimizer, range(6))
+    cut, cut_optimizer = build()
+    run(cut, cut_optimizer, range(2))
+    saved = copy.deepcopy(cut_optimizer.state_dict())
+    resumed, resumed_optimizer = build()
+    for param, source in zip(resumed, cut):
+        param.data.copy_(source.data)
+    resumed_optimizer.load_state_dict(saved)
+    run(resumed, resumed_optimizer, range(2, 6))
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("variant, eps", [("star", 1e-6), ("alternating", 1e-3)])
