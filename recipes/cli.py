@@ -156,6 +156,17 @@ class RecipeCLI(LightningCLI):
             logging.getLogger("lightning.fabric.utilities.seed").info(f"Seed set to {seed}")
         if self.note:
             print(self.note, file=sys.stderr)
+        self._warn_if_too_large_for_the_cpu()
+
+    def _warn_if_too_large_for_the_cpu(self) -> None:
+        """One line before a long silent first step: a GPU-sized model (gpt2_124m) on a CPU."""
+        trainer, model = getattr(self, "trainer", None), getattr(self, "model", None)
+        if trainer is None or model is None or type(trainer.accelerator).__name__ != "CPUAccelerator":
+            return
+        count = sum(param.numel() for param in model.parameters())
+        if count >= CPU_PARAMETER_NOTE:
+            print(f"note: {count / 1e6:.0f}M parameters on a CPU: this config is sized for GPUs, and a step can "
+                  "take minutes (recipes/configs/gpt_tiny.yaml trains in seconds)", file=sys.stderr)
 
     def instantiate_classes(self) -> None:
         try:
@@ -182,7 +193,8 @@ class RecipeCLI(LightningCLI):
             self.datamodule.setup(self.subcommand)
 
 
-CKPT_PATH_NAMES = ("last", "best", "hpc", "registry")  # what Lightning resolves itself
+CKPT_PATH_NAMES = ("last", "best", "hpc", "registry")
+CPU_PARAMETER_NOTE = 20_000_000  # models this large get a note on a CPU (gpt_small is 11M, gpt2_124m 85M)  # what Lightning resolves itself
 
 
 def _leaves(model_config: Any) -> dict[str, Any]:

@@ -354,3 +354,15 @@ def test_quiet_dependencies_hides_their_deprecations_but_not_ours():
             warnings.warn_explicit("ours", FutureWarning, "soap.py", 1, module="lightning_kron.soap")
         warnings.warn_explicit("LeafSpec is deprecated", FutureWarning, "_pytree.py", 21, module="torch.utils._pytree")
     assert [str(w.message) for w in seen] == ["ours", "LeafSpec is deprecated"]  # only inside is it hidden
+
+
+def test_a_gpu_sized_model_on_a_cpu_gets_a_one_line_note(tmp_path, monkeypatch, capsys):
+    """gpt2_124m on a CPU used to start a silent first step of minutes; the tiny model gets no note."""
+    import recipes.cli
+
+    run_gpt_cli(small_gpt_args(tmp_path, 1))
+    assert "note:" not in capsys.readouterr().err
+    monkeypatch.setattr(recipes.cli, "CPU_PARAMETER_NOTE", 1)  # the tiny model counts as large
+    run_gpt_cli(small_gpt_args(tmp_path, 1))
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "parameters on a CPU" in notes[0], notes
