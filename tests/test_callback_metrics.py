@@ -147,3 +147,15 @@ def test_probe_of_an_inverse_factor_method_compares_the_factor_not_its_inverse()
     optimizer.step()
     probe.update()
     assert probe.errors()["kron/approx_error/shampoo/w"] < 1e-10
+
+
+@pytest.mark.parametrize("order", [(0.3, math.nan), (math.nan, 0.3)])
+def test_a_nan_staleness_shows_in_the_logged_max_in_any_order(order):
+    """Python's max() with a NaN depends on where it stands: [0.3, nan] gave 0.3, hiding the
+    overflowed factor that now reads NaN."""
+    from lightning_kron.engine.factor_info import FactorInfo
+    from lightning_kron.lightning.metrics import summary_metrics
+
+    infos = [FactorInfo(f"w[{i}]", "w", i, 4, value, 1, 1, 0, 0.0) for i, value in enumerate(order)]
+    assert math.isnan(summary_metrics(infos, 0)["kron/summary/staleness_max"])
+    assert summary_metrics(infos[:1] if not math.isnan(order[0]) else infos[1:], 0)["kron/summary/staleness_max"] == 0.3

@@ -154,7 +154,7 @@ def test_owner_refreshes_inside_the_step_like_the_optimizers_own_policy():
     assert [i.refreshes for i in optimizers[3].factors()] == [i.refreshes for i in optimizers[2].factors()]
 
 
-def test_a_partly_gradded_step_leaves_the_decision_to_the_post_hook():
+def test_a_partly_gradded_step_still_refreshes_in_the_step():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))  # one stack of two
     optimizer = SOAP(net.named_parameters(), lr=1e-2, refresh_timing="in_step")
@@ -168,8 +168,29 @@ def test_a_partly_gradded_step_leaves_the_decision_to_the_post_hook():
         if step == 2:
             net[0].weight.grad = None  # one member of the stack has no gradient this step
         optimizer.step()
-    assert calls == [1, 2]  # the in-step window stayed shut on step 3 ...
-    assert scheduler.counters.refreshes == 2 * 4  # ... and the post-hook refreshed all 4 factors after it
+    assert calls == [1, 2, 3]  # step 3, with one member of the stack in flight as a copy, too
+    assert scheduler.counters.refreshes == 2 * 4
+
+
+def test_a_never_gradded_layer_stacked_with_others_does_not_change_their_steps():
+    """One layer that never gets a gradient, stacked with two of its shape, used to move the whole
+    step's refresh to after the step, which changed the other layers' math (1.2e-3 in an audit's
+    example). With it, they now take the same steps as without it (fp64, in-step refreshes)."""
+    def run(with_idle_layer):
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(5, 5, bias=False, dtype=torch.float64) for _ in range(3)]
+        params = [layer.weight for layer in layers[: 3 if with_idle_layer else 2]]
+        optimizer = SOAP(params, lr=1e-2, refresh=FixedRefresh(every=2), refresh_timing="in_step")
+        inputs = torch.randn(16, 5, dtype=torch.float64)
+        for _ in range(7):
+            optimizer.zero_grad()
+            (layers[1](torch.tanh(layers[0](inputs)))).square().mean().backward()
+            optimizer.step()
+        assert len(optimizer.factor_groups()) == 1  # one stack, partly gradded at every step
+        return [layer.weight.detach().clone() for layer in layers[:2]]
+
+    for alone, stacked in zip(run(False), run(True)):
+        torch.testing.assert_close(stacked, alone, rtol=0, atol=1e-12)
 
 
 def test_only_the_groups_refreshed_in_the_step_rotate_their_gradient_again(monkeypatch):

@@ -24,6 +24,8 @@ gradient covariance is a Kronecker product, large when Shampoo's eigenvalues are
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -76,7 +78,7 @@ def summary_metrics(infos: Sequence[FactorInfo], skipped_steps: int) -> dict[str
     return {
         f"{PREFIX}/summary/factors": float(len(infos)),
         f"{PREFIX}/summary/staleness_mean": sum(values) / len(values),
-        f"{PREFIX}/summary/staleness_max": max(values),
+        f"{PREFIX}/summary/staleness_max": math.nan if any(math.isnan(v) for v in values) else max(values),
         f"{PREFIX}/summary/failures": float(sum(info.failures for info in infos)),
         f"{PREFIX}/summary/skipped_steps": float(skipped_steps),
     }

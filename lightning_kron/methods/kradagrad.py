@@ -287,7 +287,9 @@ class KrADagrad(RootPreconditionedOptimizer):
         basis = group.basis(dim)
         basis.copy_(torch.where(keep, basis @ vectors, basis))
         group.refreshes(dim).add_(ok.long())
-        group.mark_refreshed(dim)  # the basis may have moved: later refreshes start from it
+        # the rows whose basis moved: later refreshes start from it (one host read, on a stack's
+        # first-update step only; a load marks the same rows, from the refresh counts)
+        group.mark_refreshed(dim, [row for row, moved in enumerate(ok.tolist()) if moved])
         last = group.last_refresh(dim)
         last.copy_(torch.where(ok, self.global_step, last))
         if self.global_step >= self.start_preconditioning_step:

@@ -519,19 +519,26 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         every=10. With the positional carry-over the other order wins, and refreshing here can
         diverge (docs/algorithms.md, "Deviations from the reference SOAP"). The gradients in flight of
         the groups it refreshed are rotated again from scratch: simpler than carrying each
-        rotation over, and identical on every DDP rank whoever computed the refresh. Steps where some
-        stack is only partly gradded (a copy of its rows is in flight) leave the scheduler to its
-        post-step hook instead, and so does every step with ``refresh_timing="after_step"`` (the SOAP
-        reference's order: the step is taken in the old bases, then the refreshed factors include
-        this step's gradient and the moments are carried into the new bases).
+        rotation over, and identical on every DDP rank whoever computed the refresh. A stack that is
+        only partly gradded (a copy of its gradded rows is in flight) first writes that copy's
+        statistics back, so the scheduler refreshes whole stacks; a refreshed one is copied again
+        from its new bases. ``refresh_timing="after_step"`` leaves the scheduler to its post-step
+        hook instead (the SOAP reference's order: the step is taken in the old bases, then the
+        refreshed factors include this step's gradient and the moments are carried into the new
+        bases).
         """
-        after_step = self.refresh_timing == "after_step"
-        if after_step or self.scheduler is None or any(item.rows is not None for item in pending):
+        if self.refresh_timing == "after_step" or self.scheduler is None:
             return
+        partial = [item for item in pending if item.rows is not None]
+        for item in partial:  # the in-flight rows' updated statistics, where the scheduler reads them
+            item.source.absorb(item.group, item.rows)
         refreshed = {id(group) for group in self.scheduler.in_step()}
         for item in pending:
-            if id(item.group) in refreshed:
-                item.rotated = item.group.rotate_in(item.grad)
+            if id(item.source) not in refreshed:
+                continue
+            if item.rows is not None:  # the copy in flight holds the old bases: take it again
+                item.group = item.source.subset(item.rows)
+            item.rotated = item.group.rotate_in(item.grad)
 
     def _gather_and_update_statistics(self, groups: list[FactorGroup]) -> list[_PendingGroup]:
         """Phase 1 of the step, per parameter group: gather the gradients into one buffer, check

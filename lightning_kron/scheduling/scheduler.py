@@ -13,8 +13,7 @@ gradient) and before the moment update, so the moments take this step's gradient
 Measured on the GPT recipe with the squared-rotation carry-over of V, deciding after the whole step
 instead ends 0.7% higher at every=10 and 3.5% instead of 1.2% higher for the adaptive contender.
 SOAP, which carries V over by rank, decides after the step by default (``refresh_timing``;
-docs/algorithms.md, "Deviations from the reference SOAP"). On a step where some stack is only
-partly gradded the optimizer cannot open that window, and the step post-hook decides instead. Decisions
+docs/algorithms.md, "Deviations from the reference SOAP"); the step post-hook then decides. Decisions
 per step:
 
 1. on the policy's check steps, the policy's ``select`` says which factors are *due* (for
