@@ -166,7 +166,7 @@ class RecipeCLI(LightningCLI):
         count = sum(param.numel() for param in model.parameters())
         if count >= CPU_PARAMETER_NOTE:
             print(f"note: {count / 1e6:.0f}M parameters on a CPU: this config is sized for GPUs, and a step can "
-                  "take minutes (recipes/configs/gpt_tiny.yaml trains in seconds)", file=sys.stderr)
+                  "take minutes (the *_tiny configs in recipes/configs/ train in seconds)", file=sys.stderr)
 
     def instantiate_classes(self) -> None:
         try:
@@ -193,8 +193,8 @@ class RecipeCLI(LightningCLI):
             self.datamodule.setup(self.subcommand)
 
 
-CKPT_PATH_NAMES = ("last", "best", "hpc", "registry")
-CPU_PARAMETER_NOTE = 20_000_000  # models this large get a note on a CPU (gpt_small is 11M, gpt2_124m 85M)  # what Lightning resolves itself
+CKPT_PATH_NAMES = ("last", "best", "hpc", "registry")  # what Lightning resolves itself
+CPU_PARAMETER_NOTE = 20_000_000  # models this large get a note on a CPU (gpt_small is 11M, gpt2_124m 85M)
 
 
 def _leaves(model_config: Any) -> dict[str, Any]:

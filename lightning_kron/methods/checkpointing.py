@@ -167,10 +167,11 @@ class Checkpointing:
         checkpoints still load."""
         counts: dict[int, int] = {}
         for group in groups:
-            for member, _ in group.member_views():
-                value = saved_state.get(saved_key[id(member.param)], {}).get(self._state_key(member.block_number, "step"))
+            for member in group.members:
+                key = saved_key[id(member.param)]
+                value = saved_state.get(key, {}).get(self._state_key(member.block_number, "step"))
                 if value is not None:
-                    counts[saved_key[id(member.param)]] = max(counts.get(saved_key[id(member.param)], 0), int(value))
+                    counts[key] = max(counts.get(key, 0), int(value))
         gathered = gather_over_shards(counts, self.shard_layout)
         reference = {}
         for rank_counts in gathered:  # the lowest rank that holds rows of a parameter is its reference

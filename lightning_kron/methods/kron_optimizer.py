@@ -529,9 +529,10 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         """
         if self.refresh_timing == "after_step" or self.scheduler is None:
             return
-        partial = [item for item in pending if item.rows is not None]
-        for item in partial:  # the in-flight rows' updated statistics, where the scheduler reads them
-            item.source.absorb(item.group, item.rows)
+        if self.scheduler.decides_now():  # else nothing reads the statistics before the step ends
+            for item in pending:  # the in-flight rows' updated statistics, where the scheduler reads them
+                if item.rows is not None:
+                    item.source.absorb(item.group, item.rows)
         refreshed = {id(group) for group in self.scheduler.in_step()}
         for item in pending:
             if id(item.source) not in refreshed:

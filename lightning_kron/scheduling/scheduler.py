@@ -265,19 +265,29 @@ class RefreshScheduler:
         self.after_step()
         return self._refreshed_groups
 
+    def decides_now(self) -> bool:
+        """Whether this optimizer step has a decision still to make: a check step, or factors
+        deferred earlier (not before preconditioning, nor at the optimizer's own exact refresh).
+        The in-step path writes partly gradded stacks back only then."""
+        step = self.optimizer.global_step - self.optimizer.start_preconditioning_step
+        if self._decided_at == self.optimizer.global_step or step <= 0:
+            return False
+        return bool(self.policy.checks_at(step) or self._any_deferred)
+
     def after_step(self) -> None:
         """Decide and run this step's refreshes, once per optimizer step: normally from inside the
         step (:meth:`in_step`), else from the step post-hook."""
         if self._decided_at == self.optimizer.global_step:
             return
+        decides = self.decides_now()
         self._decided_at = self.optimizer.global_step
         self._refreshed_groups = []
-        step = self.optimizer.global_step - self.optimizer.start_preconditioning_step
-        if step <= 0:  # before preconditioning, or the step whose exact refresh the optimizer did itself
+        if not decides:
             return
+        step = self.optimizer.global_step - self.optimizer.start_preconditioning_step
         checking = self.policy.checks_at(step)
         slots = self._layout()
-        if not slots or (not checking and not self._any_deferred):
+        if not slots:
             return
         started = time.perf_counter()
         staleness = self._staleness(slots)
