@@ -272,7 +272,10 @@ class RefreshScheduler:
         step = self.optimizer.global_step - self.optimizer.start_preconditioning_step
         if self._decided_at == self.optimizer.global_step or step <= 0:
             return False
-        return bool(self.policy.checks_at(step) or self._any_deferred)
+        if self.policy.checks_at(step):
+            return True
+        self._layout()  # a resumed run's deferred queue is restored when the layout is first built
+        return self._any_deferred
 
     def after_step(self) -> None:
         """Decide and run this step's refreshes, once per optimizer step: normally from inside the
