@@ -46,6 +46,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     try:
         torch.save(_train(), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # a root whose last broadcast is still in flight must not tear the group down
     finally:
         dist.destroy_process_group()
 
