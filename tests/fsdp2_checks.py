@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_kron as lk
+from gloo_workers import finish_worker
 
 WORLD = 2
 #: (name, shape): 5 and 7 rows shard unevenly (3+2, 4+3), 1 row leaves rank 1 an empty shard,
@@ -339,4 +340,4 @@ def run(rank: int, port: int, out_dir: str, extra_checks=()) -> None:
         dist.barrier()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(outcomes, handle)
-    dist.destroy_process_group()
+    finish_worker()

@@ -8,24 +8,18 @@ each test here asserts that its check passed on both ranks.
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch.multiprocessing as mp
 
 import fsdp2_checks
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from gloo_workers import free_port
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> list[dict[str, str]]:
     out_dir = tmp_path_factory.mktemp("fsdp2")
-    mp.spawn(fsdp2_checks.run, args=(_free_port(), str(out_dir)), nprocs=fsdp2_checks.WORLD)
+    mp.spawn(fsdp2_checks.run, args=(free_port(), str(out_dir)), nprocs=fsdp2_checks.WORLD)
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(fsdp2_checks.WORLD)]
 
 

@@ -13,13 +13,13 @@ to 0.1 away from the one-process run.
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import lightning_kron as lk
+from gloo_workers import finish_worker, free_port
 
 SHAPES = {"a": (8, 8), "b": (6, 5), "c": (7, 4)}
 STEPS = 30
@@ -44,21 +44,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    try:
-        torch.save(_train(), os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # a root whose last broadcast is still in flight must not tear the group down
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    torch.save(_train(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finish_worker()
 
 
 def test_ranks_that_receive_refreshes_end_where_one_process_ends(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
