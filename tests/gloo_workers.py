@@ -1,11 +1,12 @@
 """What every test that spawns its own gloo processes needs: a free port, and a way out of a
 worker that cannot abort after its results are written.
 
-Why the exit is special: gloo's worker threads can still hold finished collectives (tensors with
-Python references) when the interpreter finalizes, and releasing them then aborts the process
-("terminate called without an active exception", SIGABRT), which ``mp.spawn`` reports as a failed
-worker although its results are on disk. Seen twice in full-suite runs on a 2-core AMD EPYC
-(Zen 5), never when a test file ran alone.
+Why the exit is special: a worker aborted after its last check ("terminate called without an
+active exception", SIGABRT), which ``mp.spawn`` reports as a failed worker although its results
+were on disk. Seen twice in full-suite runs on a 2-core AMD EPYC (Zen 5), never when a test file
+ran alone. The likely cause, reported upstream for gloo: its threads still hold finished
+collectives (tensors with Python references) when the interpreter finalizes, and releasing them
+then aborts. Leaving with ``os._exit`` skips that finalization.
 """
 
 from __future__ import annotations
