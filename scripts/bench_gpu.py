@@ -127,13 +127,7 @@ def bench_row(name: str, factory: Callable, args, device: torch.device) -> tuple
 def run(args) -> list[Row]:
     """Every selected row in turn on its own model copy; ratios against the fused AdamW row."""
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but torch sees no CUDA device (use --device cpu --tiny for a smoke run)")
-    rows = candidates(args.max_precond_dim, args.every)
-    if args.only:
-        rows = {k: v for k, v in rows.items() if any(s.lower() in k.lower() for s in args.only)}
-    if not rows:
-        raise SystemExit(f"error: --only {args.only} matches no row")
+    rows = selected_rows(args)
     results, fused_median = [], None
     for name, factory in rows.items():
         totals, steps, state_mb, peak = bench_row(name, factory, args, device)
@@ -146,6 +140,14 @@ def run(args) -> list[Row]:
     for row in results:
         row.vs_fused_adamw = None if fused_median is None else row.median_ms / fused_median
     return results
+
+
+def selected_rows(args) -> dict:
+    """The candidate rows whose names contain one of the --only substrings (every row without it)."""
+    rows = candidates(args.max_precond_dim, args.every)
+    if args.only:
+        rows = {k: v for k, v in rows.items() if any(s.lower() in k.lower() for s in args.only)}
+    return rows
 
 
 def table(results: list[Row]) -> str:
@@ -178,6 +180,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device (use --device cpu --tiny for a smoke run)")
+    if not selected_rows(args):
+        parser.error(f"--only {' '.join(args.only)} matches no row; the rows are: {'; '.join(candidates(args.max_precond_dim, args.every))}")
     results = run(args)
     print(table(results))
     if args.json:

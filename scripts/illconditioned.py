@@ -257,17 +257,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error(f"every --lrs must be a positive learning rate, got {args.lrs}")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file; it names the folder the CSVs, table and plot go to")
+    unknown = set(args.methods or ()) - {method.name for method in available_methods(args.eps)}
+    if unknown:
+        parser.error(f"unknown --methods {sorted(unknown)}; choose from "
+                     f"{[method.name for method in available_methods(args.eps)]}")
     return args
+
+
+def available_methods(eps_values: list[float]) -> list:
+    """Every Kronecker method at each damping, then the baselines: what --methods chooses from."""
+    return [method for eps in eps_values for method in kronecker_methods(eps)] + baseline_methods()
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    available = [method for eps in args.eps for method in kronecker_methods(eps)] + baseline_methods()
+    available = available_methods(args.eps)
     if args.methods:
-        unknown = set(args.methods) - {m.name for m in available}
-        if unknown:
-            sys.exit(f"error: unknown method(s) {sorted(unknown)}; choose from {[m.name for m in available]}")
         available = [m for m in available if m.name in args.methods]
     try:
         args.out.mkdir(parents=True, exist_ok=True)

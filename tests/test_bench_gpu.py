@@ -22,9 +22,14 @@ def test_bench_gpu_smoke_run_prints_and_writes_every_row(tmp_path, capsys, monke
     assert fused["vs_fused_adamw"] == pytest.approx(1.0) and soap["median_ms"] > 0 and soap["state_mb"] > fused["state_mb"]
 
 
-def test_bench_gpu_refuses_a_missing_gpu_and_an_empty_selection(monkeypatch):
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "1"], "--device cuda, but torch sees no CUDA device"),
+    (["--device", "foo"], "--device 'foo' is not a torch device"),
+    (["--device", "cpu", "--tiny", "--only", "lion"], "--only lion matches no row; the rows are: torch AdamW"),
+])
+def test_bench_gpu_refuses_a_bad_flag_in_one_line_before_any_model_is_built(argv, message, monkeypatch, capsys):
     monkeypatch.setattr(bench_gpu.torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="no CUDA device"):
-        bench_gpu.main(["--steps", "1"])
-    with pytest.raises(SystemExit, match="matches no row"):
-        bench_gpu.main(["--device", "cpu", "--tiny", "--only", "lion"])
+    monkeypatch.setattr(bench_gpu, "run", None)  # running a row would fail
+    with pytest.raises(SystemExit) as exit_info:
+        bench_gpu.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -60,6 +60,7 @@ def test_refresh_orthonormalizers_counts_failures_and_times_every_row(monkeypatc
     ("bench_step", ["--only", "nomatch"], "--only nomatch matches no row; the rows are: torch AdamW"),
     ("count_ops", ["--only", "nomatch"], "--only nomatch matches no row; the rows are: torch AdamW"),
     ("illconditioned", ["--lrs", "-1"], "every --lrs must be a positive learning rate"),
+    ("illconditioned", ["--methods", "lion"], "unknown --methods ['lion']; choose from ["),
 ])
 def test_a_benchmarks_bad_flag_is_refused_before_any_model_is_built(module, argv, message, capsys, monkeypatch):
     script = importlib.import_module(f"scripts.{module}")
