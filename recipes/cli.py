@@ -69,7 +69,13 @@ def wandb_logger(existing: list):
     first = existing[0] if existing else None
     save_dir = getattr(first, "save_dir", None) or "runs"
     name = getattr(first, "name", None) or None
-    return WandbLogger(project=WANDB_PROJECT, name=name, save_dir=save_dir, offline=not wandb_configured())
+    logger = WandbLogger(project=WANDB_PROJECT, name=name, save_dir=save_dir, offline=not wandb_configured())
+    # Lightning always passes anonymous=None to wandb.init, which wandb >= 0.22 answers with a
+    # "The anonymous setting has no effect" warning on every run; None is wandb's default anyway
+    init_arguments = getattr(logger, "_wandb_init", {})
+    if init_arguments.get("anonymous", "absent") is None:
+        del init_arguments["anonymous"]
+    return logger
 
 
 class RecipeCLI(LightningCLI):

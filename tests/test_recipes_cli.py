@@ -17,6 +17,7 @@ import torch
 import lightning_kron as lk
 from recipes import gpt, vision
 from recipes.cli import run_cli, wandb_configured
+import recipes.quiet
 from recipes.quiet import quiet_dependencies
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
@@ -311,6 +312,8 @@ def test_wandb_flag_adds_an_offline_wandb_logger(tmp_path, monkeypatch):
     kinds = [type(logger).__name__ for logger in cli.trainer.loggers]
     assert kinds == ["CSVLogger", "WandbLogger"]
     assert cli.trainer.loggers[1]._offline
+    # Lightning's anonymous=None would make wandb.init warn that the setting has no effect
+    assert "anonymous" not in cli.trainer.loggers[1]._wandb_init
 
 
 def test_wandb_is_online_only_when_configured(tmp_path, monkeypatch):
@@ -354,6 +357,17 @@ def test_quiet_dependencies_hides_their_deprecations_but_not_ours():
             warnings.warn_explicit("ours", FutureWarning, "soap.py", 1, module="lightning_kron.soap")
         warnings.warn_explicit("LeafSpec is deprecated", FutureWarning, "_pytree.py", 21, module="torch.utils._pytree")
     assert [str(w.message) for w in seen] == ["ours", "LeafSpec is deprecated"]  # only inside is it hidden
+
+
+def test_quiet_dependencies_prints_our_warnings_in_one_line_and_theirs_with_the_location():
+    own_file = str(Path(recipes.quiet.__file__))
+    with quiet_dependencies():
+        ours = warnings.formatwarning("warmup too long", UserWarning, own_file, 37, "return configure(...)")
+        theirs = warnings.formatwarning("odd input", UserWarning, "/site-packages/torch/x.py", 5, "x = 1")
+    assert ours == "UserWarning: warmup too long\n"
+    assert theirs.startswith("/site-packages/torch/x.py:5: UserWarning: odd input") and "x = 1" in theirs
+    after = warnings.formatwarning("warmup too long", UserWarning, own_file, 37, "return configure(...)")
+    assert after.startswith(f"{own_file}:37: UserWarning")  # restored outside
 
 
 def test_a_gpu_sized_model_on_a_cpu_gets_a_one_line_note(tmp_path, monkeypatch, capsys):
