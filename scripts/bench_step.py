@@ -27,6 +27,7 @@ import argparse
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -94,11 +95,22 @@ def rival_rows(max_precond_dim: int, every: int, heavyball: bool = True) -> dict
         try:
             import heavyball as hb
 
-            rows[f"HeavyBall SOAP every={every}"] = lambda p: hb.SOAP(
+            rows[f"HeavyBall SOAP every={every}"] = lambda p: _quiet_compiler() or hb.SOAP(
                 [t for _, t in p], precondition_frequency=every, max_precond_dim=max_precond_dim)
         except ImportError:
             pass
     return rows
+
+
+def _quiet_compiler() -> None:
+    """HeavyBall compiles its step with max-autotune, whose Inductor prints a table per matmul
+    shape to stderr (and torch's own TypedStorage deprecation warning) between the benchmark's
+    lines; none of it is a figure of the benchmark."""
+    import torch._inductor.config as inductor
+
+    inductor.autotune_num_choices_displayed = 0
+    inductor.max_autotune_report_choices_stats = False
+    warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
 
 
 def state_megabytes(optimizer: torch.optim.Optimizer) -> float:
