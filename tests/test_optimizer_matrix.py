@@ -208,16 +208,41 @@ def test_nonfinite_gradient_skips_the_step_and_keeps_state(make_optimizer):
 
 
 def test_negative_infinity_and_huge_finite_gradients_are_told_apart(make_optimizer):
-    """-Inf is caught (the check reads min and max); an fp64 gradient past fp32's range is not."""
+    """-Inf is caught (the check reads min and max); an fp64 gradient past fp32's range whose
+    squares fit fp64 is not, and its step leaves finite state."""
     model = nn.Linear(3, 2).double()
     optimizer = make_optimizer(model.parameters())
-    model.weight.grad = torch.full_like(model.weight, 1e300)
+    model.weight.grad = torch.full_like(model.weight, 1e60)
     model.bias.grad = torch.zeros_like(model.bias)
     optimizer.step()
     assert optimizer.skipped_steps == 0
+    assert all(value.isfinite().all() for p in model.parameters() for value in optimizer.state[p].values()
+               if value.is_floating_point())
     model.weight.grad[0, 0] = -float("inf")
     optimizer.step()
     assert optimizer.skipped_steps == 1
+
+
+@pytest.mark.parametrize("dtype, huge", [(torch.float32, 1e25), (torch.float64, 1e200)])
+def test_a_finite_gradient_whose_statistics_would_overflow_is_skipped(make_optimizer, dtype, huge):
+    """A loss scaled by 1e25 in fp32: G G^T (1e50) is past fp32's range, so written in it would
+    have left the statistics Inf/NaN for good. The step is skipped and counted instead, and the
+    next ordinary gradient steps as before."""
+    inputs, targets = _regression(dtype=dtype)
+    model = nn.Linear(12, 5).to(dtype)
+    optimizer = make_optimizer(model.parameters())
+    _train(model, optimizer, inputs, targets, 3)
+    before = {k: v.clone() for p in model.parameters() for k, v in optimizer.state[p].items() if ".deferred." not in k}
+    model.weight.grad = torch.full_like(model.weight, huge)
+    model.bias.grad = torch.full_like(model.bias, huge)
+    optimizer.step()
+    assert optimizer.skipped_steps == 1
+    after = {k: v for p in model.parameters() for k, v in optimizer.state[p].items()}
+    assert all(torch.equal(value, after[key]) for key, value in before.items())
+    losses = _train(model, optimizer, inputs, targets, 3)
+    assert optimizer.skipped_steps == 1 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(value.isfinite().all() for p in model.parameters() for value in optimizer.state[p].values()
+               if value.is_floating_point())
 
 
 def test_nonfinite_gradient_can_raise(make_optimizer):

@@ -21,6 +21,12 @@ def staleness(stats: torch.Tensor) -> torch.Tensor:
     dominates the sum, and the many small off-diagonal squares vanish in its round-off, so a factor
     of d = 2048 at e = 0.05 read 0.011, and an exactly diagonal one 1.5e-3. Reduced on its own,
     ``e`` is accurate to the reduction's relative round-off at any e, in a few kernels per stack.
+
+    The norms square B's entries, so a factor whose statistics pass the square root of their
+    dtype's range (1.8e19 in fp32, after a gradient spike) reads NaN until they decay below it.
+    Scaling B first would avoid that, but it cost 25% more kernels and 12% more memory traffic
+    in every step of an adaptive policy (``scripts/count_ops.py``, gpt-mini), for a case the
+    NaN guard's overflow test bounds: statistics themselves never overflow.
     """
     off_diagonal = torch.linalg.vector_norm(stats.triu(1), dim=(-2, -1)).mul_(math.sqrt(2.0))
     total = torch.hypot(off_diagonal, torch.linalg.vector_norm(stats.diagonal(dim1=-2, dim2=-1), dim=-1))

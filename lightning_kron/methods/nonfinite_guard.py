@@ -1,7 +1,10 @@
 """The NaN/Inf guard of :class:`~lightning_kron.methods.kron_optimizer.KronOptimizer`.
 
 A parameter group whose gradient holds a NaN or Inf skips its step whole: its parameters, moments,
-statistics and bases stay exactly as they were, and the skip is counted. Everything is decided on
+statistics and bases stay exactly as they were, and the skip is counted. So does a finite gradient
+so large that its products would overflow the statistics (``max |g|^2 * numel`` past the range of
+the statistics dtype: a loss scaled by 1e25 in fp32): written into the statistics it would leave
+them Inf/NaN for good, every later refresh failing on them. Everything is decided on
 the device, so the guard costs no host sync (``nonfinite="raise"`` pays one, to raise); under FSDP2
 the flags are all-reduced, so every rank skips the same groups. A mixin of ``KronOptimizer``: it
 relies on the optimizer's ``param_groups``, ``shard_layout`` and ``nonfinite``, and on its
@@ -25,11 +28,14 @@ def _all_of(flags: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _all_finite(values: torch.Tensor) -> torch.Tensor:
-    """0-dim bool: no NaN or Inf in ``values``. Its min and max in one reduction (10x faster than
-    max |g| on a CPU: no |g| temporary): NaN and -Inf/+Inf show up in them and fail a comparison,
-    and unlike a sum nothing finite overflows."""
+    """0-dim bool: no NaN or Inf in ``values``, and no entry so large that a statistics entry (a
+    sum of at most ``numel`` products of two entries) or a squared moment could overflow their
+    dtype. Its min and max in one reduction (10x faster than max |g| on a CPU: no |g|
+    temporary): NaN and -Inf/+Inf show up in them and fail the comparison, and unlike a sum
+    nothing finite overflows."""
     low, high = torch.aminmax(values)
-    return (low > -math.inf) & (high < math.inf)
+    limit = math.sqrt(torch.finfo(values.dtype).max / max(values.numel(), 1))
+    return torch.maximum(-low, high) < limit  # NaN compares False
 
 
 class NonfiniteGuard:
@@ -46,7 +52,8 @@ class NonfiniteGuard:
         finite = self._finite_on_all_ranks(local) if self.shard_layout is not None else local
         if self.nonfinite == "raise":
             if finite and not bool(_all_of(list(finite.values()))):  # the one sync this mode pays
-                raise FloatingPointError("non-finite gradient (NaN or Inf); the step was not applied")
+                raise FloatingPointError("non-finite gradient (NaN or Inf, or so large that its statistics "
+                                         "would overflow); the step was not applied")
             return {}
         return finite
 
