@@ -96,3 +96,23 @@ def test_wandb_is_not_imported_without_a_wandb_logger(tmp_path, monkeypatch):
     callback = KronCallback(refresh=AdaptiveRefresh(0.05), log_every_n_steps=1)
     fit(TinyRegression(), [callback], max_steps=2, logger=CSVLogger(tmp_path))
     assert callback.history is None and callback.scheduler.counters.checks == 1
+
+
+def test_wandb_views_survive_a_nan_staleness_and_keep_every_factor_under_the_row_limit():
+    """numpy's histogram refuses a NaN range, which ended a W&B run whose factor overflowed; and
+    W&B keeps a table's first 10,000 rows, which dropped whole factors of a GPT-2-sized model."""
+    wandb = pytest.importorskip("wandb")
+    from lightning_kron.lightning.wandb_views import HISTOGRAM, TABLE, TABLE_ROWS, StalenessHistory, staleness_payload
+
+    history = StalenessHistory()
+    for step in range(256):
+        history.record(step, {f"w{factor}[L]": 0.01 * factor for factor in range(100)} | {"w100[L]": float("nan")})
+    payload = staleness_payload(history, with_table=True)
+    histogram = payload[HISTOGRAM]
+    assert isinstance(histogram, wandb.Histogram) and sum(histogram.histogram) == 100  # the NaN left out
+    rows = payload[TABLE].data
+    assert len(rows) <= TABLE_ROWS and {row[1] for row in rows} == set(history.names)
+    assert max(row[0] for row in rows) == 255  # the newest step is kept
+    lone_nan = StalenessHistory()
+    lone_nan.record(1, {"w[L]": float("nan")})
+    assert HISTOGRAM not in staleness_payload(lone_nan, with_table=False)

@@ -13,6 +13,7 @@ and heatmap is bounded (the latest ``max_steps`` logged steps), so memory does n
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any, Mapping
 
@@ -22,6 +23,7 @@ HISTOGRAM = f"{PREFIX}/views/staleness_histogram"
 TABLE = f"{PREFIX}/views/staleness_table"
 HEATMAP = f"{PREFIX}/views/staleness_heatmap"
 _MAX_LABELLED_FACTORS = 40
+TABLE_ROWS = 10_000  # wandb.Table.MAX_ROWS: a logged table keeps its first 10,000 rows, drops the rest
 
 
 class StalenessHistory:
@@ -50,17 +52,37 @@ class StalenessHistory:
 
 
 def staleness_payload(history: StalenessHistory, *, with_table: bool) -> dict[str, Any]:
-    """The W&B objects for one log call: always the histogram, the table and heatmap on request."""
+    """The W&B objects for one log call: the histogram (when any factor's latest staleness is
+    finite), the table and heatmap on request.
+
+    A non-finite staleness (an overflowed factor reads NaN; the scalars show it) is left out of
+    the histogram: W&B bins with numpy, which refuses a NaN or infinite range, and that error
+    would end the run."""
     import wandb
 
     latest = history.matrix()
-    payload: dict[str, Any] = {HISTOGRAM: wandb.Histogram([row[-1] for row in latest])}
+    finite = [row[-1] for row in latest if math.isfinite(row[-1])]
+    payload: dict[str, Any] = {HISTOGRAM: wandb.Histogram(finite)} if finite else {}
     if with_table:
-        rows = [[step, name, row[column]] for name, row in zip(history.names, latest)
-                for column, step in enumerate(history.steps)]
+        columns = table_columns(len(history.steps), len(history.names))
+        rows = [[history.steps[column], name, row[column]] for name, row in zip(history.names, latest)
+                for column in columns]
         payload[TABLE] = wandb.Table(columns=["step", "factor", "staleness"], data=rows)
         payload[HEATMAP] = wandb.Image(_heatmap(history))
     return payload
+
+
+def table_columns(steps: int, factors: int) -> list[int]:
+    """Which logged steps the table holds: all of them while factors x steps fits W&B's row limit,
+    else every k-th counting back from the newest, so every factor keeps a row per kept step (the
+    rows are factor by factor, and W&B's truncation would drop whole factors).
+
+    >>> table_columns(4, 3), table_columns(256, 100)[-3:], len(table_columns(256, 100))
+    ([0, 1, 2, 3], [249, 252, 255], 86)
+    """
+    fits = max(1, TABLE_ROWS // max(factors, 1))
+    stride = math.ceil(steps / fits) if steps > fits else 1
+    return list(range(steps - 1, -1, -stride))[::-1]
 
 
 def _heatmap(history: StalenessHistory):
