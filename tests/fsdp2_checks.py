@@ -275,6 +275,15 @@ def _fit(out_dir: str, rank: int, max_epochs: int, ckpt_path=None, logger=False,
     return trainer, module, callback
 
 
+def _refresh_logs(log_dir: str) -> dict[int, tuple[str, str]]:
+    """``step -> (kron/refresh/count, kron/refresh/fraction)`` of a CSVLogger run's rows that have them."""
+    import csv
+
+    with open(os.path.join(log_dir, "metrics.csv")) as handle:
+        return {int(row["step"]): (row["kron/refresh/count"], row["kron/refresh/fraction"])
+                for row in csv.DictReader(handle) if row.get("kron/refresh/count")}
+
+
 def check_model_parallel_strategy_resumes_exactly(rank: int, mesh, out_dir: str) -> None:
     from lightning.pytorch.loggers import CSVLogger
     straight, straight_module, straight_callback = _fit(out_dir, rank, max_epochs=3, logger=CSVLogger(out_dir))
@@ -283,7 +292,8 @@ def check_model_parallel_strategy_resumes_exactly(rank: int, mesh, out_dir: str)
     assert first_callback.scheduler.deferred_count > 0  # the cut leaves a per-rank queue behind
     path = os.path.join(out_dir, "lightning.ckpt")
     interrupted.save_checkpoint(path)
-    resumed, resumed_module, resumed_callback = _fit(out_dir, rank, max_epochs=3, ckpt_path=path)
+    resumed, resumed_module, resumed_callback = _fit(out_dir, rank, max_epochs=3, ckpt_path=path,
+                                                     logger=CSVLogger(out_dir, name="resumed"))
     assert resumed.optimizers[0].global_step == straight.optimizers[0].global_step == 12
     for a, b in zip(straight_module.parameters(), resumed_module.parameters()):
         assert torch.equal(a.full_tensor(), b.full_tensor())
@@ -296,6 +306,10 @@ def check_model_parallel_strategy_resumes_exactly(rank: int, mesh, out_dir: str)
         with open(os.path.join(straight.logger.log_dir, "metrics.csv")) as handle:
             columns = handle.readline().split(",")
         assert any(".shard0[" in column for column in columns) and any(".shard1[" in column for column in columns)
+        # the first log after the resume counts the refreshes since the cut, summed over ranks, as
+        # the uninterrupted run's log at that step does (it counted the other ranks' earlier ones too)
+        straight_rows, resumed_rows = (_refresh_logs(logger.log_dir) for logger in (straight.logger, resumed.logger))
+        assert list(resumed_rows) == [12] and resumed_rows[12] == straight_rows[12], (resumed_rows, straight_rows)
 
 
 def check_model_parallel_strategy_refuses_a_full_checkpoint(rank: int, mesh, out_dir: str) -> None:

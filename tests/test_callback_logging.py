@@ -116,3 +116,10 @@ def test_wandb_views_survive_a_nan_staleness_and_keep_every_factor_under_the_row
     lone_nan = StalenessHistory()
     lone_nan.record(1, {"w[L]": float("nan")})
     assert HISTOGRAM not in staleness_payload(lone_nan, with_table=False)
+
+
+def test_trainer_log_every_n_steps_zero_means_no_kron_logs(tmp_path):
+    """Lightning takes 0 as "never log"; the callback divided by it on the first step."""
+    logger = CSVLogger(tmp_path, name="run")
+    fit(TinyRegression(), [KronCallback()], max_steps=3, logger=logger, log_every_n_steps=0)
+    assert not os.path.exists(os.path.join(logger.log_dir, "metrics.csv")) or not kron_rows(os.path.join(logger.log_dir, "metrics.csv"))

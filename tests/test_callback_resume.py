@@ -83,3 +83,19 @@ def test_the_first_log_after_a_resume_counts_its_window_from_the_restored_step(t
     assert [int(row["step"]) for row in rows] == [12, 16]
     assert [float(row["kron/refresh/count"]) for row in rows] == [12.0, 12.0]
     assert [float(row["kron/refresh/fraction"]) for row in rows] == [0.5, 0.5]
+
+
+def test_one_callback_instance_reused_for_the_resumed_fit_resumes_its_scheduler(tmp_path):
+    """A notebook resumes with the callback it trained with: Lightning restores the checkpoint's
+    scheduler state after ``setup``, which used to load it into the first fit's scheduler, then
+    replaced by a fresh one at ``on_fit_start`` (1 check, 6 refreshes instead of 3 and 18)."""
+    reused = KronCallback(refresh=FixedRefresh(every=2))
+    first = L.Trainer(callbacks=[reused], max_steps=6, **FAST_TRAINER)
+    first.fit(TinyRegression(), loader())
+    path = tmp_path / "six.ckpt"
+    first.save_checkpoint(path)
+    fresh = KronCallback(refresh=FixedRefresh(every=2))
+    for callback in (fresh, reused):
+        L.Trainer(callbacks=[callback], max_steps=8, **FAST_TRAINER).fit(TinyRegression(), loader(), ckpt_path=path)
+    assert (reused.scheduler.counters.checks, reused.scheduler.counters.refreshes) == (3, 18)
+    assert (fresh.scheduler.counters.checks, fresh.scheduler.counters.refreshes) == (3, 18)

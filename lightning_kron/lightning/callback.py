@@ -173,6 +173,7 @@ class KronCallback(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        self._forget_previous_fit()
         strategy = trainer.strategy
         if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
             raise MisconfigurationException(
@@ -186,6 +187,16 @@ class KronCallback(Callback):
                 f"got tensor_parallel_size={strategy._tensor_parallel_size}: tensor parallelism splits a matrix "
                 "over ranks, so its Kronecker factors would span devices."
             )
+
+    def _forget_previous_fit(self) -> None:
+        """A callback passed to a second ``fit`` (a resume with the same instance) starts bare:
+        ``setup`` runs before Lightning restores callbacks, so a checkpoint's scheduler state is
+        then held for this fit's scheduler instead of being loaded into the last fit's, which
+        ``on_fit_start`` replaces."""
+        self.optimizer, self.scheduler, self.probe, self.history, self._held_state = None, None, None, None, None
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -255,8 +266,10 @@ class KronCallback(Callback):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """The first log's window starts here: a resumed run's optimizer step count and the
-        scheduler's counters are restored by now, not yet at ``on_fit_start``."""
-        self._window = (replace(self.scheduler.counters), self.optimizer.global_step)
+        scheduler's counters are restored by now, not yet at ``on_fit_start`` (nor, under
+        ModelParallelStrategy, at ``load_state_dict``). Under FSDP2 the counters are every rank's,
+        summed as the logs sum them (a collective: every rank runs this hook)."""
+        self._window = (self._counters_of_every_rank(), self.optimizer.global_step)
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
@@ -264,7 +277,8 @@ class KronCallback(Callback):
         if trainer.global_step == self._seen_step:  # accumulating: no optimizer step in this batch
             return
         self._seen_step = trainer.global_step
-        if trainer.global_step % (self.log_every_n_steps or trainer.log_every_n_steps) == 0:
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if every and trainer.global_step % every == 0:  # Trainer(log_every_n_steps=0): no logging
             self._log(trainer)
 
     @override
@@ -307,6 +321,13 @@ class KronCallback(Callback):
         layout = self.optimizer.shard_layout
         return local if layout is None else ModelTelemetry.combine(gather_over_shards(local, layout))
 
+    def _counters_of_every_rank(self) -> RefreshCounters:
+        """The scheduler's counters, summed over FSDP2 ranks as :meth:`_telemetry` sums them, without
+        reading the factors (a collective under FSDP2)."""
+        local = ModelTelemetry([], {}, replace(self.scheduler.counters), 0)
+        layout = self.optimizer.shard_layout
+        return local.counters if layout is None else ModelTelemetry.combine(gather_over_shards(local, layout)).counters
+
     def _log_views(self, trainer: "pl.Trainer", with_table: bool) -> None:
         payload = staleness_payload(self.history, with_table=with_table)
         for logger in self._wandb_loggers(trainer):
@@ -338,7 +359,6 @@ class KronCallback(Callback):
         (``ModelParallelStrategy``) call this once the scheduler exists: applied at once."""
         held = state_dict.get("scheduler")
         if self.scheduler is not None and held is not None:
-            self.scheduler.load_state_dict(held)
-            self._window = (replace(self.scheduler.counters), self.optimizer.global_step)
+            self.scheduler.load_state_dict(held)  # the log window is taken at on_train_start
         else:
             self._held_state = held
