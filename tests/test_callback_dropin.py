@@ -240,6 +240,8 @@ def test_tensor_parallelism_is_refused_at_setup():
     (dict(method="adam"), "method must be one of"),
     (dict(refresh=10), "refresh must be"),
     (dict(refresh=FixedRefresh(5), tolerance_schedule=lambda *a: 0.1), "needs refresh=AdaptiveRefresh"),
+    (dict(optimizer_options={"refresh": FixedRefresh(5)}, tolerance_schedule=lambda *a: 0.1), "needs refresh=AdaptiveRefresh"),
+    (dict(optimizer_options=["x"]), "optimizer_options must be a dict"),
     (dict(refresh=FixedRefresh(3), optimizer_options={"refresh": FixedRefresh(5)}), "refresh is given twice"),
     (dict(max_refreshes_per_step=0), "max_refreshes_per_step"),
     (dict(log_every_n_steps=-1), "log_every_n_steps"),

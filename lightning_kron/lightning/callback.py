@@ -132,6 +132,8 @@ class KronCallback(Callback):
         optimizer_options: Optional[dict[str, Any]] = None,
         **options: Any,
     ) -> None:
+        if optimizer_options is not None and not isinstance(optimizer_options, dict):
+            raise ValueError(f"optimizer_options must be a dict of optimizer arguments, got {optimizer_options!r}")
         optimizer_options = {**(optimizer_options or {}), **options}
         if method is not None and method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))} or None; got {method!r}")
@@ -142,9 +144,10 @@ class KronCallback(Callback):
                              "keep one (the callback's scheduler runs the policy either way)")
         if tolerance_schedule is not None and not callable(tolerance_schedule):
             raise ValueError(f"tolerance_schedule must be callable(step, total_steps, tolerance), got {tolerance_schedule!r}")
-        if tolerance_schedule is not None and refresh is not None and not isinstance(refresh, AdaptiveRefresh):
-            raise ValueError("tolerance_schedule needs refresh=AdaptiveRefresh(...): a budget or a fixed frequency "
-                             "has no tolerance")
+        given_policy = refresh if refresh is not None else optimizer_options.get("refresh")
+        if tolerance_schedule is not None and given_policy is not None and not isinstance(given_policy, AdaptiveRefresh):
+            raise ValueError("tolerance_schedule needs refresh=AdaptiveRefresh(...) (in KronCallback or in "
+                             "optimizer_options): a budget or a fixed frequency has no tolerance")
         for name, value in (("max_refreshes_per_step", max_refreshes_per_step), ("log_every_n_steps", log_every_n_steps)):
             if value is not None:
                 check_positive_int(name, value)
