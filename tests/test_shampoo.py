@@ -108,6 +108,19 @@ def test_unknown_graft_is_refused():
         lk.Shampoo(nn.Linear(2, 2).parameters(), graft="lion")
 
 
+@pytest.mark.parametrize("optimizer", [lk.Shampoo, lk.KrADagrad])
+def test_zero_damping_is_refused_where_it_would_take_an_infinite_root(optimizer):
+    """A 3x6 weight's right factor (6x6, from rank-3 gradients) has zero eigenvalues: Shampoo at
+    eps=0 took their inverse root and turned the weight into Inf after one step; an added parameter
+    group is checked too."""
+    model = nn.Linear(6, 3)
+    with pytest.raises(ValueError, match=f"eps must be > 0 for {optimizer.__name__}"):
+        optimizer(model.parameters(), eps=0.0)
+    accepted = optimizer([model.weight], eps=1e-6)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        accepted.add_param_group({"params": [model.bias], "eps": 0.0})
+
+
 @pytest.mark.parametrize("graft", ["adam", "sgd", "none"])
 def test_vectors_take_adamw_steps_whatever_the_graft(graft):
     shampoo_bias = nn.Parameter(torch.zeros(4))

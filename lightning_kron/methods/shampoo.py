@@ -47,6 +47,12 @@ class Shampoo(RootPreconditionedOptimizer):
                         weight_decay_mode=weight_decay_mode, shampoo_beta=shampoo_beta)
         super().__init__(params, defaults, graft=graft, graft_eps=graft_eps, solver=solver, **options)
 
+    def _validate_group(self, group: dict) -> None:
+        super()._validate_group(group)
+        if not group["eps"] > 0:  # a non-square weight's larger factor always has zero eigenvalues
+            raise ValueError(f"eps must be > 0 for Shampoo (the inverse root of a rank-deficient factor's zero "
+                             f"eigenvalues is infinite), got {group['eps']!r}")
+
     def _init_state(self, group: FactorGroup) -> None:
         super()._init_state(group)
         if not group.factored_dims:
