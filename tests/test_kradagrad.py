@@ -355,9 +355,15 @@ def test_nonfinite_gradient_leaves_every_factor_untouched():
         assert torch.equal(value, before[key]), key
 
 
-def test_broken_downdate_is_reset_and_counted_for_that_member_only():
+def test_broken_downdate_is_reset_and_counted_for_that_member_only(monkeypatch):
     """A finite gradient whose statistic overflows (1e25^2 in fp32) makes X non-finite: that member
-    keeps its previous X and failures.i counts it; its neighbour in the same stack updates normally."""
+    keeps its previous X and failures.i counts it; its neighbour in the same stack updates normally.
+    The NaN guard skips such a gradient's whole group first, so it is switched to NaN/Inf-only here:
+    this is the last line of defence, for a downdate that breaks on a gradient the guard lets pass
+    (some between 1e16 and 3e18 here, depending on rounding)."""
+    import lightning_kron.methods.nonfinite_guard as guard
+
+    monkeypatch.setattr(guard, "_all_finite", lambda values: values.isfinite().all())
     first, second = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(4, 6))
     optimizer = lk.KrADagrad([("first", first), ("second", second)], refresh=FixedRefresh(every=100))
     for _ in range(2):
