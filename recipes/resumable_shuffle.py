@@ -20,6 +20,14 @@ trainer's own progress counter, so the resume point is the batch the trainer its
 the next one after a checkpoint taken between steps, the interrupted one after Ctrl-C in a step.
 A resume point also names the data it belongs to (size, batch size, a hash of the content), and
 is not applied to other data.
+
+The order's generator is kept across the loaders a run builds and is drawn from by the batch
+sampler alone: once per epoch for the plain loader's worker seed, then for the permutation. The
+loader's own worker seeds come from a second generator. So a loader that Lightning rebuilds for
+``reload_dataloaders_every_n_epochs`` continues the run's order instead of restarting it, and
+Lightning's second iterator of a rebuilt epoch draws nothing. With ``num_workers`` the first
+iterator starts the sampler at once (its workers read ahead), so a rebuilt epoch takes the
+permutation after the one it abandoned: still a new one each epoch, and a resume is exact.
 """
 
 from __future__ import annotations
@@ -46,6 +54,9 @@ class ShufflePosition:
     pending: Optional[dict] = None
     data_id: Optional[str] = None
     seed: Optional[int] = None
+    #: the order's generator and the Trainer it serves (see ``ResumableTrainData._order_generator``)
+    generator: Optional[torch.Generator] = None
+    generator_owner: Any = None
 
 
 def fingerprint(*arrays: torch.Tensor | np.ndarray) -> str:
@@ -64,9 +75,10 @@ def fingerprint(*arrays: torch.Tensor | np.ndarray) -> str:
     return digest.hexdigest()[:20]
 
 
-def _skip_loader_seed_draw(generator: torch.Generator) -> None:
-    """A DataLoader draws one int64 from its generator (its workers' base seed) each time it starts
-    an epoch, before the sampler draws the permutation; a resume at an epoch boundary repeats it."""
+def _draw_the_plain_loaders_worker_seed(generator: torch.Generator) -> None:
+    """A plain shuffling DataLoader draws one int64 from its generator (its workers' base seed) each
+    time it starts an epoch, before the sampler draws the permutation; drawing it here keeps that
+    loader's order (and so the order of runs made before this loader existed)."""
     torch.empty((), dtype=torch.int64).random_(generator=generator)
 
 
@@ -90,8 +102,10 @@ class ResumableBatchSampler(BatchSampler):
         return getattr(self.sampler, "generator", None)  # a DistributedSampler orders by epoch instead
 
     def __iter__(self) -> Iterator[list[int]]:
-        skip = self._apply_pending()
+        skip, resumed_mid_epoch = self._apply_pending()
         generator = self._generator
+        if generator is not None and not resumed_mid_epoch:  # a restored mid-epoch state is past this draw
+            _draw_the_plain_loaders_worker_seed(generator)
         self.position.started = True
         self.position.epoch_start = generator.get_state() if generator is not None else None
         # stop after the last batch without asking the sampler for more: asking would draw a second
@@ -101,23 +115,24 @@ class ResumableBatchSampler(BatchSampler):
             if index >= skip:
                 yield batch
 
-    def _apply_pending(self) -> int:
-        """Restore a checkpoint's generator state (once) and return the batches to skip."""
+    def _apply_pending(self) -> tuple[int, bool]:
+        """Restore a checkpoint's generator state (once); return the batches to skip, and whether the
+        state restored is a running epoch's (taken after its worker-seed draw) rather than an
+        epoch boundary's."""
         pending, self.position.pending = self.position.pending, None
         if pending is None:
-            return 0
+            return 0, False
         mismatch = _layout_mismatch(pending.get("layout"), self._layout())
         if mismatch:
             warnings.warn(f"{mismatch}: the resumed epoch takes the seed's first order, not the interrupted epoch's "
                           "remaining batches", stacklevel=2)
-            return 0
+            return 0, False
         self._continue_the_checkpoints_seed(pending)
         generator = self._generator
-        if generator is not None and pending["generator"] is not None:
-            generator.set_state(pending["generator"])
-            if pending["next_epoch"]:
-                _skip_loader_seed_draw(generator)
-        return pending["batches_done"]
+        if generator is None or pending["generator"] is None:
+            return pending["batches_done"], False
+        generator.set_state(pending["generator"])
+        return pending["batches_done"], not pending["next_epoch"]
 
     def _continue_the_checkpoints_seed(self, pending: dict) -> None:
         """A resumed run continues the checkpoint's order: on one process its generator state does
@@ -133,13 +148,18 @@ class ResumableBatchSampler(BatchSampler):
         if distributed:
             self.sampler.seed = saved
 
-    def resume_point(self, batches_done: int) -> dict:
-        """What a checkpoint must hold to restart after ``batches_done`` batches of this epoch."""
+    def resume_point(self, batches_done: int, batches_per_epoch: Optional[float] = None) -> dict:
+        """What a checkpoint must hold to restart after ``batches_done`` batches of this epoch.
+
+        ``batches_per_epoch`` is what the trainer runs of an epoch (``limit_train_batches`` can make
+        it fewer than ``len(self)``): once that many are done the epoch is over, and Lightning
+        resumes at the next one, so the resume point must be the next epoch's too."""
         generator = self._generator
-        if batches_done >= len(self) or not self.position.started:
+        epoch_length = len(self) if batches_per_epoch is None else min(len(self), batches_per_epoch)
+        if batches_done >= epoch_length or not self.position.started:
             # the epoch is over (or none began): the next one draws from the generator as it is now
             state = generator.get_state() if generator is not None else None
-            return {"generator": state, "batches_done": 0, "next_epoch": self.position.started, "layout": self._layout(),
+            return {"generator": state, "batches_done": 0, "next_epoch": True, "layout": self._layout(),
                     "seed": self._seed()}
         return {"generator": self.position.epoch_start, "batches_done": batches_done, "next_epoch": False,
                 "layout": self._layout(), "seed": self._seed()}
@@ -192,11 +212,21 @@ class ResumableTrainData:
                         data_id: Optional[str] = None) -> DataLoader:
         """``data_id`` names the data's content (e.g. :func:`fingerprint`), so that a resume on other
         data of the same size is noticed."""
-        generator = torch.Generator().manual_seed(seed)
+        order = self._order_generator(seed)
         self._shuffle_position.data_id, self._shuffle_position.seed = data_id, seed
-        batches = ResumableBatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=True,
+        batches = ResumableBatchSampler(RandomSampler(dataset, generator=order), batch_size, drop_last=True,
                                         position=self._shuffle_position)
-        return ResumableLoader(dataset, batch_sampler=batches, generator=generator, num_workers=num_workers)
+        worker_seeds = torch.Generator().manual_seed(seed)  # not the global RNG, which seeds the model's dropout
+        return ResumableLoader(dataset, batch_sampler=batches, generator=worker_seeds, num_workers=num_workers)
+
+    def _order_generator(self, seed: int) -> torch.Generator:
+        """One generator per training run (Trainer) and seed: a loader that Lightning rebuilds
+        (``reload_dataloaders_every_n_epochs``) continues the run's order instead of repeating its
+        first epoch's, and a new Trainer starts the seed's order afresh."""
+        position, trainer = self._shuffle_position, getattr(self, "trainer", None)
+        if position.generator is None or position.generator_owner is not trainer or position.seed != seed:
+            position.generator, position.generator_owner = torch.Generator().manual_seed(seed), trainer
+        return position.generator
 
     @property
     def _shuffle_position(self) -> ShufflePosition:
@@ -209,7 +239,7 @@ class ResumableTrainData:
         if batches is None:
             return {}
         done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"train_shuffle": batches.resume_point(done)}
+        return {"train_shuffle": batches.resume_point(done, self.trainer.num_training_batches)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "train_shuffle" in state_dict:

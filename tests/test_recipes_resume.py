@@ -42,11 +42,13 @@ def build_gpt(cache_dir) -> tuple[CausalLM, TextDataModule]:
     return model, data
 
 
-def fit(callbacks, ckpt_path=None, num_workers: int = 0, built=None, max_steps: int = TOTAL_STEPS) -> L.LightningModule:
+def fit(callbacks, ckpt_path=None, num_workers: int = 0, built=None, max_steps: int = TOTAL_STEPS,
+        **trainer_options) -> L.LightningModule:
     model, data = built or build(num_workers)
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, callbacks=callbacks,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks))
+                        num_sanity_val_steps=0, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                        **trainer_options)
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return model
 
@@ -89,6 +91,39 @@ def test_a_scheduled_checkpoint_resumes_bit_identical(cut, straight_run):
         resumed = fit([seen], ckpt_path=folder / f"step={cut}.ckpt")
     assert seen.batches == straight_batches[cut:]
     assert_same_weights(resumed, straight)
+
+
+def every_step_checkpoints(folder: Path) -> ModelCheckpoint:
+    return ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+
+
+def test_an_epoch_shortened_by_limit_train_batches_resumes_at_the_next_epoch(tmp_path):
+    """With ``limit_train_batches`` 4 an epoch ends after 4 of its 11 batches; a checkpoint there
+    used to be saved as "4 batches into the epoch", and the resumed run served the finished epoch's
+    batches 4..7 where the uninterrupted run starts the next epoch."""
+    seen = SeenBatches()
+    straight = fit([seen, every_step_checkpoints(tmp_path)], max_steps=12, limit_train_batches=4)
+    for cut in (4, 8):  # the ends of epochs 0 and 1
+        resumed_seen = SeenBatches()
+        resumed = fit([resumed_seen], ckpt_path=tmp_path / f"step={cut}.ckpt", max_steps=12, limit_train_batches=4)
+        assert resumed_seen.batches == seen.batches[cut:], f"cut at step {cut}"
+        assert_same_weights(resumed, straight)
+
+
+def test_a_loader_rebuilt_every_epoch_continues_the_order_and_resumes_bit_identical(straight_run, tmp_path):
+    """``reload_dataloaders_every_n_epochs`` 1 rebuilds the loader each epoch; every rebuilt epoch
+    used to redraw the seed's first permutation. The order is now the one loader's, epoch after
+    epoch, and a run cut at an epoch's end or inside one resumes bit-identical."""
+    straight, straight_batches, _ = straight_run
+    seen = SeenBatches()
+    fit([seen, every_step_checkpoints(tmp_path)], reload_dataloaders_every_n_epochs=1)
+    assert seen.batches == straight_batches
+    assert seen.batches[BATCHES_PER_EPOCH:][:4] != seen.batches[2 * BATCHES_PER_EPOCH:][:4]  # epochs 1 and 2 differ
+    for cut in (BATCHES_PER_EPOCH, 16):
+        resumed_seen = SeenBatches()
+        resumed = fit([resumed_seen], ckpt_path=tmp_path / f"step={cut}.ckpt", reload_dataloaders_every_n_epochs=1)
+        assert resumed_seen.batches == straight_batches[cut:], f"cut at step {cut}"
+        assert_same_weights(resumed, straight)
 
 
 def test_the_gpt_recipes_text_resumes_bit_identical(tmp_path):
