@@ -4,7 +4,8 @@ What it adds to ``LightningCLI``:
 
 - bad input (:class:`~recipes.errors.RecipeInputError`, a ``ValueError`` while the model, data
   and callbacks are built, a parser error such as an unknown key, a ``trainer.max_steps`` other
-  than -1 or a positive count, a ``--ckpt_path`` that is not a file, data too small for one batch)
+  than -1 or a positive count, a ``--ckpt_path`` that is not a file, data too small for one batch,
+  Trainer limits that leave an epoch no batch or that validate less often than once per epoch)
   is printed as ``error: ...`` on one line with exit status 2, before the Trainer is built;
 - no ``--config``: the recipe's tiny config (``recipes/configs/<recipe>_tiny.yaml``) is used, so
   ``kron-gpt fit`` alone is a bounded CPU-sized run into ``runs/``, not Lightning's 1000 epochs;
@@ -197,6 +198,9 @@ class RecipeCLI(LightningCLI):
         own ``setup`` call later finds the data loaded."""
         if self.subcommand and self.datamodule is not None:
             self.datamodule.setup(self.subcommand)
+            if self.subcommand == "fit":
+                trainer = self._subcommand_config().get("trainer") or {}
+                check_the_epoch_fits(trainer, len(self.datamodule.train_dataloader()))
 
 
 CKPT_PATH_NAMES = ("last", "best", "hpc", "registry")  # what Lightning resolves itself
@@ -252,13 +256,21 @@ def check_trainer_options(config) -> None:
                                   "neither the zip archive torch.save writes nor a pickle)")
 
 
+def _is_number(value: Any) -> bool:
+    """An int or float count; ``val_check_interval`` may also be a duration (a str, dict or timedelta)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_trainer_counts(trainer: dict) -> None:
     """Trainer settings that Lightning accepts and then fails on (a division by zero after the
     first step) or that train nothing without saying so."""
     interval = trainer.get("val_check_interval")
-    if interval is not None and not interval > 0:
+    if _is_number(interval) and not interval > 0:  # a duration ("00:00:10:00", a dict) is Lightning's to check
         raise OptionError.refused("trainer.val_check_interval", interval, "a positive number of steps, or a "
                                   "fraction of an epoch in (0, 1]")
+    if _is_number(trainer.get("limit_train_batches")) and trainer["limit_train_batches"] == 0:
+        raise OptionError.refused("trainer.limit_train_batches", trainer["limit_train_batches"], "a positive number "
+                                  "of batches, or a fraction of an epoch in (0, 1] (0 trains nothing)")
     accumulate = trainer.get("accumulate_grad_batches")
     if accumulate is not None and accumulate < 1:
         raise OptionError.refused("trainer.accumulate_grad_batches", accumulate, "an integer >= 1")
@@ -268,6 +280,33 @@ def check_trainer_counts(trainer: dict) -> None:
     if trainer.get("max_epochs") == 0:
         raise OptionError.refused("trainer.max_epochs", 0, "a positive number of epochs, or -1 for no epoch "
                                   "limit (0 trains nothing)")
+
+
+def check_the_epoch_fits(trainer: dict, batches: int) -> None:
+    """Limits that Lightning refuses only inside ``fit``, with a traceback, once it knows the
+    ``batches`` of an epoch: a ``limit_train_batches`` fraction that keeps none of them, and a
+    ``val_check_interval`` in steps longer than the epoch while validation runs per epoch. Counted
+    on one process; under DDP an epoch has fewer batches, so nothing refused here would pass there."""
+    limit = trainer.get("limit_train_batches")
+    if trainer.get("overfit_batches") or (_is_number(limit) and limit < 0):  # not this check's to judge
+        return
+    kept = _batches_kept(batches, limit)
+    if kept == 0:
+        raise OptionError.refused("trainer.limit_train_batches", limit, f"a fraction that keeps at least one of an "
+                                  f"epoch's {batches} training batches (>= {1 / batches:.3g}), or a number of batches")
+    interval, validation = trainer.get("val_check_interval"), trainer.get("limit_val_batches")
+    if isinstance(interval, int) and not isinstance(interval, bool) and interval > kept \
+            and trainer.get("check_val_every_n_epoch") is not None and (validation is None or validation > 0):
+        raise OptionError.refused("trainer.val_check_interval", interval, f"at most the {kept} training batches of an "
+                                  "epoch while trainer.check_val_every_n_epoch is set (set it to null to validate "
+                                  f"every {interval} steps across epochs)")
+
+
+def _batches_kept(batches: int, limit: Any) -> int:
+    """The batches of an epoch that ``limit_train_batches`` keeps, counted as Lightning counts them."""
+    if isinstance(limit, float):
+        return int(batches * limit)
+    return min(batches, limit) if isinstance(limit, int) else batches
 
 
 def looks_like_a_torch_file(path: str) -> bool:

@@ -7,8 +7,11 @@ Sources:
 - a folder in ImageFolder layout, ``root/<class name>/<image>`` (read with PIL; converted to RGB,
   or greyscale with ``grayscale=True``); split by a hash of each file's path;
 - an ``.npz`` file with images under ``x`` (or ``images``) and integer labels under ``y`` (or
-  ``labels``), laid out ``[N, H, W]``, ``[N, H, W, C]`` or ``[N, C, H, W]``; optional ``x_val`` and
-  ``y_val`` give the validation set, otherwise a fixed-seed split is used.
+  ``labels``), laid out ``[N, H, W]``, ``[N, H, W, C]`` or ``[N, C, H, W]`` with C in 1, 3, 4 for
+  channels-last; optional ``x_val`` and ``y_val`` give the validation set, otherwise a fixed-seed
+  split is used. The layout is read from the shape; where both dim 1 and the last dim could be
+  channels (``[N, 4, 4, 3]``: 4x4 RGB or 4-channel 4x3?) the file must say which, with a ``layout``
+  entry of ``"NHWC"`` or ``"NCHW"`` (``np.savez(path, x=..., y=..., layout="NHWC")``).
 
 Images are resized to ``image_size`` and standardised with the training set's per-channel mean and
 standard deviation. No augmentation: the default runs are a few hundred steps, too short for it to
@@ -33,6 +36,8 @@ from recipes.splits import split_by_name, split_by_position
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 NPZ_IMAGE_KEYS = ("x", "images", "X")
 NPZ_LABEL_KEYS = ("y", "labels", "Y")
+CHANNEL_COUNTS = (1, 3, 4)  # what a channels-last last dim may be (grey, RGB, RGBA)
+NPZ_LAYOUTS = ("NHWC", "NCHW")
 
 
 def image_folder_files(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -53,15 +58,38 @@ def _npz_array(arrays, keys: tuple[str, ...], path: Path, what: str) -> np.ndarr
     raise RecipeInputError(f"{path} has no {what} array (expected one of {', '.join(keys)}; found {', '.join(arrays.files)})")
 
 
-def _as_nchw(images: np.ndarray, path: Path) -> torch.Tensor:
+def _npz_layout(arrays, path: Path) -> Optional[str]:
+    """The file's own ``layout`` entry ("NHWC" or "NCHW"), if it has one."""
+    if "layout" not in arrays:
+        return None
+    layout = str(arrays["layout"]).upper()
+    if layout not in NPZ_LAYOUTS:
+        raise RecipeInputError(f"{path}: layout must be one of {', '.join(NPZ_LAYOUTS)}, got {str(arrays['layout'])!r}")
+    return layout
+
+
+def _channels_last(shape: tuple, path: Path, layout: Optional[str]) -> bool:
+    """Whether 4-D images are ``[N, H, W, C]``: said by ``layout``, else read from the shape, and
+    refused where both dim 1 and the last dim could be the channels (reading a 4x4 RGB image as a
+    4-channel 4x3 one scrambles its pixels without an error)."""
+    if layout is not None:
+        return layout == "NHWC"
+    last, first = shape[-1] in CHANNEL_COUNTS, shape[1] in CHANNEL_COUNTS
+    if last and first:
+        raise RecipeInputError(f"{path}: images of shape {tuple(shape)} could be [N,C,H,W] or [N,H,W,C]; say which "
+                               "in the file, e.g. np.savez(path, x=..., y=..., layout='NHWC')")
+    return last
+
+
+def _as_nchw(images: np.ndarray, path: Path, layout: Optional[str] = None) -> torch.Tensor:
     """Float ``[N, C, H, W]`` in [0, 1] from the layouts the module docstring lists."""
     array = np.asarray(images)
     if array.ndim == 3:
         array = array[:, None]
-    elif array.ndim == 4 and array.shape[-1] in (1, 3, 4) and array.shape[1] not in (1, 3, 4):
-        array = array.transpose(0, 3, 1, 2)
     elif array.ndim != 4:
         raise RecipeInputError(f"{path}: images must be [N,H,W], [N,H,W,C] or [N,C,H,W], got shape {array.shape}")
+    elif _channels_last(array.shape, path, layout):
+        array = array.transpose(0, 3, 1, 2)
     tensor = torch.as_tensor(np.ascontiguousarray(array)).float()
     return tensor / 255.0 if array.dtype == np.uint8 else tensor
 
@@ -141,9 +169,10 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
 
     def _read_npz(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         with np.load(self.path) as arrays:
-            images = _as_nchw(_npz_array(arrays, NPZ_IMAGE_KEYS, self.path, "image"), self.path)
+            layout = _npz_layout(arrays, self.path)
+            images = _as_nchw(_npz_array(arrays, NPZ_IMAGE_KEYS, self.path, "image"), self.path, layout)
             labels = _labels(_npz_array(arrays, NPZ_LABEL_KEYS, self.path, "label"), self.path)
-            val_images = _as_nchw(arrays["x_val"], self.path) if "x_val" in arrays else None
+            val_images = _as_nchw(arrays["x_val"], self.path, layout) if "x_val" in arrays else None
             val_labels = _labels(arrays["y_val"], self.path) if "y_val" in arrays else None
         if len(images) != len(labels) or len(images) == 0:
             raise RecipeInputError(f"{self.path}: {len(images)} images but {len(labels)} labels")
@@ -185,9 +214,12 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
     def _read_image(self, path: Path) -> torch.Tensor:
         from PIL import Image
 
-        with Image.open(path) as image:
-            image = image.convert("L" if self.grayscale else "RGB").resize((self.image_size, self.image_size))
-            array = np.asarray(image, dtype=np.float32) / 255.0
+        try:  # PIL raises an OSError (UnidentifiedImageError) for a corrupt file or a non-image one
+            with Image.open(path) as image:
+                image = image.convert("L" if self.grayscale else "RGB").resize((self.image_size, self.image_size))
+                array = np.asarray(image, dtype=np.float32) / 255.0
+        except OSError as error:
+            raise RecipeInputError(f"{path}: not a readable image ({error})") from error
         return torch.as_tensor(array).reshape(self.image_size, self.image_size, -1).permute(2, 0, 1)
 
     def _resize(self, images: torch.Tensor) -> torch.Tensor:

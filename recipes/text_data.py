@@ -10,8 +10,10 @@ Tokens are raw UTF-8 bytes (vocabulary 256), so nothing is downloaded and any te
 The split is by file (a file's text never straddles train and validation) and deterministic
 (:func:`recipes.splits.split_by_name` over relative paths). A
 single file, or a dataset without a validation split, gives its last ``val_fraction`` to
-validation. The token arrays are written once to ``cache_dir`` under a key hashing the file list
-(paths, sizes, modification times) and split, then memory-mapped.
+validation. A dataset's training split is ``train`` (else its first split not named like a
+validation split, else its first); its validation split is the first of ``validation``, ``valid``,
+``test`` that is not the training split. The token arrays are written once to ``cache_dir`` under
+a key hashing the file list (paths, sizes, modification times) and split, then memory-mapped.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from recipes.splits import split_by_name
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs",
                  ".json", ".jsonl", ".csv", ".tsv", ".html", ".xml", ".tex", ".yaml", ".yml", ".toml")
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+HF_VALIDATION_SPLITS = ("validation", "valid", "test")
 DOCUMENT_SEPARATOR = b"\n\n"
 CACHE_FORMAT = 1
 
@@ -110,6 +113,20 @@ def encode_files(source: TextSource, val_fraction: float) -> tuple[np.ndarray, n
     return _join(p.read_bytes() for p in train), _join(p.read_bytes() for p in val)
 
 
+def hf_split_names(names: list[str]) -> tuple[str, Optional[str]]:
+    """The training split and the validation split (None: the training split's tail validates) of
+    a ``DatasetDict`` with these split names; never the same split for both, which would
+    validate on the training text.
+
+    >>> hf_split_names(["test"]), hf_split_names(["validation", "test"]), hf_split_names(["test", "extra"])
+    (('test', None), ('validation', 'test'), ('extra', 'test'))
+    """
+    others = [name for name in names if name not in HF_VALIDATION_SPLITS]
+    train = "train" if "train" in names else (others or names)[0]
+    val = next((name for name in HF_VALIDATION_SPLITS if name in names and name != train), None)
+    return train, val
+
+
 def encode_hf_dataset(source: TextSource, val_fraction: float, text_field: str) -> tuple[np.ndarray, np.ndarray]:
     """Train and validation byte arrays of a ``save_to_disk`` folder (``validation``/``test`` split if any)."""
     try:
@@ -119,8 +136,7 @@ def encode_hf_dataset(source: TextSource, val_fraction: float, text_field: str) 
                                "installed (pip install datasets)") from error
     loaded = datasets.load_from_disk(str(source.root))
     if isinstance(loaded, datasets.DatasetDict):
-        train_name = "train" if "train" in loaded else next(iter(loaded))
-        val_name = next((name for name in ("validation", "valid", "test") if name in loaded), None)
+        train_name, val_name = hf_split_names(list(loaded))
         train_rows = loaded[train_name]
         val_rows = loaded[val_name] if val_name else None
     else:

@@ -78,6 +78,8 @@ KRON_CALLBACK = ["--trainer.callbacks+=lightning_kron.KronCallback"]
     (["--trainer.accumulate_grad_batches", "0"], "error: trainer.accumulate_grad_batches: got 0, expected an integer >= 1"),
     (["--trainer.gradient_clip_val", "-1"], "error: trainer.gradient_clip_val: got -1"),
     (["--trainer.max_epochs", "0"], "error: trainer.max_epochs: got 0, expected a positive number of epochs"),
+    (["--trainer.limit_train_batches", "0"], "error: trainer.limit_train_batches: got 0, expected a positive number "
+                                             "of batches, or a fraction of an epoch in (0, 1] (0 trains nothing)"),
     (["--data.val_windows", "0"], "error: data.val_windows: got 0, expected a positive integer"),
     (["--data.num_workers", "-1"], "error: data.num_workers: got -1, expected 0"),
     (["--model.dropout", "1.5"], "error: model.dropout: got 1.5, expected a probability in [0, 1)"),
@@ -245,6 +247,37 @@ def test_data_too_small_for_a_batch_is_refused_before_the_trainer_exists(recipe,
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
     assert "GPU available" not in lightning_output.getvalue()  # the Trainer was never built
     assert not (tmp_path / "runs").exists()
+
+
+VISION_VIT_TINY = str(next(path for path in CONFIGS if path.name == "vision_vit_tiny.yaml"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--trainer.limit_train_batches", "0.01"], "error: trainer.limit_train_batches: got 0.01, expected a fraction "
+                                                "that keeps at least one of an epoch's 22 training batches (>= 0.0455)"),
+    (["--trainer.check_val_every_n_epoch", "1"], "error: trainer.val_check_interval: got 50, expected at most the 22 "
+                                                 "training batches of an epoch while trainer.check_val_every_n_epoch "
+                                                 "is set (set it to null to validate every 50 steps across epochs)"),
+    (["--trainer.check_val_every_n_epoch", "1", "--trainer.limit_train_batches", "10"],
+     "error: trainer.val_check_interval: got 50, expected at most the 10 training batches"),
+], ids=["fraction-keeps-no-batch", "interval-longer-than-the-epoch", "interval-longer-than-the-limit"])
+def test_limits_that_lightning_refuses_inside_fit_are_one_line_before_the_trainer_exists(extra, message, tmp_path, capsys):
+    """Both used to end in a traceback from inside ``fit`` (1437 digits in batches of 64: 22 an epoch)."""
+    with listening_to_lightning() as lightning_output, pytest.raises(SystemExit) as exit_info:
+        vision.main(["fit", "--config", VISION_VIT_TINY, *extra, "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith(message), errors
+    assert "GPU available" not in lightning_output.getvalue() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("interval", ["00:00:00:30", '{"seconds": 30}'], ids=["DD:HH:MM:SS", "dict"])
+def test_a_time_based_val_check_interval_is_lightnings_to_take(interval, tmp_path):
+    """The CLI's own ``val_check_interval > 0`` check used to crash on Lightning's duration forms
+    (TypeError: '>' not supported between instances of 'str' and 'int')."""
+    cli = run_gpt_cli(small_gpt_args(tmp_path, 2, "--model.optimizer.name", "adamw",
+                                     "--trainer.val_check_interval", interval))
+    assert cli.trainer.global_step == 2 and cli.trainer._val_check_time_interval == 30
 
 
 class InterruptAtStep(L.Callback):

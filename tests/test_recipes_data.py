@@ -144,6 +144,46 @@ def test_hugging_face_folder_without_datasets_package_is_explained(tmp_path, mon
         module.setup()
 
 
+class FakeDatasetDict(dict):
+    """What ``datasets.load_from_disk`` returns for a saved ``DatasetDict`` (the package is optional)."""
+
+
+class FakeSplit:
+    def __init__(self, texts: list[str]) -> None:
+        self.texts, self.column_names = texts, ["text"]
+
+    def __getitem__(self, column: str) -> list[str]:
+        return self.texts
+
+
+def hf_folder_with(tmp_path, monkeypatch, splits: dict[str, list[str]]) -> str:
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "dataset_dict.json").write_text("{}")
+    fake = type(sys)("datasets")
+    fake.DatasetDict, fake.load_from_disk = FakeDatasetDict, lambda path: FakeDatasetDict(
+        {name: FakeSplit(texts) for name, texts in splits.items()})
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    return str(folder)
+
+
+@pytest.mark.parametrize("splits, train_text, val_text", [
+    ({"test": ["alpha " * 200]}, None, None),  # one split: its tail validates, as for a single file
+    ({"validation": ["gamma " * 200], "test": ["delta " * 200]}, "gamma", "delta"),
+    ({"test": ["delta " * 200], "extra": ["omega " * 200]}, "omega", "delta"),
+])
+def test_a_hugging_face_dataset_never_validates_on_its_training_split(splits, train_text, val_text, tmp_path, monkeypatch):
+    """Without a "train" split the first split trained, and "test" (or "validation") validated,
+    even when it was that same split: validation loss was training loss."""
+    module = text_module(tmp_path, source=hf_folder_with(tmp_path, monkeypatch, splits), val_fraction=0.1)
+    train, val = bytes(module.train_tokens), bytes(module.val_tokens)
+    if train_text is None:
+        whole = text_data._join([text.encode() for text in next(iter(splits.values()))])
+        assert train + val == bytes(whole) and len(val) == int(len(whole) * 0.1)
+    else:
+        assert train.startswith(train_text.encode()) and val.startswith(val_text.encode())
+
+
 # ----------------------------------------------------------------------------- images
 def write_image_folder(root: Path, per_class: int = 6) -> Path:
     from PIL import Image
@@ -190,6 +230,39 @@ def test_npz_layouts(tmp_path, layout):
     assert module.num_classes == 4 and module.channels == (1 if layout == "nhw" else 3)
     module.setup()
     assert len(module.train_set) == 32 and module.train_set.tensors[0].shape[1:] == (module.channels, 6, 6)
+
+
+def tiny_rgb_npz(path: Path, **extra) -> tuple[str, np.ndarray]:
+    """40 RGB images of 4x4 pixels, channels last: shape (40, 4, 4, 3), where dim 1 could be channels too."""
+    images = np.random.default_rng(0).integers(0, 255, size=(40, 4, 4, 3), dtype=np.uint8)
+    np.savez(path, x=images, y=np.arange(40) % 4, **extra)
+    return str(path), images
+
+
+def test_npz_images_whose_layout_the_shape_cannot_tell_are_refused_or_read_as_the_file_says(tmp_path):
+    """(40, 4, 4, 3) used to be read as 4-channel 4x3 images, its pixels scrambled, without a word."""
+    ambiguous, _ = tiny_rgb_npz(tmp_path / "ambiguous.npz")
+    with pytest.raises(RecipeInputError, match=r"shape \(40, 4, 4, 3\) could be \[N,C,H,W\] or \[N,H,W,C\]; "
+                                               r"say which in the file, e.g. .*layout='NHWC'"):
+        ImageDataModule(source=ambiguous)
+    said, images = tiny_rgb_npz(tmp_path / "said.npz", layout="NHWC")
+    module = ImageDataModule(source=said, image_size=4, batch_size=8)
+    assert module.channels == 3
+    read = module._npz[0]
+    assert read.shape == (40, 3, 4, 4) and torch.equal(read, torch.as_tensor(images).permute(0, 3, 1, 2) / 255.0)
+    channels_first, _ = tiny_rgb_npz(tmp_path / "first.npz", layout="NCHW")
+    assert ImageDataModule(source=channels_first, image_size=4).channels == 4
+    with pytest.raises(RecipeInputError, match="layout must be one of NHWC, NCHW, got 'HWC'"):
+        ImageDataModule(source=tiny_rgb_npz(tmp_path / "typo.npz", layout="HWC")[0])
+
+
+def test_an_unreadable_image_in_a_folder_is_named(tmp_path):
+    """PIL's UnidentifiedImageError (an OSError) used to escape the CLI's one-line errors as a traceback."""
+    root = write_image_folder(tmp_path / "images")
+    (root / "class_1" / "broken.png").write_bytes(b"not a png")
+    module = ImageDataModule(source=str(root), image_size=8, batch_size=4)
+    with pytest.raises(RecipeInputError, match=r"class_1/broken.png: not a readable image \(cannot identify image file"):
+        module.setup()
 
 
 def test_npz_with_own_validation_split(tmp_path):
