@@ -67,7 +67,8 @@ def test_tensorboard_logger_gets_the_scalars(tmp_path):
     assert {"kron/staleness/net.2.weight[L]", "kron/refreshes/net.4.weight[R]"} <= tags  # names kept verbatim
 
 
-def test_wandb_offline_gets_scalars_and_the_rich_views(tmp_path, monkeypatch):
+def fit_with_offline_wandb(tmp_path, monkeypatch, callback, max_steps) -> list[dict]:
+    """Every payload the callback and Lightning sent to the offline W&B run, in order."""
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -76,9 +77,15 @@ def test_wandb_offline_gets_scalars_and_the_rich_views(tmp_path, monkeypatch):
     original = logger.experiment.log
     monkeypatch.setattr(logger.experiment, "log", lambda data, *a, **k: (calls.append(dict(data)), original(data, *a, **k)))
     try:
-        fit(TinyRegression(), [KronCallback(refresh=AdaptiveRefresh(0.05), log_every_n_steps=2)], max_steps=6, logger=logger)
+        fit(TinyRegression(), [callback], max_steps=max_steps, logger=logger)
     finally:
         wandb.finish()
+    return calls
+
+
+def test_wandb_offline_gets_scalars_and_the_rich_views(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    calls = fit_with_offline_wandb(tmp_path, monkeypatch, KronCallback(refresh=AdaptiveRefresh(0.05), log_every_n_steps=2), 6)
     scalars = [call for call in calls if "kron/refresh/total" in call]
     assert [call["trainer/global_step"] for call in scalars] == [2, 4, 6]
     assert isinstance(scalars[0]["kron/staleness/net.0.weight[L]"], float)
@@ -89,6 +96,19 @@ def test_wandb_offline_gets_scalars_and_the_rich_views(tmp_path, monkeypatch):
     table = final["kron/views/staleness_table"]
     assert isinstance(table, wandb.Table) and table.columns == ["step", "factor", "staleness"]
     assert len(table.data) == 6 * 3 and {row[0] for row in table.data} == {2, 4, 6}
+
+
+def test_wandb_table_is_sent_once_when_the_last_step_is_a_table_log(tmp_path, monkeypatch):
+    """The 10th log carries the table; when it is also the last step, on_train_end sent the same views again."""
+    from lightning_kron.lightning.callback import WANDB_TABLE_EVERY_N_LOGS
+    from lightning_kron.lightning.wandb_views import TABLE
+
+    callback = KronCallback(refresh=AdaptiveRefresh(0.05), log_every_n_steps=1)
+    calls = fit_with_offline_wandb(tmp_path, monkeypatch, callback, WANDB_TABLE_EVERY_N_LOGS)
+    tables = [call["trainer/global_step"] for call in calls if TABLE in call]
+    assert tables == [WANDB_TABLE_EVERY_N_LOGS]
+    calls = fit_with_offline_wandb(tmp_path, monkeypatch, KronCallback(log_every_n_steps=1), WANDB_TABLE_EVERY_N_LOGS + 1)
+    assert [call["trainer/global_step"] for call in calls if TABLE in call] == [WANDB_TABLE_EVERY_N_LOGS, WANDB_TABLE_EVERY_N_LOGS + 1]
 
 
 def test_wandb_is_not_imported_without_a_wandb_logger(tmp_path, monkeypatch):

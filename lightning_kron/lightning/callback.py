@@ -169,6 +169,7 @@ class KronCallback(Callback):
         self._window = (RefreshCounters(), 0)  # counters and optimizer step at the last log
         self._seen_step = -1
         self._logs = 0
+        self._table_logged_at = -1  # the step of the last table and heatmap sent to W&B
         self._hooks: list = []
 
     # ----------------------------------------------------------------- refusals and setup
@@ -218,7 +219,7 @@ class KronCallback(Callback):
         if self._held_state is not None:  # restored before the optimizer existed (resume)
             self.scheduler.load_state_dict(self._held_state)
             self._held_state = None
-        self._seen_step, self._logs = trainer.global_step, 0
+        self._seen_step, self._logs, self._table_logged_at = trainer.global_step, 0, -1
         if self.approximation_probe_max_numel and trainer.is_global_zero:
             self.probe = ApproximationProbe(self.optimizer, self.approximation_probe_max_numel)
             self._hooks.append(self.optimizer.register_step_post_hook(self.probe.after_step))
@@ -286,7 +287,8 @@ class KronCallback(Callback):
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.history is not None and len(self.history) and trainer.is_global_zero:
+        if self.history is not None and len(self.history) and trainer.is_global_zero \
+                and self._table_logged_at != trainer.global_step:  # not the same views twice at the last step
             self._log_views(trainer, with_table=True)
 
     def _log(self, trainer: "pl.Trainer") -> None:
@@ -333,6 +335,8 @@ class KronCallback(Callback):
 
     def _log_views(self, trainer: "pl.Trainer", with_table: bool) -> None:
         payload = staleness_payload(self.history, with_table=with_table)
+        if with_table:
+            self._table_logged_at = trainer.global_step
         for logger in self._wandb_loggers(trainer):
             logger.experiment.log({**payload, "trainer/global_step": trainer.global_step})
 
