@@ -145,6 +145,44 @@ def test_budget_drives_the_optimizer_and_the_scheduler_passes_the_length():
     assert factors * 40 // 5 - factors < optimizer.scheduler.counters.refreshes <= factors * 40 // 5
 
 
+@pytest.mark.parametrize("start", [1, 61, 151])
+def test_a_late_start_spends_the_clocks_count_over_the_steps_left(start):
+    """The policies count steps from start_preconditioning_step, the planned length from the start
+    of training: the scheduler converts one into the other. Passed as it was, a start at step 151
+    of 200 made 2.8x the clock's refreshes (the budget planned for 199 decided steps; 49 came)."""
+    counts = {}
+    for name, policy in (("clock", lk.FixedRefresh(every=20)), ("budget", BudgetRefresh(total_steps=200))):
+        model = _model()
+        optimizer = lk.SOAP(model.named_parameters(), lr=1e-2, refresh=policy, start_preconditioning_step=start)
+        _train(policy, 200, model, torch.Generator().manual_seed(1), optimizer)
+        counts[name] = optimizer.scheduler.counters.refreshes
+    clock = len(optimizer.factors()) * ((200 - start) // 20)  # the clock decides steps start+1 .. 200
+    assert counts["clock"] == clock
+    assert clock - len(optimizer.factors()) < counts["budget"] <= clock
+
+
+def test_a_fractional_tolerance_schedule_spans_the_preconditioned_steps():
+    """A ramp over 90% of the run reaches the policy's tolerance by its last step after a late start
+    too (it stopped at 0.372 of 0.6), and a fraction's boundary is not lost to round-off."""
+    from lightning_kron.scheduling.tolerance_schedule import LinearRamp, TighterEarly
+
+    optimizer = lk.SOAP(_model().named_parameters(), start_preconditioning_step=51)
+    ramp = lk.AdaptiveRefresh(0.6, schedule=LinearRamp(start_tolerance=0.1, ramp_fraction=0.9))
+    scheduler = RefreshScheduler(optimizer, ramp, total_steps=100)
+    assert scheduler.policy_length == 50
+    assert scheduler.tolerance_at(0) == pytest.approx(0.1) and scheduler.tolerance_at(100 - 51) == pytest.approx(0.6)
+    assert TighterEarly(early_fraction=0.29).boundary(100) == 29  # 0.29 * 100 is 28.999999999999996
+
+
+def test_the_per_step_cap_ranks_an_overflowed_factor_last():
+    """A NaN staleness (an overflowed factor) took one of max_per_step's slots on every check."""
+    optimizer = lk.SOAP(_model().named_parameters())
+    scheduler = RefreshScheduler(optimizer, lk.AdaptiveRefresh(0.0), max_per_step=1)
+    due = torch.tensor([True, True, True])
+    assert scheduler._within_budget(due, torch.tensor([math.nan, 0.5, 0.2])).tolist() == [False, True, False]
+    assert scheduler._within_budget(due, torch.tensor([math.nan, math.nan, math.nan])).tolist() == [True, False, False]
+
+
 def test_checked_every_ten_steps_the_optimizer_makes_as_many_refreshes_as_checked_every_step():
     """Through the scheduler: at three times every=20's rate early a check every 10 steps could
     spend 1.5 refreshes per factor but refreshes each once; the later checks spend the rest."""

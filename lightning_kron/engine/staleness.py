@@ -59,7 +59,7 @@ def inverse_factor_staleness(stats: torch.Tensor) -> torch.Tensor:
 
 def _ratio_or_nan(off_diagonal: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """``off / total``; 0 where ``total`` is 0, NaN where it is not finite (an overflowed factor
-    must not read as perfectly fresh: NaN is above no tolerance, so no policy refreshes it, and it
-    shows in the logged staleness)."""
+    must not read as perfectly fresh: NaN is above no tolerance, so no tolerance-based policy
+    refreshes it, the budgets rank it last, and it shows in the logged staleness)."""
     ratio = torch.where(total > 0, off_diagonal / total, 0.0)
     return torch.where(torch.isfinite(total), ratio, torch.nan)

@@ -32,7 +32,7 @@ import torch
 from lightning_kron.engine.validation import check_nonnegative, check_positive_int, check_unit_interval, is_number
 
 
-def _most_stale(score: torch.Tensor, count: int, eligible: torch.Tensor) -> torch.Tensor:
+def most_stale(score: torch.Tensor, count: int, eligible: torch.Tensor) -> torch.Tensor:
     """Mask of the ``count`` highest-``score`` factors among the ``eligible`` (ties: the lower
     index first, so every rank and every rerun picks the same ones); stays on the device, no host
     sync. The ineligible (and NaN scores) rank last, so they never take a slot an eligible factor
@@ -239,4 +239,4 @@ class BudgetRefresh:
         score = staleness
         if steps_since_refresh is not None and self.age_power != 0:
             score = staleness * steps_since_refresh.to(staleness).clamp_min(1.0) ** self.age_power
-        return _most_stale(score, self.budget_at(step, staleness.numel(), total_steps), staleness > self.tolerance)
+        return most_stale(score, self.budget_at(step, staleness.numel(), total_steps), staleness > self.tolerance)

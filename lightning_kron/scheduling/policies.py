@@ -30,7 +30,9 @@ class RefreshPolicy(Protocol):
     """What the scheduler asks of a refresh policy (the built-in two and any user-written one).
 
     Steps are counted from the first preconditioned step (``start_preconditioning_step``), whose
-    exact refresh of every factor happens before any policy is asked.
+    exact refresh of every factor happens before any policy is asked; ``total_steps`` is on the
+    same clock: the policy is asked about steps 1 to ``total_steps - 1`` of a run of the planned
+    length (the scheduler converts the optimizer steps it is told; None when unknown).
 
     Required:
         ``checks_at(step) -> bool``: is the staleness looked at on this step?

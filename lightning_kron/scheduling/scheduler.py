@@ -44,6 +44,7 @@ communication, and ``max_per_step`` is a budget per rank.
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Optional
@@ -54,6 +55,7 @@ from lightning_kron.engine.basis_refresh import reorthonormalization_due
 from lightning_kron.engine.factor_group import FactorGroup
 from lightning_kron.engine.sharding import gather_over_shards
 from lightning_kron.engine.validation import check_positive_int, is_number
+from lightning_kron.scheduling.budget_policies import most_stale
 from lightning_kron.scheduling.ownership import (
     OwnedRows,
     assign_owners,
@@ -197,7 +199,23 @@ class RefreshScheduler:
         """The tolerance in force at ``step`` (counted from the first preconditioned step); 0 for a
         policy without ``tolerance_at``."""
         tolerance_at = getattr(self.policy, "tolerance_at", None)
-        return 0.0 if tolerance_at is None else float(tolerance_at(step, self.total_steps))
+        return 0.0 if tolerance_at is None else float(tolerance_at(step, self.policy_length))
+
+    @property
+    def policy_length(self) -> Optional[float]:
+        """The planned length on the policies' clock, which starts at ``start_preconditioning_step``
+        (step 0 there, the optimizer's exact refresh): the policy decides its steps 1 to
+        ``policy_length - 1``. ``total_steps`` (this scheduler's, else the policy's own) counts
+        optimizer steps from the start of training; passed as it is, a late start made the budget
+        plan for steps that never come and spend up to 2.8x the clock's refreshes. ``None`` or inf:
+        unknown."""
+        length = self.total_steps
+        if length is None or not math.isfinite(length):
+            own = getattr(self.policy, "total_steps", None)
+            length = own if own is not None else length
+        if length is None or not math.isfinite(length):
+            return length
+        return max(length - self.optimizer.start_preconditioning_step + 1, 1)
 
     def _layout(self) -> list[_Slot]:
         """Flat factor order: for each group, for each factored dim, its rows. Rebuilt only when
@@ -226,7 +244,7 @@ class RefreshScheduler:
 
     def _due(self, staleness: torch.Tensor, step: int, slots: list[_Slot]) -> torch.Tensor:
         ages = {"steps_since_refresh": self._ages(slots)} if getattr(self.policy, "uses_refresh_age", False) else {}
-        due = self.policy.select(staleness, step, self.total_steps, **ages)
+        due = self.policy.select(staleness, step, self.policy_length, **ages)
         if not isinstance(due, torch.Tensor) or due.dtype != torch.bool or due.shape != staleness.shape:
             # shapes and dtypes are metadata: checking them costs no host sync
             got = f"{due.dtype} of shape {tuple(due.shape)}" if isinstance(due, torch.Tensor) else type(due).__name__
@@ -252,11 +270,7 @@ class RefreshScheduler:
     def _within_budget(self, due: torch.Tensor, staleness: torch.Tensor) -> torch.Tensor:
         if self.max_per_step is None:
             return due
-        score = torch.where(due, staleness, torch.full_like(staleness, -1.0))
-        order = torch.sort(score, descending=True, stable=True).indices[: self.max_per_step]
-        chosen = torch.zeros_like(due)
-        chosen[order] = True
-        return chosen & due
+        return most_stale(staleness, self.max_per_step, due)  # a NaN (overflowed) factor last
 
     # ----------------------------------------------------------------- the step hook
     def in_step(self) -> list[FactorGroup]:

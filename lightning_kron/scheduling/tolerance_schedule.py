@@ -36,7 +36,7 @@ def _planned_steps(fraction: float, steps: Optional[int], total_steps: Optional[
             f"KronCallback set the Trainer's max_steps or max_epochs; with the optimizer alone, give "
             f"{name}({steps_option}=N) in steps instead"
         )
-    return int(fraction * total_steps)
+    return math.floor(fraction * total_steps + 1e-9)  # 0.29 * 100 is 28.999999999999996
 
 
 @dataclass(frozen=True)
