@@ -211,16 +211,37 @@ def test_a_parameter_first_gradded_late_gets_the_exact_first_update():
         early.grad = torch.randn(4, 6, dtype=torch.float64)
         late.grad = grads[step - 3].clone() if step >= 3 else None
         optimizer.step()
-    alone = nn.Parameter(torch.zeros(3, 5, dtype=torch.float64))
-    reference = lk.KrADagrad([alone], eps=0.5)
+    _assert_factors_as_if_alone(optimizer, late, grads, eps=0.5)
+
+
+def _assert_factors_as_if_alone(optimizer, param, grads, eps):
+    """``param``'s inverse factors (in parameter coordinates) equal those of a KrADagrad that saw
+    only ``grads``, to fp64 round-off."""
+    alone = nn.Parameter(torch.zeros_like(param))
+    reference = lk.KrADagrad([alone], eps=eps)
     for grad in grads:
         alone.grad = grad.clone()
         reference.step()
+    ours, theirs = optimizer.state[param], reference.state[alone]
     for dim in (0, 1):
-        ours, theirs = optimizer.state[late], reference.state[alone]
         factor = ours[f"block0.basis.{dim}"] @ ours[f"block0.stats.{dim}"] @ ours[f"block0.basis.{dim}"].T
         expected = theirs[f"block0.basis.{dim}"] @ theirs[f"block0.stats.{dim}"] @ theirs[f"block0.basis.{dim}"].T
         assert torch.allclose(factor, expected, rtol=0, atol=1e-12), dim
+
+
+def test_a_member_first_gradded_while_its_stack_partner_has_none_gets_the_exact_first_update():
+    """Two weights of one shape share a stack; B's first gradient comes on a step where A has none
+    (experts, branches): B gets ``X_1`` exactly. It took a dominated downdate from ``I / eps``
+    instead (relative error 1.7, a 17x longer first step)."""
+    torch.manual_seed(0)
+    a, b = (nn.Parameter(torch.randn(6, 5, dtype=torch.float64)) for _ in range(2))
+    optimizer = lk.KrADagrad([a, b], eps=0.1)
+    grads = [3 * torch.randn(6, 5, dtype=torch.float64) for _ in range(2)]
+    for a_grad, b_grad in ((torch.randn(6, 5, dtype=torch.float64), None), (None, grads[0]), (None, grads[1])):
+        a.grad, b.grad = a_grad, None if b_grad is None else b_grad.clone()
+        optimizer.step()
+    assert len(optimizer.factor_groups()) == 1  # one stack
+    _assert_factors_as_if_alone(optimizer, b, grads, eps=0.1)
 
 
 def test_a_resume_before_a_parameters_first_gradient_continues_bit_identically():
@@ -257,7 +278,7 @@ def test_a_resume_before_a_parameters_first_gradient_continues_bit_identically()
 
 
 def test_a_resume_after_a_partly_first_updated_stack_continues_bit_identically():
-    """A and B share a stack; A is first gradded alone (a copy of its row, no exact first update),
+    """A and B share a stack; A is first gradded alone (a copy of its row, its exact first update),
     then both: the stack's exact first update moves B's basis only. Marking the whole stack as
     refreshed made A's next refresh a warm QR step in the straight run and an exact one after a
     resume (which marks the rows with a refresh count): 2e-2 apart."""
@@ -339,6 +360,57 @@ def test_alternating_updates_one_factor_per_step_star_updates_all():
             optimizer.step()
             after = {dim: optimizer.state[weight][f"block0.stats.{dim}"] for dim in (0, 1)}
             assert {dim for dim in (0, 1) if not torch.equal(before[dim], after[dim])} == changed
+
+
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
+def _alternating_written_out(weight, grads, lr, beta1, eps):
+    """The alternating variant as docs/algorithms.md section 4 states it, with full fp64 matrices:
+    one inverse factor per step in turn, exact at its first update, then the Sherman-Morrison
+    downdate and the trace-damped domination (bounded by the Gershgorin sum in X's eigenbasis),
+    relative damping, and the step bound ``D / sqrt(1 + |D|^2)``."""
+    inverses = [torch.eye(size, dtype=torch.float64) / eps for size in weight.shape]
+    first, momentum = [True, True], torch.zeros_like(weight)
+    for step, grad in enumerate(grads, 1):
+        dim = (step - 1) % 2
+        other = _psd_sqrt(inverses[1 - dim])
+        factor = (grad @ other if dim == 0 else (other @ grad).T) / weight.shape[1 - dim] ** 0.5
+        statistic = factor @ factor.T
+        damping = eps * statistic.trace() / weight.shape[dim]
+        inverse = inverses[dim]
+        if first[dim]:
+            inverse, first[dim] = torch.linalg.inv(damping * torch.eye(weight.shape[dim], dtype=torch.float64) + statistic), False
+        else:
+            product = inverse @ statistic
+            downdated = inverse - product @ inverse / (1 + product.trace())
+            basis = torch.linalg.eigh(inverse)[1]
+            bound = (basis.T @ downdated @ basis).abs().sum(-1).max()
+            inverse = downdated - damping * downdated @ downdated / (1 + damping * bound)
+        inverses[dim] = (inverse + inverse.T) / 2
+        momentum = beta1 * momentum + (1 - beta1) * grad
+        direction = _psd_sqrt(inverses[0]) @ (momentum / (1 - beta1 ** step)) @ _psd_sqrt(inverses[1])
+        weight = weight - lr * direction / (1 + direction.square().sum()).sqrt()
+    return weight
+
+
+def test_alternating_in_fp64_is_the_written_out_algorithm():
+    """Refreshed exactly every step, the optimizer's stored-basis shortcuts are exact, so it must be
+    the algorithm to fp64 round-off (6e-15 of the update measured; the step bound's sum was taken
+    in fp32 and held it at 1e-8)."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(5, 4, dtype=torch.float64, generator=generator)
+    left, right = (torch.randn(size, size, dtype=torch.float64, generator=generator) for size in (5, 4))
+    grads = [left @ torch.randn(5, 4, dtype=torch.float64, generator=generator) @ right for _ in range(12)]
+    weight = nn.Parameter(start.clone())
+    optimizer = lk.KrADagrad([weight], lr=0.1, eps=1e-2, variant="alternating", solver="eigh", refresh=FixedRefresh(every=1))
+    for grad in grads:
+        weight.grad = grad.clone()
+        optimizer.step()
+    expected = _alternating_written_out(start, grads, lr=0.1, beta1=0.9, eps=1e-2)
+    assert ((weight.detach() - expected).abs().max() / (expected - start).abs().max()).item() < 1e-11
 
 
 def test_nonfinite_gradient_leaves_every_factor_untouched():
@@ -440,6 +512,9 @@ def test_shapes_conv_embedding_tied_vectors_third_order_and_frozen(variant, spli
     ({"shampoo_beta": 1.5}, "shampoo_beta"),
     ({"lr": -0.1}, "lr"),
     ({"graft_eps": -1.0}, "graft_eps"),
+    ({"shampoo_beta": 0.0}, "shampoo_beta must be > 0"),  # X froze, one failure counted per step
+    ({"shampoo_beta": None, "betas": (0.9, 0.0)}, "shampoo_beta must be > 0"),
+    ({"statistics_product_dtype": torch.bfloat16}, "statistics_product_dtype has no effect"),
 ])
 def test_invalid_arguments_fail_at_construction(bad, match):
     with pytest.raises(ValueError, match=match):

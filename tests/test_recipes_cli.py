@@ -69,7 +69,7 @@ KRON_CALLBACK = ["--trainer.callbacks+=lightning_kron.KronCallback"]
      "error: model.optimizer.options: got unknown key 'bogus', expected keys of SOAP: refresh, solver,"),
     (["--model.optimizer.name", "soap", "--model.optimizer.options", '{"rotation_dtype": "bf17"}'],
      "error: model.optimizer.options: rotation_dtype must be None or one of 'auto', 'tf32', torch.float32, "
-     "torch.float64, torch.bfloat16, torch.float16, got 'bf17'"),
+     "torch.float64, torch.bfloat16, got 'bf17'"),
     (["--trainer.max_steps", "-5"], "error: trainer.max_steps: got -5, expected a positive number of optimizer steps, "
                                     "or -1 for no step limit"),
     (["--trainer.max_steps", "0"], "error: trainer.max_steps: got 0, expected a positive number"),

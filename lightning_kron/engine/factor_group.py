@@ -35,9 +35,12 @@ def factor_key(name: str, dim: int) -> str:
     return f"{name}.{dim}"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Member:
-    """One block of one parameter inside a group (of this rank's shard, for an FSDP2 DTensor)."""
+    """One block of one parameter inside a group (of this rank's shard, for an FSDP2 DTensor).
+
+    Compared by identity: a stack and its in-step subsets share the same members, whose host-side
+    bookkeeping (the last two fields) they update in place."""
 
     param: torch.Tensor
     name: str
@@ -47,7 +50,11 @@ class Member:
     #: factored dims whose basis has been refreshed at least once (host-side, so a refresh needs no
     #: sync to know which members still start from the identity and need an exact first refresh);
     #: kept per member, which stacks and their in-step subsets share, and rebuilt on load
-    refreshed_dims: set[int] = field(default_factory=set, compare=False, hash=False)
+    refreshed_dims: set[int] = field(default_factory=set)
+    #: optimizer steps in which this member had a gradient, skipped ones included (host-side, so
+    #: KrADagrad knows with no sync that a member has reached its first step, in a stack that is
+    #: gradded only in part); rebuilt on load from the step counts
+    steps_with_grad: int = 0
 
     def param_block(self) -> torch.Tensor:
         """The slice of the parameter that this block covers: a writable view when the parameter
@@ -226,8 +233,9 @@ class FactorGroup:
         """With a ``rotation_dtype`` the matmuls run in it (bf16 is 2-5x faster on CPUs with
         AVX512-BF16 and on GPUs); the result comes back in the state dtype unless
         ``keep_rotation_dtype`` (a consumer that accepts it, such as :func:`apply_updates` or a bf16
-        statistics product, then needs no copy)."""
-        if self.rotation_dtype is None:
+        statistics product, then needs no copy). A block without a factor (a bias, a norm gain) has
+        nothing to rotate and stays in the state dtype: AdamW's step, not one rounded to bf16."""
+        if self.rotation_dtype is None or not self.factored_dims:
             return rotation(x, self.bases())
         result = rotation(x.to(self.rotation_dtype), self._low_precision_bases())
         return result if keep_rotation_dtype else result.to(self.state_dtype)

@@ -171,6 +171,9 @@ class KrADagrad(RootPreconditionedOptimizer):
                  graft_eps: float = 1e-8, shampoo_beta: Optional[float] = 1.0, domination_scale: str = "trace",
                  damping: Optional[str] = None,
                  weight_decay_mode: str = "decoupled", refresh: Optional[RefreshPolicy] = None, solver: str = "qr", **options: Any) -> None:
+        if options.get("statistics_product_dtype") is not None:  # its downdates form F F^T per stack, in the state dtype
+            raise ValueError("statistics_product_dtype has no effect on KrADagrad (it updates the inverse factors "
+                             f"directly, not by a product of the statistics); leave it out, got {options['statistics_product_dtype']!r}")
         self.variant = check_choice("variant", variant, VARIANTS)
         self.domination_scale = check_choice("domination_scale", domination_scale, DOMINATION_SCALES)
         alternating = self.variant == "alternating"
@@ -188,6 +191,10 @@ class KrADagrad(RootPreconditionedOptimizer):
         super()._validate_group(group)
         if not group["eps"] > 0:
             raise ValueError(f"eps must be > 0 for KrADagrad (X starts at I / eps), got {group['eps']!r}")
+        beta = group["betas"][1] if group["shampoo_beta"] is None else group["shampoo_beta"]
+        if beta == 0:  # every downdate then failed its definiteness check: X froze at its first update
+            raise ValueError("shampoo_beta must be > 0 for KrADagrad (the downdate divides X by it; "
+                             f"shampoo_beta=None takes betas[1]), got {group['shampoo_beta']!r} with betas={group['betas']!r}")
 
     # ----------------------------------------------------------------- state
     def _init_state(self, group: FactorGroup) -> None:
@@ -252,16 +259,19 @@ class KrADagrad(RootPreconditionedOptimizer):
         """May this step first downdate ``dim`` from ``X_0 = I / eps``? (host-side, no sync)
 
         Star updates every dim at step 1; alternating updates dim number ``j`` first at step ``j+1``.
-        With star, a stack that joins later (a layer unfrozen, or added by ``add_param_group``) gets
-        its exact first update at its own first step: ``host_steps`` counts the steps the whole
-        stack took part in, this one included, and the device decides which members really are at
-        their first (:meth:`_exact_first_update`). Alternating keeps the optimizer's clock: its
-        dims take turns by the global step, so a late stack's turns start mid-cycle. A factor whose
-        first step was skipped (non-finite gradient) starts with dominated downdates.
+        With star, a member that joins later (a layer unfrozen, added by ``add_param_group``, or
+        first gradded on a step where others of its stack are not) gets its exact first update at
+        its own first step: each member counts on the host the steps it had a gradient in, this one
+        included, and the device decides which members really are at their first
+        (:meth:`_exact_first_update`); a late member of a partly gradded stack used to take a
+        dominated downdate from ``I / eps`` instead, a 17x longer first step. Alternating keeps the
+        optimizer's clock: its dims take turns by the global step, so a late stack's turns start
+        mid-cycle. A factor whose first step was skipped (non-finite gradient) starts with
+        dominated downdates.
         """
         if self.variant == "alternating":
             return self.global_step <= len(group.factored_dims)
-        return self.global_step == 1 or group.host_steps == 1
+        return self.global_step == 1 or any(member.steps_with_grad == 1 for member in group.members)
 
     def _exact_first_update(self, group: FactorGroup, dim: int, factor: torch.Tensor,
                             hyper: StepHyperparameters, fallback: torch.Tensor) -> torch.Tensor:
@@ -325,7 +335,8 @@ class KrADagrad(RootPreconditionedOptimizer):
         if group.factored_dims:
             direction = super()._preconditioned(group, momentum, hyper)
             if self.variant == "alternating":  # the step bound (module docstring)
-                quadratic = direction.float().square().flatten(1).sum(1)  # m^T (X_k x ... x X_1) m, per member
+                wide = torch.promote_types(direction.dtype, torch.float32)  # fp64 state keeps fp64 here
+                quadratic = direction.to(wide).square().flatten(1).sum(1)  # m^T (X_k x ... x X_1) m, per member
                 if hyper.shampoo_beta < 1:  # the root is of the bias-corrected EMA: m enters it with this weight
                     quadratic = quadratic * (1.0 - hyper.shampoo_beta) / hyper.bias_correction(hyper.shampoo_beta, group, quadratic)
                 shrink = (1.0 + quadratic).rsqrt().to(direction.dtype)
