@@ -674,3 +674,32 @@ def test_after_a_skipped_first_step_every_member_gets_an_exact_first_refresh():
                     first_staleness[(dim, row)] = float(group.staleness(dim)[row])
     assert len(first_staleness) == 6  # every factor of the stack had its first refresh
     assert max(first_staleness.values()) < 1e-10, first_staleness
+
+
+def test_a_factor_first_gradded_after_the_start_gets_exact_bases_on_that_step():
+    """A first step with no gradients at all, a stack member without a gradient until step 3 and a
+    group added by add_param_group at step 4: each factor's exact first refresh comes on its own
+    first gradded step (they waited in the identity basis until the policy picked them, up to 10
+    steps of AdamW at every=10)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def grad(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator)
+
+    first, partner = (nn.Parameter(grad(5, 4)) for _ in range(2))  # one stack
+    late = nn.Parameter(grad(3, 4))
+    optimizer = lk.SOAP([first, partner], lr=1e-3, refresh=lk.FixedRefresh(every=10))
+    optimizer.step()  # before any backward
+    first_refresh = {}
+    for step in range(2, 7):
+        if step == 4:
+            optimizer.add_param_group({"params": [late]})
+        for param, since in ((first, 2), (partner, 3), (late, 4)):
+            param.grad = grad(*param.shape) if step >= since else None
+        optimizer.step()
+        for info in optimizer.factors():
+            if info.refreshes and info.name not in first_refresh:
+                first_refresh[info.name] = step
+                assert info.staleness < 1e-12, info  # exact: the eigenbasis of the statistics
+    assert first_refresh == {"group0.param0[L]": 2, "group0.param0[R]": 2, "group0.param1[L]": 3,
+                             "group0.param1[R]": 3, "group1.param0[L]": 4, "group1.param0[R]": 4}

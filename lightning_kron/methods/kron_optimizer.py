@@ -682,18 +682,29 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
 
     # ----------------------------------------------------------------- the first refresh
     def _first_refresh(self, pending: list[_PendingGroup]) -> None:
-        """At ``start_preconditioning_step``, exact bases for every factor; the scheduler decides
-        every later refresh."""
-        if self.global_step != self.start_preconditioning_step:
+        """Exact bases for every factor at its first preconditioned step: at
+        ``start_preconditioning_step`` for every stack with a gradient, later for a member first
+        gradded after it (a group added by ``add_param_group``, a layer unfrozen, an expert without
+        a gradient until then, a step skipped for a non-finite gradient), which used to wait in the
+        identity basis until the policy picked it (10 steps of AdamW at every=10). The scheduler
+        decides every other refresh."""
+        if self.global_step < self.start_preconditioning_step:
+            return
+        if self.global_step == self.start_preconditioning_step:
+            todo = [(item, dim, None) for item in pending for dim in item.group.factored_dims]
+        else:  # host-side: which members still hold the identity basis (a late one is rare)
+            todo = [(item, dim, rows) for item in pending for dim in item.group.factored_dims
+                    for rows in [item.group.identity_rows(dim)] if rows]
+        if not todo:
             return
         # Householder, not "auto": a one-time refresh gains nothing from a fallback's second pass
         request = RefreshRequest(solver=self.initial_refresh_solver, orthonormalizer="householder")
-        masked = [item for item in pending if item.hyper.finite is not None]
-        flags = torch.stack([item.hyper.finite for item in masked]).tolist() if masked else []  # one sync, this step only
+        masked = list({id(item): item for item, _, _ in todo if item.hyper.finite is not None}.values())
+        flags = torch.stack([item.hyper.finite for item in masked]).tolist() if masked else []  # one sync, on such steps only
         skipped = {id(item) for item, flag in zip(masked, flags) if not flag}
-        for item in pending:
-            if id(item) in skipped:  # a skipped group gets its exact bases at its next refresh
+        for item, dim, rows in todo:
+            if id(item) in skipped:  # a skipped group gets its exact bases at its next finite step
                 continue
-            for dim in item.group.factored_dims:  # a first refresh is never due for re-orthonormalisation
-                refresh_factor(item.group, dim, None, request, _InFlightHooks(self, item), self.global_step,
-                               reorthonormalize=[False] * len(item.group))
+            count = len(item.group) if rows is None else len(rows)  # a first refresh is never due for re-orthonormalisation
+            refresh_factor(item.group, dim, rows, request, _InFlightHooks(self, item), self.global_step,
+                           reorthonormalize=[False] * count)
