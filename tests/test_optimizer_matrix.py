@@ -271,6 +271,9 @@ def test_nonfinite_gradient_can_raise(make_optimizer):
     ({"rotation_dtype": torch.float16}, "rotation_dtype"),  # overflowed on finite gradients
     ({"statistics_dtype": torch.bfloat16}, "statistics_dtype"),
     ({"compile": "false"}, "compile must be True or False"),
+    ({"merge_dims": "no"}, "merge_dims must be True or False"),  # "no" is truthy: it merged
+    ({"split_large_dims": "yes"}, "split_large_dims must be True or False"),
+    ({"precondition_1d": 1}, "precondition_1d must be True or False"),
     ({"betas": 0.9}, "betas must be a pair"),
     ({"refresh": lk.FixedRefresh}, "refresh must be a policy object, e.g. FixedRefresh"),
 ])
@@ -329,6 +332,56 @@ def test_load_state_dict_from_another_model_or_optimizer_fails_cleanly(make_opti
         optimizer.load_state_dict("last.ckpt")
     after = {k: v for p in model.parameters() for k, v in optimizer.state[p].items()}
     assert all(torch.equal(snapshot[k], after[k]) for k in snapshot)
+
+
+def _without_global_step(state):
+    del state["param_groups"][0]["lightning_kron"]["global_step"]
+
+
+def _integer_basis(state):
+    entry = next(entry for entry in state["state"].values() if any(".basis." in key for key in entry))
+    key = next(key for key in entry if ".basis." in key)
+    entry[key] = entry[key].long()  # copy_ would have truncated it to 0 and +-1
+
+
+@pytest.mark.parametrize("damage, match", [
+    (_without_global_step, "lacks global_step"),
+    (lambda state: state["param_groups"][0]["lightning_kron"].update(scheduler={"format": 99}), "state format 99"),
+    (lambda state: state["param_groups"][0].update(lr=-1.0), "lr"),
+    (lambda state: state["param_groups"][0].update(weight_decay_mode="bogus"), "weight_decay_mode"),  # ran as decoupled
+    (_integer_basis, "expected a torch.float32 tensor, found torch.int64"),
+    (lambda state: state.pop("state"), "must hold 'state'"),
+], ids=["no-global-step", "scheduler-format", "negative-lr", "bogus-decay-mode", "integer-basis", "no-state"])
+def test_a_damaged_state_dict_is_refused_before_anything_changes(make_optimizer, damage, match):
+    """Each used to load in part (the stacks and param_groups replaced, then a KeyError) or in full
+    (a negative lr, an unknown mode, a basis cast from int64)."""
+    inputs, targets = _regression()
+    model = nn.Linear(12, 5)
+    optimizer = make_optimizer(model.parameters())
+    _train(model, optimizer, inputs, targets, 3)
+    saved = copy.deepcopy(optimizer.state_dict())
+    _train(model, optimizer, inputs, targets, 2)
+    before = {k: v.clone() for p in model.parameters() for k, v in optimizer.state[p].items()}
+    groups_before, step_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]), optimizer.global_step
+    damage(saved)
+    with pytest.raises(ValueError, match=match):
+        optimizer.load_state_dict(saved)
+    after = {k: v for p in model.parameters() for k, v in optimizer.state[p].items()}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] == groups_before
+    assert optimizer.global_step == step_before
+
+
+def test_a_checkpoint_with_a_tensor_lr_loads():
+    """An lr set to a 0-d tensor mid-run (as some LR schedulers do) is checked as a number on load."""
+    model = nn.Linear(4, 3)
+    optimizer = lk.SOAP(model.parameters())
+    optimizer.param_groups[0]["lr"] = torch.tensor(0.01)
+    model.weight.grad, model.bias.grad = torch.randn(3, 4), torch.randn(3)
+    optimizer.step()
+    loader = lk.SOAP(model.parameters())
+    loader.load_state_dict(optimizer.state_dict())
+    assert float(loader.param_groups[0]["lr"]) == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("saved, loading", [({"max_precond_dim": 32}, {"max_precond_dim": 16}),

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Optional
 
+import torch
+
 from lightning_kron.engine.factor_group import FactorGroup
 from lightning_kron.engine.sharding import gather_over_shards
 
@@ -81,19 +83,23 @@ class Checkpointing:
     def _load(self, state_dict: dict) -> None:
         """The load itself: the class, the world size, the counts of groups and parameters and
         every shape checked, then fresh stacks filled and the counters restored."""
-        groups = state_dict.get("param_groups") or [{}]
-        meta = groups[0].get(META_KEY, state_dict.get(META_KEY))  # top level: checkpoints before format 2
         mine = type(self).__name__
+        if not isinstance(state_dict.get("state"), Mapping) or not isinstance(state_dict.get("param_groups"), list):
+            raise ValueError(f"state_dict must hold 'state' (a dict) and 'param_groups' (a list), as an optimizer's "
+                             f"state_dict() does; got the keys {sorted(map(str, state_dict))} (cannot load it into {mine})")
+        groups = state_dict["param_groups"] or [{}]
+        meta = groups[0].get(META_KEY, state_dict.get(META_KEY))  # top level: checkpoints before format 2
         if meta is None:
             raise ValueError(f"this state_dict was not saved by a lightning_kron optimizer; cannot load it into {mine}")
-        if meta["optimizer"] != mine:
-            raise ValueError(f"state_dict was saved by lightning_kron.{meta['optimizer']}, cannot load it into {mine}")
+        self._check_meta(meta)
         self._check_world_size(meta.get("world_size"))
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
         ):
             raise ValueError("state_dict has a different number of parameter groups or parameters than this optimizer")
+        for live, saved in zip(self.param_groups, saved_groups):  # the constructor's checks, on what the load would set
+            self._validate_group(_as_numbers({**live, **saved}))
         fresh = self._build_groups()
         # saved ids by position, as torch.optim does: indices from state_dict(), parameter names
         # from torch.distributed.checkpoint's set_optimizer_state_dict
@@ -188,6 +194,19 @@ class Checkpointing:
                 "the sharded state dict (torch.distributed.checkpoint with full_state_dict=False; in Lightning, "
                 "ModelParallelStrategy(save_distributed_checkpoint=True), the default)")
 
+    def _check_meta(self, meta: Any) -> None:
+        """The optimizer-wide entry: its class and counts, and its scheduler's state, checked before
+        anything is written (a malformed one used to fail after the stacks were replaced)."""
+        mine = type(self).__name__
+        missing = [key for key in ("optimizer", "global_step", "skipped_steps") if not isinstance(meta, Mapping) or key not in meta]
+        if missing:
+            raise ValueError(f"state_dict's {META_KEY!r} entry lacks {', '.join(missing)}; it is damaged or was not "
+                             f"written by a lightning_kron optimizer (cannot load it into {mine})")
+        if meta["optimizer"] != mine:
+            raise ValueError(f"state_dict was saved by lightning_kron.{meta['optimizer']}, cannot load it into {mine}")
+        if "scheduler" in meta:
+            self.own_scheduler.check_state_dict(meta["scheduler"])
+
     def _copy_plan(self, groups: list[FactorGroup], saved_key: dict[int, Any], saved_state: dict) -> list:
         plan, expected = [], {}
         for group in groups:
@@ -203,6 +222,11 @@ class Checkpointing:
                     if value is None:
                         raise ValueError(f"state_dict does not match parameter {member.name!r}: it has no {name}; "
                                          f"{_OTHER_LAYOUT}")
+                    if not isinstance(value, torch.Tensor) or (view.dtype.is_floating_point and not value.dtype.is_floating_point) \
+                            or (view.dtype == torch.bool) != (value.dtype == torch.bool):  # an int64 basis would truncate to 0/±1
+                        found = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+                        raise ValueError(f"state_dict does not match parameter {member.name!r}: {name} "
+                                         f"expected a {view.dtype} tensor, found {found}")
                     if tuple(value.shape) != tuple(view.shape):
                         raise ValueError(f"state_dict does not match parameter {member.name!r}: {name} "
                                          f"expected shape {tuple(view.shape)}, found {tuple(value.shape)}")
@@ -220,3 +244,10 @@ class Checkpointing:
                 raise ValueError(
                     f"state_dict does not match parameter {name!r}: it holds {', '.join(unknown[:3])}"
                     f"{' ...' if len(unknown) > 3 else ''}, which this optimizer does not have; {_OTHER_LAYOUT}")
+
+
+def _as_numbers(group: dict) -> dict:
+    """A group's one-element tensors as numbers, for the hyperparameter checks: an LR scheduler or a
+    user may set ``lr`` to a 0-d tensor mid-run, which a checkpoint then carries."""
+    return {key: value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+            for key, value in group.items()}

@@ -244,9 +244,9 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         statistics_product_dtype = check_dtype("statistics_product_dtype", statistics_product_dtype,
                                                (torch.float32, torch.float64, torch.bfloat16))
         self.max_precond_dim = max_precond_dim
-        self.merge_dims = merge_dims
-        self.split_large_dims = split_large_dims
-        self.precondition_1d = precondition_1d
+        self.merge_dims = check_flag("merge_dims", merge_dims)  # "no" from a config would merge
+        self.split_large_dims = check_flag("split_large_dims", split_large_dims)
+        self.precondition_1d = check_flag("precondition_1d", precondition_1d)
         self.start_preconditioning_step = start_preconditioning_step
         self.refresh = refresh
         self.solver = solver

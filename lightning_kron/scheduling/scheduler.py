@@ -414,9 +414,19 @@ class RefreshScheduler:
             state["policy"] = self.policy.state_dict()
         return state
 
+    @staticmethod
+    def check_state_dict(state: Any) -> None:
+        """Refuse a state this scheduler cannot load, before anything is written (the optimizer's
+        load checks it with the rest)."""
+        if not isinstance(state, dict) or state.get("format") not in (1, STATE_FORMAT):
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"unknown RefreshScheduler state format {found!r}")
+        if not isinstance(state.get("counters"), dict):
+            raise ValueError("a RefreshScheduler state needs its counters (a dict), got "
+                             f"{type(state.get('counters')).__name__}")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") not in (1, STATE_FORMAT):
-            raise ValueError(f"unknown RefreshScheduler state format {state.get('format')!r}")
+        self.check_state_dict(state)
         counters = state["counters"]
         layout = getattr(self.optimizer, "shard_layout", None)
         if layout is not None and len(state.get("counters_by_rank", [])) == layout.world_size:
