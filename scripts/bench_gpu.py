@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 import lightning_kron as lk
+from scripts.arguments import refuse_unwritable
 from scripts.bench_step import rival_rows, state_megabytes
 
 
@@ -180,6 +181,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    refuse_unwritable(parser, ("--json", args.json))  # written after the benchmark: found before it
     try:
         device = torch.device(args.device)
     except RuntimeError:

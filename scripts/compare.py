@@ -23,7 +23,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 from recipes.errors import RecipeInputError
 from recipes.optimizers import OPTIMIZER_NAMES, OptimizerConfig, method_and_refresh
 from recipes.quiet import quiet_dependencies
+from scripts.arguments import output_problem, positive_int, seed
 from scripts.run_recorder import RunRecord, RunRecorder
 
 
@@ -90,19 +90,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--recipe", choices=RECIPES, default="gpt")
     parser.add_argument("--optimizers", default=",".join(c.key for c in CONTENDERS),
                         help="comma-separated subset of: " + ", ".join(c.key for c in CONTENDERS))
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
-    parser.add_argument("--eval-every", type=int, default=25, help="validate every this many steps")
+    parser.add_argument("--steps", type=positive_int, default=300, help="optimizer steps per run")
+    parser.add_argument("--eval-every", type=positive_int, default=25, help="validate every this many steps")
     parser.add_argument("--data", default=None, help="data path (default: the recipe's built-in data)")
     parser.add_argument("--family", default=None, help="model family (gpt: gpt2|llama, vision: vit|resnet)")
     parser.add_argument("--size", default="tiny", help="model size")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (gpt), 64 (vision)")
-    parser.add_argument("--context-length", type=int, default=None, help="GPT only; default: 128")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="default: 32 (gpt), 64 (vision)")
+    parser.add_argument("--context-length", type=positive_int, default=None, help="GPT only; default: 128")
     parser.add_argument("--lr", action="append", default=[], metavar="NAME=LR", help="override one optimizer's lr")
     parser.add_argument("--options", action="append", default=[], metavar="NAME=JSON",
                         help="extra keyword arguments of one optimizer, a JSON object, e.g. "
                              "soap='{\"second_moment_on_refresh\": \"rotate\"}'")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="Lightning accelerator")
     parser.add_argument("--out", default="runs/compare", help="folder for the table and plots")
     parser.add_argument("--cache-dir", default=None, help="token cache folder (GPT)")
@@ -117,26 +117,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def _argument_problem(args: argparse.Namespace) -> Optional[str]:
     """What is wrong with the command line, found before any run starts (None when nothing is)."""
-    for flag, value in (("--steps", args.steps), ("--eval-every", args.eval_every), ("--threads", args.threads),
-                        ("--batch-size", args.batch_size), ("--context-length", args.context_length)):
-        if value is not None and value < 1:
-            return f"{flag} must be a positive integer, got {value}"
     if args.recipe != "gpt" and args.context_length is not None:
         return f"--context-length is a GPT option; the {args.recipe} recipe has no context"
     if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         return f"--accelerator {args.accelerator}: no CUDA GPU is visible to torch here"
-    return _out_problem(Path(args.out))
-
-
-def _out_problem(out: Path) -> Optional[str]:
-    """``--out`` must be a folder that can be made and written, checked without creating it: the
-    table is written after every run, and a bad path then would throw the runs away."""
-    if out.exists():
-        return None if out.is_dir() and os.access(out, os.W_OK) else f"--out {out}: not a writable folder"
-    parent = next(folder for folder in out.absolute().parents if folder.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        return f"--out {out}: {parent} is not a writable folder, so the results folder cannot be made there"
-    return None
+    # the table is written after every run: a folder that cannot be made then would throw the runs away
+    return output_problem("--out", args.out, folder=True)
 
 
 def known_contenders() -> dict[str, Contender]:
@@ -207,11 +193,13 @@ def build_data(args: argparse.Namespace) -> L.LightningDataModule:
     if args.recipe == "gpt":
         from recipes.text_data import TextDataModule
 
-        return TextDataModule(source=args.data, context_length=args.context_length, batch_size=args.batch_size or 32,
+        batch_size = 32 if args.batch_size is None else args.batch_size  # None: not given (0 is refused)
+        return TextDataModule(source=args.data, context_length=args.context_length, batch_size=batch_size,
                               cache_dir=args.cache_dir, seed=args.seed)
     from recipes.image_data import ImageDataModule
 
-    return ImageDataModule(source=args.data, batch_size=args.batch_size or 64, seed=args.seed)
+    batch_size = 64 if args.batch_size is None else args.batch_size
+    return ImageDataModule(source=args.data, batch_size=batch_size, seed=args.seed)
 
 
 def build_recipe(args: argparse.Namespace, optimizer: OptimizerConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
@@ -239,6 +227,12 @@ def check_model_names(args: argparse.Namespace) -> None:
         from recipes.vision import vision_config
 
         vision_config(args.family or "vit", args.size, 10, 1, 32)
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Bad model or data names and data too small, found before the first run (RecipeInputError)."""
+    check_model_names(args)
+    build_data(args).setup("fit")
 
 
 def train_one(args: argparse.Namespace, contender: Contender) -> RunRecord:
@@ -350,8 +344,7 @@ def _compare(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     try:
         contenders = select_contenders(args)
-        check_model_names(args)  # bad model or data names and data too small: refused before the first run
-        build_data(args).setup("fit")
+        check_inputs(args)
         notes: list[str] = []
         records = [train_one(args, c) for c in tqdm(contenders, desc="optimizers", disable=args.no_progress)]
     except RecipeInputError as error:

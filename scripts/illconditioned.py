@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # `python scripts/illconditioned.py` from the rep
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning_kron as lk  # noqa: E402
+from scripts.arguments import positive_int, refuse_unwritable  # noqa: E402
 
 Factory = Callable[[list, float], torch.optim.Optimizer]
 COLOURS = {"KrADagrad*": "C0", "KrADagrad* fp64": "C0", "KrADagrad": "C1", "Shampoo": "C3", "Shampoo fp64": "C3",
@@ -245,18 +246,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="damping of the Kronecker methods, one comparison per value "
                              "(1e-12 is Shampoo's library default)")
     parser.add_argument("--methods", nargs="*", default=None, help="subset of method names (default: all)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("runs/illconditioned"),
                         help="folder for curves.csv, sweep.csv, summary.md and loss.png (made if missing)")
     args = parser.parse_args(argv)
-    if args.size < 2 or (args.cols is not None and args.cols < 2) or not args.scale > 0 or args.steps < 1 or not args.condition >= 1 or args.noise < 0 or args.threads < 1:
-        parser.error("need --size >= 2, --cols >= 2, --scale > 0, --steps >= 1, --condition >= 1, --noise >= 0, --threads >= 1")
+    finite = all(math.isfinite(value) for value in (args.scale, args.condition, args.noise))  # inf or nan: NaN losses
+    if args.size < 2 or (args.cols is not None and args.cols < 2) or not finite or not args.scale > 0 or args.steps < 1 or not args.condition >= 1 or args.noise < 0:
+        parser.error("need --size >= 2, --cols >= 2, --steps >= 1 and finite --scale > 0, --condition >= 1, --noise >= 0")
     if not all(0 < eps < 1 for eps in args.eps):
         parser.error("every --eps must be in (0, 1)")
     if args.lrs and not all(0 < lr < float("inf") for lr in args.lrs):
         parser.error(f"every --lrs must be a positive learning rate, got {args.lrs}")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} is a file; it names the folder the CSVs, table and plot go to")
+    refuse_unwritable(parser, ("--out", args.out), folder=True)
     unknown = set(args.methods or ()) - {method.name for method in available_methods(args.eps)}
     if unknown:
         parser.error(f"unknown --methods {sorted(unknown)}; choose from "
@@ -275,10 +276,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     available = available_methods(args.eps)
     if args.methods:
         available = [m for m in available if m.name in args.methods]
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        sys.exit(f"error: cannot create output directory {args.out}: {error.strerror}")
+    args.out.mkdir(parents=True, exist_ok=True)  # found makeable by parse_args
     problem = make_problem(args.size, args.condition, args.noise, args.seed, args.cols, args.scale)
     jobs = [(method, lr) for method in available for lr in (args.lrs or method.learning_rates)]
     runs = [run_one(method, lr, problem, args.steps, args.seed)

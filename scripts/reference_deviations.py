@@ -26,6 +26,7 @@ import json
 import math
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 import lightning_kron as lk
 from lightning_kron.methods.soap import REFERENCE_OPTIONS
+from scripts.arguments import positive_int, refuse_unwritable
 from scripts.small_models import TASKS, make_task
 
 HYPERPARAMETERS = dict(lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.0)
@@ -148,7 +150,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--every", nargs="+", type=int, default=[10], help="refresh periods, one table each")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--json", default=None, help="also write every run's figures here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -157,6 +159,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error(f"unknown --configs {sorted(unknown)}; choose from {sorted(known)}")
     if args.steps < 1 or any(every < 1 for every in args.every):
         parser.error("--steps and --every must be positive")
+    refuse_unwritable(parser, ("--json", args.json))  # written after the runs: found now, not after the hour they take
     return args
 
 
@@ -171,6 +174,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("\n\n".join(table(results, rows, args.tasks, every, metric)
                        for every in args.every for metric in ("val_loss", "train_loss")))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # found makeable by parse_args
         with open(args.json, "w") as handle:
             json.dump([result.__dict__ for result in results], handle, indent=1)
     return 0

@@ -242,4 +242,5 @@ def write_report(path: Path, rows: list[Row], timing: Optional[Path], default: s
         mine = [r.refresh_ratio for r in rows if r.schedule == default]
         ratio = statistics.mean(mine) if mine else None
         text = replace_between(text, "refresh-timing", timing_table(json.loads(timing.read_text())["timings"], ratio))
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from scripts import refresh_study as study
+from scripts.arguments import refuse_unwritable
 from scripts.study_records import load_records, paired, save_records, soap_variant
 from scripts.study_schedules import REFERENCE
 
@@ -46,14 +47,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--model", default="mlp", help="a study or probe model; name@lrX trains one at lr X (mlp@lr6e-3)")
     parser.add_argument("--json", type=Path, default=Path("runs/shape_grid.json"), help="where runs are stored (resumable)")
     parser.add_argument("--study-json", type=Path, default=Path("docs/figures/refresh_study_runs.json"))
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", type=study.parse_seeds, default="0,1,2", help="e.g. 0,1,2 or 0-39")
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    refuse_unwritable(parser, ("--json", args.json))  # saved after every run
     torch.set_num_threads(1)
     try:  # everything that can be wrong with the request, before any run
         model = study.study_model(args.model)
-        seeds = study.parse_seeds(args.seeds)
+        seeds = args.seeds
         records = load_records(args.json)
         stored = [r for r in load_records(args.study_json) if r["model"] == model.name]
     except ValueError as error:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 import lightning_kron as lk
 from recipes.optimizers import OptimizerConfig, configure_optimization, weight_decay_groups
 from recipes.schedule import warmup_cosine
+from scripts.arguments import positive_int, refuse_unwritable
 from scripts.first_step_probes import AFTER_FIRST_STEP, weights_of
 from scripts.machine import describe_cpu, machine_of, same_cpu
 from scripts.refresh_report import (
@@ -178,13 +179,20 @@ def time_factor(size: int, repeats: int = 3) -> dict:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"``, ``"0-39"`` or a mix (``"0-2,7"``): the seeds, in order, each once."""
+    """``"0,1,2"``, ``"0-39"`` or a mix (``"0-2,7"``): the seeds, in order, each once (an argparse
+    type: a part that is no seed or an empty range such as ``"3-1"`` raises ArgumentTypeError)."""
     seeds: list[int] = []
     for part in text.split(","):
         low, _, high = part.strip().partition("-")
-        for seed in range(int(low), int(high or low) + 1):
-            if seed not in seeds:
-                seeds.append(seed)
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            first, last = -1, -1
+        if first < 0 or last < first:
+            where = "" if part == text else f" in {text!r}"
+            raise argparse.ArgumentTypeError(f"seeds are whole numbers >= 0 and ranges LOW-HIGH with LOW <= HIGH, "
+                                             f"e.g. 0,1,2 or 0-39; got {part.strip()!r}{where}")
+        seeds += [seed for seed in range(first, last + 1) if seed not in seeds]
     return seeds
 
 
@@ -218,13 +226,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help=f"report the runs of these SOAP defaults (timing+carry; default: the current ones, "
                              f"{soap_variant()}; runs without a variant are {OLD_VARIANT})")
     parser.add_argument("--marker", default="refresh-study", help="with --report: the section of the page to replace")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--show", action="store_true", help="print the tables of the runs stored in --json; run none")
     parser.add_argument("--against", default=None,
                         help="with --show: the schedules to compare with the reference (default: "
                              f"{','.join(REFERENCE_ROWS)})")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    running = args.report is None and not args.show
+    if args.timing is not None:  # what will be written, found writable before any step is timed or run
+        refuse_unwritable(parser, ("--timing", args.timing))
+    elif args.report is not None:
+        refuse_unwritable(parser, ("--report", args.report), ("--plot", args.plot), ("--user-plot", args.user_plot))
+    elif running:
+        refuse_unwritable(parser, ("--json", args.json))
     torch.set_num_threads(args.threads)
     if args.timing is not None:
         timings = [time_factor(size) for size in tqdm(args.sizes, desc="timing", disable=args.no_progress)]
@@ -232,7 +247,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.timing.write_text(json.dumps({"timings": timings}, indent=1) + "\n")
         print(timing_table(timings, None))
         return 0
-    running = args.report is None and not args.show
     models, names = args.models.split(","), args.schedules.split(",")
     if not running:  # --show and --report read runs: a mistyped path must not look like "no runs stored"
         missing = [str(path) for path in (args.json, *args.also) if not path.exists()]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,7 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 import lightning_kron as lk
+from recipes.errors import RecipeInputError
 from scripts import compare
+from scripts.arguments import positive_int, seed
 
 
 @dataclass(frozen=True)
@@ -115,19 +118,19 @@ def _precision(args: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", nargs=3, action="append", required=True, metavar=("NAME", "MODE", "PIECES"))
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=positive_int, default=300)
+    parser.add_argument("--eval-every", type=positive_int, default=25)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--solver", choices=("qr", "eigh"), default="qr", help="refresh solver of every run")
     parser.add_argument("--max-iters", type=int, default=1, help="warm-QR iterations per adaptive refresh")
     parser.add_argument("--rotation-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="SOAP's rotation_dtype in every run (bfloat16: the fast CPU/GPU path)")
     parser.add_argument("--statistics-product-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="SOAP's statistics_product_dtype in every run")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--data", default=None, help="text file/folder (default: Python's standard library)")
-    parser.add_argument("--context-length", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--context-length", type=positive_int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="default: 32")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -139,10 +142,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      + (["--no-progress"] if args.no_progress else []))
     recipe_args.data, recipe_args.batch_size, recipe_args.cache_dir = args.data, args.batch_size, args.cache_dir
     rows, reference = [], None
-    for (name, mode, pieces), policy in tqdm(list(zip(args.run, policies)), desc="schedules", disable=args.no_progress):
-        loss, refreshes, early = train(recipe_args, name, policy, args.solver, _precision(args))
-        reference = loss if reference is None else reference
-        rows.append(f"| {name} | {mode} {pieces} | {refreshes} | {early} | {loss:.4f} | {100 * (loss / reference - 1):+.2f}% |")
+    try:  # as in compare: bad data and data too small are one line before the first run
+        compare.check_inputs(recipe_args)
+        for (name, mode, pieces), policy in tqdm(list(zip(args.run, policies)), desc="schedules", disable=args.no_progress):
+            loss, refreshes, early = train(recipe_args, name, policy, args.solver, _precision(args))
+            reference = loss if reference is None else reference
+            rows.append(f"| {name} | {mode} {pieces} | {refreshes} | {early} | {loss:.4f} | {100 * (loss / reference - 1):+.2f}% |")
+    except RecipeInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print("| run | schedule | refreshes | by step 100 | final val loss | vs first |\n|---|---|---:|---:|---:|---:|")
     print("\n".join(rows))
     return 0

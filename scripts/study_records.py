@@ -51,6 +51,8 @@ def _runs_in(path: Path) -> list[dict]:
         stored = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not a file of study runs: not JSON ({error})") from None
+    except OSError as error:  # a folder, say
+        raise ValueError(f"{path} is not a file of study runs: it cannot be read ({error.strerror})") from None
     if not isinstance(stored, dict) or not isinstance(stored.get("runs"), list):
         raise ValueError(f"{path} is not a file of study runs: it has no list under \"runs\"")
     return stored["runs"]

@@ -33,3 +33,17 @@ def test_bench_gpu_refuses_a_bad_flag_in_one_line_before_any_model_is_built(argv
     with pytest.raises(SystemExit) as exit_info:
         bench_gpu.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["{tmp}", "{tmp}/a_file/rows.json", "/proc/nope/rows.json"],
+                         ids=["folder", "under-a-file", "unmakeable"])
+def test_a_json_that_cannot_be_written_is_refused_before_the_benchmark(where, tmp_path, monkeypatch, capsys):
+    """It ran every row, printed the table and then died writing the JSON (a traceback)."""
+    if where.startswith("/proc") and not bench_gpu.Path("/proc").is_dir():
+        pytest.skip("needs Linux's /proc")
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(bench_gpu, "run", None)  # running a row would fail
+    path = where.format(tmp=tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        bench_gpu.main(["--device", "cpu", "--tiny", "--only", "fused", "--json", path])
+    assert exit_info.value.code == 2 and f"error: --json {path}: " in capsys.readouterr().err

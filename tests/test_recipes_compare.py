@@ -12,6 +12,7 @@ import torch
 
 from lightning_kron.methods.registry import METHODS
 from scripts import compare, compare_plots
+from scripts.arguments import output_problem
 from scripts.run_recorder import RunRecord
 
 TEXT_FOLDER = str(Path(json.__file__).parent)
@@ -87,12 +88,17 @@ def test_bad_choices_are_one_error_line_before_any_run(argv, message, capsys, tm
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--threads", "0"], "--threads must be a positive integer, got 0"),
-    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--threads", "0"], "argument --threads: must be a positive integer, got '0'"),
+    (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got '0'"),
+    (["--steps", "-3"], "argument --steps: must be a positive integer, got '-3'"),
     (["--recipe", "vision", "--context-length", "64"], "--context-length is a GPT option"),
     (["--accelerator", "tpuu"], "argument --accelerator: invalid choice: 'tpuu'"),
-], ids=["threads", "batch-size", "context-on-vision", "accelerator"])
-def test_bad_flags_are_refused_by_the_parser(argv, message, capsys):
+    (["--seed", "-1"], "argument --seed: must be a whole number from 0 to 4294967295, got '-1'"),
+    (["--seed", str(2**32)], "argument --seed: must be a whole number from 0 to 4294967295"),
+], ids=["threads", "batch-size", "steps", "context-on-vision", "accelerator", "negative-seed", "huge-seed"])
+def test_bad_flags_are_refused_by_the_parser(argv, message, capsys, monkeypatch):
+    """A seed out of numpy's range was a traceback of seed_everything once the data was built."""
+    monkeypatch.setattr(compare, "build_data", lambda args: pytest.fail("the data was built"))
     with pytest.raises(SystemExit) as exit_info:
         compare.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -104,7 +110,17 @@ def test_an_unwritable_out_is_refused_before_any_run(tmp_path, capsys):
         with pytest.raises(SystemExit):
             compare.main(["--optimizers", "adamw", "--out", str(out)])
         assert f"--out {out}" in capsys.readouterr().err
-    assert compare._out_problem(tmp_path / "new" / "deeper") is None  # made when the results are written
+    assert output_problem("--out", tmp_path / "new" / "deeper", folder=True) is None  # made when the results are written
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux's /proc")
+def test_an_out_where_nothing_can_be_made_is_refused_even_for_root(capsys, monkeypatch):
+    """os.access says yes to root in /proc, and --out /proc/x trained every optimizer before failing."""
+    monkeypatch.setattr(compare, "build_data", lambda args: pytest.fail("the data was built"))
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--optimizers", "adamw", "--out", "/proc/x"])
+    assert exit_info.value.code == 2
+    assert "--out /proc/x: /proc is not a writable folder" in capsys.readouterr().err
 
 
 def test_every_registered_method_can_be_compared():

@@ -39,3 +39,24 @@ def test_tiny_run_prints_tables_and_the_matched_row_follows_the_reference(tmp_pa
 def test_unknown_rows_are_refused():
     with pytest.raises(SystemExit):
         reference_deviations.parse_args(["--configs", "nonsense"])
+
+
+@pytest.mark.parametrize("where", ["{tmp}", "{tmp}/a_file/runs.json"], ids=["folder", "under-a-file"])
+def test_a_json_that_cannot_be_written_is_refused_before_any_run(where, tmp_path, monkeypatch, capsys):
+    """It trained every run, printed the tables and then died writing the JSON (a traceback)."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(reference_deviations, "train", lambda *args: pytest.fail("a run trained"))
+    path = where.format(tmp=tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        reference_deviations.main(["--tasks", "mlp", "--configs", "defaults", "--seeds", "0", "--json", path])
+    assert stop.value.code == 2 and f"error: --json {path}: " in capsys.readouterr().err
+
+
+def test_a_json_in_a_folder_not_yet_made_is_written_there(tmp_path, monkeypatch, capsys):
+    """A missing folder used to be a FileNotFoundError after the runs; it is made, as bench_gpu makes its own."""
+    monkeypatch.setattr(reference_deviations, "train", lambda task, row, every, seed, steps: reference_deviations.RunResult(
+        task, row.key, every, seed, 1.0, 1.0))
+    path = tmp_path / "new" / "runs.json"
+    assert reference_deviations.main(["--tasks", "mlp", "--configs", "defaults", "--seeds", "0", "--json", str(path),
+                                      "--no-progress"]) == 0
+    assert [run["config"] for run in json.loads(path.read_text())] == ["defaults"]

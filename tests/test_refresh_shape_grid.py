@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lightning_kron.scheduling.budget_policies import BudgetRefresh
 from scripts import refresh_shape_grid as grid
 from scripts import refresh_study as study
@@ -96,3 +98,17 @@ def test_a_model_at_another_lr_trains_at_it_and_pairs_with_its_own_baselines(tmp
     expected = sum(r["val_loss"] / 2.0 - 1 for r in runs) / len(runs)
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {next(iter(one))} "))
     assert row.split("|")[2].strip() == f"{100 * expected:+.2f}%"
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--seeds", "3-1"], "argument --seeds: "),
+    (["--json", "{tmp}"], "--json {tmp}: is a folder"),
+    (["--study-json", "{tmp}"], "{tmp} is not a file of study runs: it cannot be read"),
+], ids=["empty-seeds", "json-folder", "study-json-folder"])
+def test_a_request_that_cannot_run_or_be_stored_fails_in_one_line_before_any_run(argv, said, tmp_path, monkeypatch, capsys):
+    """Seeds 3-1 exited 1 after an empty grid; a folder as --json or --study-json was a traceback."""
+    monkeypatch.setattr(study, "run_one", lambda *args, **kwargs: pytest.fail("a run trained"))
+    with pytest.raises(SystemExit) as stop:
+        grid.main(["--json", str(tmp_path / "grid.json"), "--no-progress", *(a.format(tmp=tmp_path) for a in argv)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and said.format(tmp=tmp_path) in err.strip().splitlines()[-1] and "Traceback" not in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -265,8 +266,40 @@ def test_seeds_are_given_as_lists_ranges_or_both():
     assert study.parse_seeds("0,1,2") == [0, 1, 2]
     assert study.parse_seeds("0-3") == [0, 1, 2, 3]
     assert study.parse_seeds("5, 0-2,1") == [5, 0, 1, 2]
-    with pytest.raises(ValueError):
-        study.parse_seeds("zero")
+    for bad in ("zero", "3-1", "0,2-1", "-1", ""):  # "3-1" ran nothing and exited 0
+        with pytest.raises(argparse.ArgumentTypeError, match="LOW <= HIGH"):
+            study.parse_seeds(bad)
+
+
+def test_seeds_that_name_no_run_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(study, "run_one", lambda *args, **kwargs: pytest.fail("a run trained"))
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--seeds", "3-1", "--models", "mlp", "--schedules", "every10", "--json", str(tmp_path / "r.json")])
+    assert stop.value.code == 2 and "argument --seeds: " in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--timing", "{tmp}", "--sizes", "8"], "--timing {tmp}: is a folder"),
+    (["--json", "{tmp}", "--models", "mlp", "--schedules", "every10", "--seeds", "0"], "--json {tmp}: is a folder"),
+    (["--json", "{tmp}/a_file/runs.json", "--models", "mlp", "--seeds", "0"], "{tmp}/a_file is a file"),
+    (["--show", "--json", "{tmp}"], "{tmp} is not a file of study runs: it cannot be read"),
+    (["--show", "--report", "{tmp}/r.md", "--plot", "/proc/x.png", "--json", "{tmp}/runs.json"], "--plot /proc/x.png: /proc"),
+    (["--show", "--report", "{tmp}/r.md", "--user-plot", "{tmp}", "--json", "{tmp}/runs.json"], "--user-plot {tmp}: is a folder"),
+], ids=["timing-folder", "json-folder", "json-under-a-file", "show-folder", "plot-unmakeable", "user-plot-folder"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(argv, said, tmp_path, capsys, monkeypatch):
+    """Each was a traceback after the work: the timings measured, the report written, or a run trained."""
+    if any(a.startswith("/proc") for a in argv) and not Path("/proc").is_dir():
+        pytest.skip("needs Linux's /proc")
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "runs.json").write_text(json.dumps({"runs": []}))
+    monkeypatch.setattr(study, "run_one", lambda *args, **kwargs: pytest.fail("a run trained"))
+    monkeypatch.setattr(study, "time_factor", lambda *args, **kwargs: pytest.fail("a factor was timed"))
+    with pytest.raises(SystemExit) as stop:
+        study.main([a.format(tmp=tmp_path) for a in argv])
+    stderr = capsys.readouterr().err
+    assert stop.value.code == 2 and said.format(tmp=tmp_path) in stderr.strip().splitlines()[-1]
+    assert "Traceback" not in stderr and not (tmp_path / "r.md").exists()
 
 
 def test_show_prints_the_stored_runs_against_the_reference_and_runs_none(tmp_path, capsys):

@@ -51,6 +51,7 @@ def test_rotation_dtype_reaches_every_run(monkeypatch, capsys):
         return SimpleNamespace(val_loss=[1.0], total_refreshes=1, refreshes=[1])
 
     monkeypatch.setattr(refresh_sweep.compare, "train_one", fake_train_one)
+    monkeypatch.setattr(refresh_sweep.compare, "check_inputs", lambda args: None)  # the default data is large
     refresh_sweep.main(["--run", "a", "fixed", "inf:10", "--run", "b", "adaptive", "inf:0.5",
                         "--rotation-dtype", "bfloat16", "--no-progress"])
     assert seen == [(torch.bfloat16, None)] * 2
@@ -73,3 +74,27 @@ def test_every_schedule_is_checked_before_any_run_trains(runs, message, monkeypa
     with pytest.raises(SystemExit) as stop:
         refresh_sweep.main(argv)
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got '0'"),  # was run at 32
+    (["--seed", "-1"], "argument --seed: must be a whole number from 0 to 4294967295"),
+    (["--context-length", "0"], "argument --context-length: must be a positive integer"),
+], ids=["batch-size", "seed", "context-length"])
+def test_a_bad_recipe_flag_is_refused_by_the_parser(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(refresh_sweep, "train", lambda *args, **kwargs: pytest.fail("a run trained"))
+    with pytest.raises(SystemExit) as stop:
+        refresh_sweep.main(["--run", "a", "fixed", "inf:10", *argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/no/such/corpus"], "error: data path '/no/such/corpus' does not exist"),
+    (["--data", TEXT_FOLDER + "/tool.py", "--batch-size", "100000"], "training bytes, fewer than one batch needs"),
+], ids=["missing", "too-small"])
+def test_bad_data_is_the_one_line_error_compare_gives_before_any_run(argv, message, tmp_path, monkeypatch, capsys):
+    """A missing --data was a RecipeInputError traceback (exit 1) from inside the first run."""
+    monkeypatch.setattr(refresh_sweep, "train", lambda *args, **kwargs: pytest.fail("a run trained"))
+    assert refresh_sweep.main(["--run", "a", "fixed", "inf:10", "--cache-dir", str(tmp_path), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
