@@ -703,3 +703,23 @@ def test_a_factor_first_gradded_after_the_start_gets_exact_bases_on_that_step():
                 assert info.staleness < 1e-12, info  # exact: the eigenbasis of the statistics
     assert first_refresh == {"group0.param0[L]": 2, "group0.param0[R]": 2, "group0.param1[L]": 3,
                              "group0.param1[R]": 3, "group1.param0[L]": 4, "group1.param0[R]": 4}
+
+
+def test_a_members_repeated_qr_steps_do_not_depend_on_the_others_in_its_batch():
+    """max_iters > 1 with a tolerance: each member steps while it is above the tolerance. The
+    batch used to step while any member was, so DDP's split of the refreshes between owner ranks
+    and FSDP2's between shards changed the bases (0.04-0.1 of the parameters)."""
+    from lightning_kron.engine import basis_refresh
+
+    generator = torch.Generator().manual_seed(0)
+    rotate = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=generator))[0]
+    near = torch.diag(torch.logspace(0, 2, 6, dtype=torch.float64)) + 1e-3 * _random_spd(6, generator)
+    far = rotate @ near @ rotate.T  # far from diagonal: needs every step
+    request = basis_refresh.RefreshRequest(max_iters=4, tolerance=0.05)
+    batch = basis_refresh._warm_qr(torch.stack([near, far]), request)
+    for row, member in enumerate((near, far)):
+        alone = basis_refresh._warm_qr(member[None], request)
+        for together, by_itself in zip(batch, alone):
+            assert torch.equal(together[row], by_itself[0]), row
+    one_step = basis_refresh._warm_qr(torch.stack([near, far]), basis_refresh.RefreshRequest(max_iters=1))[1]
+    assert staleness(one_step[0:1])[0] < 0.05 < staleness(one_step[1:2])[0]  # one is done, the other steps on

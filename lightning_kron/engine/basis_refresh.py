@@ -49,8 +49,8 @@ class BasisChangeHooks(Protocol):
 
 @dataclass(frozen=True)
 class RefreshRequest:
-    """How to refresh: ``solver`` is "qr" (warm power step) or "eigh"; QR repeats while any member
-    is above ``tolerance``, at most ``max_iters`` times. ``shift=False`` declines the QR-step shift
+    """How to refresh: ``solver`` is "qr" (warm power step) or "eigh"; QR repeats for each member
+    while it is above ``tolerance``, at most ``max_iters`` times. ``shift=False`` declines the QR-step shift
     of an orthonormalizer that has one (Cholesky-QR's,
     :func:`~lightning_kron.engine.solvers.cholesky_qr3_step_shift`): for full-rank factors whose
     small eigenvalues matter most (KrADagrad's inverses). ``retry``: a second attempt, this step,
@@ -77,10 +77,14 @@ def _eigh(stats: torch.Tensor):
 
 
 def _warm_qr(stats: torch.Tensor, request: RefreshRequest, criterion=staleness):
-    """Sorted power steps, repeated while any member is above tolerance (up to ``max_iters``).
+    """Sorted power steps, each member's repeated while it is above tolerance (up to ``max_iters``),
+    and the loop stops when none is.
 
-    With ``tolerance=0`` every step runs without asking: a member exactly at staleness 0 is
-    diagonal already, where one more step is a no-op, so the test would only add a host sync per
+    Per member, so that a member's result does not depend on which others share its batch: with
+    the batch repeated while any member was above tolerance, DDP's split of the refreshes between
+    owners and FSDP2's between shards changed the bases (by up to 0.1 of the parameters). With
+    ``tolerance=0`` every step runs without asking: a member exactly at staleness 0 is diagonal
+    already, where one more step is a no-op, so the test would only add a host sync per
     iteration."""
     orth = ORTHONORMALIZERS[request.orthonormalizer]
     if not request.shift:
@@ -88,23 +92,36 @@ def _warm_qr(stats: torch.Tensor, request: RefreshRequest, criterion=staleness):
     rotation = order = None
     original = stats
     failed = torch.zeros(stats.shape[0], dtype=torch.bool, device=stats.device)
+    active = None  # the members still above tolerance after the first step (None: all of them)
     for iteration in range(request.max_iters):
         step_order = descending_diagonal_order(stats)
-        step_rotation, stats, ok = qr_step_in_basis(stats, orth, order=step_order)
+        step_rotation, stepped, ok = qr_step_in_basis(stats, orth, order=step_order)
+        if active is not None:  # a member already below tolerance keeps what it has
+            step_rotation = torch.where(active[:, None, None], step_rotation, _eye_like(step_rotation))
+            stepped = torch.where(active[:, None, None], stepped, stats)
+            step_order = torch.where(active[:, None], step_order, _identity_order(step_order))
+            ok = ok | ~active
+        stats = stepped
         rotation = step_rotation if rotation is None else rotation @ step_rotation
         order = step_order if order is None else torch.gather(order, -1, step_order)
         failed |= ~ok
-        last = iteration + 1 == request.max_iters
-        if last or (request.tolerance > 0 and not bool((criterion(stats) > request.tolerance).any())):
+        if iteration + 1 == request.max_iters or request.tolerance <= 0:
+            continue
+        active = criterion(stats) > request.tolerance
+        if not bool(active.any()):
             break
     # a member that failed in any iteration keeps its basis: identity rotation, its B, no re-ranking
     # (after one iteration the QR step already returned the identity and the old B for it)
     keep = ~failed
     if request.max_iters > 1:
-        eye = torch.eye(rotation.shape[-1], dtype=rotation.dtype, device=rotation.device)
-        rotation = torch.where(keep[:, None, None], rotation, eye)
+        rotation = torch.where(keep[:, None, None], rotation, _eye_like(rotation))
         stats = torch.where(keep[:, None, None], stats, original)
     return rotation, stats, keep, torch.where(keep[:, None], order, _identity_order(order))
+
+
+def _eye_like(stack: torch.Tensor) -> torch.Tensor:
+    """The identity of a stack's matrices (broadcast over the stack)."""
+    return torch.eye(stack.shape[-1], dtype=stack.dtype, device=stack.device)
 
 
 def refresh_factor(
