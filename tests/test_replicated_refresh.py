@@ -62,3 +62,45 @@ def test_ranks_that_receive_refreshes_end_where_one_process_ends(tmp_path):
             # fp64: an owner may refresh a different batch of rows than one process does, so allow
             # round-off (~1e-13 over 30 steps); the bug is 1e-2
             torch.testing.assert_close(ranked[name], single[name], rtol=0, atol=1e-9)
+
+
+def _train_own_model(rank: int, replicated: bool) -> dict[str, torch.Tensor]:
+    """Each rank its own model (an ensemble under one launcher); rank 1's second weight has another
+    shape, so the ranks' factor counts differ too."""
+    torch.manual_seed(rank)
+    shapes = {"a": (8, 6), "b": (8, 6) if rank == 0 else (5, 6)}
+    params = {name: torch.nn.Parameter(torch.randn(shape, dtype=torch.float64)) for name, shape in shapes.items()}
+    optimizer = lk.SOAP(list(params.items()), lr=1e-2, refresh=lk.FixedRefresh(every=2), replicated=replicated)
+    for step in range(6):
+        generator = torch.Generator().manual_seed(100 * rank + step)
+        for param in params.values():
+            param.grad = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+        optimizer.step()
+    return {name: param.detach() for name, param in params.items()}
+
+
+def _own_model_worker(rank: int, port: int, out_dir: str, replicated: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        result = _train_own_model(rank, replicated)
+    except RuntimeError as error:
+        result = str(error)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finish_worker()
+
+
+def test_ranks_with_their_own_models_are_refused_unless_built_with_replicated_false(tmp_path):
+    """Taken for DDP replicas, the ranks of independent runs got rank 0's decisions and the owners'
+    bases, or aborted the process group where their factor counts differed (a hang under NCCL)."""
+    for replicated in (True, False):
+        mp.spawn(_own_model_worker, args=(free_port(), str(tmp_path), replicated), nprocs=2)
+        results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+        if replicated:
+            assert all(isinstance(result, str) and "not DDP replicas" in result and "replicated=False" in result
+                       for result in results), results
+            continue
+        for rank, result in enumerate(results):  # each rank exactly as if trained alone
+            alone = _train_own_model(rank, replicated=False)
+            assert all(torch.equal(result[name], alone[name]) for name in alone), rank

@@ -80,7 +80,8 @@ def shard_layout(named_params: Iterable[tuple[str, torch.Tensor]]) -> Optional[S
         return None
     if plain:
         raise ValueError(f"parameters {plain[:3]} are plain tensors while others are FSDP2 DTensors; shard the "
-                         "whole model with fully_shard (or give the plain ones their own optimizer)")
+                         "whole model with fully_shard (or give the plain ones their own optimizer, with "
+                         "replicated=False unless their gradients are all-reduced)")
     group = mesh.get_group()
     return ShardLayout(group=group, rank=dist.get_rank(group), world_size=dist.get_world_size(group))
 

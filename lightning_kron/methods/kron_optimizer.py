@@ -226,6 +226,7 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         statistics_product_dtype: Optional[torch.dtype] = None,
         compile: bool = False,
         refresh_timing: str = "in_step",
+        replicated: bool = True,
     ) -> None:
         check_positive_int("max_precond_dim", max_precond_dim, minimum=0)
         check_choice("refresh_timing", refresh_timing, REFRESH_TIMINGS)
@@ -234,6 +235,9 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         check_choice("orthonormalizer", orthonormalizer, ("auto", *ORTHONORMALIZERS))
         check_choice("nonfinite", nonfinite, ("skip", "raise"))
         check_flag("compile", compile)
+        #: under a process group, plain (unsharded) parameters are taken to be DDP replicas: the
+        #: refreshes are split between ranks and shared (checked once: scheduling/ownership.py)
+        self.replicated = check_flag("replicated", replicated)
         refresh = check_policy(refresh if refresh is not None else FixedRefresh(every=10))
         statistics_dtype = check_dtype("statistics_dtype", statistics_dtype, (torch.float32, torch.float64))
         # no float16 for either: a rotation concentrates a gradient's norm into a few entries, which

@@ -204,6 +204,8 @@ class SOAP(EigenvalueCorrectedOptimizer):
             bases and the refresh's QR and ``Q P`` stay in fp32.
         compile: ``True`` compiles the per-group Adam and the parameter update with
             ``torch.compile`` (meant for CUDA; equal to eager to float tolerance).
+        replicated: in a process group with plain parameters, whether the ranks are DDP replicas
+            (True: refreshes split between them; checked once) or train their own (False).
         statistics_product_dtype: ``torch.bfloat16`` runs the statistics' product ``G' G'^T``
             in bf16 too (accumulated into fp32): faster still, at a measured +0.6% final loss on
             the GPT recipe (docs/benchmarks.md, "Optimizer step cost").

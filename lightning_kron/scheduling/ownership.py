@@ -47,6 +47,33 @@ def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
     return owners
 
 
+def check_replicated(optimizer) -> None:
+    """Refuse ranks that do not hold the same factors, with the way out, before a collective
+    relies on it: taken for DDP replicas, the ranks of independent runs under one launcher (an
+    ensemble, a sweep), or experts and pipeline stages on different ranks, were silently given rank
+    0's decisions and the owners' bases (0.06 off), or aborted the process group where their factor
+    counts differed (a hang under NCCL). What is compared: the number of factors, their total size
+    and the sum of their statistics' traces (equal under DDP, whose gradients are all-reduced;
+    relative tolerance 1e-4 for round-off across devices). One all-gather of three numbers, once."""
+    _, world = rank_and_world()
+    if world == 1:
+        return
+    stacks = [(group, dim) for group in optimizer.factor_groups() for dim in group.factored_dims]
+    count = sum(len(group) for group, _ in stacks)
+    size = sum(len(group) * group.shape[dim] for group, dim in stacks)
+    trace = sum(float(group.stats(dim).diagonal(dim1=-2, dim2=-1).sum()) for group, dim in stacks)
+    every = gather_from_all([count, size, trace])
+    first = every[0]
+    for rank, theirs in enumerate(every):
+        if theirs[:2] != first[:2] or abs(theirs[2] - first[2]) > 1e-4 * max(abs(first[2]), abs(theirs[2])):
+            raise RuntimeError(
+                f"{type(optimizer).__name__}: the ranks of this process group hold different parameters (rank 0: "
+                f"{int(first[0])} factors, statistics trace {first[2]:.6g}; rank {rank}: {int(theirs[0])} factors, "
+                f"{theirs[2]:.6g}), so they are not DDP replicas. For independent runs, experts or pipeline stages, "
+                "build the optimizer with replicated=False: each rank then refreshes its own factors, with no "
+                "communication")
+
+
 def broadcast_from_first(tensor: torch.Tensor) -> torch.Tensor:
     """Make every rank hold rank 0's ``tensor`` (in place); identical decisions everywhere."""
     if rank_and_world()[1] > 1:

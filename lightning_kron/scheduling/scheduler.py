@@ -60,6 +60,7 @@ from lightning_kron.scheduling.ownership import (
     OwnedRows,
     assign_owners,
     broadcast_from_first,
+    check_replicated,
     rank_and_world,
     share_rows,
 )
@@ -132,6 +133,7 @@ class RefreshScheduler:
         self._layout_for: Optional[list[FactorGroup]] = None
         self._slots: list[_Slot] = []
         self._decided_at = -1  # the optimizer step whose refreshes were already decided
+        self._replication_checked = False  # whether the ranks were found to hold the same factors
         self._refreshed_groups: list[FactorGroup] = []  # changed at that step, on any rank
         self._replaced = getattr(optimizer, "scheduler", None)
         if self._replaced is not None:
@@ -325,8 +327,15 @@ class RefreshScheduler:
         self._refresh(chosen, slots, self.tolerance_at(step), started, due_to_reorthonormalize)
 
     def _replicated(self) -> bool:
-        """Whether every rank holds the same factors (DDP, or one process), not its own shard's."""
-        return getattr(self.optimizer, "shard_layout", None) is None
+        """Whether every rank holds the same factors (DDP, or one process), not its own shard's
+        (FSDP2) or its own model's (``replicated=False``). The first time, under several ranks,
+        they compare what they hold, before the first collective that relies on it."""
+        if getattr(self.optimizer, "shard_layout", None) is not None or not getattr(self.optimizer, "replicated", True):
+            return False
+        if not self._replication_checked:
+            check_replicated(self.optimizer)
+            self._replication_checked = True
+        return True
 
     def _reorthonormalization_due(self, slots: list[_Slot]) -> torch.Tensor:
         """Per factor, whether its next refresh re-orthonormalises its basis (read with the decision)."""
