@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import lightning_kron as lk
 from scripts.arguments import refuse_unwritable
-from scripts.bench_step import rival_rows, state_megabytes
+from scripts.bench_step import rival_rows, rows_matching, rows_named, state_megabytes
 
 
 @dataclass
@@ -145,10 +145,7 @@ def run(args) -> list[Row]:
 
 def selected_rows(args) -> dict:
     """The candidate rows whose names contain one of the --only substrings (every row without it)."""
-    rows = candidates(args.max_precond_dim, args.every)
-    if args.only:
-        rows = {k: v for k, v in rows.items() if any(s.lower() in k.lower() for s in args.only)}
-    return rows
+    return rows_matching(candidates(args.max_precond_dim, args.every), args.only)
 
 
 def table(results: list[Row]) -> str:
@@ -188,8 +185,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device (use --device cpu --tiny for a smoke run)")
-    if not selected_rows(args):
-        parser.error(f"--only {' '.join(args.only)} matches no row; the rows are: {'; '.join(candidates(args.max_precond_dim, args.every))}")
+    rows_named(candidates(args.max_precond_dim, args.every), args.only, parser)  # an --only that matches no row
     results = run(args)
     print(table(results))
     if args.json:

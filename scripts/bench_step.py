@@ -291,14 +291,22 @@ def print_refresh_table(model: str, stacks: list[torch.Tensor], repeats: int) ->
 
 
 def rows_named(rows: dict[str, Callable], only: list[str] | None, parser: argparse.ArgumentParser) -> dict[str, Callable]:
-    """The rows whose names hold one of ``--only``'s substrings (all without it); none is an error,
-    said before any model is built."""
+    """The rows whose names hold one of ``--only``'s substrings (all without it). A substring that
+    matches no row is an error, said before any model is built: a row renamed since a command was
+    written down would otherwise drop out of the table unnoticed."""
     if not only:
         return rows
-    chosen = {name: make for name, make in rows.items() if any(part.lower() in name.lower() for part in only)}
-    if not chosen:
-        parser.error(f"--only {' '.join(only)} matches no row; the rows are: {'; '.join(rows)}")
-    return chosen
+    unmatched = [part for part in only if not any(part.lower() in name.lower() for name in rows)]
+    if unmatched:
+        parser.error(f"--only {' '.join(unmatched)} matches no row; the rows are: {'; '.join(rows)}")
+    return rows_matching(rows, only)
+
+
+def rows_matching(rows: dict[str, Callable], only: list[str] | None) -> dict[str, Callable]:
+    """The rows whose names hold one of ``only``'s substrings, case aside (all when ``only`` is empty)."""
+    if not only:
+        return rows
+    return {name: make for name, make in rows.items() if any(part.lower() in name.lower() for part in only)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -59,6 +59,7 @@ def test_refresh_orthonormalizers_counts_failures_and_times_every_row(monkeypatc
     ("bench_step", ["--device", "foo"], "--device 'foo' is not a torch device"),
     ("bench_step", ["--only", "nomatch"], "--only nomatch matches no row; the rows are: torch AdamW"),
     ("count_ops", ["--only", "nomatch"], "--only nomatch matches no row; the rows are: torch AdamW"),
+    ("bench_step", ["--only", "eshampoo", "shampoo+adam"], "--only shampoo+adam matches no row"),  # a renamed row dropped out
     ("illconditioned", ["--lrs", "-1"], "every --lrs must be a positive learning rate"),
     ("illconditioned", ["--methods", "lion"], "unknown --methods ['lion']; choose from ["),
 ])
