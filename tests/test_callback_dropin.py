@@ -197,6 +197,36 @@ def test_manual_optimization_is_supported():
     assert callback.scheduler.counters.refreshes == 2 * 6
 
 
+def test_a_kept_reference_to_the_replaced_adamw_steps_the_new_optimizer(recwarn):
+    """Manual optimization through the module's own reference (``self.opt``) and a scheduler it
+    steps itself: AdamW's step over SOAP's groups failed inside torch (KeyError: 'fused'), and torch
+    warned that the scheduler stepped before the optimizer."""
+    class KeepsItsOwn(TinyRegression):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def configure_optimizers(self):
+            self.opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
+            self.schedule = torch.optim.lr_scheduler.StepLR(self.opt, step_size=2, gamma=0.5)
+            return self.opt
+
+        def training_step(self, batch, batch_idx):
+            self.opt.zero_grad()
+            self.manual_backward(super().training_step(batch, batch_idx))
+            self.opt.step()
+            self.schedule.step()
+
+    module = KeepsItsOwn()  # Lightning counts no step it did not take: one epoch of 8 batches
+    trainer = fit(module, [KronCallback(refresh=FixedRefresh(every=1))], max_steps=-1, max_epochs=1)
+    optimizer = trainer.optimizers[0]
+    assert type(optimizer) is SOAP and optimizer.global_step == 8
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5 ** 4)  # the schedule drove the new groups
+    messages = [str(warning.message) for warning in recwarn]
+    assert sum("its step() now steps the SOAP" in message for message in messages) == 1
+    assert not any("lr_scheduler.step()` before `optimizer.step()" in message for message in messages), messages
+
+
 @pytest.mark.parametrize("kind, message", [("two", "exactly one optimizer"), ("sgd", "replaces torch.optim.Adam/AdamW"),
                                            (lambda module: None, "configure_optimizers returned no optimizer")])
 def test_unsupported_optimizers_are_refused_at_fit_start(kind, message):

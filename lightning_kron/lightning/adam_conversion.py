@@ -25,6 +25,7 @@ is given ``graft="adam"`` (unless ``optimizer_options`` says otherwise) and Adam
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Optional
 
 import torch
@@ -123,20 +124,37 @@ def repoint_schedulers(schedulers, old: torch.optim.Optimizer, new: torch.optim.
         if getattr(scheduler, "optimizer", None) is old:
             scheduler.optimizer = new
             moved += 1
-    if moved:
-        _track_step_calls(new)
+    _track_step_calls(new, old)
     old.param_groups = new.param_groups  # any reference we could not see now writes into the new groups
+    _forward_steps(old, new)
     return moved
 
 
-def _track_step_calls(optimizer: torch.optim.Optimizer) -> None:
+def _track_step_calls(optimizer: torch.optim.Optimizer, replaced: torch.optim.Optimizer) -> None:
+    """What torch's LRScheduler installs on the optimizer it drives (it warns when
+    ``scheduler.step()`` comes before any ``optimizer.step()``), for ``optimizer`` and for the
+    ``replaced`` one: a scheduler the module holds and steps itself still points at that one."""
     step = optimizer.step
-    if hasattr(step, "_wrapped_by_lr_sched"):
-        return
 
     def tracked_step(*args, **kwargs):
-        optimizer._opt_called = True
+        optimizer._opt_called = replaced._opt_called = True
         return step(*args, **kwargs)
 
     tracked_step._wrapped_by_lr_sched = True
     optimizer.step = tracked_step
+
+
+def _forward_steps(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+    """A reference to the replaced optimizer that the module kept (``self.opt = AdamW(...)`` in
+    ``configure_optimizers``, stepped in manual optimization) steps the new one, with one warning:
+    AdamW's own step over the new optimizer's groups failed inside torch (``KeyError: 'fused'``)."""
+    warned = []
+
+    def forwarded_step(*args, **kwargs):
+        if not warned:
+            warned.append(True)
+            warnings.warn(f"KronCallback replaced this {type(old).__name__} with {type(new).__name__}: its step() now "
+                          f"steps the {type(new).__name__}. Get that one with self.optimizers()", UserWarning, stacklevel=2)
+        return new.step(*args, **kwargs)
+
+    old.step = forwarded_step

@@ -97,9 +97,11 @@ class KronCallback(Callback):
     rank), and the logged telemetry is gathered from every rank (docs/scaling-out.md).
 
     Raises:
-        ValueError: for a bad argument, here; MisconfigurationException at ``setup``/``on_fit_start``
-            for setups it does not support (FSDP1's FSDPStrategy, DeepSpeed, tensor parallelism;
-            several optimizers; an optimizer other than Adam/AdamW or a lightning_kron one).
+        ValueError: for a bad argument, here, and at ``on_fit_start`` for an Adam option the method
+            has no counterpart for (``amsgrad``, ``maximize``); MisconfigurationException at
+            ``setup``/``on_fit_start`` for setups it does not support (FSDP1's FSDPStrategy,
+            DeepSpeed, tensor parallelism; several optimizers; an optimizer other than Adam/AdamW or
+            a lightning_kron one).
 
     Example::
 

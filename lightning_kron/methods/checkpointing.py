@@ -90,7 +90,8 @@ class Checkpointing:
         groups = state_dict["param_groups"] or [{}]
         meta = groups[0].get(META_KEY, state_dict.get(META_KEY))  # top level: checkpoints before format 2
         if meta is None:
-            raise ValueError(f"this state_dict was not saved by a lightning_kron optimizer; cannot load it into {mine}")
+            raise ValueError(f"this state_dict was not saved by a lightning_kron optimizer; cannot load it into {mine} "
+                             "(to go on from an AdamW run, load the model's weights only: the optimizer starts afresh)")
         self._check_meta(meta)
         self._check_world_size(meta.get("world_size"))
         saved_groups = state_dict["param_groups"]
