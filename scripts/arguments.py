@@ -5,6 +5,7 @@ written (a path found unwritable after the runs would throw them away)."""
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
@@ -53,6 +54,9 @@ def output_problem(flag: str, path: Union[str, Path], folder: bool = False) -> O
             open(path, "ab").close()  # appends nothing: the file is left as it is
         except OSError as error:
             return f"{said}: cannot be written ({error.strerror})"
+        return None  # written in place: its folder need not be writable
+    if path.exists():  # a device such as /dev/stdout
+        return None if os.access(path, os.W_OK) else f"{said}: cannot be written"
     above = next(parent for parent in path.absolute().parents if parent.exists())
     what = "the folder" if folder else "the file"
     if not above.is_dir():

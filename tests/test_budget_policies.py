@@ -174,6 +174,15 @@ def test_a_fractional_tolerance_schedule_spans_the_preconditioned_steps():
     assert TighterEarly(early_fraction=0.29).boundary(100) == 29  # 0.29 * 100 is 28.999999999999996
 
 
+def test_an_eligible_overflowed_factor_still_takes_a_free_slot():
+    """Ranked last among the eligible, but above the ineligible: at a tie with them it lost its
+    slot to an ineligible factor of lower index, which was then dropped, and waited forever."""
+    from lightning_kron.scheduling.budget_policies import most_stale
+
+    chosen = most_stale(torch.tensor([0.1, math.nan]), 1, torch.tensor([False, True]))
+    assert chosen.tolist() == [False, True]
+
+
 def test_the_per_step_cap_ranks_an_overflowed_factor_last():
     """A NaN staleness (an overflowed factor) took one of max_per_step's slots on every check."""
     optimizer = lk.SOAP(_model().named_parameters())

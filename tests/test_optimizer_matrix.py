@@ -373,12 +373,13 @@ def test_a_damaged_state_dict_is_refused_before_anything_changes(make_optimizer,
 
 
 def test_a_checkpoint_with_a_tensor_lr_loads():
-    """An lr set to a 0-d tensor mid-run (as some LR schedulers do) is checked as a number on load."""
+    """An lr or betas set to 0-d tensors mid-run (as some LR schedulers do) are checked as numbers on load."""
     model = nn.Linear(4, 3)
     optimizer = lk.SOAP(model.parameters())
     optimizer.param_groups[0]["lr"] = torch.tensor(0.01)
     model.weight.grad, model.bias.grad = torch.randn(3, 4), torch.randn(3)
     optimizer.step()
+    optimizer.param_groups[0]["betas"] = (torch.tensor(0.9), torch.tensor(0.95))  # inside a tuple too
     loader = lk.SOAP(model.parameters())
     loader.load_state_dict(optimizer.state_dict())
     assert float(loader.param_groups[0]["lr"]) == pytest.approx(0.01)

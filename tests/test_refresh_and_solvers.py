@@ -723,3 +723,22 @@ def test_a_members_repeated_qr_steps_do_not_depend_on_the_others_in_its_batch():
             assert torch.equal(together[row], by_itself[0]), row
     one_step = basis_refresh._warm_qr(torch.stack([near, far]), basis_refresh.RefreshRequest(max_iters=1))[1]
     assert staleness(one_step[0:1])[0] < 0.05 < staleness(one_step[1:2])[0]  # one is done, the other steps on
+
+
+def test_a_fixed_clock_refreshes_no_factor_before_its_first_gradient():
+    """FixedRefresh chooses every factor at a check: one whose parameter had no gradient yet (an
+    expert unused so far, a frozen layer) got a refresh of zero statistics, which also marked its
+    identity basis as refreshed, so that its first gradient, after the check at step 11, did not
+    get exact bases (staleness 0.38-0.68 right after it)."""
+    generator = torch.Generator().manual_seed(0)
+    used, later, frozen = (nn.Parameter(torch.randn(5, 4, dtype=torch.float64, generator=generator)) for _ in range(3))
+    optimizer = lk.SOAP([("used", used), ("later", later), ("frozen", frozen)], lr=1e-3, refresh=lk.FixedRefresh(every=10))
+    for step in range(1, 15):
+        used.grad = torch.randn(5, 4, dtype=torch.float64, generator=generator)
+        later.grad = torch.randn(5, 4, dtype=torch.float64, generator=generator) if step >= 13 else None
+        optimizer.step()
+        infos = {info.name: info for info in optimizer.factors()}
+        if step == 13:
+            assert infos["later[L]"].refreshes == infos["later[R]"].refreshes == 1
+            assert infos["later[L]"].staleness < 1e-12 and infos["later[R]"].staleness < 1e-12
+    assert infos["used[L]"].refreshes == 2 and infos["frozen[L]"].refreshes == infos["frozen[R]"].refreshes == 0

@@ -36,6 +36,16 @@ def test_an_output_file_must_be_a_file_in_a_folder_that_can_be_written(tmp_path)
 
 
 @needs_proc
+def test_an_existing_file_or_device_that_opens_for_writing_is_accepted(tmp_path, monkeypatch):
+    """It was refused where its folder refused new files, and so was /dev/stdout."""
+    existing = tmp_path / "runs.json"
+    existing.write_text("{}")
+    monkeypatch.setattr("scripts.arguments._writable", lambda folder: False)  # a folder that takes no new file
+    assert output_problem("--json", existing) is None and existing.read_text() == "{}"
+    assert output_problem("--json", tmp_path / "new.json") is not None
+    assert output_problem("--json", "/dev/null") is None
+
+
 def test_a_folder_that_refuses_new_files_is_found_by_trying_not_by_os_access():
     assert output_problem("--out", UNWRITABLE, folder=True) == (
         f"--out {UNWRITABLE}: /proc is not a writable folder, so the folder cannot be made there")

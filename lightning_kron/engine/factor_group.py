@@ -97,6 +97,9 @@ class FactorGroup:
         #: ``KronOptimizer._steps_still_shared``): stacks of one parameter group with equal counts have
         #: equal per-member step counts, so they can share one bias correction
         self.host_steps = 0
+        #: whether every member has had its exact first refresh in every factored dim (host-side:
+        #: the step then stops looking for members first gradded late)
+        self.first_refreshes_done = False
         #: the buffer whose slice :attr:`steps` is (see :func:`share_step_counts`), or None
         self.step_buffer: Optional[torch.Tensor] = None
         #: whether any member's ``deferred`` flag may be set (host-side for the same reason: an

@@ -248,7 +248,11 @@ class Checkpointing:
 
 
 def _as_numbers(group: dict) -> dict:
-    """A group's one-element tensors as numbers, for the hyperparameter checks: an LR scheduler or a
-    user may set ``lr`` to a 0-d tensor mid-run, which a checkpoint then carries."""
-    return {key: value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-            for key, value in group.items()}
+    """A group's one-element tensors as numbers, also inside ``betas``, for the hyperparameter
+    checks: an LR scheduler or a user may set ``lr`` or ``betas`` to 0-d tensors mid-run, which a
+    checkpoint then carries."""
+    def number(value):
+        return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+
+    return {key: type(value)(number(item) for item in value) if isinstance(value, (tuple, list)) and key != "params"
+            else number(value) for key, value in group.items()}

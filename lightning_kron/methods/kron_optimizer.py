@@ -58,6 +58,7 @@ from lightning_kron.scheduling.policies import (
     RefreshPolicy,
     check_policy,
 )
+from lightning_kron.scheduling.ownership import check_replicated
 from lightning_kron.scheduling.scheduler import RefreshScheduler
 
 REFRESH_TIMINGS = ("in_step", "after_step")
@@ -190,7 +191,8 @@ def _unique_name(name: str, group_index: int, taken: set[str]) -> str:
 class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.Optimizer):
     """Base class; see the module docstring. Not used directly: pick SOAP, EShampoo or Shampoo."""
 
-    #: Solver of the forced refresh at ``start_preconditioning_step``. "eigh" finds the bases from
+    #: Solver of each factor's exact first refresh (at ``start_preconditioning_step``, or at its
+    #: first gradient after it). "eigh" finds the bases from
     #: scratch; a subclass whose statistics update already produces exact eigenbases may use "qr".
     initial_refresh_solver = "eigh"
     #: Whether ``_direction`` itself returns 0 for a parameter group skipped this step (a non-finite
@@ -238,6 +240,7 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         #: under a process group, plain (unsharded) parameters are taken to be DDP replicas: the
         #: refreshes are split between ranks and shared (checked once: scheduling/ownership.py)
         self.replicated = check_flag("replicated", replicated)
+        self._replicas_checked = False
         refresh = check_policy(refresh if refresh is not None else FixedRefresh(every=10))
         statistics_dtype = check_dtype("statistics_dtype", statistics_dtype, (torch.float32, torch.float64))
         # no float16 for either: a rotation concentrates a gradient's norm into a few entries, which
@@ -501,6 +504,10 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
             with torch.enable_grad():
                 loss = closure()
         groups = self.factor_groups()
+        if not self._replicas_checked:  # on every rank at its first step, before any collective relies on it
+            self._replicas_checked = True
+            if self.replicated and self.shard_layout is None:
+                check_replicated(self)
         if self.scheduler is not None:  # a schedule that cannot run here fails before any state changes
             self.scheduler.tolerance_at(max(self.global_step + 1 - self.start_preconditioning_step, 0))
         self.global_step += 1
@@ -697,8 +704,12 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         if self.global_step == self.start_preconditioning_step:
             todo = [(item, dim, None) for item in pending for dim in item.group.factored_dims]
         else:  # host-side: which members still hold the identity basis (a late one is rare)
-            todo = [(item, dim, rows) for item in pending for dim in item.group.factored_dims
-                    for rows in [item.group.identity_rows(dim)] if rows]
+            todo = [(item, dim, rows) for item in pending if not item.source.first_refreshes_done
+                    for dim in item.group.factored_dims for rows in [item.group.identity_rows(dim)] if rows]
+            for item in pending:  # a stack with no identity basis left is not scanned again
+                source = item.source
+                if not source.first_refreshes_done and not any(source.identity_rows(dim) for dim in source.factored_dims):
+                    source.first_refreshes_done = True
         if not todo:
             return
         # Householder, not "auto": a one-time refresh gains nothing from a fallback's second pass

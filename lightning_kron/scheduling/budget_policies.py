@@ -41,7 +41,10 @@ def most_stale(score: torch.Tensor, count: int, eligible: torch.Tensor) -> torch
     count = min(count, score.numel())
     if count <= 0:
         return chosen
-    ranked = torch.where(eligible & ~score.isnan(), score, -math.inf)
+    # a NaN among the eligible just above the ineligible: a tie at -inf gave its slot to an
+    # ineligible factor of lower index, which was then dropped
+    lowest = torch.finfo(score.dtype).min if score.is_floating_point() else -math.inf
+    ranked = torch.where(eligible & ~score.isnan(), score, torch.where(eligible, lowest, -math.inf))
     order = torch.sort(ranked, descending=True, stable=True).indices[:count]
     chosen[order] = True
     return chosen & eligible
@@ -106,7 +109,8 @@ class BudgetRefresh:
             statistics move fastest. Measured at 30 (``bare-early30`` in docs/refresh-study.md:
             it held on every study model where the even spread lost up to 16%), not tuned.
         total_steps: the planned optimizer steps, when the owner knows them (``KronCallback`` and the
-            scheduler pass theirs to :meth:`select`). Unknown: the early phase at ``front_load /
+            scheduler pass theirs to :meth:`select`, converted to the policy's clock, which starts
+            at ``start_preconditioning_step``; :meth:`select` called directly takes it as it is). Unknown: the early phase at ``front_load /
             every``, then ``1 / every``: every=k's budget plus ``(front_load - 1) * early / every``
             refreshes per factor (3 at the defaults: 0.70x every=10's count over 150 steps, 0.53x
             over 1000).

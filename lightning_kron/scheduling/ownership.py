@@ -18,6 +18,7 @@ Everything here is a no-op in a single process, so the same code path runs with 
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -48,30 +49,30 @@ def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
 
 
 def check_replicated(optimizer) -> None:
-    """Refuse ranks that do not hold the same factors, with the way out, before a collective
-    relies on it: taken for DDP replicas, the ranks of independent runs under one launcher (an
-    ensemble, a sweep), or experts and pipeline stages on different ranks, were silently given rank
-    0's decisions and the owners' bases (0.06 off), or aborted the process group where their factor
-    counts differed (a hang under NCCL). What is compared: the number of factors, their total size
-    and the sum of their statistics' traces (equal under DDP, whose gradients are all-reduced;
-    relative tolerance 1e-4 for round-off across devices). One all-gather of three numbers, once."""
+    """Refuse ranks that are not DDP replicas, with the way out, at the optimizer's first step (on
+    every rank, before any collective relies on it). Taken for replicas, the ranks of independent
+    runs under one launcher (an ensemble, a sweep), or experts and pipeline stages on different
+    ranks, were silently given rank 0's decisions and the owners' bases (0.06 off), or aborted the
+    process group where their factor counts differed (a hang under NCCL). Compared: the parameters'
+    shapes in order (a hash) and a position-weighted sum of the first gradients, which DDP's
+    all-reduce makes equal on every rank (relative tolerance 1e-6, for reductions that differ in
+    round-off). One host read and one all-gather of three numbers, once."""
     _, world = rank_and_world()
     if world == 1:
         return
-    stacks = [(group, dim) for group in optimizer.factor_groups() for dim in group.factored_dims]
-    count = sum(len(group) for group, _ in stacks)
-    size = sum(len(group) * group.shape[dim] for group, dim in stacks)
-    trace = sum(float(group.stats(dim).diagonal(dim1=-2, dim2=-1).sum()) for group, dim in stacks)
-    every = gather_from_all([count, size, trace])
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    layout = zlib.crc32(repr([tuple(param.shape) for param in params]).encode())
+    sums = [param.grad.double().sum() * (position + 1) for position, param in enumerate(params) if param.grad is not None]
+    checksum = float(torch.stack(sums).sum()) if sums else 0.0
+    every = gather_from_all([float(layout), float(len(sums)), checksum])
     first = every[0]
     for rank, theirs in enumerate(every):
-        if theirs[:2] != first[:2] or abs(theirs[2] - first[2]) > 1e-4 * max(abs(first[2]), abs(theirs[2])):
+        if theirs[:2] != first[:2] or abs(theirs[2] - first[2]) > 1e-6 * max(abs(first[2]), abs(theirs[2])):
+            what = "shapes" if theirs[0] != first[0] else "gradients"
             raise RuntimeError(
-                f"{type(optimizer).__name__}: the ranks of this process group hold different parameters (rank 0: "
-                f"{int(first[0])} factors, statistics trace {first[2]:.6g}; rank {rank}: {int(theirs[0])} factors, "
-                f"{theirs[2]:.6g}), so they are not DDP replicas. For independent runs, experts or pipeline stages, "
-                "build the optimizer with replicated=False: each rank then refreshes its own factors, with no "
-                "communication")
+                f"{type(optimizer).__name__}: ranks 0 and {rank} of this process group hold parameters of different "
+                f"{what}, so they are not DDP replicas. For independent runs, experts or pipeline stages, build the "
+                "optimizer with replicated=False: each rank then refreshes its own factors, with no communication")
 
 
 def broadcast_from_first(tensor: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,10 @@ This is the one place where a refresh is decided (docs/design.md). Every
 :class:`~lightning_kron.KronOptimizer` builds one over its own ``refresh=`` policy, so an optimizer
 used alone runs exactly this code; ``KronCallback`` (or any owner) builds another over its policy,
 which takes the optimizer's place until :meth:`RefreshScheduler.detach`. Besides the scheduler,
-only the optimizer's one forced exact refresh at ``start_preconditioning_step`` changes a basis.
+only the optimizer's exact first refresh of each factor (at ``start_preconditioning_step``, or at a
+factor's first gradient after it) changes a basis. A factor whose parameter has had no gradient yet
+is never refreshed here: its statistics are zero, and its first basis must come from its first
+gradient.
 The scheduler runs inside every optimizer step that really happened; a step that AMP's GradScaler
 skips never calls ``optimizer.step``, so it neither touches the statistics nor triggers a refresh.
 
@@ -60,7 +63,6 @@ from lightning_kron.scheduling.ownership import (
     OwnedRows,
     assign_owners,
     broadcast_from_first,
-    check_replicated,
     rank_and_world,
     share_rows,
 )
@@ -133,7 +135,6 @@ class RefreshScheduler:
         self._layout_for: Optional[list[FactorGroup]] = None
         self._slots: list[_Slot] = []
         self._decided_at = -1  # the optimizer step whose refreshes were already decided
-        self._replication_checked = False  # whether the ranks were found to hold the same factors
         self._refreshed_groups: list[FactorGroup] = []  # changed at that step, on any rank
         self._replaced = getattr(optimizer, "scheduler", None)
         if self._replaced is not None:
@@ -322,20 +323,28 @@ class RefreshScheduler:
         codes = decision.tolist()  # the one host sync of a checked step
         self._note_deferred(slots, codes)
         chosen = [index for index, code in enumerate(codes) if code % _REORTHONORMALIZE == _CHOSEN]
+        chosen = self._ever_gradded(chosen, slots)
         self.counters.checks += int(checking)
         due_to_reorthonormalize = {index for index, code in enumerate(codes) if code >= _REORTHONORMALIZE}
         self._refresh(chosen, slots, self.tolerance_at(step), started, due_to_reorthonormalize)
 
+    def _ever_gradded(self, chosen: list[int], slots: list[_Slot]) -> list[int]:
+        """The chosen factors whose parameter has had a gradient (host-side, the same on every
+        rank). A fixed clock chose the others too: a frozen layer, or an expert before its first
+        gradient, got a refresh of zero statistics, wasted work that also marked its identity basis
+        as refreshed, so that its first gradient did not get exact bases."""
+        groups, starts = self.optimizer.factor_groups(), [slot.start for slot in slots]
+        kept = []
+        for index in chosen:
+            group_index, row, _ = self._position(index, slots, starts)
+            if groups[group_index].members[row].steps_with_grad:
+                kept.append(index)
+        return kept
+
     def _replicated(self) -> bool:
         """Whether every rank holds the same factors (DDP, or one process), not its own shard's
-        (FSDP2) or its own model's (``replicated=False``). The first time, under several ranks,
-        they compare what they hold, before the first collective that relies on it."""
-        if getattr(self.optimizer, "shard_layout", None) is not None or not getattr(self.optimizer, "replicated", True):
-            return False
-        if not self._replication_checked:
-            check_replicated(self.optimizer)
-            self._replication_checked = True
-        return True
+        (FSDP2) or its own model's (``replicated=False``; the optimizer's first step checks it)."""
+        return getattr(self.optimizer, "shard_layout", None) is None and getattr(self.optimizer, "replicated", True)
 
     def _reorthonormalization_due(self, slots: list[_Slot]) -> torch.Tensor:
         """Per factor, whether its next refresh re-orthonormalises its basis (read with the decision)."""

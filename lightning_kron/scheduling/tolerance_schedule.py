@@ -3,8 +3,9 @@
 Purifying Shampoo (arXiv 2506.03595) found that eigenbasis accuracy matters most in the first part
 of training, when the factors change fastest, and much less later. A schedule is any callable
 ``schedule(step, total_steps, tolerance) -> float``: it gets the optimizer step (counted from the
-first preconditioned step), the planned number of steps (``None`` when unknown) and the policy's
-own tolerance, and returns the tolerance to use at that step.
+first preconditioned step), the planned number of steps on the same clock (``None`` when unknown;
+the scheduler converts the Trainer's length, ``total_steps - start_preconditioning_step + 1``) and
+the policy's own tolerance, and returns the tolerance to use at that step.
 
 >>> schedule = TighterEarly(early_tolerance=0.01, early_fraction=0.1)
 >>> schedule(50, 1000, 0.05), schedule(100, 1000, 0.05)
