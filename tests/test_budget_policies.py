@@ -181,6 +181,8 @@ def test_an_eligible_overflowed_factor_still_takes_a_free_slot():
 
     chosen = most_stale(torch.tensor([0.1, math.nan]), 1, torch.tensor([False, True]))
     assert chosen.tolist() == [False, True]
+    staleness = torch.tensor([0.3, math.nan, 0.2], dtype=torch.float64)  # fp64 too (its lowest overflowed fp32)
+    assert BudgetRefresh(every=1, front_load=1.0).select(staleness, step=1).tolist() == [True, False, True]
 
 
 def test_the_per_step_cap_ranks_an_overflowed_factor_last():

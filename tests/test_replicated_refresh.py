@@ -72,9 +72,10 @@ def test_ranks_that_receive_refreshes_end_where_one_process_ends(tmp_path):
 def _train_own_model(rank: int, replicated: bool, case: str = "own-models") -> dict[str, torch.Tensor]:
     """Ranks that are not replicas: each its own model (an ensemble under one launcher; rank 1's
     second weight has another shape), one rank holding only a vector (no factor, so it never
-    decides a refresh), or the same parameters and gradients listed in another order."""
+    decides a refresh), the same parameters and gradients listed in another order, or their own
+    models of one shape whose first step had no gradient (the check waits for one)."""
     torch.manual_seed(0 if case == "reordered" else rank)
-    shapes = {"a": (8, 6), "b": (8, 6) if rank == 0 or case == "reordered" else (5, 6)}
+    shapes = {"a": (8, 6), "b": (8, 6) if rank == 0 or case in ("reordered", "no-first-gradient") else (5, 6)}
     if case == "vector-only" and rank == 1:
         shapes = {"a": (6,)}
     params = {name: torch.nn.Parameter(torch.randn(shape, dtype=torch.float64)) for name, shape in shapes.items()}
@@ -83,7 +84,8 @@ def _train_own_model(rank: int, replicated: bool, case: str = "own-models") -> d
     for step in range(6):
         generator = torch.Generator().manual_seed(step if case == "reordered" else 100 * rank + step)
         for param in params.values():
-            param.grad = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+            late = case == "no-first-gradient" and step == 0
+            param.grad = None if late else torch.randn(param.shape, generator=generator, dtype=torch.float64)
         optimizer.step()
     return {name: param.detach() for name, param in params.items()}
 
@@ -100,7 +102,7 @@ def _own_model_worker(rank: int, port: int, out_dir: str, replicated: bool, case
     finish_worker()
 
 
-@pytest.mark.parametrize("case", ["own-models", "vector-only", "reordered"])
+@pytest.mark.parametrize("case", ["own-models", "vector-only", "reordered", "no-first-gradient"])
 def test_ranks_that_are_not_replicas_are_refused_at_the_first_step(tmp_path, case):
     """Taken for DDP replicas, the ranks of independent runs got rank 0's decisions and the owners'
     bases, or aborted the process group where their factor counts differed (a hang under NCCL); a

@@ -504,10 +504,8 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
             with torch.enable_grad():
                 loss = closure()
         groups = self.factor_groups()
-        if not self._replicas_checked:  # on every rank at its first step, before any collective relies on it
-            self._replicas_checked = True
-            if self.replicated and self.shard_layout is None:
-                check_replicated(self)
+        if not self._replicas_checked:  # on every rank from its first step, before any collective relies on it
+            self._replicas_checked = not (self.replicated and self.shard_layout is None) or check_replicated(self)
         if self.scheduler is not None:  # a schedule that cannot run here fails before any state changes
             self.scheduler.tolerance_at(max(self.global_step + 1 - self.start_preconditioning_step, 0))
         self.global_step += 1

@@ -44,7 +44,8 @@ def most_stale(score: torch.Tensor, count: int, eligible: torch.Tensor) -> torch
     # a NaN among the eligible just above the ineligible: a tie at -inf gave its slot to an
     # ineligible factor of lower index, which was then dropped
     lowest = torch.finfo(score.dtype).min if score.is_floating_point() else -math.inf
-    ranked = torch.where(eligible & ~score.isnan(), score, torch.where(eligible, lowest, -math.inf))
+    fill = torch.full_like(score, -math.inf).masked_fill(eligible, lowest)  # in the score's dtype (fp64 too)
+    ranked = torch.where(eligible & ~score.isnan(), score, fill)
     order = torch.sort(ranked, descending=True, stable=True).indices[:count]
     chosen[order] = True
     return chosen & eligible

@@ -18,6 +18,7 @@ Everything here is a no-op in a single process, so the same code path runs with 
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Sequence
@@ -48,7 +49,7 @@ def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
     return owners
 
 
-def check_replicated(optimizer) -> None:
+def check_replicated(optimizer) -> bool:
     """Refuse ranks that are not DDP replicas, with the way out, at the optimizer's first step (on
     every rank, before any collective relies on it). Taken for replicas, the ranks of independent
     runs under one launcher (an ensemble, a sweep), or experts and pipeline stages on different
@@ -56,23 +57,36 @@ def check_replicated(optimizer) -> None:
     process group where their factor counts differed (a hang under NCCL). Compared: the parameters'
     shapes in order (a hash) and a position-weighted sum of the first gradients, which DDP's
     all-reduce makes equal on every rank (relative tolerance 1e-6, for reductions that differ in
-    round-off). One host read and one all-gather of three numbers, once."""
+    round-off). One host read per device and one all-gather of three numbers, at the first step
+    whose gradients every rank has and are finite. Returns whether the gradients were compared
+    (the same answer on every rank: it is read from what they all gathered)."""
     _, world = rank_and_world()
     if world == 1:
-        return
+        return True
     params = [param for group in optimizer.param_groups for param in group["params"]]
     layout = zlib.crc32(repr([tuple(param.shape) for param in params]).encode())
-    sums = [param.grad.double().sum() * (position + 1) for position, param in enumerate(params) if param.grad is not None]
-    checksum = float(torch.stack(sums).sum()) if sums else 0.0
-    every = gather_from_all([float(layout), float(len(sums)), checksum])
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for position, param in enumerate(params):
+        if param.grad is not None:
+            by_device.setdefault(param.grad.device, []).append(param.grad.double().sum() * (position + 1))
+    checksum = sum(float(torch.stack(sums).sum()) for sums in by_device.values())
+    every = gather_from_all([float(layout), float(sum(map(len, by_device.values()))), checksum])
     first = every[0]
-    for rank, theirs in enumerate(every):
-        if theirs[:2] != first[:2] or abs(theirs[2] - first[2]) > 1e-6 * max(abs(first[2]), abs(theirs[2])):
-            what = "shapes" if theirs[0] != first[0] else "gradients"
-            raise RuntimeError(
-                f"{type(optimizer).__name__}: ranks 0 and {rank} of this process group hold parameters of different "
-                f"{what}, so they are not DDP replicas. For independent runs, experts or pipeline stages, build the "
-                "optimizer with replicated=False: each rank then refreshes its own factors, with no communication")
+    if any(theirs[0] != first[0] for theirs in every):
+        raise _not_replicas(optimizer, "shapes")
+    if any(theirs[1] == 0 or not math.isfinite(theirs[2]) for theirs in every):
+        return False  # no gradient yet, or a non-finite one: compared again at the next step
+    if any(theirs[1] != first[1] or abs(theirs[2] - first[2]) > 1e-6 * max(abs(first[2]), abs(theirs[2]))
+           for theirs in every):
+        raise _not_replicas(optimizer, "gradients")
+    return True
+
+
+def _not_replicas(optimizer, what: str) -> RuntimeError:
+    return RuntimeError(
+        f"{type(optimizer).__name__}: the ranks of this process group hold parameters of different {what}, so they "
+        "are not DDP replicas. For independent runs, experts or pipeline stages, build the optimizer with "
+        "replicated=False: each rank then refreshes its own factors, with no communication")
 
 
 def broadcast_from_first(tensor: torch.Tensor) -> torch.Tensor:

@@ -332,7 +332,9 @@ class RefreshScheduler:
         """The chosen factors whose parameter has had a gradient (host-side, the same on every
         rank). A fixed clock chose the others too: a frozen layer, or an expert before its first
         gradient, got a refresh of zero statistics, wasted work that also marked its identity basis
-        as refreshed, so that its first gradient did not get exact bases."""
+        as refreshed, so that its first gradient did not get exact bases. Not covered: a member
+        whose only gradients so far were skipped (non-finite) counts as gradded here, but not after
+        a load, which rebuilds the count from the finite steps; a resume in that window differs."""
         groups, starts = self.optimizer.factor_groups(), [slot.start for slot in slots]
         kept = []
         for index in chosen:
