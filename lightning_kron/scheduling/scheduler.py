@@ -6,8 +6,8 @@ used alone runs exactly this code; ``KronCallback`` (or any owner) builds anothe
 which takes the optimizer's place until :meth:`RefreshScheduler.detach`. Besides the scheduler,
 only the optimizer's exact first refresh of each factor (at ``start_preconditioning_step``, or at a
 factor's first gradient after it) changes a basis. A factor whose parameter has had no gradient yet
-is never refreshed here: its statistics are zero, and its first basis must come from its first
-gradient.
+is never refreshed here (nor one still in the identity basis for another reason): its first basis
+comes from its first finite gradient.
 The scheduler runs inside every optimizer step that really happened; a step that AMP's GradScaler
 skips never calls ``optimizer.step``, so it neither touches the statistics nor triggers a refresh.
 
@@ -323,23 +323,23 @@ class RefreshScheduler:
         codes = decision.tolist()  # the one host sync of a checked step
         self._note_deferred(slots, codes)
         chosen = [index for index, code in enumerate(codes) if code % _REORTHONORMALIZE == _CHOSEN]
-        chosen = self._ever_gradded(chosen, slots)
+        chosen = self._with_first_bases(chosen, slots)
         self.counters.checks += int(checking)
         due_to_reorthonormalize = {index for index, code in enumerate(codes) if code >= _REORTHONORMALIZE}
         self._refresh(chosen, slots, self.tolerance_at(step), started, due_to_reorthonormalize)
 
-    def _ever_gradded(self, chosen: list[int], slots: list[_Slot]) -> list[int]:
-        """The chosen factors whose parameter has had a gradient (host-side, the same on every
-        rank). A fixed clock chose the others too: a frozen layer, or an expert before its first
-        gradient, got a refresh of zero statistics, wasted work that also marked its identity basis
-        as refreshed, so that its first gradient did not get exact bases. Not covered: a member
-        whose only gradients so far were skipped (non-finite) counts as gradded here, but not after
-        a load, which rebuilds the count from the finite steps; a resume in that window differs."""
+    def _with_first_bases(self, chosen: list[int], slots: list[_Slot]) -> list[int]:
+        """The chosen factors that already have their first bases (host-side, the same on every rank
+        and rebuilt by a load from the refresh counts). A factor still in the identity basis has had
+        no finite gradient yet: its first bases come from its first one (the optimizer's exact first
+        refresh), not from here. A fixed clock chose those too: a frozen layer, or an expert before
+        its first gradient, got a refresh of zero statistics, wasted work that also marked its
+        identity basis as refreshed, so that its first gradient did not get exact bases."""
         groups, starts = self.optimizer.factor_groups(), [slot.start for slot in slots]
         kept = []
         for index in chosen:
-            group_index, row, _ = self._position(index, slots, starts)
-            if groups[group_index].members[row].steps_with_grad:
+            group_index, row, dim = self._position(index, slots, starts)
+            if dim in groups[group_index].members[row].refreshed_dims:
                 kept.append(index)
         return kept
 
