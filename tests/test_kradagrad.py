@@ -7,13 +7,13 @@ variants, ungrafted and grafted, through tests/test_optimizer_matrix.py (factori
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 from torch import nn
 
 import lightning_kron as lk
+from resume_helpers import continued_after_a_cut
 from lightning_kron.engine.staleness import inverse_factor_staleness, staleness
 from lightning_kron.methods.inverse_factor_update import (
     DOMINATION_SCALES,
@@ -265,15 +265,7 @@ def test_a_resume_before_a_parameters_first_gradient_continues_bit_identically()
 
     straight, straight_optimizer = build()
     run(straight, straight_optimizer, range(6))
-    cut, cut_optimizer = build()
-    run(cut, cut_optimizer, range(2))
-    saved = copy.deepcopy(cut_optimizer.state_dict())
-    resumed, resumed_optimizer = build()
-    for param, source in zip(resumed, cut):
-        param.data.copy_(source.data)
-    resumed_optimizer.load_state_dict(saved)
-    run(resumed, resumed_optimizer, range(2, 6))
-    for a, b in zip(straight, resumed):
+    for a, b in zip(straight, continued_after_a_cut(build, run, cut=2, total=6)):
         assert torch.equal(a, b)
 
 
@@ -299,14 +291,7 @@ def test_a_resume_after_a_partly_first_updated_stack_continues_bit_identically()
 
     straight, straight_optimizer = build()
     run(straight, straight_optimizer, range(14))
-    cut, cut_optimizer = build()
-    run(cut, cut_optimizer, range(3))
-    resumed, resumed_optimizer = build()
-    for param, source in zip(resumed, cut):
-        param.data.copy_(source.data)
-    resumed_optimizer.load_state_dict(copy.deepcopy(cut_optimizer.state_dict()))
-    run(resumed, resumed_optimizer, range(3, 14))
-    for a, b in zip(straight, resumed):
+    for a, b in zip(straight, continued_after_a_cut(build, run, cut=3, total=14)):
         assert torch.equal(a, b)
 
 

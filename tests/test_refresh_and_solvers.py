@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import lightning_kron as lk
+from resume_helpers import continued_after_a_cut
 from lightning_kron.engine import solvers
 from lightning_kron.engine.staleness import staleness
 from scripts import count_ops
@@ -774,11 +774,5 @@ def test_a_factor_whose_first_gradient_was_skipped_gets_exact_bases_later_and_re
     run(straight, straight_optimizer, range(9), seen)
     assert [infos["late[L]"].refreshes for infos in seen[:4]] == [0, 0, 0, 0]  # the check at step 3 left it
     assert seen[4]["late[L]"].refreshes >= 1 and seen[4]["late[L]"].staleness < 1e-12  # exact at its first finite one
-    cut, cut_optimizer = build()
-    run(cut, cut_optimizer, range(1))
-    resumed, resumed_optimizer = build()
-    for param, source in zip(resumed, cut):
-        param.data.copy_(source.data)
-    resumed_optimizer.load_state_dict(copy.deepcopy(cut_optimizer.state_dict()))
-    run(resumed, resumed_optimizer, range(1, 9))
+    resumed = continued_after_a_cut(build, run, cut=1, total=9)
     assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
