@@ -244,6 +244,30 @@ def test_a_member_first_gradded_while_its_stack_partner_has_none_gets_the_exact_
     _assert_factors_as_if_alone(optimizer, b, grads, eps=0.1)
 
 
+def test_a_skipped_first_gradient_leaves_the_exact_first_update_to_the_next_finite_one():
+    """A non-finite first gradient is skipped; the next finite one gets X_1 exactly, as if the
+    skipped one had never come, and a resume between them does the same (a host count of gradded
+    steps took it for a later step: dominated downdates straight, the exact update resumed, 1.2 apart)."""
+    torch.manual_seed(0)
+    start = torch.randn(4, 6, dtype=torch.float64)
+    grads = [torch.randn(4, 6, dtype=torch.float64) for _ in range(4)]
+
+    def build():
+        param = nn.Parameter(start.clone())
+        return [param], lk.KrADagrad([param], eps=0.5)
+
+    def run(params, optimizer, steps):
+        for step in steps:
+            params[0].grad = torch.full_like(start, float("nan")) if step == 0 else grads[step].clone()
+            optimizer.step()
+
+    straight, optimizer = build()
+    run(straight, optimizer, range(2))
+    _assert_factors_as_if_alone(optimizer, straight[0], grads[1:2], eps=0.5)
+    run(straight, optimizer, range(2, 4))
+    assert torch.equal(straight[0], continued_after_a_cut(build, run, cut=1, total=4)[0])
+
+
 def test_a_resume_before_a_parameters_first_gradient_continues_bit_identically():
     """A layer first gradded after a resume: the loaded optimizer must know that its stack has had
     no step yet (each stack's own host count, not the optimizer's), so it takes the same exact

@@ -35,12 +35,9 @@ def factor_key(name: str, dim: int) -> str:
     return f"{name}.{dim}"
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
 class Member:
-    """One block of one parameter inside a group (of this rank's shard, for an FSDP2 DTensor).
-
-    Compared by identity: a stack and its in-step subsets share the same members, whose host-side
-    bookkeeping (the last two fields) they update in place."""
+    """One block of one parameter inside a group (of this rank's shard, for an FSDP2 DTensor)."""
 
     param: torch.Tensor
     name: str
@@ -50,11 +47,7 @@ class Member:
     #: factored dims whose basis has been refreshed at least once (host-side, so a refresh needs no
     #: sync to know which members still start from the identity and need an exact first refresh);
     #: kept per member, which stacks and their in-step subsets share, and rebuilt on load
-    refreshed_dims: set[int] = field(default_factory=set)
-    #: optimizer steps in which this member had a gradient, skipped ones included (host-side, so
-    #: KrADagrad knows with no sync that a member has reached its first step, in a stack that is
-    #: gradded only in part); rebuilt on load from the step counts
-    steps_with_grad: int = 0
+    refreshed_dims: set[int] = field(default_factory=set, compare=False, hash=False)
 
     def param_block(self) -> torch.Tensor:
         """The slice of the parameter that this block covers: a writable view when the parameter

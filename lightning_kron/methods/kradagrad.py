@@ -261,17 +261,17 @@ class KrADagrad(RootPreconditionedOptimizer):
         Star updates every dim at step 1; alternating updates dim number ``j`` first at step ``j+1``.
         With star, a member that joins later (a layer unfrozen, added by ``add_param_group``, or
         first gradded on a step where others of its stack are not) gets its exact first update at
-        its own first step: each member counts on the host the steps it had a gradient in, this one
-        included, and the device decides which members really are at their first
-        (:meth:`_exact_first_update`); a late member of a partly gradded stack used to take a
-        dominated downdate from ``I / eps`` instead, a 17x longer first step. Alternating keeps the
-        optimizer's clock: its dims take turns by the global step, so a late stack's turns start
-        mid-cycle. A factor whose first step was skipped (non-finite gradient) starts with
-        dominated downdates.
+        its own first step: while a gradded member still holds the identity basis (host-side, and
+        rebuilt by a load from the refresh counts) the device decides which members really are at
+        their first finite step (:meth:`_exact_first_update`); a late member of a partly gradded
+        stack used to take a dominated downdate from ``I / eps`` instead, a 17x longer first step.
+        A stack whose members all have their bases is not scanned (``first_refreshes_done``).
+        Alternating keeps the optimizer's clock: its dims take turns by the global step, so a late
+        stack's turns start mid-cycle.
         """
         if self.variant == "alternating":
             return self.global_step <= len(group.factored_dims)
-        return self.global_step == 1 or any(member.steps_with_grad == 1 for member in group.members)
+        return self.global_step == 1 or (not group.first_refreshes_done and bool(group.identity_rows(dim)))
 
     def _exact_first_update(self, group: FactorGroup, dim: int, factor: torch.Tensor,
                             hyper: StepHyperparameters, fallback: torch.Tensor) -> torch.Tensor:

@@ -612,8 +612,6 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
         for item in items:
             if item.rows is None:
                 item.source.host_steps += 1
-            for member in item.group.members:  # a partly gradded stack's copy holds the gradded ones
-                member.steps_with_grad += 1
         if index not in self._unshared_steps and not self._steps_still_shared(index, items):
             self._unshared_steps.add(index)
         return None if index in self._unshared_steps else items[0].group.steps[0]
@@ -639,12 +637,8 @@ class KronOptimizer(OwnerInterface, Checkpointing, NonfiniteGuard, torch.optim.O
             if low != high:
                 self._unshared_steps.add(index)
             self._host_steps[index] = high
-            counts = torch.cat([group.steps for group in groups]).tolist()
             for group in groups:  # each stack its own count: one never gradded yet keeps 0
-                group.host_steps = int(max(counts[: len(group)]))
-                for member, count in zip(group.members, counts[: len(group)]):
-                    member.steps_with_grad = int(count)
-                counts = counts[len(group):]
+                group.host_steps = int(group.steps.max())
 
     def update_staleness(self) -> None:
         """Bring every factor's ``staleness`` up to date with its statistics.
